@@ -1,0 +1,5 @@
+"""Pure tensor losses, one file per method (no models, configs or I/O)."""
+
+from mmalign.losses.diffusion_dpo import diffusion_dpo_loss, f_divergence_reward, preference_metrics
+
+__all__ = ["diffusion_dpo_loss", "f_divergence_reward", "preference_metrics"]
