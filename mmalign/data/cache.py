@@ -1,0 +1,215 @@
+"""Latent and text-embedding cache in safetensors shards.
+
+Neither VAE latents nor text embeddings depend on the weights being trained, so they are encoded once
+(posterior mean and std of each image, both flips when flipping is on; every prompt's conditioning
+tensors) and training reads them back: no VAE or text-encoder pass per step. The cache directory is keyed
+by a fingerprint of (model, VAE, family, resolution, crop mode); items are keyed by a hash of the image
+bytes, prompts by a hash of the text, so runs over overlapping data share work. Shards are written to a
+temporary name and renamed, and the index is rewritten atomically after each shard, so an interrupted
+build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmalign.data.images import DataError
+from mmalign.data.pairs import PairRecord, decode_pair
+
+CACHE_VERSION = 1
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:20]
+
+
+def fingerprint_dir(root: str | Path, fingerprint: dict[str, Any]) -> Path:
+    blob = json.dumps({"version": CACHE_VERSION, **fingerprint}, sort_keys=True, default=str)
+    return Path(root) / _sha(blob)
+
+
+def pair_key(rec: PairRecord) -> str:
+    """Content hash of both images (a missing file raises, naming the row)."""
+    parts = []
+    for which in ("chosen", "rejected"):
+        src = getattr(rec, which)
+        if isinstance(src, bytes):
+            parts.append(src)
+        else:
+            try:
+                parts.append(Path(src).read_bytes())
+            except OSError as err:
+                raise DataError(f"{rec.where(which)}: cannot read file: {err}") from err
+    return _sha(_sha(parts[0]) + _sha(parts[1]))
+
+
+class LatentCache:
+    """Read/write access to one fingerprinted cache directory."""
+
+    def __init__(self, root: str | Path, fingerprint: dict[str, Any]):
+        self.dir = fingerprint_dir(root, fingerprint)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "fingerprint.json"
+        if not meta.exists():
+            meta.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
+        index = self.dir / "index.json"
+        self.index: dict[str, dict[str, str]] = json.loads(index.read_text()) if index.exists() else {"pairs": {}, "text": {}, "bad": {}}
+        self._handles: dict[str, Any] = {}
+
+    # ---- reading
+    def _get(self, shard: str, name: str) -> torch.Tensor:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def has_pair(self, key: str) -> bool:
+        return key in self.index["pairs"]
+
+    def pair(self, key: str, flip: bool = False) -> dict[str, Any]:
+        shard = self.index["pairs"][key]
+        f = "f" if flip else ""
+        meta = self._get(shard, f"{key}.meta").tolist()
+        return {
+            "mean_w": self._get(shard, f"{key}.w{f}.mean"), "std_w": self._get(shard, f"{key}.w{f}.std"),
+            "mean_l": self._get(shard, f"{key}.l{f}.mean"), "std_l": self._get(shard, f"{key}.l{f}.std"),
+            "original_size": (int(meta[0]), int(meta[1])), "crop_top_left": (int(meta[2]), int(meta[3])),
+        }
+
+    def text(self, prompt: str) -> dict[str, torch.Tensor]:
+        key = _sha(prompt)
+        if key not in self.index["text"]:
+            raise KeyError(f"prompt not in the text cache: {prompt!r}")
+        shard = self.index["text"][key]
+        names = self.index["text_keys"]
+        return {name: self._get(shard, f"{key}.{name}") for name in names}
+
+    # ---- writing
+    def _write_shard(self, prefix: str, tensors: dict[str, torch.Tensor], kind: str, keys: list[str]) -> None:
+        n = len(list(self.dir.glob(f"{prefix}-*.safetensors")))
+        shard = f"{prefix}-{n:05d}.safetensors"
+        tmp = self.dir / f".{shard}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.dir / shard)
+        for key in keys:
+            self.index[kind][key] = shard
+        self._save_index()
+
+    def _save_index(self) -> None:
+        tmp = self.dir / ".index.json.tmp"
+        tmp.write_text(json.dumps(self.index))
+        os.replace(tmp, self.dir / "index.json")
+
+    def build(self, records: list[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
+              random_crop: bool = False, joint_crop: bool = False, batch_size: int = 8, skip_bad: bool = False,
+              prompts_extra: tuple[str, ...] = ("",), progress: bool = True, shard_size: int = 256,
+              is_main_process: bool = True) -> tuple[list[PairRecord], list[str], list[str]]:
+        """Encode whatever is missing. Returns (usable records, their keys, skipped-item messages).
+
+        With ``skip_bad`` a corrupt or missing image drops its pair (the message names row and file);
+        otherwise the first one raises :class:`DataError`. Only the main process writes; call again on the
+        others after a barrier to read the finished index.
+        """
+        from tqdm.auto import tqdm
+
+        keep, keys, skipped, todo = [], [], [], []
+        for rec in records:
+            try:
+                key = pair_key(rec)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                skipped.append(str(err))
+                continue
+            if key in self.index["bad"]:
+                if not skip_bad:
+                    raise DataError(self.index["bad"][key])
+                skipped.append(self.index["bad"][key])
+                continue
+            keep.append(rec)
+            keys.append(key)
+            if not self.has_pair(key):
+                todo.append((key, rec))
+        prompts = sorted({r.prompt for r in keep} | set(prompts_extra))
+        text_todo = [p for p in prompts if _sha(p) not in self.index["text"]]
+        if not is_main_process:
+            return keep, keys, skipped
+
+        bar = tqdm(total=len(todo) + len(text_todo), desc="caching latents/embeddings", disable=not progress or not (todo or text_todo))
+        gen = torch.Generator().manual_seed(0)  # random crops are drawn once per item, reproducibly
+        pending: dict[str, torch.Tensor] = {}
+        pending_keys: list[str] = []
+        bad_keys: set[str] = set()
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            decoded = []
+            for key, rec in chunk:
+                try:
+                    decoded.append((key, decode_pair(rec, resolution, random_crop=random_crop, joint_crop=joint_crop, generator=gen)))
+                except DataError as err:
+                    if not skip_bad:
+                        raise
+                    self.index["bad"][key] = str(err)
+                    bad_keys.add(key)
+                    skipped.append(str(err))
+            if decoded:
+                pix = torch.cat([torch.stack([d["pixels_w"] for _, d in decoded]), torch.stack([d["pixels_l"] for _, d in decoded])])
+                variants = {"": pix, "f": pix.flip(-1)} if random_flip else {"": pix}
+                for suffix, x in variants.items():
+                    mean, std = adapter.latent_moments(x)
+                    n = len(decoded)
+                    for i, (key, _) in enumerate(decoded):
+                        pending[f"{key}.w{suffix}.mean"], pending[f"{key}.w{suffix}.std"] = mean[i], std[i]
+                        pending[f"{key}.l{suffix}.mean"], pending[f"{key}.l{suffix}.std"] = mean[n + i], std[n + i]
+                for key, d in decoded:
+                    pending[f"{key}.meta"] = torch.tensor([*d["original_size"], *d["crop_top_left"]], dtype=torch.int64)
+                    pending_keys.append(key)
+            bar.update(len(chunk))
+            if len(pending_keys) >= shard_size:
+                self._write_shard("latents", pending, "pairs", pending_keys)
+                pending, pending_keys = {}, []
+        if pending_keys:
+            self._write_shard("latents", pending, "pairs", pending_keys)
+        elif bad_keys:
+            self._save_index()
+
+        for start in range(0, len(text_todo), max(batch_size, 32)):
+            chunk = text_todo[start:start + max(batch_size, 32)]
+            cond = adapter.encode_prompts(chunk)
+            self.index["text_keys"] = sorted(cond)
+            tensors = {f"{_sha(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(chunk)}
+            self._write_shard("text", tensors, "text", [_sha(p) for p in chunk])
+            bar.update(len(chunk))
+        bar.close()
+        if bad_keys:
+            keep_keys = [(r, k) for r, k in zip(keep, keys) if k not in bad_keys]
+            keep, keys = [r for r, _ in keep_keys], [k for _, k in keep_keys]
+        return keep, keys, skipped
+
+    def reload(self) -> None:
+        """Re-read the index (after another process finished building)."""
+        self.index = json.loads((self.dir / "index.json").read_text())
+        self._handles.clear()
+
+
+class CachedPairDataset(torch.utils.data.Dataset):
+    """Pairs served from the cache: posterior moments (a flip drawn per item), prompt and SDXL metadata."""
+
+    def __init__(self, records: list[PairRecord], keys: list[str], cache: LatentCache, *, random_flip: bool = True):
+        self.records, self.keys, self.cache, self.random_flip = records, keys, cache, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        item = self.cache.pair(self.keys[i], flip=flip)
+        item.update(prompt=self.records[i].prompt, item_id=self.records[i].row)
+        return item

@@ -1,0 +1,54 @@
+"""Image decoding and the reference code's train-time transforms (resize short side, crop, flip)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row and key."""
+
+
+def open_image(source: str | Path | bytes, *, where: str) -> Image.Image:
+    """Decode an image from a path or raw bytes into RGB; errors name ``where`` (row and file)."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"{where}: file not found: {path}")
+            img = Image.open(path)
+        img.load()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{where}: cannot decode image: {err}") from err
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, resolution: int, *, random_crop: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the short side to ``resolution`` (bilinear), crop a square, return pixels in [-1, 1].
+
+    Returns:
+        pixels [3,R,R], the original (height, width), and the crop's (top, left) in resized coordinates
+        (what SDXL's add_time_ids records).
+    """
+    from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize
+
+    original = (img.height, img.width)
+    x = pil_to_tensor(img)
+    x = resize(x, resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    h, w = x.shape[-2:]
+    if random_crop:
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+    else:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    x = x[:, top:top + resolution, left:left + resolution]
+    return x.float().div(127.5).sub(1.0), original, (top, left)

@@ -1,0 +1,198 @@
+"""Preference pair data: manifests (JSONL/CSV) and Pick-a-Pic v2 parquet / datasets directories.
+
+Every source becomes a list of :class:`PairRecord` with the winner first. Images stay undecoded (paths or
+bytes) until an item is read, so a 335 GB Pick-a-Pic is never loaded at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.data.images import DataError, open_image, resize_crop
+
+
+@dataclass
+class PairRecord:
+    """One preference pair: ``chosen`` is the preferred image (path or encoded bytes)."""
+
+    prompt: str
+    chosen: str | bytes
+    rejected: str | bytes
+    row: str  # "manifest.jsonl:12" — where the pair came from, for error messages
+    label_0: float = 1.0
+    user_id: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def where(self, which: str) -> str:
+        src = getattr(self, which)
+        return f"{self.row} ({which}: {src if isinstance(src, str) else f'<{len(src)} bytes>'})"
+
+
+def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> PairRecord | None:
+    def path(key: str) -> str | bytes:
+        value = row.get(key)
+        if value is None or value == "":
+            raise DataError(f"{where}: missing column '{key}'")
+        if isinstance(value, dict) and "bytes" in value:  # datasets Image feature
+            return value["bytes"]
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        p = Path(str(value))
+        return str(p if p.is_absolute() or base is None else base / p)
+
+    prompt = row.get("prompt", row.get("caption"))
+    if prompt is None:
+        raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(row)}")
+    user_id = row.get("user_id")
+    if "chosen" in row or "rejected" in row:
+        return PairRecord(str(prompt), path("chosen"), path("rejected"), where, 1.0, user_id)
+    img0_key = "image_0" if "image_0" in row else "jpg_0"
+    img1_key = "image_1" if "image_1" in row else "jpg_1"
+    if img0_key not in row or "label_0" not in row:
+        raise DataError(
+            f"{where}: expected columns prompt,chosen,rejected or prompt,image_0,image_1,label_0 "
+            f"(or Pick-a-Pic's caption,jpg_0,jpg_1,label_0); got {sorted(row)}"
+        )
+    try:
+        label = float(row["label_0"])
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: label_0={row['label_0']!r} is not a number in {{0, 0.5, 1}}") from err
+    if label not in (0.0, 0.5, 1.0):
+        raise DataError(f"{where}: label_0={label} must be 0, 0.5 or 1")
+    if label == 0.5 and not keep_ties:
+        return None
+    first, second = path(img0_key), path(img1_key)
+    chosen, rejected = (first, second) if label >= 0.5 else (second, first)
+    return PairRecord(str(prompt), chosen, rejected, where, label, user_id)
+
+
+def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
+    if path.suffix == ".csv":
+        with path.open(newline="") as fh:
+            for i, row in enumerate(csv.DictReader(fh), start=2):  # header is line 1
+                yield f"{path}:{i}", row
+        return
+    with path.open() as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{i}: not valid JSON: {err}") from err
+            yield f"{path}:{i}", row
+
+
+def _iter_pickapic(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split '{split}' (has {list(ds)}); set data.split")
+            ds = ds[split]
+    else:
+        files = sorted(map(str, path.glob("**/*.parquet"))) if path.is_dir() else [str(path)]
+        if not files:
+            raise DataError(f"{path}: no parquet files found")
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    ds = ds.cast_column("jpg_0", datasets.Value("binary")) if "jpg_0" in ds.column_names and not isinstance(
+        ds.features["jpg_0"], datasets.Value) else ds
+    for i, row in enumerate(ds):
+        yield f"{path}[{i}]", row
+
+
+def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train", keep_ties: bool = False,
+               max_items: int | None = None) -> tuple[list[PairRecord], dict[str, int]]:
+    """Read pair records from a manifest or Pick-a-Pic-style data.
+
+    Returns:
+        records (winner first) and counts ``{"rows": n, "ties_dropped": n}``.
+    """
+    path = Path(source)
+    if not str(source):
+        raise DataError("data.source is empty: point it at a manifest (.jsonl/.csv) or Pick-a-Pic parquet data")
+    if not path.exists():
+        raise DataError(f"data.source not found: {path}")
+    if format == "auto":
+        format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
+    rows = _iter_manifest(path) if format == "manifest" else _iter_pickapic(path, split)
+    base = path.parent if format == "manifest" else None
+    records, counts = [], {"rows": 0, "ties_dropped": 0}
+    for where, row in rows:
+        counts["rows"] += 1
+        rec = _from_row(row, where, base, keep_ties)
+        if rec is None:
+            counts["ties_dropped"] += 1
+            continue
+        records.append(rec)
+        if max_items is not None and len(records) >= max_items:
+            break
+    if not records:
+        raise DataError(f"{path}: no usable pairs ({counts['rows']} rows, {counts['ties_dropped']} ties dropped)")
+    return records, counts
+
+
+def decode_pair(rec: PairRecord, resolution: int, *, random_crop: bool = False, joint_crop: bool = False,
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Decode and transform both images of a pair: pixels [3,R,R] in [-1, 1] plus SDXL crop metadata.
+
+    ``joint_crop`` (SDXL, as diffusers) first resizes the rejected image to the chosen one's size so both
+    get the same crop.
+    """
+    img_w = open_image(rec.chosen, where=rec.where("chosen"))
+    img_l = open_image(rec.rejected, where=rec.where("rejected"))
+    if joint_crop and img_l.size != img_w.size:
+        img_l = img_l.resize(img_w.size)
+    state = generator.get_state() if (generator is not None and joint_crop) else None
+    pix_w, orig, crop = resize_crop(img_w, resolution, random_crop=random_crop, generator=generator)
+    if state is not None:
+        generator.set_state(state)
+    pix_l, _, _ = resize_crop(img_l, resolution, random_crop=random_crop, generator=generator)
+    return {"pixels_w": pix_w, "pixels_l": pix_l, "original_size": orig, "crop_top_left": crop}
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Decodes pairs on the fly (the uncached path). A bad item raises, or yields ``None`` when skipping."""
+
+    def __init__(self, records: list[PairRecord], resolution: int, *, random_flip: bool = True,
+                 random_crop: bool = False, joint_crop: bool = False, skip_bad: bool = False):
+        self.records, self.resolution = records, resolution
+        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = random_flip, random_crop, joint_crop, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        rec = self.records[i]
+        try:
+            item = decode_pair(rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop)
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            return {"skipped": str(err)}
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            item["pixels_w"], item["pixels_l"] = item["pixels_w"].flip(-1), item["pixels_l"].flip(-1)
+        item.update(prompt=rec.prompt, item_id=rec.row)
+        return item
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep lists of everything else; skipped items are reported under ``skipped``."""
+    skipped = [it["skipped"] for it in items if "skipped" in it]
+    items = [it for it in items if "skipped" not in it]
+    batch: dict[str, Any] = {"skipped": skipped}
+    if not items:
+        return batch
+    for key in items[0]:
+        values = [it[key] for it in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

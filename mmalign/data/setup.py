@@ -1,0 +1,93 @@
+"""Build a method's training data from the run config: pair records -> (cached) dataset -> batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.data.cache import CachedPairDataset, LatentCache
+from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
+
+
+@dataclass
+class TrainData:
+    """What the loop needs: a dataset, its collate function and ``prepare`` (raw batch -> model inputs)."""
+
+    dataset: torch.utils.data.Dataset
+    collate: Callable[[list], dict]
+    prepare: Callable[[dict, torch.device], dict]
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def cache_root(cfg: Any) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.output_dir).parent / ".mmalign_cache"
+
+
+def cache_fingerprint(cfg: Any, adapter: Any) -> dict[str, Any]:
+    m = cfg.model
+    return {"model": m.pretrained, "revision": m.revision, "variant": m.variant, "vae": m.vae, "family": adapter.family,
+            "resolution": m.resolution, "random_crop": cfg.data.random_crop, "joint_crop": adapter.family == "sdxl",
+            "vae_config": dict(adapter.vae.config)}
+
+
+def drop_captions(prompts: list[str], p: float) -> list[str]:
+    """Replace each prompt by '' with probability ``p`` (the Salesforce code's caption dropout)."""
+    if p <= 0:
+        return list(prompts)
+    keep = torch.rand(len(prompts)) >= p
+    return [q if k else "" for q, k in zip(prompts, keep.tolist())]
+
+
+def image_pair_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
+    """Image preference pairs, from the latent/text cache when ``data.cache`` is on."""
+    d, res = cfg.data, cfg.model.resolution
+    records, counts = load_pairs(d.source, format=d.format, split=d.split, keep_ties=d.keep_ties, max_items=d.max_items)
+    skip = d.on_bad_item == "skip"
+    joint = adapter.family == "sdxl"
+    if not d.cache:
+        dataset = PairDataset(records, res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint, skip_bad=skip)
+        return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device), counts)
+
+    cache = LatentCache(cache_root(cfg), cache_fingerprint(cfg, adapter))
+    kwargs = dict(resolution=res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint,
+                  batch_size=d.cache_batch_size, skip_bad=skip, progress=cfg.train.progress)
+    if accelerator.is_main_process:
+        records_ok, keys, skipped = cache.build(records, adapter, **kwargs)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        cache.reload()
+        records_ok, keys, skipped = cache.build(records, adapter, **kwargs, is_main_process=False)
+    if not records_ok:
+        raise ValueError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
+    counts = {**counts, "pairs": len(records_ok), "skipped": len(skipped)}
+    dataset = CachedPairDataset(records_ok, keys, cache, random_flip=d.random_flip)
+    return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, cache, d.caption_dropout, res, device),
+                     counts, skipped)
+
+
+def prepare_pair_batch(raw: dict, adapter: Any, cache: LatentCache | None, caption_dropout: float, resolution: int,
+                       device: torch.device) -> dict:
+    """Raw pair batch (pixels or cached moments) -> ``latents_w``, ``latents_l``, ``cond`` on ``device``.
+
+    The cached and uncached paths draw random numbers in the same order (caption dropout, then the winner's
+    and the loser's posterior samples), so with the same seed they give the same batch.
+    """
+    prompts = drop_captions(raw["prompt"], caption_dropout)
+    if cache is None:
+        cond = adapter.encode_prompts(prompts)
+        mean_w, std_w = adapter.latent_moments(raw["pixels_w"].to(device))
+        mean_l, std_l = adapter.latent_moments(raw["pixels_l"].to(device))
+    else:
+        rows = [cache.text(p) for p in prompts]
+        cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        mean_w, std_w, mean_l, std_l = (raw[k].to(device) for k in ("mean_w", "std_w", "mean_l", "std_l"))
+    latents_w = adapter.latents_from_moments(mean_w, std_w)
+    latents_l = adapter.latents_from_moments(mean_l, std_l)
+    cond.update(adapter.extra_conditioning(raw, resolution))
+    return {"latents_w": latents_w, "latents_l": latents_l, "cond": {k: v.to(device) for k, v in cond.items()},
+            "prompts": prompts, "item_id": raw.get("item_id", [])}

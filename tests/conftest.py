@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny pipelines saved to disk (the real from_pretrained path) and tiny pair data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from mmalign.toy.tiny import build_tiny_sd15
+
+    path = tmp_path_factory.mktemp("tiny-sd15")
+    build_tiny_sd15(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from mmalign.toy.tiny import build_tiny_sdxl
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl(path)
+    return path
+
+
+def write_pair_images(root: Path, n: int = 4, size: int = 20) -> Path:
+    """n pairs of small PNGs (a coloured square on grey; the winner red) and a JSONL manifest."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for i in range(n):
+        paths = []
+        for name, rgb in colours.items():
+            arr = np.full((size, size + 4, 3), 128, np.uint8)
+            top, left = rng.integers(0, size // 2, 2)
+            arr[top:top + size // 2, left:left + size // 2] = rgb
+            p = root / f"img{i}_{name}.png"
+            Image.fromarray(arr).save(p)
+            paths.append(p.name)
+        rows.append({"prompt": "a red square" if i % 2 == 0 else "a photo of a red square", "chosen": paths[0], "rejected": paths[1]})
+    manifest = root / "pairs.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def pair_manifest(tmp_path_factory) -> Path:
+    return write_pair_images(tmp_path_factory.mktemp("pairs"))
