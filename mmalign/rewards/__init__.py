@@ -66,6 +66,12 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     # combinations (mmalign/rewards/combine.py)
     "hybrid": "mmalign.rewards.combine:hybrid",
     "ensemble": "mmalign.rewards.combine:ensemble",
+    # toy world (mmalign/toy/rewards.py)
+    "toy_color": "mmalign.toy.rewards:color_match",
+    "toy_color_correct": "mmalign.toy.rewards:color_correct",
+    "toy_defect": "mmalign.toy.rewards:defect_energy",
+    "toy_shape": "mmalign.toy.rewards:shape_match",
+    "toy_flicker": "mmalign.toy.rewards:flicker",
 }
 
 
