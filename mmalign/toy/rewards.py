@@ -8,7 +8,8 @@ unsaturated, a shape is one saturated colour from :data:`~mmalign.toy.render.COL
 
 Rewards are continuous in [0, 1] (higher is better) so that preference pairs and win rates have
 resolution; see DESIGN §5 on why a binary reward cannot show a clear win over a base that is already
-right 80% of the time.
+right 80% of the time. They are registered in :data:`mmalign.rewards.REWARDS` as ``toy_color``,
+``toy_color_correct``, ``toy_defect``, ``toy_shape`` and ``toy_flicker``.
 """
 
 from __future__ import annotations
@@ -210,17 +211,8 @@ def flicker(segments: int = 4, scale: float = 0.01, per_segment: bool = False, r
     return reward
 
 
-TOY_REWARDS: dict[str, Callable[..., Reward]] = {
-    "toy_color": color_match,
-    "toy_color_correct": color_correct,
-    "toy_defect": defect_energy,
-    "toy_shape": shape_match,
-    "toy_flicker": flicker,
-}
-
 __all__ = [
     "SHAPE_FILL",
-    "TOY_REWARDS",
     "color_correct",
     "color_match",
     "defect_energy",

@@ -5,7 +5,6 @@ import torch
 
 from mmalign.toy.render import render_image, render_video, sample_dataset
 from mmalign.toy.rewards import (
-    TOY_REWARDS,
     color_correct,
     color_match,
     defect_energy,
@@ -86,5 +85,8 @@ def test_prompt_count_must_match_and_registry_names_factories():
     img = render_image("a red circle", seed=0)[None]
     with pytest.raises(ValueError, match="prompts"):
         color_match()(img, ["a red circle", "a red circle"])
-    for name, factory in TOY_REWARDS.items():
-        assert callable(factory()), name
+    from mmalign.rewards import get_reward
+
+    for name in ("toy_color", "toy_color_correct", "toy_defect", "toy_shape", "toy_flicker"):
+        assert callable(get_reward(name)), name
+    assert get_reward("toy_color")(img, ["a red circle"]).item() > 0.75
