@@ -116,17 +116,21 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
                    "or pass a 'package.module:function' path.")
 
 
-def list_rewards() -> list[tuple[str, str]]:
-    """(name, one-line description) for every registered reward, for ``mmalign ls``.
+def list_rewards() -> list[str]:
+    """Registered reward names, sorted (``mmalign ls``); :func:`describe_rewards` adds descriptions."""
+    return sorted(REWARDS)
 
-    Descriptions come from the factory docstring's first line; factories are imported to read them (their
-    heavy dependencies are not).
+
+def describe_rewards() -> list[tuple[str, str]]:
+    """(name, one-line description) for every registered reward.
+
+    Descriptions come from the factory docstring's first line; factory modules are imported to read them
+    (their heavy dependencies are not).
     """
     rows = []
     for name in sorted(REWARDS):
-        target = REWARDS[name]
         try:
-            doc = (_resolve(target).__doc__ or "").strip().splitlines()
+            doc = (_resolve(REWARDS[name]).__doc__ or "").strip().splitlines()
             desc = doc[0] if doc else ""
         except (ValueError, ImportError) as e:  # a plugin whose module is missing still gets listed
             desc = f"(unavailable: {e})"
@@ -171,4 +175,4 @@ class RewardSpec:
         return get_reward(self.name, **self.kwargs)
 
 
-__all__ = ["REWARDS", "ComponentReward", "Reward", "RewardSpec", "get_reward", "list_rewards"]
+__all__ = ["REWARDS", "ComponentReward", "Reward", "RewardSpec", "describe_rewards", "get_reward", "list_rewards"]

@@ -118,3 +118,61 @@ def build_tiny_aesthetic_head(path: str | Path, input_size: int, *, seed: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
     return path
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> {% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_vlm(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, hidden: int = 32) -> Path:
+    """Save a tiny LLaVA (CLIP vision tower + Llama decoder) with a word-level tokenizer and chat template.
+
+    ``AutoModelForImageTextToText`` and ``AutoProcessor`` load it like ``llava-hf/llava-1.5-7b-hf``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    out_dir = Path(out_dir)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    words = sorted({w for w in TINY_WORDS} | {"Yes", "No", "First", "Second", "USER", "ASSISTANT", ":", "?", '"',
+                                               ".", ",", "or", "please", "answer", "Please", "Answer", "Does"})
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    patch = 8
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=image_size, patch_size=patch),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                max_position_embeddings=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
+                                eos_token_id=vocab["</s>"]),
+        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default", chat_template=TINY_CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(out_dir)
+    return out_dir

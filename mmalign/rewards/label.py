@@ -1,0 +1,161 @@
+"""``mmalign label``: turn N scored candidates per prompt into preference pairs (the AI-feedback route).
+
+Strategies (per prompt, candidates ranked by one score column):
+
+- ``best_worst``: the best against the worst candidate (Diffusion-DPO's AI-feedback setting).
+- ``margin``: every pair whose score difference is above the margin.
+- ``curriculum``: the ``margin`` pairs ordered easy-to-hard (Curry-DPO, Pattnaik et al. 2024, arXiv
+  2403.07230): within a prompt pairs are ranked by decreasing margin and get ``stage`` 0, 1, ...; rows are
+  written stage by stage (all prompts' easiest pairs first), largest margin first within a stage.
+
+A pair whose margin is not above ``margin`` is a tie: dropped and counted. The output is the pair manifest
+``mmalign train`` reads: JSONL rows ``{"prompt", "chosen", "rejected", "margin"}`` (+ ``stage``), media paths
+relative to the manifest, written atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmalign.rewards.score import read_table, write_rows
+
+STRATEGIES = ("best_worst", "margin", "curriculum")
+
+
+@dataclass
+class LabelSummary:
+    """Counts of a labelling run.
+
+    Attributes:
+        prompts: Distinct prompts seen.
+        pairs: Pairs written.
+        ties: Pairs dropped because their margin was not above the threshold.
+        singletons: Prompts with fewer than two scored candidates (no pair possible).
+        unscored: Candidates without a usable score (error rows, NaN).
+    """
+
+    prompts: int = 0
+    pairs: int = 0
+    ties: int = 0
+    singletons: int = 0
+    unscored: int = 0
+
+
+def make_pairs(
+    candidates: dict[str, list[tuple[str, float]]], strategy: str = "best_worst", margin: float = 0.0
+) -> tuple[list[dict[str, Any]], LabelSummary]:
+    """Build preference pairs from scored candidates.
+
+    Args:
+        candidates: prompt -> [(media path, score), ...].
+        strategy: ``best_worst``, ``margin`` or ``curriculum``.
+        margin: Minimum score difference; pairs at or below it are ties (dropped, counted).
+
+    Returns:
+        (pairs ``{"prompt", "chosen", "rejected", "margin"[, "stage"]}``, summary).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: use one of {STRATEGIES}")
+    summary = LabelSummary(prompts=len(candidates))
+    pairs: list[dict[str, Any]] = []
+    for prompt, cands in candidates.items():
+        if len(cands) < 2:
+            summary.singletons += 1
+            continue
+        ranked = sorted(cands, key=lambda c: c[1], reverse=True)  # stable: earlier file wins exact ties
+        if strategy == "best_worst":
+            candidate_pairs = [(ranked[0], ranked[-1])]
+        else:
+            candidate_pairs = list(itertools.combinations(ranked, 2))
+        kept = []
+        for hi, lo in candidate_pairs:
+            diff = hi[1] - lo[1]
+            if diff <= margin:
+                summary.ties += 1
+                continue
+            kept.append({"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "margin": diff})
+        if strategy == "curriculum":
+            kept.sort(key=lambda p: -p["margin"])
+            for stage, pair in enumerate(kept):
+                pair["stage"] = stage
+        pairs.extend(kept)
+    if strategy == "curriculum":
+        pairs.sort(key=lambda p: (p["stage"], -p["margin"]))
+    summary.pairs = len(pairs)
+    return pairs, summary
+
+
+def candidates_from_scores(
+    rows: Sequence[dict[str, Any]], key: str, base_dir: str | Path
+) -> tuple[dict[str, list[tuple[str, float]]], int]:
+    """Group score rows (from ``mmalign score``) by prompt.
+
+    Args:
+        rows: Score rows with ``prompt``, ``path`` and the ``key`` column.
+        key: Score column to rank by.
+        base_dir: Directory the rows' paths are relative to (the scores file's).
+
+    Returns:
+        (prompt -> [(absolute path, score)], number of rows without a usable score).
+    """
+    if rows and not any(key in r for r in rows):
+        columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
+        raise ValueError(f"score column {key!r} not found; columns: {columns}")
+    groups: dict[str, list[tuple[str, float]]] = {}
+    unscored = 0
+    for r in rows:
+        try:
+            value = float(r.get(key))  # CSV gives strings
+        except (TypeError, ValueError):
+            value = math.nan
+        if r.get("error") or math.isnan(value) or not r.get("path"):
+            unscored += 1
+            continue
+        groups.setdefault(str(r.get("prompt", "")), []).append((str(Path(base_dir) / str(r["path"])), value))
+    return groups, unscored
+
+
+def write_manifest(pairs: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """Write pairs as a JSONL manifest with media paths relative to it (atomic)."""
+    out = Path(out)
+    base = out.parent.resolve()
+    rows = []
+    for p in pairs:
+        row = dict(p)
+        for side in ("chosen", "rejected"):
+            row[side] = Path(os.path.relpath(Path(p[side]).resolve(), base)).as_posix()
+        rows.append(row)
+    write_rows(out, rows)
+    return out
+
+
+def label_scores(scores: str | Path, out: str | Path, *, key: str | None = None, strategy: str = "best_worst",
+                 margin: float = 0.0) -> LabelSummary:
+    """Read a scores file, make pairs and write the manifest.
+
+    Args:
+        scores: JSONL/CSV written by ``mmalign score``.
+        out: Output manifest (``.jsonl``).
+        key: Score column (default: the only reward column; required when there are several).
+        strategy: See :func:`make_pairs`.
+        margin: Tie threshold.
+    """
+    scores = Path(scores)
+    rows = read_table(scores)
+    if key is None:
+        columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
+        top = [c for c in columns if "." not in c]
+        if len(top) != 1:
+            raise ValueError(f"{scores} has score columns {top}: pick one with --key")
+        key = top[0]
+    groups, unscored = candidates_from_scores(rows, key, scores.parent)
+    pairs, summary = make_pairs(groups, strategy, margin)
+    summary.unscored = unscored
+    write_manifest(pairs, out)
+    return summary

@@ -1,0 +1,393 @@
+"""``mmalign score``: score a folder, a manifest or a pair dataset with one or more rewards -> JSONL/CSV.
+
+Sources:
+
+- a folder: every image (png/jpg/jpeg/webp/bmp), GIF or video (mp4/webm/mov/avi/mkv, needs ``mmalign[video]``)
+  below it; the prompt is read from ``<stem>.txt`` beside the file, else ``prompt.txt`` in its folder, else "".
+- a manifest (``.jsonl`` / ``.csv``): a media column (``path``, ``media``, ``image``, ``video`` or ``file``) and
+  ``prompt`` (or ``caption``); paths relative to the manifest.
+- a pair dataset: a manifest with ``chosen`` and ``rejected`` columns (what ``mmalign label`` writes); both
+  sides are scored into ``chosen.<reward>`` / ``rejected.<reward>`` plus ``<reward>.agrees`` (reward prefers
+  the chosen side).
+
+One output row per item with every reward (and every hybrid/ensemble component as ``<reward>.<component>``).
+Media paths in the output are relative to the output file. Re-running skips rows already scored with the same
+rewards (resumable: finished batches are appended to ``<out>.partial`` and merged at the end); the output file
+is replaced atomically. An unreadable file yields a row with ``error`` set, not a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.rewards import Reward, RewardSpec
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
+MEDIA_KEYS = ("path", "media", "image", "video", "file")
+
+
+@dataclass
+class Item:
+    """One row to score.
+
+    Attributes:
+        id: Stable key for resuming (path relative to the source, or the manifest's ``id``).
+        prompt: Text prompt.
+        paths: Side -> media path (``{"media": p}``, or ``{"chosen": p, "rejected": p}`` for pairs).
+        extra: Other manifest columns, copied to the output.
+    """
+
+    id: str
+    prompt: str
+    paths: dict[str, Path]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
+    """Decode an image or a video into float pixels in [0, 1].
+
+    Returns:
+        ([3,H,W] image or [T,3,H,W] video, fps or None).
+
+    Raises:
+        ValueError: naming the file, when it is missing or cannot be decoded.
+    """
+    import numpy as np
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    ext = path.suffix.lower()
+    try:
+        if ext == ".gif":
+            with Image.open(path) as im:
+                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+                duration_ms = im.info.get("duration") or 0
+            arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+            return arr, (1000.0 / duration_ms if duration_ms else None)
+        if ext in VIDEO_EXTS:
+            try:
+                import av
+            except ImportError as e:
+                raise ValueError(f"{path}: decoding video needs PyAV: pip install 'mmalign[video]'") from e
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate) if stream.average_rate else None
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            if not frames:
+                raise ValueError(f"{path}: no video frames")
+            return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0, fps
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, None
+    except ValueError:
+        raise
+    except (OSError, UnidentifiedImageError, Exception) as e:  # decoders raise many types on corrupt data
+        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _prompt_for(path: Path) -> str:
+    for candidate in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
+        if candidate.is_file():
+            return candidate.read_text().strip()
+    return ""
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL or CSV file (a truncated last JSONL line, from a crash, is ignored)."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # partial last line
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+    return rows
+
+
+def collect_items(source: str | Path) -> list[Item]:
+    """Items of a folder, a media manifest or a pair manifest (see module docstring)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file())
+        return [Item(p.relative_to(source).as_posix(), _prompt_for(p), {"media": p}) for p in files]
+    if not source.is_file():
+        raise ValueError(f"{source}: no such folder or manifest")
+    if source.suffix.lower() not in (".jsonl", ".csv"):
+        raise ValueError(f"{source}: a manifest must be .jsonl or .csv (or pass a folder)")
+    items = []
+    for i, row in enumerate(read_table(source)):
+        prompt = str(row.get("prompt", row.get("caption", "")) or "")
+        if "chosen" in row and "rejected" in row:
+            paths = {"chosen": source.parent / str(row["chosen"]), "rejected": source.parent / str(row["rejected"])}
+            key = str(row.get("id", f"{row['chosen']}|{row['rejected']}"))
+            skip = {"chosen", "rejected", "prompt", "caption", "id"}
+        else:
+            media_key = next((k for k in MEDIA_KEYS if row.get(k)), None)
+            if media_key is None:
+                raise ValueError(f"{source} row {i + 1}: no media column (one of {MEDIA_KEYS}, or chosen/rejected)")
+            paths = {"media": source.parent / str(row[media_key])}
+            key = str(row.get("id", row[media_key]))
+            skip = {media_key, "prompt", "caption", "id"}
+        items.append(Item(key, prompt, paths, {k: v for k, v in row.items() if k not in skip}))
+    return items
+
+
+def load_reward_config(path: str | Path) -> dict[str, Reward]:
+    """Build named rewards from a YAML/JSON file: ``rewards: [{name, weight, kwargs}, ...]``.
+
+    With ``combine: hybrid`` or ``combine: ensemble`` (plus ``normalizer``, ``aggregate``, ``lam``), the specs
+    become the members of one combined reward named ``combine`` (spec weights are the hybrid weights).
+    """
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(data, list):
+        data = {"rewards": data}
+    unknown = set(data) - {"rewards", "combine", "normalizer", "aggregate", "lam", "name"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: rewards, combine, normalizer, aggregate, lam, name")
+    specs = [RewardSpec.from_dict(s) for s in data.get("rewards") or []]
+    if not specs:
+        raise ValueError(f"{path}: lists no rewards (expected `rewards: [{{name: ..., kwargs: {{...}}}}]`)")
+    combine = data.get("combine")
+    if combine is None:
+        return build_named_rewards(specs)
+    from mmalign.rewards import combine as comb
+
+    members = [{"name": s.name, "weight": s.weight, "kwargs": s.kwargs} for s in specs]
+    normalizer = data.get("normalizer", "zscore")
+    if combine == "hybrid":
+        reward: Reward = comb.hybrid(members, normalizer=normalizer)
+    elif combine == "ensemble":
+        reward = comb.ensemble(members, aggregate=data.get("aggregate", "mean"), lam=float(data.get("lam", 1.0)),
+                               normalizer=normalizer)
+    else:
+        raise ValueError(f"{path}: combine={combine!r}; use hybrid or ensemble (or omit it)")
+    return {str(data.get("name", combine)): reward}
+
+
+def build_named_rewards(specs: Iterable[RewardSpec]) -> dict[str, Reward]:
+    """Build each spec under its name (``name#2`` for repeats)."""
+    out: dict[str, Reward] = {}
+    for spec in specs:
+        name = spec.name
+        k = 2
+        while name in out:
+            name, k = f"{spec.name}#{k}", k + 1
+        out[name] = spec.build()
+    return out
+
+
+def _call_reward(reward: Reward, media: torch.Tensor, prompts: list[str], fps: float | None) -> dict[str, torch.Tensor]:
+    """Columns of one reward on a batch: ``""`` (the score) plus components of a hybrid/ensemble."""
+    takes_fps = fps is not None and getattr(reward, "accepts_fps", False)
+    kwargs = {"fps": fps} if takes_fps else {}
+    components = getattr(reward, "components", None)
+    with torch.no_grad():
+        if components is not None:
+            parts = components(media, prompts, **kwargs)
+            out = {"": parts["total"]}
+            out.update({"." + k: v for k, v in parts.items() if k != "total"})
+            return out
+        return {"": reward(media, prompts, **kwargs)}
+
+
+def _jsonable(value: torch.Tensor) -> Any:
+    if value.ndim == 0:
+        x = float(value)
+        return None if math.isnan(x) else x
+    return [_jsonable(v) for v in value]
+
+
+def score_batch(rewards: dict[str, Reward], media: list[torch.Tensor], prompts: list[str],
+                fps: list[float | None]) -> list[dict[str, Any]]:
+    """Score loaded media, grouping items of equal shape and fps into one tensor batch.
+
+    Returns:
+        One dict of columns per item (``<reward>`` and ``<reward>.<component>``).
+    """
+    results: list[dict[str, Any]] = [{} for _ in media]
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(media):
+        groups.setdefault((tuple(m.shape), fps[i]), []).append(i)
+    for (_, group_fps), idx in groups.items():
+        batch = torch.stack([media[i] for i in idx])
+        for name, reward in rewards.items():
+            for suffix, values in _call_reward(reward, batch, [prompts[i] for i in idx], group_fps).items():
+                values = values.detach().float().cpu()
+                for j, i in enumerate(idx):
+                    results[i][name + suffix] = _jsonable(values[j])
+    return results
+
+
+def _atomic_write(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                columns = list(dict.fromkeys(k for r in rows for k in r))
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+            else:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSONL (or CSV by extension), atomically (temp file + rename)."""
+    _atomic_write(Path(path), rows)
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did."""
+
+    total: int = 0
+    scored: int = 0
+    skipped: int = 0
+    errors: int = 0
+    out: Path | None = None
+
+
+def _row_done(row: dict[str, Any], reward_names: Sequence[str], sides: Sequence[str]) -> bool:
+    if row.get("error"):
+        return False
+    prefixes = [""] if sides == ["media"] else [s + "." for s in sides]
+    return all(row.get(p + n) not in (None, "") for n in reward_names for p in prefixes)
+
+
+def score_items(
+    items: list[Item],
+    rewards: dict[str, Reward],
+    out: str | Path,
+    *,
+    batch_size: int = 16,
+    resume: bool = True,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> ScoreSummary:
+    """Score items with every reward and write one row per item (see module docstring).
+
+    Args:
+        items: From :func:`collect_items`.
+        rewards: Column name -> reward.
+        out: Output ``.jsonl`` or ``.csv``.
+        batch_size: Items decoded and scored together.
+        resume: Keep rows of a previous run that have every reward and no error.
+        progress: Show a tqdm bar on stderr.
+        on_batch: Called with the number of finished batches (tests use it to interrupt a run).
+
+    Returns:
+        A :class:`ScoreSummary`.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    done: dict[str, dict[str, Any]] = {}
+    if resume:
+        for source in (out, partial):
+            if source.is_file():
+                for row in read_table(source) if source == out else _read_jsonl(source):
+                    done[str(row.get("id"))] = row
+    else:
+        partial.unlink(missing_ok=True)
+    names = list(rewards)
+    todo = [it for it in items if not (str(it.id) in done and _row_done(done[str(it.id)], names, list(it.paths)))]
+    summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out)
+    out_dir = out.parent.resolve()
+    with partial.open("a") as part, tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar:
+        for b, start in enumerate(range(0, len(todo), batch_size)):
+            chunk = todo[start : start + batch_size]
+            rows = _score_chunk(chunk, rewards, out_dir)
+            for row in rows:
+                done[row["id"]] = row
+                summary.errors += bool(row.get("error"))
+                part.write(json.dumps(row) + "\n")
+            part.flush()
+            os.fsync(part.fileno())
+            summary.scored += len(chunk)
+            bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(b + 1)
+    write_rows(out, [done[str(it.id)] for it in items if str(it.id) in done])
+    partial.unlink(missing_ok=True)
+    return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return rows
+
+
+def _relpath(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base)).as_posix()
+
+
+def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    flat_media, flat_prompts, flat_fps, owner = [], [], [], []
+    for k, item in enumerate(chunk):
+        row: dict[str, Any] = {"id": str(item.id), "prompt": item.prompt}
+        row.update({("path" if side == "media" else side): _relpath(p, out_dir) for side, p in item.paths.items()})
+        row.update(item.extra)
+        loaded = []
+        try:
+            for side, p in item.paths.items():
+                m, fps = load_media(p)
+                loaded.append((side, m, fps))
+        except ValueError as e:
+            row["error"] = str(e)
+            loaded = []
+        for side, m, fps in loaded:
+            flat_media.append(m)
+            flat_prompts.append(item.prompt)
+            flat_fps.append(fps)
+            owner.append((k, side))
+        rows.append(row)
+    if flat_media:
+        for (k, side), cols in zip(owner, score_batch(rewards, flat_media, flat_prompts, flat_fps)):
+            prefix = "" if side == "media" else side + "."
+            rows[k].update({prefix + c: v for c, v in cols.items()})
+    for row in rows:
+        if "error" in row:
+            continue
+        for name in rewards:
+            c, r = row.get(f"chosen.{name}"), row.get(f"rejected.{name}")
+            if isinstance(c, (int, float)) and isinstance(r, (int, float)):
+                row[f"{name}.agrees"] = c > r
+    return rows
