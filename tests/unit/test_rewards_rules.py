@@ -31,7 +31,7 @@ def test_sharpness_and_colorfulness_order():
     checker = ((torch.arange(16).view(-1, 1) + torch.arange(16)) % 2).float().expand(1, 3, 16, 16)
     s = get_reward("sharpness")(torch.cat([flat, checker]), ["", ""])
     assert s[0] == 0 and s[1] > 1.0
-    c = get_reward("colorfulness")(torch.cat([flat, solid([1.0, 0.0, 0.0])]), ["", ""])
+    c = get_reward("colorfulness")(torch.cat([flat, solid([1.0, 0.0, 0.0], 16, 16)]), ["", ""])
     # red: rg = 1, yb = 0.5, no spread -> 0.3 * sqrt(1 + 0.25)
     assert c[0] == 0 and math.isclose(float(c[1]), 0.3 * math.sqrt(1.25), rel_tol=1e-5)
 
