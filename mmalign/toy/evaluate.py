@@ -30,7 +30,7 @@ def paired_stats(
     *,
     n_boot: int = 2000,
     seed: int = 0,
-    tie_tol: float = 0.0,
+    tie_tol: float = 1e-6,
 ) -> dict[str, Any]:
     """Win rate of A over B on paired scores, with paired-bootstrap 95% intervals.
 
@@ -39,7 +39,8 @@ def paired_stats(
         scores_b: [N] scores of model B on the same prompts and seeds.
         n_boot: bootstrap resamples.
         seed: bootstrap seed (the interval is reproducible).
-        tie_tol: |a - b| <= tie_tol counts as a tie (0.5).
+        tie_tol: |a - b| <= tie_tol counts as a tie (0.5); the default absorbs float noise between
+            numerically identical samples.
 
     Returns:
         ``n``, ``win_rate``, ``win_rate_ci`` [low, high], ``wins``/``ties``/``losses`` (counts),
