@@ -25,8 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.trainers.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
-    return 0 if summary else 1
+    train(cfg)
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

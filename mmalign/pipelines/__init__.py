@@ -16,6 +16,9 @@ from mmalign.pipelines.base import PipelineAdapter, per_frame_mse, per_sample_ms
 FAMILIES: dict[str, tuple[str, str]] = {
     "sd15": ("StableDiffusionPipeline", "mmalign.pipelines.sd15:SD15Adapter"),
     "sdxl": ("StableDiffusionXLPipeline", "mmalign.pipelines.sdxl:SDXLAdapter"),
+    "cogvideox": ("CogVideoXPipeline", "mmalign.pipelines.cogvideox:CogVideoXAdapter"),
+    "wan": ("WanPipeline", "mmalign.pipelines.wan:WanAdapter"),
+    "toy_video": ("TextToVideoSDPipeline", "mmalign.pipelines.toy_video:ToyVideoAdapter"),
 }
 
 

@@ -13,7 +13,7 @@ from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, training_schedul
 def vae_moments(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of an AutoencoderKL for pixels in [-1, 1] (unscaled latent space)."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
+    return dist.mean.contiguous(), dist.std.contiguous()
 
 
 def scale_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -21,7 +21,7 @@ def scale_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: to
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
     z = mean.float() + std.float() * eps
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    return ((z - shift) * vae.config.scaling_factor).contiguous()
 
 
 def clip_hidden_states(tokenizer: Any, text_encoder: Any, prompts: list[str], layer: int | None = None):

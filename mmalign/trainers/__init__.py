@@ -47,6 +47,27 @@ METHODS: dict[str, Method] = {
         "mmalign.data.setup:image_pair_data",
         "Diffusion-DPO (Wallace et al. 2023): preference pairs, shared noise and timestep; sigmoid/hinge/ipo, f-DPO, Diffusion-NPO via swap_pairs.",
     ),
+    "inversion_dpo": Method(
+        "inversion_dpo",
+        "mmalign.trainers.inversion_dpo:InversionDPOConfig",
+        "mmalign.trainers.inversion_dpo:compute_loss",
+        "mmalign.trainers.inversion_dpo:inversion_pair_data",
+        "Inversion-DPO (Li et al. 2025): DDIM-inverted noising with cached inversions; inverted_noise (InPO-style) or trajectory (released code) mode.",
+    ),
+    "self_npo": Method(
+        "self_npo",
+        "mmalign.trainers.self_npo:SelfNPOConfig",
+        "mmalign.trainers.self_npo:compute_loss",
+        "mmalign.data.prompts:prompt_data",
+        "Self-NPO (Wang et al. 2025): data-free negative model for NPO guidance; EMA teacher, truncated DDIM, pseudo-Huber. Prompts only.",
+    ),
+    "dense_dpo": Method(
+        "dense_dpo",
+        "mmalign.trainers.dense_dpo:DenseDPOConfig",
+        "mmalign.trainers.dense_dpo:compute_loss",
+        "mmalign.trainers.dense_dpo:video_pair_data",
+        "DenseDPO (Wu et al. 2025): video pairs with per-segment labels mapped to latent frames, ties masked; vanilla whole-clip video DPO via loss=vanilla.",
+    ),
 }
 
 

@@ -54,8 +54,11 @@ def noised_pairs(adapter: PipelineAdapter, x_w: torch.Tensor, x_l: torch.Tensor,
     b = x_w.shape[0]
     x0 = torch.cat([x_w, x_l])
     if noise is None:
-        first = torch.randn_like(x_w)
-        noise = torch.cat([first, torch.randn_like(x_l) if independent_noise else first])
+        # randn(shape), not randn_like: the latter follows the input's memory format, so the same seed
+        # would give different noise for channels-last and contiguous latents.
+        first = torch.randn(x_w.shape, device=x_w.device, dtype=x_w.dtype)
+        second = torch.randn(x_l.shape, device=x_l.device, dtype=x_l.dtype) if independent_noise else first
+        noise = torch.cat([first, second])
     if t is None:
         t = adapter.sample_timesteps(b, None, x0.device)
     t = t.repeat(2) if t.shape[0] == b else t

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ from mmalign.trainers.common import TrainModels
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the summary written to summary.json and the trained network."""
+
+    summary: dict[str, Any]
+    denoiser: torch.nn.Module
+    pipeline: Any
+    initial_trainable: dict[str, torch.Tensor] | None = None
 
 
 class TrainingError(RuntimeError):
@@ -86,7 +97,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -97,8 +108,14 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 # the loop
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.data`` and export the result. Returns the run summary (also saved as JSON)."""
+def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.data`` and export the result.
+
+    Args:
+        cfg: the run config.
+        keep_initial: also return a CPU copy of the trainable weights before the first step (tests use it
+            to prove that every trainable weight moved; costs a copy of them).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from safetensors.torch import load_file, save_file
@@ -107,7 +124,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
     method = get_method(cfg.method.name)
+    # With no accelerator device, cpu=True lets accelerate turn torchrun's env into a gloo group (MULTI_CPU).
+    no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(
+        cpu=no_device,
         mixed_precision=t_cfg.mixed_precision,
         gradient_accumulation_steps=t_cfg.gradient_accumulation_steps,
         log_with=None if t_cfg.report_to == "none" else t_cfg.report_to,
@@ -153,6 +173,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     denoiser.train()
     params = [p for p in denoiser.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
+    initial = trainable_state(denoiser) if keep_initial else None
 
     # ---- optimisation
     global_batch = t_cfg.batch_size * t_cfg.gradient_accumulation_steps * accelerator.num_processes
@@ -296,7 +317,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             accelerator.print(f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)")
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
     accelerator.end_training()
-    return summary
+    return TrainResult(summary, unwrapped, pipe, initial)
 
 
 def _flat_config(cfg: RunConfig) -> dict[str, Any]:

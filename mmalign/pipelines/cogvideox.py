@@ -1,0 +1,129 @@
+"""CogVideoX family (CogVideoXPipeline): T5 text encoder, AutoencoderKLCogVideoX (8x spatial, causal 4x
+temporal), CogVideoXTransformer3DModel, DDPM v-prediction with the SNR-shifted schedule of
+CogVideoXDDIMScheduler / CogVideoXDPMScheduler.
+
+Training maths follow diffusers 0.42.1 ``examples/cogvideo/train_cogvideox_lora.py``: latents =
+posterior sample x scaling_factor, uniform t, x_t = scheduler.add_noise; the script converts the output to
+x0 with ``get_velocity`` and weights the x0 error by 1/(1 - abar_t), which equals the plain v-prediction
+MSE used here (target = scheduler.get_velocity(x0, noise, t)). The schedule keeps CogVideoX's
+``snr_shift_scale`` (the adapter's scheduler is the pipeline's scheduler class, not a plain DDPMScheduler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, uniform_timesteps
+
+
+@dataclass
+class CogVideoXAdapter:
+    """Adapter for CogVideoXPipeline checkpoints (CogVideoX-2b/5b and CogVideoX1.5 text-to-video)."""
+
+    pipeline: Any
+    family: str = "cogvideox"
+    denoiser_name: str = "transformer"
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        self.scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        self.vae = self.pipeline.vae
+        self.temporal_compression = int(self.vae.config.temporal_compression_ratio)
+        self.spatial_compression = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.max_text_len = int(self.pipeline.transformer.config.max_text_seq_length)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                max_sequence_length=self.max_text_len,
+                                                device=self.pipeline.text_encoder.device)
+        return {"encoder_hidden_states": embeds}
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [B,T,3,H,W] in [-1,1] (T = 4k+1) -> posterior mean and std [B,C,k+1,H/8,W/8]."""
+        x = pixels.permute(0, 2, 1, 3, 4).to(self.vae.device, self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from_moments(self, mean, std, generator=None) -> torch.Tensor:
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+        return (mean.float() + std.float() * eps) * self.vae.config.scaling_factor
+
+    def encode_media(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents_from_moments(*self.latent_moments(pixels), generator)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B,C,T,h,w] -> videos [B,T',3,H,W] in [0,1]."""
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+        return x.permute(0, 2, 1, 3, 4).add(1).div(2).clamp(0, 1)
+
+    def extra_conditioning(self, meta: dict[str, Any], resolution: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def add_noise(self, x0, noise, t):
+        return ddpm_add_noise(self.scheduler, x0, noise, t)
+
+    def target(self, x0, noise, t):
+        return ddpm_target(self.scheduler, x0, noise, t)
+
+    def predict(self, denoiser, xt, t, cond):
+        """The transformer takes [B,T,C,H,W]; rotary embeddings (CogVideoX-5b, 1.5) come from the pipeline."""
+        dtype = next(p.dtype for p in denoiser.parameters())
+        b, _, frames, h, w = xt.shape
+        rotary = None
+        if self.pipeline.transformer.config.use_rotary_positional_embeddings:
+            rotary = self.pipeline._prepare_rotary_positional_embeddings(
+                h * self.spatial_compression, w * self.spatial_compression, frames, xt.device)
+        out = denoiser(hidden_states=xt.permute(0, 2, 1, 3, 4).to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                       timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+    def sample_timesteps(self, n, generator, device):
+        return uniform_timesteps(self.scheduler, n, generator, device)
+
+
+def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
+    """A tiny random CogVideoXPipeline (diffusers' dummy-component sizes) saved in diffusers format.
+
+    The tokenizer is the word-level toy tokenizer (no hub download); the T5 encoder is 1 layer, width 32.
+    """
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    from mmalign.toy.render import TOY_WORDS
+    from mmalign.toy.tokenizer import build_word_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=32,
+        num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                           num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=3.0, beta_schedule="scaled_linear",
+                                       clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe

@@ -1,0 +1,191 @@
+"""Diffusion-DPO training on tiny SD1.5/SDXL pipelines: what trains, what stays frozen, cache, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign.config import load_config
+from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
+from mmalign.data.setup import prepare_pair_batch
+from mmalign.pipelines import load_pipeline, make_adapter
+from mmalign.trainers.loop import TrainingError, train
+
+torch.set_num_threads(1)
+
+
+def tiny_cfg(model, manifest, out, *extra):
+    return load_config(None, [
+        f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
+        "train.max_steps=3", "train.batch_size=2", "train.report_to=none", "train.progress=false",
+        "train.learning_rate=1e-3", "train.scale_lr=false", "train.checkpoint_every=0", "lora.rank=2",
+        "method.beta=5000", *extra,
+    ])
+
+
+def base_name(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    result = train(tiny_cfg(model, pair_manifest, tmp_path / "run", f"lora.enabled={str(lora).lower()}"), keep_initial=True)
+    pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
+    trainable = frozen = 0
+    for name, param in result.denoiser.named_parameters():
+        if param.requires_grad:
+            trainable += 1
+            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
+        else:
+            frozen += 1
+            assert torch.equal(param.detach().cpu(), pretrained[base_name(name)]), f"frozen {name} changed"
+    assert trainable > 0 and (frozen > 0) == lora
+    if lora:
+        assert all("lora" in n for n, p in result.denoiser.named_parameters() if p.requires_grad)
+    s = result.summary
+    assert s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and 0 <= s["final_metrics"]["implicit_acc"] <= 1
+    assert {"delta_w", "delta_l", "model_err_w", "ref_err_l", "reward_margin"} <= set(s["final_metrics"])
+
+
+def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_path):
+    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.learning_rate=5e-2"))
+    pipe, _ = load_pipeline(str(tiny_sd15))
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = sample()
+    pipe.load_lora_weights(result.summary["export"])
+    assert not torch.allclose(before, sample())
+
+
+def test_full_finetune_exports_a_diffusers_unet(tiny_sd15, pair_manifest, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "lora.enabled=false", "train.max_steps=1"))
+    unet = UNet2DConditionModel.from_pretrained(f"{result.summary['export']}/unet")
+    for (name, a), (_, b) in zip(unet.named_parameters(), result.denoiser.named_parameters()):
+        assert torch.equal(a, b.detach().cpu()), name
+
+
+def test_cached_and_uncached_paths_give_the_same_loss(tiny_sdxl, pair_manifest, tmp_path):
+    from mmalign.data.cache import CachedPairDataset, LatentCache
+    from mmalign.trainers.common import TrainModels
+    from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss
+    from mmalign.trainers.loop import add_lora
+
+    pipe, family = load_pipeline(str(tiny_sdxl))
+    adapter = make_adapter(pipe, family)
+    cfg = tiny_cfg(tiny_sdxl, pair_manifest, tmp_path)
+    add_lora(pipe.unet, cfg.lora)
+    with torch.no_grad():  # move off the reference so the loss is not exactly log 2
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    models = TrainModels(adapter, pipe.unet)
+    records, _ = load_pairs(pair_manifest)
+    cache = LatentCache(tmp_path / "cache", {"test": 1})
+    records, keys, _ = cache.build(records, adapter, resolution=16, random_flip=False, joint_crop=True, progress=False)
+    raw_uncached = collate_pairs([PairDataset(records, 16, random_flip=False, joint_crop=True)[i] for i in (0, 1)])
+    raw_cached = collate_pairs([CachedPairDataset(records, keys, cache, random_flip=False)[i] for i in (0, 1)])
+    losses, calls = [], []
+    for raw, c in [(raw_uncached, None), (raw_cached, cache)]:
+        torch.manual_seed(123)
+        batch = prepare_pair_batch(raw, adapter, c, 0.5, 16, torch.device("cpu"))
+        calls.append(batch["prompts"])
+        losses.append(compute_loss(batch, models, DiffusionDPOConfig())[0])
+    assert calls[0] == calls[1]  # same caption dropout draws
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
+    assert abs(losses[0].item() - math.log(2)) > 1e-6
+
+
+def test_cache_is_reused_and_training_never_runs_the_vae(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "a", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1")
+    train(cfg)
+    shards = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert shards  # latents and text embeddings written once
+
+    from mmalign.pipelines import sd15
+
+    def fail(*args, **kwargs):
+        raise AssertionError("VAE/text encoder ran although everything is cached")
+
+    monkeypatch.setattr(sd15.SD15Adapter, "latent_moments", fail)
+    monkeypatch.setattr(sd15.SD15Adapter, "encode_prompts", fail)
+    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "b", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"))
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == shards
+
+
+def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tiny_sd15, pair_manifest, tmp_path):
+    common = ("train.max_steps=4", "train.checkpoint_every=2", f"data.cache_dir={tmp_path / 'cache'}")
+    straight = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "straight", *common))
+    # interrupted run: stops after 2 steps, then resumes to 4
+    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "split", *common, "train.max_steps=2"))
+    ckpt = tmp_path / "split/checkpoints/checkpoint-2"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    opt_a = torch.load(tmp_path / "straight/checkpoints/checkpoint-2/optimizer.bin", weights_only=False)
+    opt_b = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    for k, state in opt_a["state"].items():
+        torch.testing.assert_close(state["exp_avg"], opt_b["state"][k]["exp_avg"])
+    resumed = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "split", *common, "train.resume=latest"))
+    assert resumed.summary["steps"] == 4
+    history = [json.loads(line)["step"] for line in (tmp_path / "split/history.jsonl").read_text().splitlines()]
+    assert history == [3, 4]
+    final_a = load_file(tmp_path / "straight/checkpoints/checkpoint-4/trainable.safetensors")
+    final_b = load_file(tmp_path / "split/checkpoints/checkpoint-4/trainable.safetensors")
+    for name in final_a:
+        torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_items_error_names_file_or_are_skipped_and_reported(tiny_sd15, pair_manifest, tmp_path):
+    from mmalign.data import DataError
+
+    lines = pair_manifest.read_text().splitlines()
+    bad = dict(json.loads(lines[0]), chosen=str(tmp_path / "nope.png"))
+    (tmp_path / "corrupt.png").write_bytes(b"garbage")
+    corrupt = dict(json.loads(lines[1]), rejected=str(tmp_path / "corrupt.png"))
+    manifest = pair_manifest.parent / "with_bad.jsonl"
+    manifest.write_text("\n".join([*lines, json.dumps(bad), json.dumps(corrupt)]) + "\n")
+    with pytest.raises(DataError, match=r"with_bad.jsonl:5 \(chosen: .*nope.png\)"):
+        train(tiny_cfg(tiny_sd15, manifest, tmp_path / "strict", "train.max_steps=1"))
+    for cache in ("true", "false"):
+        result = train(tiny_cfg(tiny_sd15, manifest, tmp_path / f"skip{cache}", "data.on_bad_item=skip",
+                                f"data.cache={cache}", "train.max_steps=4"))
+        skipped = result.summary["skipped_items"]
+        assert any("nope.png" in s for s in skipped) and any("corrupt.png" in s and "with_bad.jsonl:6" in s for s in skipped)
+
+
+def test_non_finite_loss_stops_and_keeps_finished_checkpoints(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
+    from mmalign.trainers import diffusion_dpo
+
+    real = diffusion_dpo.compute_loss
+    calls = {"n": 0}
+
+    def nan_on_third(batch, models, cfg):
+        calls["n"] += 1
+        loss, metrics = real(batch, models, cfg)
+        return (loss * float("nan") if calls["n"] == 3 else loss), metrics
+
+    monkeypatch.setattr(diffusion_dpo, "compute_loss", nan_on_third)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* step 3 .*checkpoint-2"):
+        train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.checkpoint_every=1", "train.max_steps=5"))
+    assert (tmp_path / "run/checkpoints/checkpoint-2/trainable.safetensors").is_file()
+
+
+def test_validation_grid_is_written(tiny_sd15, pair_manifest, tmp_path):
+    from PIL import Image
+
+    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.max_steps=2", "train.validation_every=2",
+                   "train.validation_prompts=[a red square, a blue circle]", "train.validation_steps=2"))
+    grid = Image.open(tmp_path / "run/validation/step-000002.png")
+    assert grid.size[0] > 16 and grid.size[1] >= 16
