@@ -32,16 +32,23 @@ Normalizer = Callable[[torch.Tensor], torch.Tensor]
 EPS = 1e-8
 
 
+def _spread_tol(x: torch.Tensor) -> torch.Tensor:
+    """Spread below this is float rounding, not signal (relative to the values' magnitude)."""
+    return 1e-6 * x.detach().abs().max() + 1e-12
+
+
 def zscore(x: torch.Tensor) -> torch.Tensor:
-    """Batch z-score over all elements; zeros when there is no spread."""
+    """Batch z-score over all elements; zeros when there is no spread (beyond float rounding)."""
     std = x.std(unbiased=False) if x.numel() > 1 else x.new_zeros(())
-    return torch.where(std > EPS, (x - x.mean()) / std.clamp_min(EPS), torch.zeros_like(x))
+    ok = std > _spread_tol(x)
+    return torch.where(ok, (x - x.mean()) / std.clamp_min(EPS), torch.zeros_like(x))
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
-    """``(x - min) / (max - min)``; 0.5 everywhere when constant."""
+    """``(x - min) / (max - min)``; 0.5 everywhere when constant (beyond float rounding)."""
     lo, hi = x.min(), x.max()
-    return torch.where(hi - lo > EPS, (x - lo) / (hi - lo).clamp_min(EPS), torch.full_like(x, 0.5))
+    ok = hi - lo > _spread_tol(x)
+    return torch.where(ok, (x - lo) / (hi - lo).clamp_min(EPS), torch.full_like(x, 0.5))
 
 
 def rank(x: torch.Tensor) -> torch.Tensor:

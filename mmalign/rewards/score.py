@@ -312,6 +312,7 @@ def score_items(
     from tqdm.auto import tqdm
 
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     done: dict[str, dict[str, Any]] = {}
     if resume:
