@@ -37,7 +37,7 @@ class ToyBuildConfig:
     num_images: int = 16384
     p_speckle: float = 0.15
     p_wrong_color: float = 0.12
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -47,7 +47,7 @@ class ToyBuildConfig:
     text_hidden: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    threads: int = 2
+    threads: int = 1
 
 
 def make_vae(seed: int):
