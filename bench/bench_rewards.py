@@ -1,0 +1,119 @@
+"""Batched tensor reward scoring vs a per-image PIL loop on the same CLIP model.
+
+The tensor path is what ``mmalign`` rewards do (``ClipSimilarityReward``: batched resize/crop/normalise on
+the model's device, one forward per batch). The PIL path is the usual wrapper: each generated image tensor
+goes to PIL, through open_clip's PIL transform, and through the model alone. Both encode each prompt once.
+Models are random-initialised open_clip architectures (no download): ``small`` for CPU, ``ViT-H-14`` (the
+HPSv2/PickScore backbone) for a GPU.
+
+    python bench/bench_rewards.py --arch small --device cpu --n 32 --batch-size 16
+    python bench/bench_rewards.py --arch ViT-H-14 --device cuda --n 256 --batch-size 64 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+SMALL = {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 224, "layers": 4, "width": 384, "head_width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 2},
+}
+
+
+def build(arch: str, device: torch.device, dtype: torch.dtype):
+    import open_clip
+
+    from mmalign.rewards.clip import ClipSimilarityReward, _open_clip_encoders
+    from mmalign.rewards.preprocess import transform_from_open_clip
+
+    torch.manual_seed(0)
+    if arch == "small":
+        model = open_clip.CLIP(**SMALL)
+        tokenizer = open_clip.tokenize
+    else:
+        model = open_clip.create_model(arch, pretrained=None)
+        tokenizer = open_clip.get_tokenizer(arch)
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    enc_img, enc_txt = _open_clip_encoders(model, tokenizer, device)
+    reward = ClipSimilarityReward(enc_img, enc_txt, transform_from_open_clip(model), 1.0, False, device, dtype)
+    pil_tf = open_clip.image_transform(model.visual.image_size, is_train=False)
+    return model, tokenizer, reward, pil_tf
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def pil_loop(model, tokenizer, pil_tf, images: torch.Tensor, prompts: list[str], device, dtype) -> torch.Tensor:
+    """Per image: tensor -> PIL -> open_clip PIL transform -> model; text encoded once per prompt."""
+    from mmalign.rewards.judge import to_pil
+
+    text = {}
+    scores = []
+    with torch.no_grad():
+        for img, prompt in zip(images, prompts):
+            if prompt not in text:
+                text[prompt] = model.encode_text(tokenizer([prompt]).to(device), normalize=True).float()
+            pixels = pil_tf(to_pil(img[None])[0]).unsqueeze(0).to(device, dtype)
+            emb = model.encode_image(pixels, normalize=True).float()
+            scores.append((emb * text[prompt]).sum(-1))
+    return torch.cat(scores)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="small", help="small, or an open_clip model name (ViT-H-14)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--n", type=int, default=32, help="images scored per method")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512, help="side of the generated images")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, tokenizer, reward, pil_tf = build(args.arch, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.n, 3, args.size, args.size, generator=g)  # generated media, on the host
+    prompts = [f"a photo of a {c} circle" for c in ("red", "blue", "green", "yellow")] * (args.n // 4 + 1)
+    prompts = prompts[: args.n]
+
+    def tensor_path() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([reward(images[i : i + args.batch_size].to(device), prompts[i : i + args.batch_size])
+                              for i in range(0, args.n, args.batch_size)])
+
+    def timed(fn):
+        fn_out = fn()  # warm-up (allocations, kernels)
+        best = float("inf")
+        for _ in range(args.repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            fn_out = fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return best, fn_out
+
+    t_tensor, s_tensor = timed(tensor_path)
+    t_pil, s_pil = timed(lambda: pil_loop(model, tokenizer, pil_tf, images, prompts, device, dtype))
+    result = {
+        "arch": args.arch, "params_M": round(params / 1e6, 1), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "n": args.n, "batch_size": args.batch_size,
+        "image_size": args.size, "tensor_images_per_s": round(args.n / t_tensor, 2),
+        "pil_loop_images_per_s": round(args.n / t_pil, 2), "speedup_tensor_over_pil": round(t_pil / t_tensor, 2),
+        "max_abs_score_diff": round(float((s_tensor.cpu() - s_pil.cpu()).abs().max()), 4),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
