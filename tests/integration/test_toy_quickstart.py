@@ -1,0 +1,98 @@
+"""The toy workflow's plumbing on a smoke-built toy pipeline: CLI render/sample/eval and a mini quickstart."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmalign.cli import main
+from mmalign.toy.build import toy_build
+
+
+@pytest.fixture(scope="module")
+def smoke_toy(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy-sd")
+    toy_build(out, vae_steps=3, unet_steps=3, num_images=64, log=lambda s: None)
+    return out
+
+
+def test_cli_render_and_sample(smoke_toy, tmp_path, capsys):
+    assert main(["toy", "render", "--out", str(tmp_path / "r.png"), "--n", "4", "--p-speckle", "0.5"]) == 0
+    assert main(["toy", "render", "--out", str(tmp_path / "v.png"), "--n", "2", "--video", "--flicker"]) == 0
+    assert (tmp_path / "r.png").is_file() and (tmp_path / "v.png").is_file()
+    capsys.readouterr()
+    code = main(
+        [
+            "toy",
+            "sample",
+            "--model",
+            str(smoke_toy),
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert {"color_correct", "color_match", "defect_rate", "shape_match"} <= set(stats)
+
+
+def test_cli_eval_same_model_is_a_tie(smoke_toy, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--model-a",
+        str(smoke_toy),
+        "--prompts",
+        str(prompts),
+        "--seeds-per-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--reward",
+        "toy_color",
+        "--reward",
+        "toy_defect",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["win_rate"] == 0.5 and metrics["primary"] == "toy_color"
+    assert set(metrics["mean_reward_a"]) == {"toy_color", "toy_defect"}
+    assert (out / "grid.png").is_file() and (out / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
+    from mmalign.toy.quickstart import QuickstartOptions, quickstart
+
+    opts = QuickstartOptions(
+        candidates=2, train_prompts=8, eval_prompts=2, eval_seeds_per_prompt=2, min_margin=0.0
+    )
+    metrics = quickstart(
+        tmp_path,
+        model=smoke_toy,
+        overrides=["train.max_steps=2", "train.batch_size=4", "train.progress=false"],
+        options=opts,
+        log=lambda s: None,
+    )
+    for name in (
+        "report.md",
+        "metrics.json",
+        "before.png",
+        "after.png",
+        "before_after.png",
+        "training_curves.png",
+        "pairs.jsonl",
+    ):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["n"] == 4 and saved["steps"] == 2 and saved["primary"] == "training_reward"
+    assert "toy_shape (not trained on)" in saved["mean_reward_a"]
+    assert 0 <= metrics["win_rate_ci"][0] <= metrics["win_rate"] <= metrics["win_rate_ci"][1] <= 1
