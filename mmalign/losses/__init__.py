@@ -1,5 +1,6 @@
 """Pure tensor losses, one file per method (no models, configs or I/O)."""
 
 from mmalign.losses.diffusion_dpo import diffusion_dpo_loss, f_divergence_reward, preference_metrics
+from mmalign.losses.self_npo import pseudo_huber, renoise, self_npo_loss
 
-__all__ = ["diffusion_dpo_loss", "f_divergence_reward", "preference_metrics"]
+__all__ = ["diffusion_dpo_loss", "f_divergence_reward", "preference_metrics", "pseudo_huber", "renoise", "self_npo_loss"]
