@@ -18,7 +18,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "sdxl": ("StableDiffusionXLPipeline", "mmalign.pipelines.sdxl:SDXLAdapter"),
     "cogvideox": ("CogVideoXPipeline", "mmalign.pipelines.cogvideox:CogVideoXAdapter"),
     "wan": ("WanPipeline", "mmalign.pipelines.wan:WanAdapter"),
-    "toy_video": ("TextToVideoSDPipeline", "mmalign.pipelines.toy_video:ToyVideoAdapter"),
+    "toy_video": ("AnimateDiffPipeline", "mmalign.pipelines.toy_video:ToyVideoAdapter"),
 }
 
 

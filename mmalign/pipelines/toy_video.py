@@ -1,5 +1,7 @@
-"""Toy video family: diffusers' TextToVideoSDPipeline (UNet3DConditionModel + a per-frame AutoencoderKL +
-CLIP text encoder, DDPM epsilon by default), small enough to train and sample on a CPU.
+"""Toy video family: diffusers' AnimateDiffPipeline (UNetMotionModel = an SD UNet2DConditionModel plus
+temporal motion modules, a per-frame AutoencoderKL, a CLIP text encoder, DDPM epsilon by default), small
+enough to train and sample on a CPU. (UNet3DConditionModel / TextToVideoSDPipeline would do the same maths
+but has no peft adapter support in diffusers, so it cannot take LoRA.)
 
 The VAE encodes each frame on its own (temporal compression 1, one latent frame per pixel frame), so
 segment labels map one to one onto latent frames. Latents are [B,C,T,H,W], as for CogVideoX and Wan.
@@ -24,7 +26,7 @@ def frames_to_batch(pixels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ToyVideoAdapter:
-    """Adapter for TextToVideoSDPipeline checkpoints (the toy video model; ModelScope-style UNet3D models)."""
+    """Adapter for AnimateDiffPipeline checkpoints (the toy video model; AnimateDiff SD1.5 motion models)."""
 
     pipeline: Any
     family: str = "toy_video"
@@ -79,23 +81,25 @@ class ToyVideoAdapter:
         return ddpm_target(self.scheduler, x0, noise, t)
 
     def predict(self, denoiser, xt, t, cond):
+        """UNetMotionModel on [B,C,T,H,W]; it folds frames into the batch, so the text states repeat per frame
+        (as AnimateDiffPipeline does, diffusers 0.42.1)."""
         dtype = next(p.dtype for p in denoiser.parameters())
-        return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype)).sample
+        text = cond["encoder_hidden_states"].to(dtype).repeat_interleave(xt.shape[2], dim=0)
+        return denoiser(xt.to(dtype), t, encoder_hidden_states=text).sample
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)
 
 
-def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None, seed: int = 0,
-                            block_out_channels: tuple[int, ...] = (16, 32), latent_channels: int = 4,
-                            cross_attention_dim: int | None = None, prediction_type: str = "epsilon",
-                            tokenizer_dir: str | Path | None = None) -> Any:
-    """A randomly initialised TextToVideoSDPipeline; pass the toy image model's VAE/text encoder to reuse them.
+def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None, unet: Any = None,
+                            seed: int = 0, prediction_type: str = "epsilon", tokenizer_dir: str | Path | None = None,
+                            motion_heads: int = 4) -> Any:
+    """An AnimateDiffPipeline with random motion modules; pass the toy image model's parts to start from them.
 
-    Missing parts are built tiny: a 2-level AutoencoderKL (x2 down), a 2-layer CLIPTextModel over the
-    toy vocabulary (tokenizer written to ``tokenizer_dir``).
+    Missing parts are built tiny: a 2-level AutoencoderKL (x2 down), a 2-layer CLIPTextModel over the toy
+    vocabulary (tokenizer written to ``tokenizer_dir``), a 2-level UNet2DConditionModel (16, 32).
     """
-    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
     if tokenizer is None or text_encoder is None:
         from mmalign.toy.render import TOY_WORDS
@@ -109,18 +113,23 @@ def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokeni
     if vae is None:
         from mmalign.toy.tiny import _vae
 
-        vae = _vae(seed + 2, latent_channels=latent_channels)
-    torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        sample_size=8, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
-        block_out_channels=block_out_channels, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=cross_attention_dim or text_encoder.config.hidden_size, attention_head_dim=4,
-        norm_num_groups=8,
-    )
+        vae = _vae(seed + 2)
+    if unet is None:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+            layers_per_block=1, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_encoder.config.hidden_size,
+            attention_head_dim=8, norm_num_groups=8,
+        )
+    torch.manual_seed(seed + 3)
+    motion = MotionAdapter(block_out_channels=tuple(unet.config.block_out_channels),
+                           motion_layers_per_block=unet.config.layers_per_block, motion_norm_num_groups=8,
+                           motion_num_attention_heads=motion_heads, motion_max_seq_length=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1)
-    return TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion,
+                               scheduler=scheduler)
 
 
 def build_tiny_toy_video(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Any:

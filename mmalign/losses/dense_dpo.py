@@ -1,0 +1,94 @@
+"""DenseDPO loss (Wu et al. 2025, arXiv 2506.03517) and whole-clip video DPO, as pure tensor maths."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmalign.losses.diffusion_dpo import preference_metrics
+
+
+def _oriented(label: torch.Tensor, err_0: torch.Tensor, err_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(preferred, dispreferred) errors: label +1 -> video 0 preferred, -1 -> video 1."""
+    first = label > 0
+    return torch.where(first, err_0, err_1), torch.where(first, err_1, err_0)
+
+
+def dense_dpo_loss(
+    model_err_0: torch.Tensor,
+    model_err_1: torch.Tensor,
+    ref_err_0: torch.Tensor,
+    ref_err_1: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 500.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DenseDPO: a DPO logit per latent frame, tie frames masked.
+
+    Conventions (DESIGN §2/§3; the paper's App. E pseudo-code)::
+
+        dtheta_v,f = model_err_v,f - ref_err_v,f          # per latent frame, errors averaged over C,H,W
+        z_f        = -(beta / 2) * l_f * (dtheta_0,f - dtheta_1,f)
+        loss       = mean over frames with l_f != 0 of -log sigmoid(z_f)   (over the whole batch)
+
+    ``l_f`` is +1 where video 0 is preferred, -1 where video 1 is, 0 for a tie (masked). ``beta`` is the
+    paper's beta (500, constant); the 0.5 factor is the same as Diffusion-DPO's, so beta here has the
+    meaning of mmalign's Diffusion-DPO beta (z = -(beta/2)(dtheta_w - dtheta_l)). Eq. 7 of the paper sums
+    the frames inside one sigmoid; the pseudo-code (implemented here) averages per-frame log-sigmoids over
+    the non-tie frames. No public official code exists; the community Wan port
+    (seruva19/takenoko ``densedpo_training_core.py``) averages inside segments and keeps ties, so it differs.
+
+    Args:
+        model_err_0, model_err_1: [B,T] policy errors of video 0 / video 1 per latent frame (with grad).
+        ref_err_0, ref_err_1: [B,T] reference errors (no grad).
+        labels: [B,T] in {+1, 0, -1}.
+        beta: KL strength (paper: 500).
+
+    Returns:
+        scalar loss (0, still attached to the graph, when every frame is a tie) and metrics: those of
+        :func:`~mmalign.losses.diffusion_dpo.preference_metrics` over the non-tie frames with "w"/"l" the
+        preferred/dispreferred video of each frame, plus ``non_tie_frac``.
+    """
+    if labels.shape != model_err_0.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the per-frame errors {tuple(model_err_0.shape)} ([B,T])")
+    labels = labels.to(model_err_0.dtype)
+    z = -(beta / 2.0) * labels * ((model_err_0 - ref_err_0) - (model_err_1 - ref_err_1))
+    keep = labels != 0
+    n = keep.sum()
+    per_frame = -F.logsigmoid(z) * keep
+    loss = per_frame.sum() / n.clamp(min=1)
+    with torch.no_grad():
+        lab = labels[keep]
+        m_w, m_l = _oriented(lab, model_err_0[keep], model_err_1[keep])
+        r_w, r_l = _oriented(lab, ref_err_0[keep], ref_err_1[keep])
+        metrics = preference_metrics(z[keep], m_w, m_l, r_w, r_l) if n > 0 else {
+            k: torch.zeros((), device=z.device) for k in preference_metrics(z[:0], *([z[:0]] * 4))}
+        metrics["non_tie_frac"] = keep.float().mean()
+    return loss, metrics
+
+
+def video_dpo_loss(
+    model_err_0: torch.Tensor,
+    model_err_1: torch.Tensor,
+    ref_err_0: torch.Tensor,
+    ref_err_1: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 500.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Vanilla (whole-clip) video DPO, the comparison of the DenseDPO paper; tie clips masked.
+
+    Errors may be per frame [B,T] (averaged here over T: with equal C,H,W per frame this is the mean over
+    all of C,T,H,W) or per clip [B]. With l in {+1, 0, -1} per clip (+1: video 0 preferred)::
+
+        z = -(beta / 2) * l * (dtheta_0 - dtheta_1),   loss = mean over non-tie clips of -log sigmoid(z)
+
+    The same beta convention as :func:`dense_dpo_loss` and Diffusion-DPO (VideoDPO / Flow-DPO form).
+
+    Args:
+        model_err_0, model_err_1, ref_err_0, ref_err_1: [B,T] or [B] errors.
+        labels: [B] in {+1, 0, -1}.
+        beta: KL strength.
+    """
+    errs = [e.mean(dim=1) if e.ndim == 2 else e for e in (model_err_0, model_err_1, ref_err_0, ref_err_1)]
+    return dense_dpo_loss(*(e[:, None] for e in errs), labels.reshape(-1, 1), beta=beta)

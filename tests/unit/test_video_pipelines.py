@@ -1,0 +1,120 @@
+"""Video adapters on tiny configs built in code: latent shapes [B,C,T,H,W], noising and targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmalign.data.segments import latent_frame_groups
+from mmalign.pipelines import load_pipeline, make_adapter, per_frame_mse
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cog(tmp_path_factory):
+    from mmalign.pipelines.cogvideox import build_tiny_cogvideox
+
+    path = tmp_path_factory.mktemp("tiny-cogvideox")
+    build_tiny_cogvideox(path)
+    pipe, family = load_pipeline(str(path))
+    return make_adapter(pipe, family), pipe, family
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    from mmalign.pipelines.wan import build_tiny_wan
+
+    path = tmp_path_factory.mktemp("tiny-wan")
+    build_tiny_wan(path)
+    pipe, family = load_pipeline(str(path))
+    return make_adapter(pipe, family), pipe, family
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from mmalign.pipelines.toy_video import build_tiny_toy_video
+
+    path = tmp_path_factory.mktemp("tiny-toy-video")
+    build_tiny_toy_video(path)
+    pipe, family = load_pipeline(str(path))
+    return make_adapter(pipe, family), pipe, family
+
+
+def _clip(b: int, t: int, size: int = 16) -> torch.Tensor:
+    return torch.rand(b, t, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _forward(adapter, pipe, x0):
+    noise = torch.randn_like(x0)
+    t = adapter.sample_timesteps(x0.shape[0], torch.Generator().manual_seed(1), x0.device)
+    cond = adapter.encode_prompts(["a red circle moving", "a blue square"][: x0.shape[0]])
+    pred = adapter.predict(getattr(pipe, adapter.denoiser_name), adapter.add_noise(x0, noise, t), t, cond)
+    return noise, t, pred
+
+
+def test_cogvideox_shapes_and_v_target(cog):
+    adapter, pipe, family = cog
+    assert family == "cogvideox" and adapter.temporal_compression == 4 and adapter.causal
+    x0 = adapter.encode_media(_clip(2, 9))
+    assert x0.shape == (2, 4, 3, 2, 2)  # 9 frames -> 3 latents, 16 px -> 2 (8x)
+    assert x0.shape[2] == len(latent_frame_groups(9, adapter.temporal_compression))
+    noise, t, pred = _forward(adapter, pipe, x0)
+    assert pred.shape == x0.shape and per_frame_mse(pred, noise).shape == (2, 3)
+    sched = adapter.scheduler
+    assert sched.config.prediction_type == "v_prediction"
+    assert torch.allclose(adapter.target(x0, noise, t), sched.get_velocity(x0, noise, t), atol=1e-6)
+    assert torch.allclose(adapter.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), atol=1e-6)
+    # CogVideoX's SNR shift is kept: abar differs from the plain DDPM schedule with the same betas
+    from diffusers import DDPMScheduler
+
+    plain = DDPMScheduler.from_config(pipe.scheduler.config)
+    assert not torch.allclose(sched.alphas_cumprod.float(), plain.alphas_cumprod.float())
+    abar = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    assert torch.allclose(adapter.target(x0, noise, t), v, atol=1e-6)
+    video = adapter.decode_latents(x0)
+    assert video.shape == (2, 9, 3, 16, 16) and 0 <= video.min() and video.max() <= 1
+
+
+def test_wan_shapes_flow_target_and_shifted_timesteps(wan):
+    adapter, pipe, family = wan
+    assert family == "wan" and adapter.temporal_compression == 4 and adapter.shift == 7.0
+    x0 = adapter.encode_media(_clip(2, 9))
+    assert x0.shape == (2, 16, 3, 2, 2)
+    noise, t, pred = _forward(adapter, pipe, x0)
+    assert pred.shape == x0.shape
+    u = torch.rand(2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(t, 1000 * 7.0 * u / (1 + 6.0 * u))  # sigma shift
+    assert t.min() >= 0 and t.max() <= 1000
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.allclose(adapter.add_noise(x0, noise, t), (1 - sigma) * x0 + sigma * noise, atol=1e-6)
+    assert torch.equal(adapter.target(x0, noise, t), noise - x0)
+    # the flow-matching scheduler of the pipeline agrees on x_t at one of its own timesteps
+    sched = pipe.scheduler
+    sched.set_timesteps(10)
+    ts = sched.timesteps[3:4]
+    assert torch.allclose(sched.scale_noise(x0[:1], ts, noise[:1]), adapter.add_noise(x0[:1], noise[:1], ts), atol=1e-5)
+    # latents are normalised with the VAE's per-channel mean/std; decoding undoes it
+    mean, std = adapter.latent_moments(_clip(1, 9))
+    z = adapter.latents_from_moments(mean, torch.zeros_like(std))
+    expected = (mean - adapter.latents_mean) / adapter.latents_std
+    assert torch.allclose(z, expected, atol=1e-6)
+    assert adapter.decode_latents(z).shape == (1, 9, 3, 16, 16)
+
+
+def test_toy_video_shapes_and_epsilon_target(toy):
+    adapter, pipe, family = toy
+    assert family == "toy_video" and adapter.temporal_compression == 1
+    x0 = adapter.encode_media(_clip(2, 5))
+    assert x0.shape == (2, 4, 5, 8, 8)  # per-frame VAE: 5 frames -> 5 latents, 2x down
+    noise, t, pred = _forward(adapter, pipe, x0)
+    assert pred.shape == x0.shape
+    assert torch.equal(adapter.target(x0, noise, t), noise)
+    abar = adapter.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    assert torch.allclose(adapter.add_noise(x0, noise, t), abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)
+    # each latent frame is the per-frame VAE encoding of its pixel frame (no temporal mixing)
+    clip = _clip(1, 3)
+    mean, _ = adapter.latent_moments(clip)
+    single, _ = adapter.latent_moments(clip[:, 1:2])
+    assert torch.allclose(mean[:, :, 1:2], single, atol=1e-5)

@@ -1,0 +1,100 @@
+"""Segment labels -> latent-frame labels for each temporal compression; manifest parsing and the skip rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmalign.data.images import DataError
+from mmalign.data.segments import (
+    clip_label,
+    consistent_labels,
+    frame_segments,
+    keep_record,
+    labels_from_scores,
+    latent_frame_groups,
+    latent_labels,
+    load_video_pairs,
+    num_segments,
+)
+
+
+def fps_segments(n: int, fps: float, s: float = 1.0) -> torch.Tensor:
+    return frame_segments(torch.arange(n) / fps, s, duration=n / fps)
+
+
+def test_causal_4x_nine_frames_three_latents():
+    assert [list(r) for r in latent_frame_groups(9, 4)] == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    # 9 frames at 4 fps with 1 s segments: frames 0-3 seg 0, 4-7 seg 1, frame 8 seg 2 -> 2 segments (round(2.25))
+    seg = fps_segments(9, 4)
+    assert seg.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    # latent 1 holds frames 1-4 (segments 0 and 1): straddles -> tie
+    assert latent_labels([1, -1], seg, 4).tolist() == [1, 0, -1]
+    assert latent_labels([1, 1], seg, 4).tolist() == [1, 0, 1]
+    assert latent_labels([1, 1], seg, 4, straddle="agree").tolist() == [1, 1, 1]
+
+
+def test_compression_one_is_one_label_per_frame():
+    seg = fps_segments(6, 2)  # 3 segments of 2 frames
+    assert latent_labels([1, 0, -1], seg, 1).tolist() == [1, 1, 0, 0, -1, -1]
+
+
+def test_paper_arithmetic_121_frames_24fps():
+    seg = fps_segments(121, 24)
+    assert num_segments(121 / 24) == 5 and int(seg.max()) == 4  # frame 120 joins segment 4, no one-frame segment
+    lab = latent_labels([1, -1, 1, -1, 1], seg, 4)
+    assert lab.numel() == 31
+    # latent j covers frames 4j-3..4j; segment boundaries at frames 24, 48, 72, 96 fall in latents 6, 12, 18, 24
+    assert [j for j in range(31) if lab[j] == 0] == [6, 12, 18, 24]
+    assert lab[:6].tolist() == [1] * 6 and lab[7:12].tolist() == [-1] * 5
+
+
+def test_mochi_6x_and_ltx_8x():
+    assert len(latent_frame_groups(7, 6)) == 2  # Mochi: 7 frames -> 2 latents
+    seg = fps_segments(13, 6)  # 6 fps: frames 0-5 seg 0, 6-11 seg 1, 12 -> seg 1 (round(13/6) = 2)
+    assert latent_labels([-1, 1], seg, 6).tolist() == [-1, 0, 1]  # latent 1 = frames 1-6 straddles
+    seg = fps_segments(17, 8)  # LTX 8x: latents {0}, {1..8}, {9..16}; segments 0-7, 8-16
+    assert latent_labels([1, -1], seg, 8).tolist() == [1, 0, -1]
+
+
+def test_non_causal_grouping():
+    assert [list(r) for r in latent_frame_groups(8, 4, causal=False)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert latent_labels([1, -1], fps_segments(8, 4), 4, causal=False).tolist() == [1, -1]
+
+
+def test_too_few_labels_raises():
+    with pytest.raises(ValueError, match="segment labels"):
+        latent_labels([1], fps_segments(8, 4), 1)
+
+
+def test_clip_label_majority_and_reward_labels():
+    assert clip_label([1, 1, -1, 0]) == 1 and clip_label([1, -1]) == 0 and clip_label([-1, 0, 0]) == -1
+    s0 = torch.tensor([[0.9, 0.5, 0.1]])
+    s1 = torch.tensor([[0.1, 0.52, 0.8]])
+    assert labels_from_scores(s0, s1, margin=0.05).tolist() == [[1, 0, -1]]
+    # judge asked (0, 1) says [first, second, first, tie]; asked (1, 0) says [second, second, first, tie]
+    first = torch.tensor([1, -1, 1, 0])
+    swapped = torch.tensor([-1, -1, 1, 0])
+    assert consistent_labels(first, swapped).tolist() == [1, 0, 0, 0]
+
+
+def test_manifest_and_skip_rule(tmp_path):
+    rows = [
+        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, 0, 0, 0, 0]},  # 20% -> skipped
+        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, -1, 0, 0, 0]},  # 40% kept
+        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, -1, 0, 0, 0], "label": -1},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = load_video_pairs(path)
+    assert recs[0].video_0 == str(tmp_path / "a.mp4")
+    assert [keep_record(r, dense=True) for r in recs] == [False, True, True]
+    assert [keep_record(r, dense=False) for r in recs] == [True, False, True]  # vanilla: clip ties dropped
+    path.write_text(json.dumps({"prompt": "x", "video_0": "a", "video_1": "b", "labels": [2]}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1.*\+1 / 0 / -1"):
+        load_video_pairs(path)
+    path.write_text(json.dumps({"prompt": "x", "video_0": "a", "labels": [1]}) + "\n")
+    with pytest.raises(DataError, match="video_1"):
+        load_video_pairs(path)
