@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
-COMMAND_MODULES = ["mmalign.rewards.cli", "mmalign.toy.cli"]
+COMMAND_MODULES = ["mmalign.rewards.cli", "mmalign.data.structural", "mmalign.toy.cli"]
 
 
 def shipped_configs() -> list[Path]:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", help="LoRA directory from `mmalign train` (final/)")
     p.add_argument("--negative-lora", help="negative LoRA for NPO guidance")
     p.add_argument("--npo-alpha", type=float, default=1.0)
-    p.add_argument("--npo-beta", type=float, default=0.0)
+    p.add_argument("--npo-beta", type=float, default=1.0, help="negative = base + alpha (positive - base) + beta delta; alpha=beta=1 as the released scripts")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -132,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     for module in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        if hasattr(mod, "register"):
-            mod.register(sub)
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -310,7 +310,7 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
         "final_metrics": last_metrics, "data": data.counts, "skipped_items": skipped, "checkpoint": str(final_ckpt),
     }
     if accelerator.is_main_process:
-        summary["export"] = str(export(pipe, unwrapped, cfg, out / "final"))
+        summary["export"] = str(export(pipe, unwrapped, adapter.denoiser_name, cfg, out / "final"))
         (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if skipped:
@@ -328,17 +328,21 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def export(pipe: Any, denoiser: torch.nn.Module, cfg: RunConfig, out_dir: Path) -> Path:
-    """LoRA -> ``pipe.load_lora_weights(out_dir)``-loadable weights; full -> the denoiser in diffusers format."""
+def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunConfig, out_dir: Path) -> Path:
+    """LoRA -> ``pipe.load_lora_weights(out_dir)``-loadable weights; full -> the denoiser in diffusers format.
+
+    ``denoiser_name`` is the pipeline attribute ("unet" or "transformer"); diffusers' ``save_lora_weights``
+    takes the layers as ``<name>_lora_layers``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.lora.enabled:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        type(pipe).save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        type(pipe).save_lora_weights(out_dir, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True)
     else:
-        denoiser.save_pretrained(out_dir / "unet", safe_serialization=True)
+        denoiser.save_pretrained(out_dir / denoiser_name, safe_serialization=True)
     return out_dir
 
 
@@ -352,9 +356,13 @@ def write_validation_grid(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_
     setattr(pipe, adapter.denoiser_name, denoiser)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(t_cfg.validation_seed)
-    images = pipe(list(t_cfg.validation_prompts), num_inference_steps=t_cfg.validation_steps,
-                  guidance_scale=t_cfg.validation_guidance, generator=generator, output_type="pt").images
+    out = pipe(list(t_cfg.validation_prompts), num_inference_steps=t_cfg.validation_steps,
+               guidance_scale=t_cfg.validation_guidance, generator=generator, output_type="pt")
     denoiser.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), path, nrow=min(len(images), 4))
+    if hasattr(out, "frames"):  # video pipelines: [B,T,3,H,W] -> one row of frames per prompt
+        frames = torch.as_tensor(out.frames).float().cpu()
+        save_image(frames.flatten(0, 1), path, nrow=frames.shape[1])
+    else:
+        save_image(out.images.float().cpu(), path, nrow=min(len(out.images), 4))
     return path

@@ -189,3 +189,16 @@ def test_validation_grid_is_written(tiny_sd15, pair_manifest, tmp_path):
                    "train.validation_prompts=[a red square, a blue circle]", "train.validation_steps=2"))
     grid = Image.open(tmp_path / "run/validation/step-000002.png")
     assert grid.size[0] > 16 and grid.size[1] >= 16
+
+
+@pytest.mark.parametrize("options", [
+    ("train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
+    ("train.optimizer=adafactor", "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine", "train.warmup_steps=1"),
+    ("method.loss_type=ipo", "method.sft_weight=0.5", "method.independent_noise=true", "data.caption_dropout=0.5"),
+], ids=["bf16-checkpointing", "adafactor-accumulation-cosine", "ipo-sft-noise-dropout"])
+def test_loop_options_train(tiny_sd15, pair_manifest, tmp_path, options):
+    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", *options), keep_initial=True)
+    changed = [not torch.equal(p.detach().cpu(), result.initial_trainable[n])
+               for n, p in result.denoiser.named_parameters() if p.requires_grad]
+    assert changed and all(changed)
+    assert math.isfinite(result.summary["final_metrics"]["loss"])
