@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, training_scheduler, uniform_timesteps
-from mmalign.pipelines.sd15 import clip_hidden_states
+from mmalign.pipelines.sd15 import clip_hidden_states, scale_latents
 
 
 def frames_to_batch(pixels: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,7 @@ class ToyVideoAdapter:
         return video(dist.mean), video(dist.std)
 
     def latents_from_moments(self, mean, std, generator=None) -> torch.Tensor:
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        return (mean.float() + std.float() * eps) * self.vae.config.scaling_factor
+        return scale_latents(self.vae, mean, std, generator)
 
     def encode_media(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.latents_from_moments(*self.latent_moments(pixels), generator)

@@ -124,6 +124,7 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
     method = get_method(cfg.method.name)
+    _reset_single_process_state()
     # With no accelerator device, cpu=True lets accelerate turn torchrun's env into a gloo group (MULTI_CPU).
     no_device = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(
@@ -318,6 +319,16 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
     accelerator.end_training()
     return TrainResult(summary, unwrapped, pipe, initial)
+
+
+def _reset_single_process_state() -> None:
+    """Let ``train`` run again in the same process with other precision settings (tests, notebooks, the
+    quickstart). accelerate keeps one process-wide state; a single-process one holds no process group,
+    so dropping it is safe. Under torchrun/accelerate launch every call shares one config and it stays."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _flat_config(cfg: RunConfig) -> dict[str, Any]:
