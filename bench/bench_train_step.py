@@ -72,7 +72,13 @@ PRESETS = {
 
 
 def build_pipeline(preset: dict, device: str, dtype: torch.dtype, tmp: Path):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = build_word_tokenizer(WORDS, tmp / "tok", model_max_length=77)

@@ -128,7 +128,7 @@ def test_cache_is_reused_and_training_never_runs_the_vae(tiny_sd15, pair_manifes
 
 def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tiny_sd15, pair_manifest, tmp_path):
     common = ("train.max_steps=4", "train.checkpoint_every=2", f"data.cache_dir={tmp_path / 'cache'}")
-    straight = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "straight", *common))
+    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "straight", *common))
     # interrupted run: stops after 2 steps, then resumes to 4
     train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "split", *common, "train.max_steps=2"))
     ckpt = tmp_path / "split/checkpoints/checkpoint-2"
