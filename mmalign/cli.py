@@ -46,24 +46,38 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from mmalign.pipelines import FAMILIES
     from mmalign.trainers import METHODS
 
+    if args.keys:
+        return print_keys(args.keys)
+
     print("methods:")
     for name, method in METHODS.items():
         print(f"  {name:16s} {method.summary}")
     print("pipeline families:")
     for name, (cls, _) in FAMILIES.items():
         print(f"  {name:16s} {cls}")
-    try:
-        from mmalign.rewards import list_rewards
-    except ImportError:
-        list_rewards = None
-    if list_rewards is not None:
-        print("rewards:")
-        for name in list_rewards():
-            print(f"  {name}")
+    from mmalign.rewards import describe_rewards
+
+    print("rewards:")
+    for name, description in describe_rewards():
+        print(f"  {name:22s} {description}")
     root = Path(__file__).resolve().parent.parent
     print("configs:")
     for path in shipped_configs():
         print(f"  {path.relative_to(root)}")
+    return 0
+
+
+def print_keys(method: str) -> int:
+    """Every config key with its default and help string (the method section for ``method``)."""
+    from mmalign.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, describe
+    from mmalign.trainers import get_method
+
+    sections = [("model", ModelConfig), ("method", get_method(method).config_cls), ("data", DataConfig),
+                ("lora", LoraConfig), ("train", TrainConfig)]
+    for section, cls in sections:
+        print(f"{section}:")
+        for key, default, help_text in describe(cls, f"{section}."):
+            print(f"  {key} = {default!r}\n      {help_text}")
     return 0
 
 
@@ -112,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("ls", help="list methods, pipeline families, rewards and shipped configs")
+    p.add_argument("--keys", metavar="METHOD", nargs="?", const="diffusion_dpo",
+                   help="instead, list every config key with default and help (method section of METHOD)")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("generate", help="sample images from a pipeline (optionally with a LoRA or NPO guidance)")

@@ -38,7 +38,7 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any
 @dataclass
 class ModelConfig:
     pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5", "Hub id or local directory of a diffusers pipeline.")
-    family: str = _f("auto", "Pipeline family: auto (read model_index.json), sd15, sdxl, toy, or a video family.")
+    family: str = _f("auto", "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, cogvideox, wan, toy_video).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")
     vae: str | None = _f(None, "Replacement VAE (hub id or path), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
