@@ -4,7 +4,10 @@
 
 - ``config_cls``: a dataclass with ``name`` and its hyper-parameters (paper defaults, help strings);
 - ``compute_loss(batch, models, cfg) -> (loss, metrics)``: the scalar to back-propagate and detached metrics;
-- ``data``: ``"module:function"`` building its training data (image pairs, video pairs, prompts only ...).
+- ``data``: ``"module:function"`` building its training data (image pairs, video pairs, prompts only ...);
+- ``state`` (optional): ``"module:function"`` making per-run method state from ``(models, cfg)``, e.g. an EMA
+  teacher. The loop hands it to ``compute_loss`` as ``models.state`` and checkpoints it with the run
+  (it needs ``state_dict``/``load_state_dict``), so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ class Method:
     loss: str  # "module:compute_loss"
     data: str  # "module:builder" returning a TrainData
     summary: str
+    state: str | None = None  # "module:make_state" -> object with state_dict/load_state_dict
+
+    @property
+    def make_state(self):
+        return _load(self.state) if self.state else None
 
     @property
     def config_cls(self) -> type:
@@ -60,6 +68,7 @@ METHODS: dict[str, Method] = {
         "mmalign.trainers.self_npo:compute_loss",
         "mmalign.data.prompts:prompt_data",
         "Self-NPO (Wang et al. 2025): data-free negative model for NPO guidance; EMA teacher, truncated DDIM, pseudo-Huber. Prompts only.",
+        state="mmalign.trainers.self_npo:make_state",
     ),
     "dense_dpo": Method(
         "dense_dpo",

@@ -24,6 +24,7 @@ class TrainModels:
     denoiser: torch.nn.Module  # possibly wrapped by accelerate (DDP/FSDP)
     reference_denoiser: torch.nn.Module | None = None
     unwrap: Any = lambda m: m
+    state: Any = None  # the method's per-run state (Method.state), checkpointed by the loop
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:

@@ -190,6 +190,10 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
         raise TrainingError(f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}")
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
     models = TrainModels(adapter, denoiser, reference, unwrap=accelerator.unwrap_model)
+    if method.make_state is not None:
+        models.state = method.make_state(models, cfg.method)
+        if models.state is not None:
+            accelerator.register_for_checkpointing(models.state)  # saved and restored with every checkpoint
 
     # Checkpoints hold only the trainable weights (a LoRA is megabytes, not the 5 GB UNet).
     def save_hook(hook_models, weights, output_dir):

@@ -14,23 +14,21 @@ One step (DESIGN §3):
    from ``(x_s, s, prompt)``, its output is converted to x0 (any prediction type), and the pseudo-Huber
    loss (c = 1e-3) pulls it to the target.
 
-The EMA teacher. ``loop.py`` has no per-step hook, so the teacher lives in this module's state, keyed by
-the trained network: a shadow copy of the *trainable* parameters only (the LoRA weights under LoRA, the
-whole UNet under full fine-tuning), initialised from the student on the first call and moved toward it at
-the start of every later call, i.e. after each optimizer step as in the released code (decay 0.999). The
-teacher pass swaps the shadow values into the network under ``no_grad`` and swaps them back, so under
-LoRA it costs a few MB and no second UNet. Chosen over a second network because it serves LoRA and full
-fine-tuning alike and is exact with respect to the released update rule. Caveats: with gradient
+The EMA teacher is this method's run state (``Method.state`` -> :func:`make_state`): a shadow copy of the
+*trainable* parameters only (the LoRA weights under LoRA, the whole UNet under full fine-tuning),
+initialised from the student and moved toward it at the start of every ``compute_loss`` call, i.e. after
+each optimizer step as in the released code (decay 0.999). The loop checkpoints it, so a resumed run
+continues with the same teacher. The teacher pass swaps the shadow values into the network under
+``no_grad`` and swaps them back, so under LoRA it costs a few MB and no second UNet; it serves LoRA and
+full fine-tuning alike and is exact with respect to the released update rule. Caveats: with gradient
 accumulation the update happens per micro-batch (effective decay ``ema_decay ** accumulation`` per
-optimizer step); the shadow is not checkpointed, so a resumed run restarts the teacher from the resumed
-student; it assumes the trainable parameters are whole on each process (DDP, not FSDP/ZeRO-3).
+optimizer step); it assumes the trainable parameters are whole on each process (DDP, not FSDP/ZeRO-3).
 ``ema_decay=1`` uses the frozen reference (adapters disabled / frozen copy) as a fixed teacher instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -81,6 +79,15 @@ class EMATeacher:
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"shadow": [s.detach().cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA teacher checkpoint has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+
     @torch.no_grad()
     def update(self, decay: float) -> None:
         for s, p in zip(self.shadow, self.params):
@@ -99,25 +106,24 @@ class EMATeacher:
                 p.data = d
 
 
-_TEACHERS: weakref.WeakKeyDictionary[torch.nn.Module, EMATeacher] = weakref.WeakKeyDictionary()
+def make_state(models: TrainModels, cfg: SelfNPOConfig) -> EMATeacher | None:
+    """The run state the loop keeps and checkpoints: the EMA teacher (None for a fixed reference teacher)."""
+    return None if cfg.ema_decay >= 1.0 else EMATeacher(models.unwrap(models.denoiser))
 
 
 def teacher(models: TrainModels, ema_decay: float) -> contextlib.AbstractContextManager[torch.nn.Module]:
-    """``with teacher(models, decay) as net:`` — the EMA teacher (updated toward the student first)."""
+    """``with teacher(models, decay) as net:`` — the EMA teacher (updated toward the student first).
+
+    Outside the loop (``models.state`` unset) a teacher is created on first use and kept on ``models``.
+    """
     if ema_decay >= 1.0:
         return models.reference()
     net = models.unwrap(models.denoiser)
-    state = _TEACHERS.get(net)
-    if state is None:
-        state = _TEACHERS[net] = EMATeacher(net)
+    if models.state is None:
+        models.state = EMATeacher(net)
     else:
-        state.update(ema_decay)
-    return state.swapped_in(net)
-
-
-def teacher_state(net: torch.nn.Module) -> EMATeacher | None:
-    """The EMA teacher kept for ``net`` (None before the first step); for inspection and tests."""
-    return _TEACHERS.get(net)
+        models.state.update(ema_decay)
+    return models.state.swapped_in(net)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def _prompt_batch(tiny_sd15, prompt_file, tmp_path, *extra):
 
 
 def test_ema_teacher_equals_the_reference_at_step_zero_and_then_lags(tiny_sd15, prompt_file, tmp_path):
-    from mmalign.trainers.self_npo import SelfNPOConfig, compute_loss, teacher_state
+    from mmalign.trainers.self_npo import SelfNPOConfig, compute_loss
 
     pipe, adapter, cfg, batch = _prompt_batch(tiny_sd15, prompt_file, tmp_path)
     models = TrainModels(adapter, pipe.unet)
@@ -107,7 +107,7 @@ def test_ema_teacher_equals_the_reference_at_step_zero_and_then_lags(tiny_sd15, 
         torch.manual_seed(7)
         losses.append(compute_loss(batch, models, SelfNPOConfig(ema_decay=decay))[0])
     torch.testing.assert_close(losses[0], losses[1])
-    state = teacher_state(pipe.unet)
+    state = models.state
     opt = torch.optim.SGD([p for p in pipe.unet.parameters() if p.requires_grad], lr=1.0)
     losses[1].backward()
     opt.step()
