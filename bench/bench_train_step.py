@@ -177,6 +177,8 @@ def run(args) -> list[dict]:
                 sync(device)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t)
+            if args.profile and mode == "cached":
+                profile_steps(loader, adapter, c, res, device, dtype, models, opt)
             step_s = sum(times) / len(times)
             row = {"preset": args.preset, "mode": mode, "device": device_name(device), "dtype": args.dtype, "resolution": res,
                    "pairs_per_step": args.batch, "steps": len(times), "seconds_per_step": round(step_s, 4),
@@ -191,6 +193,26 @@ def run(args) -> list[dict]:
         ratio = results[0]["seconds_per_step"] / results[1]["seconds_per_step"]
         print(json.dumps({"speedup_cached_vs_uncached": round(ratio, 2)}))
     return results
+
+
+def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: int = 2) -> None:
+    """torch.profiler over ``n`` steps: the ops that take the time, to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i, raw in enumerate(loader):
+            if i >= n:
+                break
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
+                loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -215,6 +237,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 2 cached steps")
     parser.add_argument("--modes", nargs="+", default=["uncached", "cached"], choices=["uncached", "cached"])
     run(parser.parse_args())
 
