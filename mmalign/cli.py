@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
-COMMAND_MODULES = ["mmalign.rewards.cli", "mmalign.data.structural", "mmalign.toy.cli"]
+COMMAND_MODULES = ["mmalign.rewards.cli", "mmalign.data.structural", "mmalign.trainers.inversion_cli", "mmalign.toy.cli"]
 
 
 def shipped_configs() -> list[Path]:

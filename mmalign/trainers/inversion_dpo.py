@@ -27,7 +27,13 @@ from mmalign.data.setup import TrainData, drop_captions, image_pair_data
 from mmalign.losses.diffusion_dpo import LOSS_TYPES, diffusion_dpo_loss
 from mmalign.losses.inversion_dpo import implied_noise, trajectory_dpo_loss, trajectory_weights
 from mmalign.pipelines import inversion
-from mmalign.pipelines.inversion import grid_alphas, guided_output, inversion_timesteps, split_prediction, zero_conditioning
+from mmalign.pipelines.inversion import (
+    grid_alphas,
+    guided_output,
+    inversion_timesteps,
+    split_prediction,
+    zero_conditioning,
+)
 from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repeat_cond
 
 MODES = ("inverted_noise", "trajectory")
@@ -46,6 +52,7 @@ class InversionDPOConfig:
     inversion_guidance: float = _f(2.0, "CFG scale of the inverter (and of the policy in trajectory mode). Released code: 2.")
     uncond: str = _f("zeros", "Unconditional branch of the CFG: zeros (all-zero text embeddings, the released code) | empty_prompt.")
     trajectory_steps: int = _f(8, "trajectory mode: K of the N grid steps subsampled per pair and update (N = the released code, one graph of 4N forwards).")
+    reference_eps: str = _f("live", "trajectory mode: where eps_ref comes from. live: the reference re-run at the K points in the same batch as the policy (exactly equal to the policy at LoRA init, same precision); cached: the inverter's eps stored in the cache (no reference forward, twice the cache, differs from a live forward by float rounding).")
     sign: int = _f(1, "trajectory mode: logit sign; +1 the released code (winner pushed off the reference trajectory), -1 the likelihood derivation.")
     loss_type: str = _f("sigmoid", "inverted_noise mode: sigmoid | hinge | ipo (as diffusion_dpo).")
     sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.")
@@ -66,6 +73,8 @@ class InversionDPOConfig:
             raise ConfigError(f"method.uncond={self.uncond!r}: choose from {UNCOND}")
         if not 1 <= self.trajectory_steps <= self.num_inversion_steps:
             raise ConfigError(f"method.trajectory_steps={self.trajectory_steps} must be in [1, method.num_inversion_steps={self.num_inversion_steps}]")
+        if self.reference_eps not in ("live", "cached"):
+            raise ConfigError(f"method.reference_eps={self.reference_eps!r}: use live or cached")
         if self.sign not in (1, -1):
             raise ConfigError(f"method.sign={self.sign}: use 1 (released code) or -1 (likelihood derivation)")
         if self.loss_type not in LOSS_TYPES:
@@ -100,7 +109,7 @@ def inversion_fingerprint(cfg: Any, adapter: Any, denoiser: torch.nn.Module) -> 
     return {"inverter": m.pretrained, "revision": m.revision, "variant": m.variant, "weights": module_fingerprint(denoiser),
             "family": adapter.family, "num_steps": mc.num_inversion_steps, "spacing": mc.timestep_spacing,
             "steps_offset": mc.steps_offset, "set_alpha_to_one": mc.set_alpha_to_one, "guidance": mc.inversion_guidance,
-            "uncond": mc.uncond, "dtype": mc.cache_dtype, "store_eps": mc.mode == "trajectory",
+            "uncond": mc.uncond, "dtype": mc.cache_dtype, "store_eps": mc.mode == "trajectory" and mc.reference_eps == "cached",
             "prediction_type": adapter.scheduler.config.prediction_type,
             "alphas_cumprod": float(adapter.scheduler.alphas_cumprod.double().sum())}
 
@@ -134,7 +143,11 @@ def make_uncond(mc: InversionDPOConfig, cond: dict[str, torch.Tensor], empty: di
 def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset, adapter: Any, denoiser: torch.nn.Module,
                           mc: InversionDPOConfig, *, resolution: int, flips: tuple[bool, ...], device: Any,
                           autocast: Any = None, progress: bool = True) -> int:
-    """Invert every (pair, winner/loser, flip) of ``dataset`` missing from ``inv_cache``; returns how many."""
+    """Invert every (pair, winner/loser, flip) of ``dataset`` missing from ``inv_cache``; returns how many.
+
+    Runs in the inverter's own dtype without autocast (unless ``autocast`` is given), so the cache holds the same
+    numbers whether ``mmalign cache --inversion`` or ``mmalign train`` filled it.
+    """
     import contextlib
 
     latent_cache = dataset.cache
@@ -177,6 +190,7 @@ class InversionPairDataset(torch.utils.data.Dataset):
     def __init__(self, base: CachedPairDataset, inv_cache: InversionCache, *, mode: str, num_steps: int, trajectory_steps: int,
                  random_flip: bool):
         self.base, self.inv, self.mode = base, inv_cache, mode
+        self.with_eps = inv_cache.store_eps
         self.num_steps, self.k, self.random_flip = num_steps, trajectory_steps, random_flip
 
     def __len__(self) -> int:
@@ -200,7 +214,8 @@ class InversionPairDataset(torch.utils.data.Dataset):
         inputs = [max(s - 1, 0) for s in steps.tolist()]
         for w in ("w", "l"):
             item[f"x_in_{w}"] = self.inv.latents(key[w], inputs)
-            item[f"ref_eps_{w}"] = self.inv.eps(key[w], steps.tolist())
+            if self.with_eps:
+                item[f"ref_eps_{w}"] = self.inv.eps(key[w], steps.tolist())
         return item
 
 
@@ -225,8 +240,7 @@ def inversion_pair_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
     built = 0
     if accelerator.is_main_process:
         built = build_inversion_cache(inv_cache, base.dataset, adapter, denoiser, mc, resolution=res, flips=flips,
-                                      device=accelerator.device, autocast=getattr(accelerator, "autocast", None),
-                                      progress=cfg.train.progress)
+                                      device=accelerator.device, progress=cfg.train.progress)
     accelerator.wait_for_everyone()
     inv_cache.reload()
     dataset = InversionPairDataset(base.dataset, inv_cache, mode=mc.mode, num_steps=mc.num_inversion_steps,
@@ -333,7 +347,7 @@ def _trajectory_loss(batch, models, cfg):
         x_in = torch.cat([batch["x_in_w"], batch["x_in_l"]]).float()  # [2B, K, ...]
         clean = batch["from_clean"].repeat(2, 1)
         x_in = torch.where(clean.reshape(*clean.shape, *[1] * (x0.ndim - 1)), x0[:, None].float(), x_in)
-        ref_eps = torch.cat([batch["ref_eps_w"], batch["ref_eps_l"]]).float()
+        ref_eps = torch.cat([batch["ref_eps_w"], batch["ref_eps_l"]]).float() if "ref_eps_w" in batch else None
     else:
         steps = torch.stack([torch.randperm(n)[: cfg.trajectory_steps].sort().values for _ in range(b)]).to(device)
         inv = _invert_now(batch, models, cfg, int(steps.max()) + 1)
@@ -350,9 +364,13 @@ def _trajectory_loss(batch, models, cfg):
     uncond = batch["inv_uncond"]
     if uncond is not None:
         uncond = {key: v.repeat(2, *[1] * (v.ndim - 1)).repeat_interleave(k, 0) for key, v in uncond.items()}
+    kind, abar_in = adapter.scheduler.config.prediction_type, alphas[steps2].flatten()
     out = guided_output(adapter, models.denoiser, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
-    eps, _ = split_prediction(out, flat_x.float(), alphas[steps2].flatten(), adapter.scheduler.config.prediction_type)
-    model_eps = eps.reshape(2 * b, k, *x0.shape[1:])
+    model_eps = split_prediction(out, flat_x.float(), abar_in, kind)[0].reshape(2 * b, k, *x0.shape[1:])
+    if cfg.reference_eps == "live" or ref_eps is None:  # same inputs, same batch: bitwise equal to the policy at init
+        with models.reference() as ref:
+            ref_out = guided_output(adapter, ref, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
+        ref_eps = split_prediction(ref_out, flat_x.float(), abar_in, kind)[0].reshape(2 * b, k, *x0.shape[1:])
     m_w, m_l = model_eps.chunk(2)
     r_w, r_l = ref_eps.chunk(2)
     weights = trajectory_weights(alphas[steps + 1])

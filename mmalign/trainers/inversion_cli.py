@@ -1,0 +1,64 @@
+"""``mmalign cache [--inversion] CONFIG [key=value ...]``: fill the latent/text cache (and the inversion cache) ahead
+of training, so ``mmalign train`` starts straight into its steps. Idempotent: a warm cache does no work.
+
+``register(subparsers)`` is called by :mod:`mmalign.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+class _SingleProcess:
+    """The two things the data builders ask of an accelerate ``Accelerator`` when run outside a launch."""
+
+    is_main_process = True
+    device = "cpu"
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        return None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmalign.config import ConfigError, load_config
+    from mmalign.pipelines import load_pipeline, make_adapter
+    from mmalign.trainers import get_method
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.cache:
+        raise ConfigError(f"{args.config}: data.cache is false; nothing to cache (set data.cache=true)")
+    if args.inversion and cfg.method.name != "inversion_dpo":
+        raise ConfigError(f"{args.config}: --inversion needs method.name=inversion_dpo (got {cfg.method.name})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = cfg.model
+    pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
+                                 trust_remote_code=m.trust_remote_code)
+    pipe.to(device)
+    adapter = make_adapter(pipe, family)
+    getattr(pipe, adapter.denoiser_name).requires_grad_(False)
+    if args.inversion:
+        from mmalign.trainers.inversion_dpo import inversion_pair_data as build
+    else:
+        from mmalign.data.setup import image_pair_data as build
+
+        if get_method(cfg.method.name).data != "mmalign.data.setup:image_pair_data" and cfg.method.name != "inversion_dpo":
+            raise ConfigError(f"{args.config}: method {cfg.method.name} does not train from the image-pair cache")
+    data = build(cfg, adapter, _SingleProcess(device))
+    print(json.dumps({"config": args.config, "inversion": args.inversion, **data.counts}))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``cache`` to ``mmalign``'s subparsers."""
+    p = subparsers.add_parser("cache", help="encode latents/text embeddings (and, with --inversion, DDIM inversions) ahead of training")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="e.g. data.source=/data/pickapic_v2 method.num_inversion_steps=80")
+    p.add_argument("--inversion", action="store_true", help="also invert every image into the inversion cache (method inversion_dpo)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_cache)
