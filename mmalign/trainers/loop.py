@@ -236,6 +236,7 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its RNG state before the directory moves
         if accelerator.is_main_process:
             (tmp / "state.json").write_text(json.dumps({"step": at_step, "method": method.name}))
             shutil.rmtree(final, ignore_errors=True)

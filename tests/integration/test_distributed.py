@@ -30,8 +30,9 @@ def test_torchrun_two_processes_keep_replicas_identical(tiny_sd15, tmp_path):
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "torchrun.log").write_text(proc.stdout + proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
-    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n" + proc.stderr[-2000:]
+    assert proc.returncode == 0, f"log: {tmp_path / 'torchrun.log'}\n" + "\n".join(errors[:20]) + "\n" + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["num_processes"] == 2
     assert summary["replicas_identical"] and len(summary["replica_checksums"]) == 2
