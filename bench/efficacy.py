@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dense_dpo"]:  # toy videos: its own protocol, bench/efficacy_dense_dpo.py
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("efficacy_dense_dpo", Path(__file__).with_name("efficacy_dense_dpo.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", help="a method name from `mmalign ls`, e.g. diffusion_dpo")
     parser.add_argument(

@@ -191,6 +191,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="outputs/toy/sample.png")
     p.set_defaults(func=cmd_toy_sample)
 
+    from mmalign.toy.video_build import add_build_video_parser
+
+    add_build_video_parser(actions)
+
     from mmalign.toy.quickstart import DEFAULT_CONFIG
     from mmalign.toy.sample import QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
