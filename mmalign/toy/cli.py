@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from mmalign.toy.build import DEFAULT_ASSET_DIR, ToyBuildConfig
+from mmalign.toy.sample import QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
@@ -67,23 +68,24 @@ def cmd_toy_render(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_sample(args: argparse.Namespace) -> int:
-    from mmalign.toy.render import all_captions, image_grid
+    from mmalign.toy.quickstart import all_toy_prompts
+    from mmalign.toy.render import image_grid
     from mmalign.toy.sample import generate, load_toy_pipeline, toy_stats
 
     pipe = load_toy_pipeline(args.model)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    captions = all_captions()
+    captions = all_toy_prompts()
     prompts = [captions[i % len(captions)] for i in range(args.n)]
     seeds = [args.seed + i for i in range(args.n)]
     images = generate(pipe, prompts, seeds, guidance_scale=args.guidance, steps=args.steps)
     stats = toy_stats(images, prompts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images[: args.grid], nrow=len(captions), scale=args.scale).save(out)
+    image_grid(images[: args.grid], nrow=15, scale=args.scale).save(out)
     stats.update(n=args.n, guidance_scale=args.guidance, steps=args.steps)
     print(json.dumps(stats))
-    print(f"wrote {out} (rows: {', '.join(captions)}, repeated)")
+    print(f"wrote {out} (prompts in order: {', '.join(prompts[:3])}, ...)")
     return 0
 
 
@@ -182,9 +184,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", default=str(DEFAULT_ASSET_DIR))
     p.add_argument("--lora", help="LoRA directory to load first")
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=450, help="samples, cycling over the 225 toy captions")
+    p.add_argument("--seed", type=int, default=50_000)
+    p.add_argument("--guidance", type=float, default=QUICKSTART_GUIDANCE)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--grid", type=int, default=60, help="images in the PNG")
     p.add_argument("--scale", type=int, default=4)
@@ -196,7 +198,6 @@ def register(subparsers) -> None:
     add_build_video_parser(actions)
 
     from mmalign.toy.quickstart import DEFAULT_CONFIG
-    from mmalign.toy.sample import QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
     p = subparsers.add_parser(
         "eval", help="compare model A with model B on paired prompts/seeds: win rate, reward means, 95%% CI"

@@ -52,6 +52,7 @@ class QuickstartOptions:
     eval_prompts: int = 48
     eval_seeds_per_prompt: int = 6
     min_margin: float = 0.05
+    pairing: str = "all"  # "all": every candidate pair above the margin; "best_worst": one pair per prompt
     guidance_scale: float = QUICKSTART_GUIDANCE
     steps: int = QUICKSTART_STEPS
     split_seed: int = 0
@@ -97,19 +98,41 @@ def eval_rewards() -> dict[str, Callable]:
     }
 
 
-def best_worst_pairs(
-    prompts: Sequence[str], scores: torch.Tensor, paths: Sequence[str], k: int, min_margin: float
+def make_pairs(
+    prompts: Sequence[str],
+    scores: torch.Tensor,
+    paths: Sequence[str],
+    k: int,
+    min_margin: float,
+    pairing: str = "all",
 ) -> list[dict[str, Any]]:
-    """Best vs worst of each prompt's ``k`` consecutive candidates; pairs with margin <= ``min_margin`` dropped."""
+    """Pairs from each prompt's ``k`` consecutive candidates, winner = higher score.
+
+    ``best_worst`` keeps the best against the worst; ``all`` every pair; pairs with margin <= ``min_margin``
+    are dropped as ties.
+    """
+    if pairing not in ("all", "best_worst"):
+        raise ValueError(f"pairing={pairing!r}: use all or best_worst")
     pairs = []
     for i in range(0, len(prompts), k):
         s = scores[i : i + k]
-        hi, lo = int(s.argmax()), int(s.argmin())
-        margin = float(s[hi] - s[lo])
-        if margin > min_margin:
-            pairs.append(
-                {"prompt": prompts[i], "chosen": paths[i + hi], "rejected": paths[i + lo], "margin": margin}
-            )
+        if pairing == "best_worst":
+            candidates = [(int(s.argmax()), int(s.argmin()))]
+        else:
+            candidates = [
+                (a, b) if s[a] >= s[b] else (b, a) for a in range(len(s)) for b in range(a + 1, len(s))
+            ]
+        for hi, lo in candidates:
+            margin = float(s[hi] - s[lo])
+            if margin > min_margin:
+                pairs.append(
+                    {
+                        "prompt": prompts[i],
+                        "chosen": paths[i + hi],
+                        "rejected": paths[i + lo],
+                        "margin": margin,
+                    }
+                )
     return pairs
 
 
@@ -202,7 +225,7 @@ def quickstart(
     t0 = time.time()
     reward = training_reward()
     scores = reward(candidates, cand_prompts)
-    pairs = best_worst_pairs(cand_prompts, scores, paths, opts.candidates, opts.min_margin)
+    pairs = make_pairs(cand_prompts, scores, paths, opts.candidates, opts.min_margin, opts.pairing)
     manifest = out / "pairs.jsonl"
     manifest.write_text(
         "".join(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_TOY_MODEL = Path(__file__).parent / "assets" / "toy-sd"
-QUICKSTART_GUIDANCE = 1.0
+QUICKSTART_GUIDANCE = 2.0
 QUICKSTART_STEPS = 20
 
 
