@@ -1,6 +1,6 @@
 """``mmalign quickstart``: the whole preference-tuning workflow on the toy world, offline, in minutes on CPU.
 
-generate candidates with the base -> score them with a hybrid reward -> best-vs-worst pairs -> Diffusion-DPO
+generate candidates with the base -> score them with a hybrid reward -> preference pairs -> Diffusion-DPO
 LoRA (``mmalign train`` with ``configs/toy/quickstart.yaml``) -> evaluate tuned vs base on held-out prompts
 and seeds -> report directory (``report.md``, before/after grids, training curves, ``metrics.json``).
 
@@ -313,7 +313,7 @@ def write_report(
     text = f"""# mmalign quickstart report
 
 Diffusion-DPO (LoRA r={cfg.lora.rank}, beta={cfg.method.beta}, {metrics["steps"]} steps,
-{metrics["train_seconds"]:.0f}s) on {metrics["pairs"]} best-vs-worst pairs from {metrics["candidates"]}
+{metrics["train_seconds"]:.0f}s) on {metrics["pairs"]} preference pairs from {metrics["candidates"]}
 candidates of the toy base model, scored by the training reward
 (`toy_color` + 0.5 `toy_defect`). Sampling: DDIM {metrics["sampler_steps"]} steps, CFG {metrics["guidance_scale"]}.
 
