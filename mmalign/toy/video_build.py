@@ -43,7 +43,7 @@ class ToyVideoBuildConfig:
     flicker_amount: float = 0.35
     p_size: float = 0.3
     p_position: float = 0.0
-    steps: int = 1200
+    steps: int = 400
     batch: int = 8
     lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -290,7 +290,7 @@ def add_build_video_parser(actions: Any) -> None:
     p = actions.add_parser(
         "build-video",
         help="train motion modules on the toy image model -> the toy video "
-        "pipeline (AnimateDiff, about 10-15 min, 2 cores)",
+        "pipeline (AnimateDiff, about 4-10 min, 2 cores)",
     )
     p.add_argument(
         "--out", default=str(DEFAULT_VIDEO_ASSET_DIR), help="output directory (default: the shipped assets)"
