@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     from mmalign.toy.quickstart import (
         EVAL_SEED_BASE,
         TRAIN_SEED_BASE,
-        best_worst_pairs,
         eval_rewards,
+        make_pairs,
         split_prompts,
         training_reward,
     )
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for i, img in enumerate(images):
                 paths.append(str(run_dir / "candidates" / f"{i:05d}.png"))
                 save_image(img, paths[-1])
-            pairs = best_worst_pairs(cand_p, scores, paths, args.candidates, 0.05)
+            pairs = make_pairs(cand_p, scores, paths, args.candidates, 0.05, pairing="best_worst")
             if not pairs:
                 raise RuntimeError("no candidate pair has a reward margin > 0.05; raise --candidates")
             source = run_dir / "pairs.jsonl"
