@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-prompts", type=int, default=opts.train_prompts)
     parser.add_argument("--eval-prompts", type=int, default=opts.eval_prompts)
     parser.add_argument("--seeds-per-prompt", type=int, default=opts.eval_seeds_per_prompt)
-    parser.add_argument("--candidates", type=int, default=opts.candidates)
+    parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--methods", default="self_npo,diffusion_npo")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for i, img in enumerate(images):
                 paths.append(str(run_dir / "candidates" / f"{i:05d}.png"))
                 save_image(img, paths[-1])
-            pairs = make_pairs(cand_p, scores, paths, args.candidates, 0.05, pairing="best_worst")
+            pairs = make_pairs(cand_p, scores, paths, 0.05, pairing="best_worst")
             if not pairs:
                 raise RuntimeError("no candidate pair has a reward margin > 0.05; raise --candidates")
             source = run_dir / "pairs.jsonl"

@@ -68,6 +68,7 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     "ensemble": "mmalign.rewards.combine:ensemble",
     # toy world (mmalign/toy/rewards.py)
     "toy_color": "mmalign.toy.rewards:color_match",
+    "toy_color_mean": "mmalign.toy.rewards:mean_color_match",
     "toy_color_correct": "mmalign.toy.rewards:color_correct",
     "toy_defect": "mmalign.toy.rewards:defect_energy",
     "toy_shape": "mmalign.toy.rewards:shape_match",

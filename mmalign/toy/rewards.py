@@ -77,6 +77,27 @@ def color_match(sigma: float = 0.2, min_pixels: float = 6.0) -> Reward:
     return reward
 
 
+def mean_color_match(sigma: float = 0.2, min_pixels: float = 6.0) -> Reward:
+    """Factory: how close the shape's mean colour is to the prompt's colour, continuous in [0, 1].
+
+    Score = exp(-||m - c||^2 / (2 sigma^2)) with m the saturation-weighted mean colour of the shape, times the
+    same presence gate as :func:`color_match`. Unlike the per-pixel score it does not move when a model only
+    softens or sharpens the shape's edges, so it tracks the colour the prompt asked for, not edge rendering.
+    """
+
+    def reward(media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        _check(media, prompts)
+        images, t = _frames(media.float())
+        w = foreground_weight(images)
+        mass = w.sum(dim=(1, 2))
+        mean = (images * w[:, None]).sum(dim=(2, 3)) / mass.clamp_min(1e-6)[:, None]
+        target = _prompt_colors(prompts, t, images.device)
+        score = torch.exp(-((mean - target) ** 2).sum(dim=1) / (2 * sigma**2)) * (mass / min_pixels).clamp(max=1)
+        return score.view(-1, t).mean(dim=1)
+
+    return reward
+
+
 def dominant_color(images: torch.Tensor) -> list[str | None]:
     """Name of the palette colour nearest to each image's mean shape colour (None if no shape); images [N,3,H,W]."""
     w = foreground_weight(images)
