@@ -9,6 +9,7 @@ from mmalign.toy.rewards import (
     color_match,
     defect_energy,
     flicker,
+    mean_color_match,
     shape_match,
 )
 
@@ -90,3 +91,21 @@ def test_prompt_count_must_match_and_registry_names_factories():
     for name in ("toy_color", "toy_color_correct", "toy_defect", "toy_shape", "toy_flicker"):
         assert callable(get_reward(name)), name
     assert get_reward("toy_color")(img, ["a red circle"]).item() > 0.75
+
+
+def test_mean_colour_match_by_hand_and_robust_to_soft_edges():
+    from mmalign.toy.render import COLORS
+
+    # a flat square of exactly the prompt colour on grey: mean colour = target -> exp(0) = 1
+    img = torch.full((1, 3, 32, 32), 0.5)
+    img[0, :, 8:24, 8:24] = torch.tensor(COLORS["red"]).view(3, 1, 1)
+    assert mean_color_match()(img, ["a red square"]).item() == pytest.approx(1.0, abs=1e-5)
+    # shift the whole shape by d in one channel: score = exp(-d^2 / (2 sigma^2))
+    shifted = img.clone()
+    shifted[0, 1, 8:24, 8:24] += 0.1
+    assert mean_color_match()(shifted, ["a red square"]).item() == pytest.approx(torch.exp(torch.tensor(-0.01 / 0.08)).item(), abs=1e-4)
+    # blur the edges (average with the grey background): the per-pixel score drops more than the mean-colour one
+    blurred = torch.nn.functional.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
+    drop_pixels = color_match()(img, ["a red square"]) - color_match()(blurred, ["a red square"])
+    drop_mean = mean_color_match()(img, ["a red square"]) - mean_color_match()(blurred, ["a red square"])
+    assert drop_pixels.item() > drop_mean.item() >= 0
