@@ -121,6 +121,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rewards = {name: get_reward(name) for name in args.reward} if args.reward else eval_rewards()
     pipe_a = _load_model(args.model_a, args.lora_a, args.family)
     pipe_b = _load_model(args.model_b or args.model_a, args.lora_b, args.family)
+    if args.negative_lora_a:  # NPO guidance on (A) vs off (B): A shares B's weights, only its CFG branch differs
+        from mmalign.pipelines.npo import npo_guided_pipeline
+
+        pipe_a = npo_guided_pipeline(pipe_b, args.negative_lora_a, alpha=args.npo_alpha, beta=args.npo_beta)
+        args.label_a = args.label_a or f"NPO-guided ({Path(args.negative_lora_a).name})"
     label_a = args.label_a or (f"{Path(args.lora_a).name} LoRA" if args.lora_a else Path(args.model_a).name)
     label_b = args.label_b or (
         f"{Path(args.lora_b).name} LoRA" if args.lora_b else Path(args.model_b or args.model_a).name
@@ -206,6 +211,9 @@ def register(subparsers) -> None:
     p.add_argument("--lora-a", help="LoRA loaded into A (e.g. a run's final/)")
     p.add_argument("--model-b", help="pipeline of B (default: same as A)")
     p.add_argument("--lora-b", help="LoRA loaded into B")
+    p.add_argument("--negative-lora-a", help="NPO guidance on/off: A = B with this negative LoRA in its CFG branch")
+    p.add_argument("--npo-alpha", type=float, default=1.0)
+    p.add_argument("--npo-beta", type=float, default=1.0)
     p.add_argument("--family", default="auto")
     p.add_argument("--label-a")
     p.add_argument("--label-b")

@@ -96,3 +96,28 @@ def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
     assert saved["n"] == 4 and saved["steps"] == 2 and saved["primary"] == "training_reward"
     assert "toy_shape (not trained on)" in saved["mean_reward_a"]
     assert 0 <= metrics["win_rate_ci"][0] <= metrics["win_rate"] <= metrics["win_rate_ci"][1] <= 1
+
+
+def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path):
+    """`mmalign eval --negative-lora-a`: A = B with a negative LoRA in its CFG branch (guidance on vs off)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_toy)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a negative model far from the base, so guided samples must differ
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "neg", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--model-a", str(smoke_toy), "--negative-lora-a", str(tmp_path / "neg"), "--guidance", "3",
+            "--prompts", str(prompts), "--seeds-per-prompt", "2", "--steps", "2", "--reward", "toy_color", "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["labels"]["a"].startswith("NPO-guided")
+    assert metrics["mean_reward_a"]["toy_color"] != metrics["mean_reward_b"]["toy_color"]
