@@ -6,8 +6,9 @@ training step. The cache lives beside the latent cache, inside its fingerprinted
 (``<latent cache>/inversion/<fingerprint>``), so a change of model, VAE or resolution moves it too. Its own
 fingerprint covers the inverter (checkpoint id and a hash of its weights), the grid (steps, spacing, offset,
 start level), the guidance scale, the unconditional branch, what is stored and the storage dtype; an entry
-is keyed by the image's content hash, winner/loser, flip and a hash of the prompt. Change any of these and
-the entries are computed afresh (the old directory stays, unused, until deleted).
+is keyed by a hash of the clean latent it inverts (the image as cropped and flipped) and of the prompt, so an
+image that appears in several pairs (all-pairs labelling: up to k(k-1)/2 pairs per prompt) is inverted once.
+Change any of these and the entries are computed afresh (the old directory stays, unused, until deleted).
 
 What is inverted: the VAE posterior *mean* of each image, scaled like the training latents. The latent cache
 stores posterior moments and Diffusion-DPO samples a latent from them per step; inversion needs one
@@ -54,9 +55,10 @@ def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
     return h.hexdigest()[:20]
 
 
-def entry_key(pair_key: str, which: str, flip: bool, prompt: str) -> str:
-    """Key of one inverted image: content hash of the pair, ``w``/``l``, flip and the prompt's hash."""
-    return _sha(f"{pair_key}.{which}.{'f' if flip else ''}.{_sha(prompt)}")
+def entry_key(latent_mean: torch.Tensor, prompt: str) -> str:
+    """Key of one inverted image: a hash of its cached posterior mean (crop and flip included) and the prompt."""
+    data = latent_mean.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return _sha(_sha(data) + _sha(prompt))
 
 
 class InversionCache:

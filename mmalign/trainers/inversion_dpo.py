@@ -153,12 +153,15 @@ def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset,
     latent_cache = dataset.cache
     grid, _ = method_grid(mc, adapter)
     empty = latent_cache.text("") if mc.uncond == "empty_prompt" else None
-    items = []
+    items: dict[str, Any] = {}  # one entry per distinct (latent, prompt): shared images are inverted once
     for rec, pk in zip(dataset.records, dataset.keys):
         for flip in flips:
+            cached = latent_cache.pair(pk, flip=flip)
             for which in ("w", "l"):
-                load = partial(_load_entry, latent_cache, adapter, pk, which, flip, rec.prompt, resolution)
-                items.append((entry_key(pk, which, flip, rec.prompt), load))
+                key = entry_key(cached[f"mean_{which}"], rec.prompt)
+                if key not in items:
+                    items[key] = partial(_load_entry, latent_cache, adapter, pk, which, flip, rec.prompt, resolution)
+    items = list(items.items())
     if all(key in inv_cache for key, _ in items):
         return 0
     moved_from = next(denoiser.parameters()).device
@@ -201,7 +204,7 @@ class InversionPairDataset(torch.utils.data.Dataset):
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
         item = self.base.cache.pair(pk, flip=flip)
         item.update(prompt=rec.prompt, item_id=rec.row)
-        key = {w: entry_key(pk, w, flip, rec.prompt) for w in ("w", "l")}
+        key = {w: entry_key(item[f"mean_{w}"], rec.prompt) for w in ("w", "l")}
         if self.mode == "inverted_noise":
             step = int(torch.randint(0, self.num_steps, ()))
             item["step"] = torch.tensor(step)

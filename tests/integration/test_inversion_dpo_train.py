@@ -54,6 +54,19 @@ def test_cache_is_hit_every_epoch_and_invalidated_by_the_grid(tiny_sd15, pair_ma
     assert reguide.summary["data"]["inversions_built"] == 16
 
 
+def test_an_image_shared_by_pairs_is_inverted_once(tiny_sd15, pair_manifest, tmp_path, count_inversions):
+    import json
+
+    rows = [json.loads(line) for line in pair_manifest.read_text().splitlines()]
+    # all-pairs labelling reuses images: pair the first winner against every loser (4 pairs, 5 distinct images)
+    shared = [dict(rows[0], rejected=r["rejected"]) for r in rows]
+    manifest = pair_manifest.parent / "shared.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in shared))
+    result = train(tiny_cfg(tiny_sd15, manifest, tmp_path / "run", "train.max_steps=1"))
+    assert result.summary["data"]["inversions_built"] == 5 * 2  # 5 images x (flip, no flip), not 4 x 2 x 2
+    assert count_inversions["images"] == 10
+
+
 def test_online_inversion_without_the_cache(tiny_sd15, pair_manifest, tmp_path, count_inversions):
     result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "method.cache_inversions=false", "train.max_steps=2"))
     assert result.summary["data"]["inversions_built"] == 0
