@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,8 +44,9 @@ def generate(
     steps: int = QUICKSTART_STEPS,
     batch_size: int = 64,
     size: int = 32,
+    **pipe_kwargs: Any,
 ) -> torch.Tensor:
-    """Sample one image per (prompt, seed).
+    """Sample one image (or, with a video pipeline, one clip) per (prompt, seed).
 
     Args:
         pipe: a StableDiffusionPipeline (any LoRA/adapter already loaded).
@@ -55,8 +57,10 @@ def generate(
         batch_size: images per pipeline call.
         size: image side in pixels.
 
+        pipe_kwargs: passed to the pipeline (e.g. ``num_frames`` for a video pipeline).
+
     Returns:
-        [N, 3, size, size] float in [0, 1], on CPU.
+        [N, 3, size, size] (videos: [N, T, 3, size, size]) float in [0, 1], on CPU.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
@@ -71,8 +75,10 @@ def generate(
             guidance_scale=guidance_scale,
             generator=gens,
             output_type="pt",
-        ).images
-        out.append(images.float().cpu())
+            **pipe_kwargs,
+        )
+        media = images.frames if hasattr(images, "frames") else images.images  # video pipelines return frames
+        out.append(torch.as_tensor(media).float().cpu())
     return torch.cat(out).clamp(0, 1)
 
 

@@ -240,23 +240,10 @@ def generate_videos(
     Returns:
         [N,T,3,H,W] float in [0,1], on CPU.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        video = pipe(
-            list(prompts[i : i + batch_size]),
-            num_frames=frames,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=gens,
-            output_type="pt",
-        ).frames
-        out.append(torch.as_tensor(video).float().cpu())
-    return torch.cat(out).clamp(0, 1)
+    from mmalign.toy.sample import generate
+
+    return generate(pipe, prompts, seeds, guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, size=size,
+                    num_frames=frames)
 
 
 def flicker_stats(videos: torch.Tensor, *, segments: int = 4, threshold: float = 0.5) -> dict[str, float]:
