@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+LOG2 = math.log(2.0)
 
 
 def preference_metrics(
@@ -49,15 +52,13 @@ def f_divergence_reward(delta: torch.Tensor, *, tau: float, divergence: str, alp
     if divergence == "forward_kl":
         return -torch.exp(-log_u)
     if divergence == "js":
-        return math_log2 + log_u - F.softplus(log_u)
+        return LOG2 + log_u - F.softplus(log_u)
     if divergence == "alpha":
         if alpha <= 0:
             raise ValueError(f"alpha-divergence needs alpha > 0, got {alpha}")
         return (1.0 - torch.exp(-alpha * log_u)) / alpha
     raise ValueError(f"unknown divergence {divergence!r}; choose from {DIVERGENCES}")
 
-
-math_log2 = 0.6931471805599453
 
 
 def diffusion_dpo_loss(
