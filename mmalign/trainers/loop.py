@@ -282,8 +282,11 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-            logs.update({k: accelerator.reduce(v.detach().float().to(accelerator.device), "mean").item() for k, v in metrics.items()})
+            # one collective for the loss and every metric (not one per metric), one host sync for all of them
+            names = ["loss", *metrics]
+            values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values())])
+            values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
+            logs = {"lr": lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
             last_metrics = logs
             if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
                 history.append({"step": step, **logs})
