@@ -59,3 +59,19 @@ def write_pair_images(root: Path, n: int = 4, size: int = 20) -> Path:
 @pytest.fixture(scope="session")
 def pair_manifest(tmp_path_factory) -> Path:
     return write_pair_images(tmp_path_factory.mktemp("pairs"))
+
+
+def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
+    """Every trainable weight of ``result.denoiser`` moved from its initial value; every frozen one still equals
+    ``pretrained`` (names with peft's ``.base_layer`` mapped back). Returns (trainable, frozen) counts."""
+    import torch
+
+    trainable = frozen = 0
+    for name, param in result.denoiser.named_parameters():
+        if param.requires_grad:
+            trainable += 1
+            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
+        else:
+            frozen += 1
+            assert torch.equal(param.detach().cpu(), pretrained[name.replace(".base_layer", "")]), f"frozen {name} changed"
+    return trainable, frozen

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from mmalign.data.images import DataError
+from mmalign.data.pairs import collate_pairs
 
 # --------------------------------------------------------------------------------------------------
 # segment arithmetic
@@ -382,13 +383,5 @@ class VideoPairDataset(torch.utils.data.Dataset):
 
 
 def collate_video_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, list prompts and item ids; unreadable items (``skipped``) are listed, not stacked."""
-    skipped = [it["skipped"] for it in items if "skipped" in it]
-    items = [it for it in items if "skipped" not in it]
-    out: dict[str, Any] = {"skipped": skipped}
-    if not items:
-        return out
-    out.update({k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)})
-    out["prompt"] = [it["prompt"] for it in items]
-    out["item_id"] = [it["item_id"] for it in items]
-    return out
+    """Stack tensors, list everything else; unreadable items (``skipped``) are listed, not stacked."""
+    return collate_pairs(items)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_only_trainable_changed
 
 from mmalign.config import load_config
 from mmalign.pipelines import inversion, load_pipeline, make_adapter
@@ -122,14 +123,7 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
     extra = [f"lora.enabled={str(lora).lower()}", "method.mode=inverted_noise"]
     result = train(tiny_cfg(model, pair_manifest, tmp_path / "run", *extra), keep_initial=True)
     pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
-    trainable = frozen = 0
-    for name, param in result.denoiser.named_parameters():
-        if param.requires_grad:
-            trainable += 1
-            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
-        else:
-            frozen += 1
-            assert torch.equal(param.detach().cpu(), pretrained[name.replace(".base_layer", "")]), f"frozen {name} changed"
+    trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     metrics = result.summary["final_metrics"]
     assert math.isfinite(metrics["loss"]) and {"delta_w", "delta_l", "reward_margin", "implicit_acc"} <= set(metrics)

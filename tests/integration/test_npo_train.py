@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_only_trainable_changed
 
 from mmalign.config import load_config
 from mmalign.data.images import DataError
@@ -34,10 +35,6 @@ def tiny_cfg(model, source, out, *extra):
     ])
 
 
-def base_name(name: str) -> str:
-    return name.replace(".base_layer", "")
-
-
 @pytest.mark.parametrize(("family", "lora", "extra"), [
     ("sd15", True, []),
     ("sd15", False, []),
@@ -49,14 +46,7 @@ def test_trainable_change_and_frozen_stay(family, lora, extra, request, prompt_f
     model = request.getfixturevalue(f"tiny_{family}")
     result = train(tiny_cfg(model, prompt_file, tmp_path / "run", f"lora.enabled={str(lora).lower()}", *extra), keep_initial=True)
     pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
-    trainable = frozen = 0
-    for name, param in result.denoiser.named_parameters():
-        if param.requires_grad:
-            trainable += 1
-            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
-        else:
-            frozen += 1
-            assert torch.equal(param.detach().cpu(), pretrained[base_name(name)]), f"frozen {name} changed"
+    trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     s = result.summary
     assert s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and s["data"]["prompts"] == len(PROMPTS)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_only_trainable_changed
 from safetensors.torch import load_file
 
 from mmalign.config import load_config
@@ -27,10 +28,6 @@ def tiny_cfg(model, manifest, out, *extra):
     ])
 
 
-def base_name(name: str) -> str:
-    return name.replace(".base_layer", "")
-
-
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, tmp_path):
@@ -39,14 +36,7 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
     model = request.getfixturevalue(f"tiny_{family}")
     result = train(tiny_cfg(model, pair_manifest, tmp_path / "run", f"lora.enabled={str(lora).lower()}"), keep_initial=True)
     pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
-    trainable = frozen = 0
-    for name, param in result.denoiser.named_parameters():
-        if param.requires_grad:
-            trainable += 1
-            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
-        else:
-            frozen += 1
-            assert torch.equal(param.detach().cpu(), pretrained[base_name(name)]), f"frozen {name} changed"
+    trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     if lora:
         assert all("lora" in n for n, p in result.denoiser.named_parameters() if p.requires_grad)
