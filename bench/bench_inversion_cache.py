@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import write_pair_images  # noqa: E402
 
-from mmalign.config import load_config  # noqa: E402
 from mmalign.toy.tiny import build_tiny_sd15  # noqa: E402
+from mmalign.trainers import load_config  # noqa: E402
 from mmalign.trainers.loop import train  # noqa: E402
 
 

@@ -199,7 +199,7 @@ def label_counts(rows: list[dict]) -> dict[str, float]:
 
 
 def train_run(args: argparse.Namespace, name: str, manifest: Path, loss: str, log) -> dict:
-    from mmalign.config import load_config
+    from mmalign.trainers import load_config
     from mmalign.trainers.loop import train
 
     overrides = [

@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from mmalign.config import load_config
     from mmalign.pipelines.npo import npo_guided_pipeline
     from mmalign.toy.evaluate import evaluate_models
     from mmalign.toy.quickstart import (
@@ -68,6 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         training_reward,
     )
     from mmalign.toy.sample import generate, load_toy_pipeline
+    from mmalign.trainers import load_config
     from mmalign.trainers.loop import train
 
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731

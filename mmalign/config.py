@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,6 @@ class RunConfig:
         self.data = self.data or DataConfig()
         self.lora = self.lora or LoraConfig()
         self.train = self.train or TrainConfig()
-        if self.method is None:
-            from mmalign.trainers import get_method
-
-            self.method = get_method("diffusion_dpo").config_cls()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,11 +214,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise naming the closest valid key."""
+def from_dict(cls: type, data: dict | None, prefix: str = "", method_configs: Mapping[str, type] | None = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise naming the closest valid key.
+
+    ``method_configs`` (method name -> config class) is needed for a :class:`RunConfig`'s ``method`` section.
+    """
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -231,7 +229,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{dotted}'{_closest(key, names)}")
         tp = hints[key]
         if cls is RunConfig and key == "method":
-            kwargs[key] = _method_from_dict(value, dotted)
+            kwargs[key] = _method_from_dict(value, dotted, method_configs)
         elif dataclasses.is_dataclass(tp):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -241,21 +239,24 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     if cls is RunConfig:
         for key in ("model", "data", "lora", "train"):
             kwargs.setdefault(key, from_dict(hints[key], {}, f"{key}."))
-        kwargs.setdefault("method", _method_from_dict({}, "method"))
+        kwargs.setdefault("method", _method_from_dict({}, "method", method_configs))
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field without default
         raise ConfigError(f"{prefix or 'config'}: {err}") from err
 
 
-def _method_from_dict(value: Any, key: str) -> Any:
-    from mmalign.trainers import METHODS, get_method
-
+def _method_from_dict(value: Any, key: str, method_configs: Mapping[str, type] | None) -> Any:
+    if method_configs is None:
+        raise TypeError("a RunConfig's method section needs method_configs: use mmalign.trainers.load_config, "
+                        "or pass method_configs=mmalign.trainers.METHOD_CONFIGS")
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping with a name (e.g. name: diffusion_dpo), got {type(value).__name__}")
     value = dict(value or {})
     name = value.get("name", "diffusion_dpo")
-    if name not in METHODS:
-        raise ConfigError(f"{key}.name={name!r} is not a method{_closest(str(name), METHODS)}; known: {', '.join(METHODS)}")
-    return from_dict(get_method(name).config_cls, value, f"{key}.")
+    if name not in method_configs:
+        raise ConfigError(f"{key}.name={name!r} is not a method{_closest(str(name), method_configs)}; known: {', '.join(method_configs)}")
+    return from_dict(method_configs[name], value, f"{key}.")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -300,13 +301,18 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Load a recipe and apply ``key=value`` overrides; raises :class:`ConfigError` naming the bad key."""
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
+                method_configs: Mapping[str, type] | None = None) -> RunConfig:
+    """Load a recipe and apply ``key=value`` overrides; raises :class:`ConfigError` naming the bad key.
+
+    ``method_configs`` maps method names to their config classes (this module knows no method); most callers
+    want :func:`mmalign.trainers.load_config`, which passes every registered method.
+    """
     tree = load_yaml(path) if path is not None else {}
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     try:
-        return from_dict(RunConfig, tree)
+        return from_dict(RunConfig, tree, method_configs=method_configs)
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None

@@ -11,7 +11,6 @@ build resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,17 +22,14 @@ from safetensors.torch import save_file
 
 from mmalign.data.images import DataError
 from mmalign.data.pairs import PairRecord, decode_pair
+from mmalign.utils import short_hash
 
 CACHE_VERSION = 1
 
 
-def _sha(data: bytes | str) -> str:
-    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:20]
-
-
 def fingerprint_dir(root: str | Path, fingerprint: dict[str, Any]) -> Path:
     blob = json.dumps({"version": CACHE_VERSION, **fingerprint}, sort_keys=True, default=str)
-    return Path(root) / _sha(blob)
+    return Path(root) / short_hash(blob)
 
 
 def pair_key(rec: PairRecord) -> str:
@@ -48,7 +44,7 @@ def pair_key(rec: PairRecord) -> str:
                 parts.append(Path(src).read_bytes())
             except OSError as err:
                 raise DataError(f"{rec.where(which)}: cannot read file: {err}") from err
-    return _sha(_sha(parts[0]) + _sha(parts[1]))
+    return short_hash(short_hash(parts[0]) + short_hash(parts[1]))
 
 
 class LatentCache:
@@ -84,7 +80,7 @@ class LatentCache:
         }
 
     def text(self, prompt: str) -> dict[str, torch.Tensor]:
-        key = _sha(prompt)
+        key = short_hash(prompt)
         if key not in self.index["text"]:
             raise KeyError(f"prompt not in the text cache: {prompt!r}")
         shard = self.index["text"][key]
@@ -138,7 +134,7 @@ class LatentCache:
             if not self.has_pair(key):
                 todo.append((key, rec))
         prompts = sorted({r.prompt for r in keep} | set(prompts_extra))
-        text_todo = [p for p in prompts if _sha(p) not in self.index["text"]]
+        text_todo = [p for p in prompts if short_hash(p) not in self.index["text"]]
         if not is_main_process:
             return keep, keys, skipped
 
@@ -184,8 +180,8 @@ class LatentCache:
             chunk = text_todo[start:start + max(batch_size, 32)]
             cond = adapter.encode_prompts(chunk)
             self.index["text_keys"] = sorted(cond)
-            tensors = {f"{_sha(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(chunk)}
-            self._write_shard("text", tensors, "text", [_sha(p) for p in chunk])
+            tensors = {f"{short_hash(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(chunk)}
+            self._write_shard("text", tensors, "text", [short_hash(p) for p in chunk])
             bar.update(len(chunk))
         bar.close()
         if bad_keys:

@@ -33,12 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmalign.utils import short_hash
+
 INVERSION_CACHE_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sha(data: bytes | str) -> str:
-    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:20]
 
 
 def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
@@ -58,7 +56,7 @@ def module_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
 def entry_key(latent_mean: torch.Tensor, prompt: str) -> str:
     """Key of one inverted image: a hash of its cached posterior mean (crop and flip included) and the prompt."""
     data = latent_mean.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return _sha(_sha(data) + _sha(prompt))
+    return short_hash(short_hash(data) + short_hash(prompt))
 
 
 class InversionCache:
@@ -67,7 +65,7 @@ class InversionCache:
     def __init__(self, root: str | Path, fingerprint: dict[str, Any]):
         blob = json.dumps({"version": INVERSION_CACHE_VERSION, **fingerprint}, sort_keys=True, default=str)
         self.fingerprint = fingerprint
-        self.dir = Path(root) / "inversion" / _sha(blob)
+        self.dir = Path(root) / "inversion" / short_hash(blob)
         self.dtype = DTYPES[fingerprint.get("dtype", "float32")]
         self.store_eps = bool(fingerprint.get("store_eps", False))
         self.index: dict[str, str] = {}

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from mmalign.config import DataConfig
 from mmalign.data.images import DataError, open_image, resize_crop
-from mmalign.data.setup import TrainData, cache_fingerprint, cache_root, drop_captions
+from mmalign.data.setup import TrainData, drop_captions, image_cache_fingerprint
 
 
 @dataclass
@@ -129,14 +130,15 @@ def latent_shape(adapter: Any, resolution: int) -> tuple[int, int, int]:
     return int(denoiser.config.in_channels), resolution // factor, resolution // factor
 
 
-def prompt_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
-    """Prompt-only data for ``cfg.method`` (real images too when ``cfg.method.start == "real"``).
+def prompt_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution: int, cache_dir: Path,
+                model_id: dict[str, Any], need_images: bool = False, progress: bool = True) -> TrainData:
+    """Prompt-only data (real images too with ``need_images``, e.g. Self-NPO's ``start=real``).
 
     Batches from ``prepare``: ``cond`` and ``uncond`` (conditioning of the prompts and of ``""``, [B,...] each),
     ``latent_shape`` (C, h, w), ``prompts``, ``item_id`` and, with real images, ``latents`` [B,C,h,w].
+    Arguments as :func:`mmalign.data.setup.image_pair_data`.
     """
-    d, res = cfg.data, cfg.model.resolution
-    need_images = getattr(cfg.method, "start", "noise") == "real"
+    d, res = data, resolution
     records = load_prompts(d.source, need_images=need_images, max_items=d.max_items)
     moments = encode_image_moments(records, adapter, res, d.cache_batch_size) if need_images else None
     shape = latent_shape(adapter, res)
@@ -144,10 +146,10 @@ def prompt_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
     if d.cache:
         from mmalign.data.cache import LatentCache
 
-        cache = LatentCache(cache_root(cfg), cache_fingerprint(cfg, adapter))
+        cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
         prompts = tuple(sorted({r.prompt for r in records} | {""}))
         if accelerator.is_main_process:
-            cache.build([], adapter, resolution=res, random_flip=False, prompts_extra=prompts, progress=cfg.train.progress)
+            cache.build([], adapter, resolution=res, random_flip=False, prompts_extra=prompts, progress=progress)
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             cache.reload()

@@ -25,7 +25,6 @@ A latent frame whose frames fall in more than one segment straddles a boundary a
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import torch
 
 from mmalign.data.images import DataError
 from mmalign.data.pairs import collate_pairs
+from mmalign.utils import short_hash
 
 # --------------------------------------------------------------------------------------------------
 # segment arithmetic
@@ -255,10 +255,6 @@ def decode_video_pair(rec: VideoPairRecord, *, height: int, width: int, fps: flo
 # cache of VAE posterior moments and text embeddings (one safetensors file per item)
 
 
-def _sha(data: bytes | str) -> str:
-    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:20]
-
-
 class VideoLatentCache:
     """Posterior moments of both clips of each pair and the prompts' embeddings, one file per entry.
 
@@ -269,7 +265,7 @@ class VideoLatentCache:
 
     def __init__(self, root: str | Path, fingerprint: dict[str, Any]):
         blob = json.dumps(fingerprint, sort_keys=True, default=str)
-        self.dir = Path(root) / f"video-{_sha(blob)}"
+        self.dir = Path(root) / f"video-{short_hash(blob)}"
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
 
@@ -277,10 +273,10 @@ class VideoLatentCache:
         parts = []
         for key in ("video_0", "video_1"):
             try:
-                parts.append(_sha(Path(getattr(rec, key)).read_bytes()))
+                parts.append(short_hash(Path(getattr(rec, key)).read_bytes()))
             except OSError as err:
                 raise DataError(f"{rec.row} ({key}): cannot read file: {err}") from err
-        return _sha("".join(parts) + json.dumps([rec.labels, rec.segment_seconds, rec.label]))
+        return short_hash("".join(parts) + json.dumps([rec.labels, rec.segment_seconds, rec.label]))
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -298,7 +294,7 @@ class VideoLatentCache:
         return load_file(str(self.dir / name))
 
     def text_name(self, prompt: str) -> str:
-        return f"text-{_sha(prompt)}.safetensors"
+        return f"text-{short_hash(prompt)}.safetensors"
 
     def build(self, records: list[VideoPairRecord], adapter: Any, decode_kwargs: dict[str, Any], *, random_flip: bool,
               skip_bad: bool, prompts_extra: tuple[str, ...] = ("",), progress: bool = True

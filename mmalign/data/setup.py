@@ -1,4 +1,4 @@
-"""Build a method's training data from the run config: pair records -> (cached) dataset -> batches."""
+"""Image pair training data: pair records -> (cached) dataset -> batches; what every data builder returns."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import DataConfig
 from mmalign.data.cache import CachedPairDataset, LatentCache
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
 
@@ -24,15 +25,20 @@ class TrainData:
     skipped: list[str] = field(default_factory=list)
 
 
-def cache_root(cfg: Any) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.train.output_dir).parent / ".mmalign_cache"
+def cache_root(cache_dir: str | None, output_dir: str | Path) -> Path:
+    """``data.cache_dir``, or ``<output_dir>/../.mmalign_cache`` (shared by the runs beside it)."""
+    return Path(cache_dir) if cache_dir else Path(output_dir).parent / ".mmalign_cache"
 
 
-def cache_fingerprint(cfg: Any, adapter: Any) -> dict[str, Any]:
-    m = cfg.model
-    return {"model": m.pretrained, "revision": m.revision, "variant": m.variant, "vae": m.vae, "family": adapter.family,
-            "resolution": m.resolution, "random_crop": cfg.data.random_crop, "joint_crop": adapter.family == "sdxl",
+def model_fingerprint(adapter: Any, *, pretrained: str, revision: str | None = None, variant: str | None = None,
+                      vae: str | None = None) -> dict[str, Any]:
+    """What identifies the encoders a cache entry came from (the model, its VAE config, the family)."""
+    return {"model": pretrained, "revision": revision, "variant": variant, "vae": vae, "family": adapter.family,
             "vae_config": dict(adapter.vae.config)}
+
+
+def image_cache_fingerprint(model_id: dict[str, Any], adapter: Any, *, resolution: int, random_crop: bool) -> dict[str, Any]:
+    return {**model_id, "resolution": resolution, "random_crop": random_crop, "joint_crop": adapter.micro_conditioning}
 
 
 def drop_captions(prompts: list[str], p: float) -> list[str]:
@@ -43,19 +49,30 @@ def drop_captions(prompts: list[str], p: float) -> list[str]:
     return [q if k else "" for q, k in zip(prompts, keep.tolist())]
 
 
-def image_pair_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
-    """Image preference pairs, from the latent/text cache when ``data.cache`` is on."""
-    d, res = cfg.data, cfg.model.resolution
+def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution: int, cache_dir: Path,
+                    model_id: dict[str, Any], progress: bool = True) -> TrainData:
+    """Image preference pairs, from the latent/text cache when ``data.cache`` is on.
+
+    Args:
+        adapter: the pipeline adapter (encoders, micro-conditioning).
+        accelerator: anything with ``is_main_process`` and ``wait_for_everyone()`` (the main process fills the cache).
+        data: the data section (source, format, ties, flips/crops, caption dropout, cache switches).
+        resolution: square training resolution in pixels.
+        cache_dir: where the latent/text cache lives (:func:`cache_root`).
+        model_id: :func:`model_fingerprint` of the encoders.
+        progress: show a progress bar while the cache fills.
+    """
+    d, res = data, resolution
     records, counts = load_pairs(d.source, format=d.format, split=d.split, keep_ties=d.keep_ties, max_items=d.max_items)
     skip = d.on_bad_item == "skip"
-    joint = adapter.family == "sdxl"
+    joint = adapter.micro_conditioning
     if not d.cache:
         dataset = PairDataset(records, res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint, skip_bad=skip)
         return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device), counts)
 
-    cache = LatentCache(cache_root(cfg), cache_fingerprint(cfg, adapter))
+    cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
     kwargs = dict(resolution=res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint,
-                  batch_size=d.cache_batch_size, skip_bad=skip, progress=cfg.train.progress)
+                  batch_size=d.cache_batch_size, skip_bad=skip, progress=progress)
     if accelerator.is_main_process:
         records_ok, keys, skipped = cache.build(records, adapter, **kwargs)
     accelerator.wait_for_everyone()

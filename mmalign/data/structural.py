@@ -1,4 +1,4 @@
-"""StructuralDPO pairs (DenseDPO §3.2, Algo. 2) and per-segment labels, plus the ``mmalign label-video`` command.
+"""StructuralDPO pairs (DenseDPO §3.2, Algo. 2) and per-segment labels (``mmalign label-video`` runs them).
 
 A pair is made from one ground-truth clip: encode it, noise it partially to level eta ~ U(0.65, 0.8) with
 two seeds (the same eta for both), and denoise both copies with the pipeline's own sampler. Early steps fix
@@ -13,21 +13,14 @@ differences within ``margin`` are ties) or from a pairwise judge asked in both o
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import random
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmalign.data.segments import clip_label, fit_frames, frame_segments, labels_from_scores, num_segments
-
-
-def _is_flow(adapter: Any) -> bool:
-    return hasattr(adapter, "shift")
+from mmalign.data.segments import frame_segments, labels_from_scores, num_segments
 
 
 @torch.no_grad()
@@ -37,7 +30,7 @@ def denoise_from(adapter: Any, pipe: Any, x0: torch.Tensor, cond: dict[str, torc
     sched = copy.deepcopy(pipe.scheduler)
     sched.set_timesteps(steps, device=x0.device)
     timesteps = sched.timesteps
-    if _is_flow(adapter):
+    if adapter.noise_process == "flow":
         sigmas = sched.sigmas[: len(timesteps)].float().cpu()
         start = int((sigmas - eta).abs().argmin())
         sigma = sigmas[start].item()
@@ -110,77 +103,3 @@ def reward_segment_labels(reward: Callable[..., torch.Tensor], video_0: torch.Te
             score = reward(video[:, idx], list(prompts))
             cols.append(score.float().reshape(video.shape[0], -1).mean(1).cpu())
     return labels_from_scores(torch.stack(cols_0, 1), torch.stack(cols_1, 1), margin)
-
-
-def judge_segment_labels(judge: Any, video_0: torch.Tensor, video_1: torch.Tensor, prompts: Sequence[str], *,
-                         fps: float, segment_seconds: float = 1.0) -> torch.Tensor:
-    """Labels [B,S] from a pairwise judge asked in both orders per segment (disagreement -> tie)."""
-    return judge.compare_segments(video_0, video_1, list(prompts), segment_frames=max(1, round(fps * segment_seconds)),
-                                  fps=fps)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: mmalign label-video --structural
-
-
-def cmd_label_video(args: argparse.Namespace) -> int:
-    from mmalign.data.images import DataError
-    from mmalign.data.video import read_video, write_video
-    from mmalign.pipelines import load_pipeline, make_adapter
-    from mmalign.rewards import get_reward
-
-    if not args.structural:
-        raise DataError("label-video currently makes StructuralDPO pairs only: pass --structural")
-    src = Path(args.videos)
-    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
-    pipe, family = load_pipeline(args.model, family=args.family)
-    pipe.set_progress_bar_config(disable=True)
-    adapter = make_adapter(pipe, family)
-    reward_kwargs = dict(kv.split("=", 1) for kv in args.reward_arg)
-    reward_kwargs = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in reward_kwargs.items()}
-    reward = get_reward(args.reward, **reward_kwargs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, row in enumerate(rows):
-        where = f"{src}:{i + 1}"
-        if "prompt" not in row or "video" not in row:
-            raise DataError(f"{where}: a row needs prompt and video")
-        path = Path(row["video"]) if Path(row["video"]).is_absolute() else src.parent / row["video"]
-        clip = read_video(path, fps=args.fps, num_frames=args.num_frames)
-        frames = fit_frames(clip.frames, args.resolution, args.resolution).add(1).div(2)[None]
-        v0, v1, etas = structural_pairs(adapter, pipe, frames, [row["prompt"]], seed=args.seed + i,
-                                        eta_range=(args.eta_min, args.eta_max), steps=args.steps, guidance=args.guidance)
-        labels = reward_segment_labels(reward, v0, v1, [row["prompt"]], fps=clip.fps, segment_seconds=args.segment_seconds,
-                                       margin=args.margin)[0].tolist()
-        names = [f"{i:06d}_0.mp4", f"{i:06d}_1.mp4"]
-        write_video(out / names[0], v0[0], clip.fps)
-        write_video(out / names[1], v1[0], clip.fps)
-        lines.append({"prompt": row["prompt"], "video_0": names[0], "video_1": names[1], "labels": labels,
-                      "label": clip_label(labels), "segment_seconds": args.segment_seconds, "eta": etas[0],
-                      "seeds": [(args.seed + i) * 1000, (args.seed + i) * 1000 + 1], "source": str(path)})
-    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    print(f"wrote {len(lines)} StructuralDPO pairs with segment labels to {out / 'pairs.jsonl'}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("label-video", help="StructuralDPO video pairs from ground-truth clips + per-segment labels")
-    p.add_argument("--structural", action="store_true", help="make StructuralDPO pairs (the only mode so far)")
-    p.add_argument("--videos", required=True, help="JSONL of ground-truth clips: {prompt, video}")
-    p.add_argument("--model", required=True, help="video pipeline (hub id or local directory)")
-    p.add_argument("--family", default="auto")
-    p.add_argument("--out", required=True, help="folder for the pair clips and pairs.jsonl")
-    p.add_argument("--reward", default="toy_flicker", help="reward scoring each segment (higher = better)")
-    p.add_argument("--reward-arg", action="append", default=[], help="reward factory argument key=value (repeatable)")
-    p.add_argument("--margin", type=float, default=0.0, help="segment score differences within this are ties")
-    p.add_argument("--segment-seconds", type=float, default=1.0)
-    p.add_argument("--eta-min", type=float, default=0.65)
-    p.add_argument("--eta-max", type=float, default=0.8)
-    p.add_argument("--fps", type=float, default=None)
-    p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_label_video)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmalign.pipelines.base import _expand
+from mmalign.utils import expand_like
 
 
 def implied_noise(xt: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,7 @@ def implied_noise(xt: torch.Tensor, x0: torch.Tensor, abar: torch.Tensor) -> tor
     Args:
         xt: [B, ...] inverted latents at level ``abar`` [B]. x0: [B, ...] the clean latents they came from.
     """
-    a = _expand(abar.float(), xt)
+    a = expand_like(abar.float(), xt)
     return (xt.float() - a.sqrt() * x0.float()) / (1 - a).sqrt()
 
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _expand(coef: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    coef = torch.as_tensor(coef, dtype=torch.float32, device=like.device)
-    return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim else coef
+from mmalign.utils import expand_like
 
 
 def renoise(x_t: torch.Tensor, alpha_t: torch.Tensor | float, sigma_t: torch.Tensor | float,
@@ -42,8 +39,8 @@ def renoise(x_t: torch.Tensor, alpha_t: torch.Tensor | float, sigma_t: torch.Ten
         ValueError: if some s is not noisier than its t (negative variance).
     """
     x_t = x_t.float()
-    ratio = _expand(alpha_s, x_t) / _expand(alpha_t, x_t)
-    var = _expand(sigma_s, x_t) ** 2 - _expand(sigma_t, x_t) ** 2 * ratio**2
+    ratio = expand_like(alpha_s, x_t, torch.float32) / expand_like(alpha_t, x_t, torch.float32)
+    var = expand_like(sigma_s, x_t, torch.float32) ** 2 - expand_like(sigma_t, x_t, torch.float32) ** 2 * ratio**2
     if (var < -1e-6).any():
         raise ValueError("renoise needs s noisier than t (sigma_s/alpha_s >= sigma_t/alpha_t for every sample)")
     return ratio * x_t + var.clamp_min(0).sqrt() * noise.float()

@@ -1,47 +1,95 @@
 """Pipeline adapters: one per diffusers family, behind the :class:`PipelineAdapter` protocol.
 
-``FAMILIES`` maps a family name to (diffusers pipeline class name, "module:AdapterClass"). Adding a family
-is one line here plus its adapter module.
+``FAMILIES`` maps a family name to a :class:`Family`: the diffusers pipeline class it loads, its adapter
+class and its noise process. Adding a family is one adapter module plus one line here
+(docs/adding_a_family.md); a test or a user script may also add an entry at run time.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.pipelines.base import PipelineAdapter, per_frame_mse, per_sample_mse
+from mmalign.pipelines.base import (
+    NoiseProcess,
+    PipelineAdapter,
+    VideoAdapter,
+    is_video,
+    per_frame_mse,
+    per_sample_mse,
+)
+from mmalign.pipelines.cogvideox import CogVideoXAdapter
+from mmalign.pipelines.sd15 import SD15Adapter
+from mmalign.pipelines.sdxl import SDXLAdapter
+from mmalign.pipelines.toy_video import ToyVideoAdapter
+from mmalign.pipelines.wan import WanAdapter
 
-FAMILIES: dict[str, tuple[str, str]] = {
-    "sd15": ("StableDiffusionPipeline", "mmalign.pipelines.sd15:SD15Adapter"),
-    "sdxl": ("StableDiffusionXLPipeline", "mmalign.pipelines.sdxl:SDXLAdapter"),
-    "cogvideox": ("CogVideoXPipeline", "mmalign.pipelines.cogvideox:CogVideoXAdapter"),
-    "wan": ("WanPipeline", "mmalign.pipelines.wan:WanAdapter"),
-    "toy_video": ("AnimateDiffPipeline", "mmalign.pipelines.toy_video:ToyVideoAdapter"),
+
+@dataclass(frozen=True)
+class Family:
+    """A registered pipeline family.
+
+    Attributes:
+        pipeline_class: diffusers pipeline class name (looked up in ``diffusers``) or the class itself.
+        adapter: the adapter class; called with the loaded pipeline.
+        noise_process: "ddpm" or "flow", known before any weight is loaded (config validation uses it).
+        video: whether the adapter is a :class:`VideoAdapter`.
+    """
+
+    pipeline_class: str | type
+    adapter: type
+    noise_process: NoiseProcess
+    video: bool = False
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return self.pipeline_class if isinstance(self.pipeline_class, str) else self.pipeline_class.__name__
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
+    "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
+    "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True),
+    "wan": Family("WanPipeline", WanAdapter, "flow", video=True),
+    "toy_video": Family("AnimateDiffPipeline", ToyVideoAdapter, "ddpm", video=True),
 }
 
 
-def _load_object(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | None:
+    """``_class_name`` of the pipeline's ``model_index.json`` (local directory or hub id)."""
+    index = Path(pretrained) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
+
+
+def family_of_class(class_name: str | None) -> str | None:
+    """The registered family whose pipeline class is ``class_name`` (None if none)."""
+    for family, spec in FAMILIES.items():
+        if spec.pipeline_class_name == class_name:
+            return family
+    return None
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:
     """Family from the pipeline's ``model_index.json`` ``_class_name`` (local directory or hub id)."""
-    index = Path(pretrained) / "model_index.json"
-    if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name")
-    else:
-        from diffusers import DiffusionPipeline
+    class_name = pipeline_class_name(pretrained, revision)
+    family = family_of_class(class_name)
+    if family is None:
+        raise ValueError(
+            f"{pretrained}: pipeline class {class_name!r} has no mmalign adapter; set model.family to one of {sorted(FAMILIES)}"
+        )
+    return family
 
-        class_name = DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
-    for family, (cls_name, _) in FAMILIES.items():
-        if cls_name == class_name:
-            return family
-    raise ValueError(
-        f"{pretrained}: pipeline class {class_name!r} has no mmalign adapter; set model.family to one of {sorted(FAMILIES)}"
-    )
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is unknown; choose from {sorted(FAMILIES)} or auto")
+    return FAMILIES[name]
 
 
 def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None = None, variant: str | None = None,
@@ -51,9 +99,8 @@ def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None
 
     if family == "auto":
         family = detect_family(pretrained, revision)
-    if family not in FAMILIES:
-        raise ValueError(f"model.family={family!r} is unknown; choose from {sorted(FAMILIES)} or auto")
-    cls = getattr(diffusers, FAMILIES[family][0])
+    spec = get_family(family)
+    cls = getattr(diffusers, spec.pipeline_class) if isinstance(spec.pipeline_class, str) else spec.pipeline_class
     kwargs: dict[str, Any] = {"revision": revision, "variant": variant}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
@@ -66,7 +113,9 @@ def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None
 
 
 def make_adapter(pipeline: Any, family: str) -> PipelineAdapter:
-    return _load_object(FAMILIES[family][1])(pipeline)
+    return get_family(family).adapter(pipeline)
 
 
-__all__ = ["FAMILIES", "PipelineAdapter", "detect_family", "load_pipeline", "make_adapter", "per_frame_mse", "per_sample_mse"]
+__all__ = ["FAMILIES", "Family", "NoiseProcess", "PipelineAdapter", "VideoAdapter", "detect_family", "family_of_class",
+           "get_family", "is_video", "load_pipeline", "make_adapter", "per_frame_mse", "per_sample_mse",
+           "pipeline_class_name"]

@@ -12,7 +12,6 @@ MSE used here (target = scheduler.get_velocity(x0, noise, t)). The schedule keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,8 @@ class CogVideoXAdapter:
     pipeline: Any
     family: str = "cogvideox"
     denoiser_name: str = "transformer"
+    noise_process: str = "ddpm"  # v-prediction on CogVideoX's SNR-shifted DDPM schedule
+    micro_conditioning: bool = False
     causal: bool = True
 
     def __post_init__(self) -> None:
@@ -35,6 +36,10 @@ class CogVideoXAdapter:
         self.temporal_compression = int(self.vae.config.temporal_compression_ratio)
         self.spatial_compression = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_text_len = int(self.pipeline.transformer.config.max_text_seq_length)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.pipeline.text_encoder]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -86,44 +91,3 @@ class CogVideoXAdapter:
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)
-
-
-def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
-    """A tiny random CogVideoXPipeline (diffusers' dummy-component sizes) saved in diffusers format.
-
-    The tokenizer is the word-level toy tokenizer (no hub download); the T5 encoder is 1 layer, width 32.
-    """
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-    from transformers import T5Config, T5EncoderModel
-
-    from mmalign.toy.render import TOY_WORDS
-    from mmalign.toy.tokenizer import build_word_tokenizer
-
-    out_dir = Path(out_dir)
-    tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
-    torch.manual_seed(seed)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=32,
-        num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
-        max_text_seq_length=16,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
-                                           num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
-    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=3.0, beta_schedule="scaled_linear",
-                                       clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
-                             scheduler=scheduler)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return pipe

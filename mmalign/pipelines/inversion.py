@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from mmalign.pipelines.base import PipelineAdapter, _expand
+from mmalign.pipelines.base import PipelineAdapter, guided_output, x0_and_eps
+from mmalign.utils import expand_like
 
 # Conditioning keys that are not text embeddings: kept as they are in the "zero" unconditional branch.
 NON_TEXT_KEYS = ("time_ids",)
@@ -64,35 +65,10 @@ def zero_conditioning(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v if k in NON_TEXT_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
 
 
-def split_prediction(output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model output at a latent of level ``abar`` [B] -> (eps, x0_hat), as diffusers' DDIM schedulers do."""
-    a = _expand(abar, x)
-    if prediction_type == "epsilon":
-        return output, (x - (1 - a).sqrt() * output) / a.sqrt()
-    if prediction_type == "sample":
-        return (x - a.sqrt() * output) / (1 - a).sqrt(), output
-    if prediction_type == "v_prediction":
-        return a.sqrt() * output + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction)")
-
-
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, x0_hat: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
     """DDIM (eta = 0) move of a latent to level ``abar_to`` [B]: ``sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps``."""
-    a = _expand(abar_to, x)
+    a = expand_like(abar_to, x)
     return a.sqrt() * x0_hat + (1 - a).sqrt() * eps
-
-
-def guided_output(adapter: PipelineAdapter, denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                  cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, guidance_scale: float
-                  ) -> torch.Tensor:
-    """Classifier-free guided output ``u + g (c - u)``; one batched call of [2B]. ``g = 1`` runs ``c`` alone."""
-    if uncond is None or guidance_scale == 1.0:
-        return adapter.predict(denoiser, x, t, cond)
-    both = {k: torch.cat([uncond[k].to(cond[k].device), cond[k]]) for k in cond}
-    out = adapter.predict(denoiser, torch.cat([x, x]), torch.cat([t, t]), both)
-    u, c = out.float().chunk(2)
-    return u + guidance_scale * (c - u)
 
 
 @dataclass
@@ -147,7 +123,7 @@ def ddim_invert(adapter: PipelineAdapter, denoiser: torch.nn.Module, x0: torch.T
     for k in range(1, steps + 1):
         t = timesteps[k - 1].to(x0.device).expand(b)
         out = guided_output(adapter, denoiser, x, t, cond, uncond, guidance_scale).float()
-        eps, x0_hat = split_prediction(out, x, alphas[k - 1].expand(b), kind)
+        x0_hat, eps = x0_and_eps(out, x, alphas[k - 1].expand(b), kind)
         x = ddim_step(x, eps, x0_hat, alphas[k].expand(b))
         latents.append(x)
         eps_all.append(eps)
@@ -172,6 +148,6 @@ def ddim_sample(adapter: PipelineAdapter, denoiser: torch.nn.Module, xk: torch.T
     for k in range(len(timesteps) if from_step is None else from_step, 0, -1):
         t = timesteps[k - 1].to(xk.device).expand(b)
         out = guided_output(adapter, denoiser, x, t, cond, uncond, guidance_scale).float()
-        eps, x0_hat = split_prediction(out, x, alphas[k].expand(b), kind)
+        x0_hat, eps = x0_and_eps(out, x, alphas[k].expand(b), kind)
         x = ddim_step(x, eps, x0_hat, alphas[k - 1].expand(b))
     return x

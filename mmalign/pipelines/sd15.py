@@ -40,12 +40,18 @@ class SD15Adapter:
     pipeline: Any
     family: str = "sd15"
     denoiser_name: str = "unet"
+    noise_process: str = "ddpm"
+    micro_conditioning: bool = False
 
     def __post_init__(self) -> None:
         self.scheduler = training_scheduler(self.pipeline.scheduler.config)
         self.vae = self.pipeline.vae
         self.text_encoder = self.pipeline.text_encoder
         self.tokenizer = self.pipeline.tokenizer
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -29,12 +29,18 @@ class SDXLAdapter:
     pipeline: Any
     family: str = "sdxl"
     denoiser_name: str = "unet"
+    noise_process: str = "ddpm"
+    micro_conditioning: bool = True  # add_time_ids carry each image's original size and crop
 
     def __post_init__(self) -> None:
         p = self.pipeline
         self.scheduler = training_scheduler(p.scheduler.config)
         self.vae = p.vae
         self.encoders = [(t, e) for t, e in ((p.tokenizer, p.text_encoder), (p.tokenizer_2, p.text_encoder_2)) if e is not None]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [encoder for _, encoder in self.encoders]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ segment labels map one to one onto latent frames. Latents are [B,C,T,H,W], as fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +30,8 @@ class ToyVideoAdapter:
     pipeline: Any
     family: str = "toy_video"
     denoiser_name: str = "unet"
+    noise_process: str = "ddpm"
+    micro_conditioning: bool = False
     temporal_compression: int = 1
     causal: bool = False
 
@@ -39,6 +40,10 @@ class ToyVideoAdapter:
         self.vae = self.pipeline.vae
         self.text_encoder = self.pipeline.text_encoder
         self.tokenizer = self.pipeline.tokenizer
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -88,52 +93,3 @@ class ToyVideoAdapter:
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)
-
-
-def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None, unet: Any = None,
-                            seed: int = 0, prediction_type: str = "epsilon", tokenizer_dir: str | Path | None = None,
-                            motion_heads: int = 4) -> Any:
-    """An AnimateDiffPipeline with random motion modules; pass the toy image model's parts to start from them.
-
-    Missing parts are built tiny: a 2-level AutoencoderKL (x2 down), a 2-layer CLIPTextModel over the toy
-    vocabulary (tokenizer written to ``tokenizer_dir``), a 2-level UNet2DConditionModel (16, 32).
-    """
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
-
-    if tokenizer is None or text_encoder is None:
-        from mmalign.toy.render import TOY_WORDS
-        from mmalign.toy.tiny import _text_encoder
-        from mmalign.toy.tokenizer import build_word_tokenizer
-
-        if tokenizer_dir is None:
-            raise ValueError("pass tokenizer_dir (where the toy tokenizer files are written) or a tokenizer and text encoder")
-        tokenizer = build_word_tokenizer(TOY_WORDS, tokenizer_dir)
-        text_encoder = _text_encoder(16, None, len(tokenizer), seed + 1, tokenizer.model_max_length)
-    if vae is None:
-        from mmalign.toy.tiny import _vae
-
-        vae = _vae(seed + 2)
-    if unet is None:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
-            layers_per_block=1, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_encoder.config.hidden_size,
-            attention_head_dim=8, norm_num_groups=8,
-        )
-    torch.manual_seed(seed + 3)
-    motion = MotionAdapter(block_out_channels=tuple(unet.config.block_out_channels),
-                           motion_layers_per_block=unet.config.layers_per_block, motion_norm_num_groups=8,
-                           motion_num_attention_heads=motion_heads, motion_max_seq_length=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1)
-    return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion,
-                               scheduler=scheduler)
-
-
-def build_tiny_toy_video(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Any:
-    """A tiny random toy video pipeline saved in diffusers format (for tests). Returns the pipeline."""
-    out_dir = Path(out_dir)
-    pipe = make_toy_video_pipeline(seed=seed, prediction_type=prediction_type, tokenizer_dir=out_dir / "_tok")
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return pipe

@@ -11,10 +11,11 @@ timestep (float, in [0, 1000]) everywhere: ``add_noise``, ``target`` and ``predi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmalign.utils import expand_like
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -24,10 +25,6 @@ def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
-
-
 @dataclass
 class WanAdapter:
     """Adapter for WanPipeline text-to-video checkpoints (Wan 2.1 T2V 1.3B/14B)."""
@@ -35,6 +32,8 @@ class WanAdapter:
     pipeline: Any
     family: str = "wan"
     denoiser_name: str = "transformer"
+    noise_process: str = "flow"
+    micro_conditioning: bool = False
     causal: bool = True
     timestep_sampling: str = "uniform"  # or "logit_normal" (the DenseDPO paper's rectified-flow training)
     max_text_len: int = 512
@@ -50,6 +49,10 @@ class WanAdapter:
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
         self.latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.pipeline.text_encoder]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -83,7 +86,7 @@ class WanAdapter:
         return {}
 
     def add_noise(self, x0, noise, t):
-        sigma = _expand(t.float() / NUM_TRAIN_TIMESTEPS, x0)
+        sigma = expand_like(t.float() / NUM_TRAIN_TIMESTEPS, x0, torch.float32)
         return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
 
     def target(self, x0, noise, t):
@@ -101,38 +104,3 @@ class WanAdapter:
         else:
             u = torch.rand(n, generator=generator)
         return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).to(device)
-
-
-def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0) -> Any:
-    """A tiny random WanPipeline (diffusers' dummy-component sizes) saved in diffusers format.
-
-    The tokenizer is the word-level toy tokenizer (no hub download); the UMT5 encoder is 1 layer, width 32.
-    """
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from mmalign.toy.render import TOY_WORDS
-    from mmalign.toy.tokenizer import build_word_tokenizer
-
-    out_dir = Path(out_dir)
-    tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    torch.manual_seed(seed + 1)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
-        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
-                                               num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return pipe

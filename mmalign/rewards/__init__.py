@@ -6,7 +6,9 @@ combine others (hybrid, ensemble) also expose ``components(media, prompts) -> di
 raw and normalised score of every member.
 
 ``REWARDS`` maps a name to a factory, written as a ``"module:function"`` string so heavy imports stay lazy
-(a callable works too). ``get_reward`` also takes any ``package.module:function`` path::
+(a callable works too). Other packages add rewards through the ``mmalign.rewards`` entry-point group (the toy
+world registers its rule rewards this way, so the library never imports it). ``get_reward`` also takes any
+``package.module:function`` path::
 
     reward = get_reward("pickscore", device="cuda")
     reward = get_reward("my_pkg.rewards:make_reward", threshold=0.3)
@@ -14,12 +16,14 @@ raw and normalised score of every member.
 
 from __future__ import annotations
 
-import importlib
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from mmalign.utils import load_object
 
 
 @runtime_checkable
@@ -27,15 +31,6 @@ class Reward(Protocol):
     """``reward(media, prompts) -> Tensor[B]`` (or [B,S] per-segment for a video reward)."""
 
     def __call__(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class ComponentReward(Protocol):
-    """A reward that also reports its members' raw and normalised scores (hybrid, ensemble)."""
-
-    def __call__(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
-
-    def components(self, media: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
 REWARDS: dict[str, str | Callable[..., Reward]] = {
@@ -66,30 +61,25 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     # combinations (mmalign/rewards/combine.py)
     "hybrid": "mmalign.rewards.combine:hybrid",
     "ensemble": "mmalign.rewards.combine:ensemble",
-    # toy world (mmalign/toy/rewards.py)
-    "toy_color": "mmalign.toy.rewards:color_match",
-    "toy_color_mean": "mmalign.toy.rewards:mean_color_match",
-    "toy_color_correct": "mmalign.toy.rewards:color_correct",
-    "toy_defect": "mmalign.toy.rewards:defect_energy",
-    "toy_shape": "mmalign.toy.rewards:shape_match",
-    "toy_flicker": "mmalign.toy.rewards:flicker",
 }
+ENTRY_POINT_GROUP = "mmalign.rewards"
+
+
+@functools.cache
+def plugin_rewards() -> dict[str, str]:
+    """Rewards other installed packages register in the ``mmalign.rewards`` entry-point group (name -> path)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in REWARDS}
+
+
+def all_rewards() -> dict[str, str | Callable[..., Reward]]:
+    """The built-in registry plus the installed plugins' rewards."""
+    return {**plugin_rewards(), **REWARDS}
 
 
 def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
-    if callable(target):
-        return target
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{target!r} is not a 'package.module:function' path")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ValueError(f"cannot import {module_name!r} for reward {target!r}: {e}") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError as e:
-        raise ValueError(f"module {module_name!r} has no {attr!r} (reward {target!r})") from e
+    return target if callable(target) else load_object(target)
 
 
 def get_reward(name: str, **kwargs: Any) -> Reward:
@@ -105,21 +95,22 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
     Raises:
         KeyError: Unknown name; the message lists the registered ones.
     """
-    if name in REWARDS:
-        return _resolve(REWARDS[name])(**kwargs)
+    registry = all_rewards()
+    if name in registry:
+        return _resolve(registry[name])(**kwargs)
     if ":" in name:
         return _resolve(name)(**kwargs)
     import difflib
 
-    close = difflib.get_close_matches(name, REWARDS, n=1)
+    close = difflib.get_close_matches(name, registry, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise KeyError(f"unknown reward {name!r}.{hint} Registered: {', '.join(sorted(REWARDS))}; "
+    raise KeyError(f"unknown reward {name!r}.{hint} Registered: {', '.join(sorted(registry))}; "
                    "or pass a 'package.module:function' path.")
 
 
 def list_rewards() -> list[str]:
     """Registered reward names, sorted (``mmalign ls``); :func:`describe_rewards` adds descriptions."""
-    return sorted(REWARDS)
+    return sorted(all_rewards())
 
 
 def describe_rewards() -> list[tuple[str, str]]:
@@ -129,9 +120,10 @@ def describe_rewards() -> list[tuple[str, str]]:
     (their heavy dependencies are not).
     """
     rows = []
-    for name in sorted(REWARDS):
+    registry = all_rewards()
+    for name in sorted(registry):
         try:
-            doc = (_resolve(REWARDS[name]).__doc__ or "").strip().splitlines()
+            doc = (_resolve(registry[name]).__doc__ or "").strip().splitlines()
             desc = doc[0] if doc else ""
         except (ValueError, ImportError) as e:  # a plugin whose module is missing still gets listed
             desc = f"(unavailable: {e})"
@@ -176,4 +168,4 @@ class RewardSpec:
         return get_reward(self.name, **self.kwargs)
 
 
-__all__ = ["REWARDS", "ComponentReward", "Reward", "RewardSpec", "describe_rewards", "get_reward", "list_rewards"]
+__all__ = ["REWARDS", "all_rewards", "Reward", "RewardSpec", "describe_rewards", "get_reward", "list_rewards"]

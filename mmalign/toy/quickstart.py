@@ -172,8 +172,8 @@ def quickstart(
     Returns:
         The metrics dict written to ``metrics.json``.
     """
-    from mmalign.config import load_config
     from mmalign.toy.evaluate import compare_scores, markdown_table, paired_grid, score_pair
+    from mmalign.trainers import load_config
     from mmalign.trainers.loop import train
 
     opts = options or QuickstartOptions()

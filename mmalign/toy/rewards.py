@@ -8,7 +8,7 @@ unsaturated, a shape is one saturated colour from :data:`~mmalign.toy.render.COL
 
 Rewards are continuous in [0, 1] (higher is better) so that preference pairs and win rates have
 resolution; see DESIGN §5 on why a binary reward cannot show a clear win over a base that is already
-right 80% of the time. They are registered in :data:`mmalign.rewards.REWARDS` as ``toy_color``,
+right 80% of the time. They are registered through the ``mmalign.rewards`` entry points (pyproject.toml) as ``toy_color``,
 ``toy_color_correct``, ``toy_defect``, ``toy_shape`` and ``toy_flicker``.
 """
 

@@ -1,7 +1,7 @@
 """Pretrain the toy video model: the toy image pipeline's parts plus AnimateDiff motion modules (DESIGN §5).
 
 The toy image pipeline (``mmalign/toy/assets/toy-sd``: VAE, CLIP text encoder, UNet2DConditionModel) is
-turned into a diffusers ``AnimateDiffPipeline`` (:func:`mmalign.pipelines.toy_video.make_toy_video_pipeline`)
+turned into a diffusers ``AnimateDiffPipeline`` (:func:`mmalign.toy.tiny.make_toy_video_pipeline`)
 and only its motion modules are trained (DDPM epsilon, EMA), on rendered clips of a moving shape of which a
 fraction flicker in one random segment (:func:`mmalign.toy.render.render_video`). The base video model
 therefore flickers sometimes, which is what DenseDPO is benchmarked on (``bench/efficacy_dense_dpo.py``).
@@ -168,7 +168,8 @@ def toy_video_build(
     """
     from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
 
-    from mmalign.pipelines.toy_video import ToyVideoAdapter, make_toy_video_pipeline
+    from mmalign.pipelines.toy_video import ToyVideoAdapter
+    from mmalign.toy.tiny import make_toy_video_pipeline
 
     cfg = ToyVideoBuildConfig(**overrides)
     out_dir = Path(out_dir)

@@ -1,86 +1,121 @@
 """Trainers: one file per method (its Config dataclass + ``compute_loss``), one loop (``loop.py``).
 
-``METHODS`` is the explicit registry the config loader and the CLI read. A method contributes:
+``METHODS`` is the explicit registry the CLI and the loop read. A :class:`Method` contributes:
 
 - ``config_cls``: a dataclass with ``name`` and its hyper-parameters (paper defaults, help strings);
 - ``compute_loss(batch, models, cfg) -> (loss, metrics)``: the scalar to back-propagate and detached metrics;
-- ``data``: ``"module:function"`` building its training data (image pairs, video pairs, prompts only ...);
-- ``state`` (optional): ``"module:function"`` making per-run method state from ``(models, cfg)``, e.g. an EMA
-  teacher. The loop hands it to ``compute_loss`` as ``models.state`` and checkpoints it with the run
-  (it needs ``state_dict``/``load_state_dict``), so a resumed run continues it exactly.
+- ``build_data(run_cfg, adapter, accelerator) -> TrainData``: its training data (:mod:`mmalign.trainers.data`);
+- ``make_state`` (optional): per-run method state from ``(models, cfg)``, e.g. an EMA teacher. The loop hands it
+  to ``compute_loss`` as ``models.state``, calls its ``after_optimizer_step()`` after every optimizer step and
+  checkpoints it (``state_dict``/``load_state_dict``), so a resumed run continues it exactly;
+- ``needs_reference(cfg)``: whether full fine-tuning must keep a frozen reference copy (Self-NPO with an EMA
+  teacher never reads one);
+- ``noise_processes``: the pipeline noise processes it supports (methods built on ``alphas_cumprod`` -- DDIM
+  inversion, DDIM teachers -- need "ddpm"); checked at config validation (:func:`load_config`).
+
+:func:`load_config` is :func:`mmalign.config.load_config` given these method configs, plus the method/family
+compatibility check.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmalign import config as _config
+from mmalign.config import ConfigError, RunConfig
+from mmalign.pipelines import FAMILIES, family_of_class
+from mmalign.trainers import data, dense_dpo, diffusion_dpo, inversion_dpo, self_npo
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    config: str  # "module:ConfigClass"
-    loss: str  # "module:compute_loss"
-    data: str  # "module:builder" returning a TrainData
+    config_cls: type
+    compute_loss: Callable[..., Any]
+    build_data: Callable[..., Any]
     summary: str
-    state: str | None = None  # "module:make_state" -> object with state_dict/load_state_dict
-
-    @property
-    def make_state(self):
-        return _load(self.state) if self.state else None
-
-    @property
-    def config_cls(self) -> type:
-        return _load(self.config)
-
-    @property
-    def compute_loss(self):
-        return _load(self.loss)
-
-    @property
-    def build_data(self):
-        return _load(self.data)
-
-
-def _load(path: str):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    make_state: Callable[..., Any] | None = None
+    needs_reference: Callable[[Any], bool] = lambda cfg: True
+    noise_processes: tuple[str, ...] = ("ddpm", "flow")
+    why_ddpm: str = ""  # the sentence saying why a "ddpm"-only method cannot train a flow model
 
 
 METHODS: dict[str, Method] = {
     "diffusion_dpo": Method(
-        "diffusion_dpo",
-        "mmalign.trainers.diffusion_dpo:DiffusionDPOConfig",
-        "mmalign.trainers.diffusion_dpo:compute_loss",
-        "mmalign.data.setup:image_pair_data",
+        "diffusion_dpo", diffusion_dpo.DiffusionDPOConfig, diffusion_dpo.compute_loss, data.image_pairs,
         "Diffusion-DPO (Wallace et al. 2023): preference pairs, shared noise and timestep; sigmoid/hinge/ipo, f-DPO, Diffusion-NPO via swap_pairs.",
     ),
     "inversion_dpo": Method(
-        "inversion_dpo",
-        "mmalign.trainers.inversion_dpo:InversionDPOConfig",
-        "mmalign.trainers.inversion_dpo:compute_loss",
-        "mmalign.trainers.inversion_dpo:inversion_pair_data",
+        "inversion_dpo", inversion_dpo.InversionDPOConfig, inversion_dpo.compute_loss, data.inversion_pairs,
         "Inversion-DPO (Li et al. 2025): DDIM-inverted noising with cached inversions; inverted_noise (InPO-style) or trajectory (released code) mode.",
+        noise_processes=("ddpm",),
+        why_ddpm="its DDIM inversion and implied noise are defined on a DDPM schedule (alphas_cumprod)",
     ),
     "self_npo": Method(
-        "self_npo",
-        "mmalign.trainers.self_npo:SelfNPOConfig",
-        "mmalign.trainers.self_npo:compute_loss",
-        "mmalign.data.prompts:prompt_data",
+        "self_npo", self_npo.SelfNPOConfig, self_npo.compute_loss, data.prompts,
         "Self-NPO (Wang et al. 2025): data-free negative model for NPO guidance; EMA teacher, truncated DDIM, pseudo-Huber. Prompts only.",
-        state="mmalign.trainers.self_npo:make_state",
+        make_state=self_npo.make_state,
+        needs_reference=lambda cfg: cfg.ema_decay >= 1.0,
+        noise_processes=("ddpm",),
+        why_ddpm="its DDIM teacher rollout and re-noising use the DDPM schedule's alphas_cumprod",
     ),
     "dense_dpo": Method(
-        "dense_dpo",
-        "mmalign.trainers.dense_dpo:DenseDPOConfig",
-        "mmalign.trainers.dense_dpo:compute_loss",
-        "mmalign.trainers.dense_dpo:video_pair_data",
+        "dense_dpo", dense_dpo.DenseDPOConfig, dense_dpo.compute_loss, data.video_pairs,
         "DenseDPO (Wu et al. 2025): video pairs with per-segment labels mapped to latent frames, ties masked; vanilla whole-clip video DPO via loss=vanilla.",
     ),
 }
+
+METHOD_CONFIGS: dict[str, type] = {name: method.config_cls for name, method in METHODS.items()}
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_noise_process(method_name: str, family: str, noise_process: str) -> None:
+    """Raise a one-sentence ConfigError when ``method_name`` cannot train a ``noise_process`` model."""
+    method = get_method(method_name)
+    if noise_process not in method.noise_processes:
+        fits = sorted(f for f, spec in FAMILIES.items() if spec.noise_process in method.noise_processes)
+        raise ConfigError(
+            f"method.name={method_name} cannot train model.family={family}: {method.why_ddpm or 'it needs a DDPM schedule'}, "
+            f"and {family} is a {noise_process}-matching model; use a {'/'.join(method.noise_processes)} family "
+            f"({', '.join(fits)}) or a method that supports flow matching (diffusion_dpo, dense_dpo)."
+        )
+
+
+def _static_family(cfg: RunConfig) -> str | None:
+    """The family known without loading weights: model.family, or a local model_index.json (no network)."""
+    if cfg.model.family != "auto":
+        return cfg.model.family
+    index = Path(cfg.model.pretrained) / "model_index.json"
+    if index.is_file():
+        try:
+            return family_of_class(json.loads(index.read_text()).get("_class_name"))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a recipe (:func:`mmalign.config.load_config` with every registered method) and check that the method
+    can train the model's family (when the family is known before loading weights)."""
+    cfg = _config.load_config(path, overrides, method_configs=METHOD_CONFIGS)
+    family = _static_family(cfg)
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError(f"{path or 'config'}: model.family={family!r} is unknown; choose from {sorted(FAMILIES)} or auto")
+        try:
+            check_noise_process(cfg.method.name, family, FAMILIES[family].noise_process)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+    return cfg
+
+
+__all__ = ["METHODS", "METHOD_CONFIGS", "Method", "check_noise_process", "get_method", "load_config"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mmalign.pipelines import PipelineAdapter, per_sample_mse
+from mmalign.pipelines import PipelineAdapter, per_frame_mse, per_sample_mse
 
 
 @dataclass
@@ -34,6 +34,9 @@ class TrainModels:
                 yield self.reference_denoiser
                 return
             net = self.unwrap(self.denoiser)
+            if not getattr(net, "_hf_peft_config_loaded", False):
+                raise RuntimeError("no reference: full fine-tuning keeps a frozen copy only for methods whose "
+                                   "Method.needs_reference(cfg) is true")
             net.disable_adapters()
             try:
                 yield net
@@ -76,3 +79,15 @@ def pair_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: di
     m_w, m_l = model_err.chunk(2)
     r_w, r_l = ref_err.chunk(2)
     return m_w, m_l, r_w, r_l
+
+
+def frame_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                 target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-latent-frame policy and reference errors on a stacked [2B] batch -> (m_0, m_1, r_0, r_1), each [B,T]."""
+    adapter = models.adapter
+    model_err = per_frame_mse(adapter.predict(models.denoiser, xt, t, cond), target)
+    with models.reference() as ref:
+        ref_err = per_frame_mse(adapter.predict(ref, xt, t, cond), target)
+    m_0, m_1 = model_err.chunk(2)
+    r_0, r_1 = ref_err.chunk(2)
+    return m_0, m_1, r_0, r_1

@@ -1,7 +1,7 @@
-"""DenseDPO trainer (Wu et al. 2025, arXiv 2506.03517): config, video pair data, compute_loss.
+"""DenseDPO trainer (Wu et al. 2025, arXiv 2506.03517): config + compute_loss.
 
-Video pairs with per-segment labels (:mod:`mmalign.data.segments`) are decoded, their VAE posterior
-moments and prompt embeddings cached once, and each step draws one timestep and one noise for both clips,
+Video pairs with per-segment labels (:mod:`mmalign.data.segments`, :mod:`mmalign.data.video_pairs`) are
+decoded, their VAE posterior moments and prompt embeddings cached once, and each step draws one timestep and one noise for both clips,
 computes per-latent-frame errors [B,T] (mean over C,H,W) for the policy and the reference, and applies
 :func:`~mmalign.losses.dense_dpo.dense_dpo_loss` (``loss=dense``) or the whole-clip
 :func:`~mmalign.losses.dense_dpo.video_dpo_loss` (``loss=vanilla``, the paper's VanillaDPO baseline on
@@ -11,23 +11,12 @@ the same pairs, labels = majority of the segments, clip ties dropped).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mmalign.config import ConfigError, _f
-from mmalign.data.segments import (
-    CachedVideoPairDataset,
-    VideoLatentCache,
-    VideoPairDataset,
-    collate_video_pairs,
-    keep_record,
-    load_video_pairs,
-)
-from mmalign.data.setup import TrainData, cache_root, drop_captions
 from mmalign.losses.dense_dpo import dense_dpo_loss, video_dpo_loss
-from mmalign.pipelines import per_frame_mse
-from mmalign.trainers.common import TrainModels, noised_pairs, repeat_cond
+from mmalign.trainers.common import TrainModels, frame_errors, noised_pairs, repeat_cond
 
 LOSSES = ("dense", "vanilla")
 
@@ -64,81 +53,6 @@ class DenseDPOConfig:
             value = getattr(self, key)
             if value is not None and value % 8:
                 raise ConfigError(f"method.{key}={value} must be a multiple of 8 (the video VAEs downsample by 8)")
-
-
-def video_pair_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
-    """Video pairs with segment labels -> cached moments + embeddings (or per-step encoding with data.cache=false)."""
-    d, mcfg = cfg.data, cfg.method
-    if not hasattr(adapter, "temporal_compression"):
-        raise ConfigError(f"method.name=dense_dpo needs a video pipeline family; {adapter.family} is an image family")
-    records = load_video_pairs(d.source, max_items=d.max_items)
-    dense = mcfg.loss == "dense"
-    kept = [r for r in records if keep_record(r, dense=dense, min_non_tie=mcfg.min_non_tie)]
-    counts = {"rows": len(records), "dropped_few_labels": len(records) - len(kept)}
-    if not kept:
-        rule = f"more than {mcfg.min_non_tie:.0%} non-tie segments" if dense else "a non-tie majority label"
-        raise ConfigError(f"{d.source}: none of the {len(records)} pairs has {rule}; nothing to train on")
-    res = cfg.model.resolution
-    decode = dict(height=mcfg.height or res, width=mcfg.width or res, fps=mcfg.fps, num_frames=mcfg.num_frames,
-                  segment_seconds=mcfg.segment_seconds, compression=adapter.temporal_compression, causal=adapter.causal,
-                  straddle=mcfg.straddle, backend=mcfg.video_backend)
-    skip = d.on_bad_item == "skip"
-
-    def prepare(raw: dict, device: torch.device) -> dict:
-        return prepare_video_batch(raw, adapter, cache, d.caption_dropout, device)
-
-    if not d.cache:
-        cache = None
-        dataset = VideoPairDataset(kept, decode, random_flip=d.random_flip, skip_bad=skip)
-        return TrainData(dataset, collate_video_pairs, prepare, {**counts, "pairs": len(kept)})
-    m = cfg.model
-    fingerprint = {"model": m.pretrained, "revision": m.revision, "variant": m.variant, "family": adapter.family,
-                   "vae_config": dict(adapter.vae.config), "random_flip": d.random_flip,
-                   **{k: v for k, v in decode.items() if k != "backend"}}
-    cache = VideoLatentCache(cache_root(cfg), fingerprint)
-    if accelerator.is_main_process:
-        ok, names, skipped = cache.build(kept, adapter, decode, random_flip=d.random_flip, skip_bad=skip,
-                                         progress=cfg.train.progress)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        ok, names, skipped = cache.build(kept, adapter, decode, random_flip=d.random_flip, skip_bad=skip, progress=False)
-    if not ok:
-        raise ConfigError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
-    dataset = CachedVideoPairDataset(ok, names, cache, random_flip=d.random_flip)
-    return TrainData(dataset, collate_video_pairs, prepare, {**counts, "pairs": len(ok), "skipped": len(skipped)}, skipped)
-
-
-def prepare_video_batch(raw: dict, adapter: Any, cache: VideoLatentCache | None, caption_dropout: float,
-                        device: torch.device) -> dict:
-    """Raw batch -> ``latents_0``/``latents_1`` [B,C,T,H,W], ``labels`` [B,T], ``clip_label`` [B], ``cond``."""
-    prompts = drop_captions(raw["prompt"], caption_dropout)
-    if cache is None:
-        cond = adapter.encode_prompts(prompts)
-        mean_0, std_0 = adapter.latent_moments(raw["pixels_0"].to(device))
-        mean_1, std_1 = adapter.latent_moments(raw["pixels_1"].to(device))
-        if raw["labels"].shape[1] != mean_0.shape[2]:
-            raise ValueError(f"{raw['item_id']}: {raw['labels'].shape[1]} latent labels for {mean_0.shape[2]} latent frames")
-    else:
-        from safetensors.torch import load_file
-
-        rows = [load_file(str(cache.dir / cache.text_name(p))) for p in prompts]
-        cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        mean_0, std_0, mean_1, std_1 = (raw[k].to(device) for k in ("mean_0", "std_0", "mean_1", "std_1"))
-    return {"latents_0": adapter.latents_from_moments(mean_0, std_0), "latents_1": adapter.latents_from_moments(mean_1, std_1),
-            "labels": raw["labels"].to(device), "clip_label": raw["clip_label"].to(device),
-            "cond": {k: v.to(device) for k, v in cond.items()}, "prompts": prompts, "item_id": raw.get("item_id", [])}
-
-
-def frame_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                 target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-latent-frame policy and reference errors on a stacked [2B] batch -> (m_0, m_1, r_0, r_1), each [B,T]."""
-    adapter = models.adapter
-    model_err = per_frame_mse(adapter.predict(models.denoiser, xt, t, cond), target)
-    with models.reference() as ref:
-        ref_err = per_frame_mse(adapter.predict(ref, xt, t, cond), target)
-    m_0, m_1 = model_err.chunk(2)
-    r_0, r_1 = ref_err.chunk(2)
-    return m_0, m_1, r_0, r_1
 
 
 def compute_loss(batch: dict, models: TrainModels, cfg: DenseDPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

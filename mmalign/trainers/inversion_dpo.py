@@ -1,8 +1,8 @@
-"""Inversion-DPO trainer (Li et al. 2025, arXiv 2507.11554; code MIGHTYEZ/Inversion-DPO): config, data, compute_loss.
+"""Inversion-DPO trainer (Li et al. 2025, arXiv 2507.11554; code MIGHTYEZ/Inversion-DPO): config + compute_loss.
 
 Diffusion-DPO's random forward noising is replaced by a deterministic DDIM inversion of each clean latent
 with the frozen reference (:mod:`mmalign.pipelines.inversion`), cached once per (image, prompt, inverter,
-grid, guidance) by :mod:`mmalign.data.inversion_cache`. Two modes (docs/inversion_dpo.md):
+grid, guidance) by :mod:`mmalign.data.inversion_pairs`. Two modes (docs/inversion_dpo.md):
 
 - ``inverted_noise`` (default, InPO-style): sample a grid step k per pair, take the inverted ``x_{t_k}`` of
   winner and loser, form the implied noise and apply the Diffusion-DPO loss with it;
@@ -15,25 +15,15 @@ Latents are the VAE posterior *mean* (the trajectory belongs to one deterministi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import torch
 
 from mmalign.config import ConfigError, _f
-from mmalign.data.cache import CachedPairDataset, LatentCache
-from mmalign.data.inversion_cache import DTYPES, InversionCache, entry_key, module_fingerprint
-from mmalign.data.setup import TrainData, drop_captions, image_pair_data
+from mmalign.data.inversion_cache import DTYPES
 from mmalign.losses.diffusion_dpo import LOSS_TYPES, diffusion_dpo_loss
 from mmalign.losses.inversion_dpo import implied_noise, trajectory_dpo_loss, trajectory_weights
 from mmalign.pipelines import inversion
-from mmalign.pipelines.inversion import (
-    grid_alphas,
-    guided_output,
-    inversion_timesteps,
-    split_prediction,
-    zero_conditioning,
-)
+from mmalign.pipelines.base import guided_output, x0_and_eps
 from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repeat_cond
 
 MODES = ("inverted_noise", "trajectory")
@@ -86,216 +76,11 @@ class InversionDPOConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# data: the latent/text cache, plus the inversion cache
-
-
-def method_grid(mc: InversionDPOConfig, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps [N], levels [N+1]) of the method's inversion grid."""
-    grid = inversion_timesteps(adapter.scheduler.config.num_train_timesteps, mc.num_inversion_steps,
-                               spacing=mc.timestep_spacing, steps_offset=mc.steps_offset)
-    return grid, grid_alphas(adapter.scheduler, grid, set_alpha_to_one=mc.set_alpha_to_one)
-
-
-def inverter_of(adapter: Any) -> torch.nn.Module:
-    """The frozen reference network (the data is built before any LoRA is attached)."""
-    pipe = getattr(adapter, "pipeline", None)
-    if pipe is None or getattr(pipe, adapter.denoiser_name, None) is None:
-        raise ValueError(f"{type(adapter).__name__} exposes no pipeline.{adapter.denoiser_name}; inversion needs the reference network")
-    return getattr(pipe, adapter.denoiser_name)
-
-
-def inversion_fingerprint(cfg: Any, adapter: Any, denoiser: torch.nn.Module) -> dict[str, Any]:
-    mc, m = cfg.method, cfg.model
-    return {"inverter": m.pretrained, "revision": m.revision, "variant": m.variant, "weights": module_fingerprint(denoiser),
-            "family": adapter.family, "num_steps": mc.num_inversion_steps, "spacing": mc.timestep_spacing,
-            "steps_offset": mc.steps_offset, "set_alpha_to_one": mc.set_alpha_to_one, "guidance": mc.inversion_guidance,
-            "uncond": mc.uncond, "dtype": mc.cache_dtype, "store_eps": mc.mode == "trajectory" and mc.reference_eps == "cached",
-            "prediction_type": adapter.scheduler.config.prediction_type,
-            "alphas_cumprod": float(adapter.scheduler.alphas_cumprod.double().sum())}
-
-
-def _one_cond(latent_cache: LatentCache, adapter: Any, prompt: str, meta: dict, resolution: int) -> dict[str, torch.Tensor]:
-    cond = dict(latent_cache.text(prompt))
-    extra = adapter.extra_conditioning({"original_size": [meta["original_size"]], "crop_top_left": [meta["crop_top_left"]]}, resolution)
-    cond.update({k: v[0] for k, v in extra.items()})
-    return cond
-
-
-def _load_entry(latent_cache: LatentCache, adapter: Any, pair_key: str, which: str, flip: bool, prompt: str,
-                resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    item = latent_cache.pair(pair_key, flip=flip)
-    mean = item[f"mean_{which}"].float()
-    x0 = adapter.latents_from_moments(mean[None], torch.zeros_like(mean[None]))[0]  # posterior mean, scaled
-    return x0, _one_cond(latent_cache, adapter, prompt, item, resolution)
-
-
-def make_uncond(mc: InversionDPOConfig, cond: dict[str, torch.Tensor], empty: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """Unconditional branch for a batch of ``cond``: zeros, or the empty prompt's embedding (micro-conditioning kept)."""
-    if mc.inversion_guidance == 1.0:
-        return None
-    if mc.uncond == "zeros" or empty is None:
-        return zero_conditioning(cond)
-    b = next(iter(cond.values())).shape[0]
-    out = {k: v.to(cond[k].device).reshape(1, *cond[k].shape[1:]).expand(b, *cond[k].shape[1:]) for k, v in empty.items() if k in cond}
-    return {**cond, **out}
-
-
-def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset, adapter: Any, denoiser: torch.nn.Module,
-                          mc: InversionDPOConfig, *, resolution: int, flips: tuple[bool, ...], device: Any,
-                          autocast: Any = None, progress: bool = True) -> int:
-    """Invert every (pair, winner/loser, flip) of ``dataset`` missing from ``inv_cache``; returns how many.
-
-    Runs in the inverter's own dtype without autocast (unless ``autocast`` is given), so the cache holds the same
-    numbers whether ``mmalign cache --inversion`` or ``mmalign train`` filled it.
-    """
-    import contextlib
-
-    latent_cache = dataset.cache
-    grid, _ = method_grid(mc, adapter)
-    empty = latent_cache.text("") if mc.uncond == "empty_prompt" else None
-    items: dict[str, Any] = {}  # one entry per distinct (latent, prompt): shared images are inverted once
-    for rec, pk in zip(dataset.records, dataset.keys):
-        for flip in flips:
-            cached = latent_cache.pair(pk, flip=flip)
-            for which in ("w", "l"):
-                key = entry_key(cached[f"mean_{which}"], rec.prompt)
-                if key not in items:
-                    items[key] = partial(_load_entry, latent_cache, adapter, pk, which, flip, rec.prompt, resolution)
-    items = list(items.items())
-    if all(key in inv_cache for key, _ in items):
-        return 0
-    moved_from = next(denoiser.parameters()).device
-    denoiser.to(device)
-
-    def invert(x0, cond):
-        cond = {k: v.to(device) for k, v in cond.items()}
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            # module attribute lookup: tests count inverter calls by patching inversion.ddim_invert
-            return inversion.ddim_invert(adapter, denoiser, x0.to(device), cond, timesteps=grid,
-                                         guidance_scale=mc.inversion_guidance, uncond=make_uncond(mc, cond, empty),
-                                         set_alpha_to_one=mc.set_alpha_to_one)
-
-    try:
-        return inv_cache.build(items, invert, batch_size=mc.inversion_batch_size, progress=progress)
-    finally:
-        denoiser.to(moved_from)
-
-
-class InversionPairDataset(torch.utils.data.Dataset):
-    """Cached pairs plus the slices of their inverted trajectories one update needs.
-
-    ``inverted_noise``: one grid step k per pair (``step``, 0-based) and ``xt_w``/``xt_l`` [C,H,W].
-    ``trajectory``: K sorted steps (``steps`` [K]), the inverter inputs ``x_in_w``/``x_in_l`` [K,C,H,W] (the
-    latent *before* each step; step 0 starts from the clean latent, flagged by ``from_clean``) and the
-    reference eps ``ref_eps_w``/``ref_eps_l`` [K,C,H,W].
-    """
-
-    def __init__(self, base: CachedPairDataset, inv_cache: InversionCache, *, mode: str, num_steps: int, trajectory_steps: int,
-                 random_flip: bool):
-        self.base, self.inv, self.mode = base, inv_cache, mode
-        self.with_eps = inv_cache.store_eps
-        self.num_steps, self.k, self.random_flip = num_steps, trajectory_steps, random_flip
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        rec, pk = self.base.records[i], self.base.keys[i]
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        item = self.base.cache.pair(pk, flip=flip)
-        item.update(prompt=rec.prompt, item_id=rec.row)
-        key = {w: entry_key(item[f"mean_{w}"], rec.prompt) for w in ("w", "l")}
-        if self.mode == "inverted_noise":
-            step = int(torch.randint(0, self.num_steps, ()))
-            item["step"] = torch.tensor(step)
-            for w in ("w", "l"):
-                item[f"xt_{w}"] = self.inv.latents(key[w], [step])[0]
-            return item
-        steps = torch.randperm(self.num_steps)[: self.k].sort().values
-        item["steps"] = steps
-        item["from_clean"] = steps == 0
-        inputs = [max(s - 1, 0) for s in steps.tolist()]
-        for w in ("w", "l"):
-            item[f"x_in_{w}"] = self.inv.latents(key[w], inputs)
-            if self.with_eps:
-                item[f"ref_eps_{w}"] = self.inv.eps(key[w], steps.tolist())
-        return item
-
-
-def inversion_pair_data(cfg: Any, adapter: Any, accelerator: Any) -> TrainData:
-    """Pairs from the latent/text cache with their cached inversions (built here on first use).
-
-    Without ``data.cache`` or with ``method.cache_inversions=false`` the pairs come without inversions and
-    :func:`compute_loss` inverts with the reference every step (the released code's cost).
-    """
-    mc, d, res = cfg.method, cfg.data, cfg.model.resolution
-    base = image_pair_data(cfg, adapter, accelerator)
-    latent_cache = getattr(base.dataset, "cache", None)
-    grid, alphas = method_grid(mc, adapter)
-    prep = partial(prepare_inversion_batch, adapter=adapter, latent_cache=latent_cache, mc=mc,
-                   caption_dropout=d.caption_dropout, resolution=res, grid=grid, alphas=alphas)
-    if latent_cache is None or not mc.cache_inversions:
-        return TrainData(base.dataset, base.collate, prep, {**base.counts, "inversions_built": 0}, base.skipped)
-
-    denoiser = inverter_of(adapter)
-    inv_cache = InversionCache(latent_cache.dir, inversion_fingerprint(cfg, adapter, denoiser))
-    flips = (False, True) if d.random_flip else (False,)
-    built = 0
-    if accelerator.is_main_process:
-        built = build_inversion_cache(inv_cache, base.dataset, adapter, denoiser, mc, resolution=res, flips=flips,
-                                      device=accelerator.device, progress=cfg.train.progress)
-    accelerator.wait_for_everyone()
-    inv_cache.reload()
-    dataset = InversionPairDataset(base.dataset, inv_cache, mode=mc.mode, num_steps=mc.num_inversion_steps,
-                                   trajectory_steps=mc.trajectory_steps, random_flip=d.random_flip)
-    counts = {**base.counts, "inversions_built": built, "inversions_cached": len(inv_cache)}
-    return TrainData(dataset, base.collate, prep, counts, base.skipped)
-
-
-def prepare_inversion_batch(raw: dict, device: torch.device, *, adapter: Any, latent_cache: LatentCache | None,
-                            mc: InversionDPOConfig, caption_dropout: float, resolution: int, grid: torch.Tensor,
-                            alphas: torch.Tensor) -> dict:
-    """Raw batch -> posterior-mean latents, conditioning (caption-dropped for the DPO forwards, the real prompts
-    for inversion/trajectory), the grid, and whatever cached inversion slices the batch carries."""
-    prompts = list(raw["prompt"])
-    dropped = drop_captions(prompts, caption_dropout)
-    if latent_cache is None:
-        cond = adapter.encode_prompts(dropped)
-        inv_cond = adapter.encode_prompts(prompts)
-        empty = adapter.encode_prompts([""]) if mc.uncond == "empty_prompt" else None
-        mean_w, _ = adapter.latent_moments(raw["pixels_w"].to(device))
-        mean_l, _ = adapter.latent_moments(raw["pixels_l"].to(device))
-    else:
-        def texts(ps):
-            rows = [latent_cache.text(p) for p in ps]
-            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-        cond, inv_cond = texts(dropped), texts(prompts)
-        empty = texts([""]) if mc.uncond == "empty_prompt" else None
-        mean_w, mean_l = raw["mean_w"].to(device), raw["mean_l"].to(device)
-    extra = adapter.extra_conditioning(raw, resolution)
-    cond.update(extra)
-    inv_cond.update(extra)
-    cond = {k: v.to(device) for k, v in cond.items()}
-    inv_cond = {k: v.to(device) for k, v in inv_cond.items()}
-    batch = {
-        "latents_w": adapter.latents_from_moments(mean_w, torch.zeros_like(mean_w)),
-        "latents_l": adapter.latents_from_moments(mean_l, torch.zeros_like(mean_l)),
-        "cond": cond, "inv_cond": inv_cond, "inv_uncond": make_uncond(mc, inv_cond, empty),
-        "grid": grid, "alphas": alphas, "prompts": dropped, "item_id": raw.get("item_id", []),
-    }
-    for key in ("step", "xt_w", "xt_l", "steps", "from_clean", "x_in_w", "x_in_l", "ref_eps_w", "ref_eps_l"):
-        if key in raw:
-            batch[key] = raw[key].to(device)
-    return batch
-
-
-# --------------------------------------------------------------------------------------------------
 # the loss
 
 
 def compute_loss(batch: dict, models: TrainModels, cfg: InversionDPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One Inversion-DPO step on a batch of :func:`prepare_inversion_batch`.
+    """One Inversion-DPO step on a batch of :func:`mmalign.data.inversion_pairs.prepare_inversion_batch`.
 
     Args:
         batch: ``latents_w``/``latents_l`` [B,C,H,W] posterior-mean latents, ``cond`` (caption-dropped) and
@@ -369,11 +154,11 @@ def _trajectory_loss(batch, models, cfg):
         uncond = {key: v.repeat(2, *[1] * (v.ndim - 1)).repeat_interleave(k, 0) for key, v in uncond.items()}
     kind, abar_in = adapter.scheduler.config.prediction_type, alphas[steps2].flatten()
     out = guided_output(adapter, models.denoiser, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
-    model_eps = split_prediction(out, flat_x.float(), abar_in, kind)[0].reshape(2 * b, k, *x0.shape[1:])
+    model_eps = x0_and_eps(out, flat_x.float(), abar_in, kind)[1].reshape(2 * b, k, *x0.shape[1:])
     if cfg.reference_eps == "live" or ref_eps is None:  # same inputs, same batch: bitwise equal to the policy at init
         with models.reference() as ref:
             ref_out = guided_output(adapter, ref, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
-        ref_eps = split_prediction(ref_out, flat_x.float(), abar_in, kind)[0].reshape(2 * b, k, *x0.shape[1:])
+        ref_eps = x0_and_eps(ref_out, flat_x.float(), abar_in, kind)[1].reshape(2 * b, k, *x0.shape[1:])
     m_w, m_l = model_eps.chunk(2)
     r_w, r_l = ref_eps.chunk(2)
     weights = trajectory_weights(alphas[steps + 1])

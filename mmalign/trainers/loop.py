@@ -22,7 +22,7 @@ import torch
 
 from mmalign.config import RunConfig, save_config, to_dict
 from mmalign.pipelines import load_pipeline, make_adapter
-from mmalign.trainers import get_method
+from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.common import TrainModels
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -100,10 +100,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
-
-
 # --------------------------------------------------------------------------------------------------
 # the loop
 
@@ -148,11 +144,10 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
     pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
                                  trust_remote_code=m.trust_remote_code)
     adapter = make_adapter(pipe, family)
+    check_noise_process(method.name, family, adapter.noise_process)
     denoiser = getattr(pipe, adapter.denoiser_name)
-    for name in ("text_encoder", "text_encoder_2"):
-        enc = getattr(pipe, name, None)
-        if enc is not None:
-            enc.requires_grad_(False).to(accelerator.device, dtype)
+    for encoder in adapter.text_encoders:
+        encoder.requires_grad_(False).to(accelerator.device, dtype)
     pipe.vae.requires_grad_(False).to(accelerator.device)  # fp32: the stock SDXL VAE overflows in fp16
     denoiser.requires_grad_(False)
 
@@ -166,7 +161,8 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights stay fp32 under fp16/bf16 autocast
     else:
-        reference = copy.deepcopy(denoiser).requires_grad_(False).to(accelerator.device, dtype).eval()
+        if method.needs_reference(cfg.method):
+            reference = copy.deepcopy(denoiser).requires_grad_(False).to(accelerator.device, dtype).eval()
         denoiser.requires_grad_(True)
     if t_cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -281,6 +277,8 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            if models.state is not None:
+                models.state.after_optimizer_step()  # e.g. Self-NPO's EMA teacher, once per optimizer step
             step += 1
             # one collective for the loss and every metric (not one per metric), one host sync for all of them
             names = ["loss", *metrics]

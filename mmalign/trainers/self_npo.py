@@ -16,13 +16,13 @@ One step (DESIGN §3):
 
 The EMA teacher is this method's run state (``Method.state`` -> :func:`make_state`): a shadow copy of the
 *trainable* parameters only (the LoRA weights under LoRA, the whole UNet under full fine-tuning),
-initialised from the student and moved toward it at the start of every ``compute_loss`` call, i.e. after
-each optimizer step as in the released code (decay 0.999). The loop checkpoints it, so a resumed run
-continues with the same teacher. The teacher pass swaps the shadow values into the network under
-``no_grad`` and swaps them back, so under LoRA it costs a few MB and no second UNet; it serves LoRA and
-full fine-tuning alike and is exact with respect to the released update rule. Caveats: with gradient
-accumulation the update happens per micro-batch (effective decay ``ema_decay ** accumulation`` per
-optimizer step); it assumes the trainable parameters are whole on each process (DDP, not FSDP/ZeRO-3).
+initialised from the student and moved toward it by the loop after every optimizer step, as in the released
+code (decay 0.999; with gradient accumulation, once per optimizer step, not per micro-batch). The loop
+checkpoints it, so a resumed run continues with the same teacher. The teacher pass swaps the shadow values
+into the network under ``no_grad`` and swaps them back, so under LoRA it costs a few MB and no second UNet;
+it serves LoRA and full fine-tuning alike. It averages each trainable tensor on its own, so under LoRA the
+teacher's update is EMA(B) EMA(A), not EMA(BA). It assumes the trainable parameters are whole on each
+process (DDP, not FSDP/ZeRO-3).
 ``ema_decay=1`` uses the frozen reference (adapters disabled / frozen copy) as a fixed teacher instead.
 """
 
@@ -36,6 +36,7 @@ import torch
 
 from mmalign.config import ConfigError, _f
 from mmalign.losses.self_npo import renoise, self_npo_loss
+from mmalign.pipelines.base import guided_output, x0_and_eps
 from mmalign.trainers.common import TrainModels
 
 STARTS = ("noise", "real")
@@ -73,9 +74,14 @@ class SelfNPOConfig:
 
 
 class EMATeacher:
-    """Shadow copy of a network's trainable parameters, swapped in for teacher passes."""
+    """Shadow copy of a network's trainable parameters, swapped in for teacher passes.
 
-    def __init__(self, net: torch.nn.Module):
+    The loop calls :meth:`after_optimizer_step` once per optimizer step (the released update rule,
+    ``shadow <- decay * shadow + (1 - decay) * student``); computing a loss never moves it.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
@@ -93,6 +99,9 @@ class EMATeacher:
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().to(s.dtype), 1.0 - decay)
 
+    def after_optimizer_step(self) -> None:
+        self.update(self.decay)
+
     @contextlib.contextmanager
     def swapped_in(self, net: torch.nn.Module) -> Iterator[torch.nn.Module]:
         saved = [p.data for p in self.params]
@@ -108,21 +117,20 @@ class EMATeacher:
 
 def make_state(models: TrainModels, cfg: SelfNPOConfig) -> EMATeacher | None:
     """The run state the loop keeps and checkpoints: the EMA teacher (None for a fixed reference teacher)."""
-    return None if cfg.ema_decay >= 1.0 else EMATeacher(models.unwrap(models.denoiser))
+    return None if cfg.ema_decay >= 1.0 else EMATeacher(models.unwrap(models.denoiser), cfg.ema_decay)
 
 
 def teacher(models: TrainModels, ema_decay: float) -> contextlib.AbstractContextManager[torch.nn.Module]:
-    """``with teacher(models, decay) as net:`` — the EMA teacher (updated toward the student first).
+    """``with teacher(models, decay) as net:`` — the EMA teacher swapped into the network.
 
-    Outside the loop (``models.state`` unset) a teacher is created on first use and kept on ``models``.
+    Outside the loop (``models.state`` unset) a teacher is created on first use and kept on ``models``; whoever
+    steps the optimizer calls ``models.state.after_optimizer_step()`` (the loop does).
     """
     if ema_decay >= 1.0:
         return models.reference()
     net = models.unwrap(models.denoiser)
     if models.state is None:
-        models.state = EMATeacher(net)
-    else:
-        models.state.update(ema_decay)
+        models.state = EMATeacher(net, ema_decay)
     return models.state.swapped_in(net)
 
 
@@ -150,36 +158,11 @@ def rollout_timesteps(start: str, grid: torch.Tensor, k: int, n: int, generator:
     return torch.where(idx >= 0, grid[idx.clamp_min(0)], torch.zeros_like(idx))
 
 
-def x0_and_eps(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) from a denoiser output of any prediction type; alpha/sigma [B] of x's level."""
-    a = alpha.reshape(-1, *([1] * (x.ndim - 1)))
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-    pred, x = pred.float(), x.float()
-    if prediction_type == "epsilon":
-        return (x - s * pred) / a, pred
-    if prediction_type == "v_prediction":
-        return a * x - s * pred, a * pred + s * x
-    if prediction_type == "sample":
-        return pred, (x - a * pred) / s
-    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
-
-
 def null_conditioning(uncond: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
     """``empty``: the embeddings of "" as given; ``zeros``: text embeddings zeroed (SDXL code), time ids kept."""
     if mode == "empty":
         return uncond
     return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in uncond.items()}
-
-
-def guided_prediction(adapter, net, x, t, cond, uncond, w: float) -> torch.Tensor:
-    """``cond + w (cond - uncond)``; one pass when w is 0 (conditional) or -1 (unconditional)."""
-    if w == -1.0:
-        return adapter.predict(net, x, t, uncond).float()
-    pred_c = adapter.predict(net, x, t, cond).float()
-    if w == 0.0:
-        return pred_c
-    return pred_c + w * (pred_c - adapter.predict(net, x, t, uncond).float())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,6 +188,7 @@ def compute_loss(batch: dict, models: TrainModels, cfg: SelfNPOConfig) -> tuple[
     num_t = sched.config.num_train_timesteps
     abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    g = 1.0 + cfg.teacher_guidance  # c + w (c - u) = u + (1 + w)(c - u)
 
     path = rollout_timesteps(cfg.start, ddim_grid(num_t, cfg.grid_steps), cfg.teacher_steps, n).to(device)
     if cfg.start == "noise":
@@ -218,18 +202,18 @@ def compute_loss(batch: dict, models: TrainModels, cfg: SelfNPOConfig) -> tuple[
     with teacher(models, cfg.ema_decay) as net, torch.no_grad():
         for k in range(cfg.teacher_steps):
             t, t_next = path[k], path[k + 1]
-            pred = guided_prediction(adapter, net, x, t, cond, uncond, cfg.teacher_guidance)
-            x0, eps = x0_and_eps(pred, x, alpha[t], sigma[t], kind)
+            pred = guided_output(adapter, net, x, t, cond, uncond, g).float()
+            x0, eps = x0_and_eps(pred, x, abar[t], kind)
             x = alpha[t_next].reshape(-1, *([1] * (x.ndim - 1))) * x0 + sigma[t_next].reshape(-1, *([1] * (x.ndim - 1))) * eps
         t = path[-1]
-        pred = guided_prediction(adapter, net, x, t, cond, uncond, cfg.teacher_guidance)
-        target, _ = x0_and_eps(pred, x, alpha[t], sigma[t], kind)
+        pred = guided_output(adapter, net, x, t, cond, uncond, g).float()
+        target, _ = x0_and_eps(pred, x, abar[t], kind)
 
     # s ~ U{t+1, ..., T-1}, as the code's t + randint(1, T-1 - t + 1)
     s = t + 1 + (torch.rand(n, device=device) * (num_t - 1 - t)).long()
     x_s = renoise(x, alpha[t], sigma[t], alpha[s], sigma[s], torch.randn_like(x))
     pred_s = adapter.predict(models.denoiser, x_s, s, cond)
-    x0_student, _ = x0_and_eps(pred_s, x_s, alpha[s], sigma[s], kind)
+    x0_student, _ = x0_and_eps(pred_s.float(), x_s.float(), abar[s], kind)
     loss, metrics = self_npo_loss(x0_student, target, huber_c=cfg.huber_c)
     metrics.update(t_mean=t.float().mean(), s_mean=s.float().mean())
     return loss.mean(), metrics

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from mmalign.cli import main
-from mmalign.config import load_config
+from mmalign.trainers import load_config
 from mmalign.trainers.loop import train
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import assert_only_trainable_changed
 
-from mmalign.config import load_config
 from mmalign.data.video import write_video
 from mmalign.pipelines import load_pipeline, make_adapter
 from mmalign.toy.render import render_video
+from mmalign.trainers import load_config
 from mmalign.trainers.loop import train
 
 torch.set_num_threads(1)
@@ -46,7 +46,7 @@ def video_pairs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_toy_video(tmp_path_factory):
-    from mmalign.pipelines.toy_video import build_tiny_toy_video
+    from mmalign.toy.tiny import build_tiny_toy_video
 
     path = tmp_path_factory.mktemp("tiny-toy-video")
     build_tiny_toy_video(path)
@@ -79,7 +79,7 @@ def test_toy_video_trainable_change_and_frozen_stay(loss, tiny_toy_video, video_
 
 
 def test_uncached_batches_match_the_cache_layout(tiny_toy_video, video_pairs, tmp_path):
-    from mmalign.trainers.dense_dpo import video_pair_data
+    from mmalign.trainers.data import video_pairs as video_pair_data
 
     class Acc:
         is_main_process = True
@@ -107,9 +107,9 @@ def test_transformer_families_step_moves_every_lora_weight(family, tmp_path):
     from mmalign.trainers.loop import add_lora
 
     if family == "wan":
-        from mmalign.pipelines.wan import build_tiny_wan as build
+        from mmalign.toy.tiny import build_tiny_wan as build
     else:
-        from mmalign.pipelines.cogvideox import build_tiny_cogvideox as build
+        from mmalign.toy.tiny import build_tiny_cogvideox as build
     build(tmp_path / family)
     pipe, fam = load_pipeline(str(tmp_path / family))
     adapter = make_adapter(pipe, fam)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import assert_only_trainable_changed
 
-from mmalign.config import load_config
+from mmalign.commands.cache import SingleProcess as _SingleProcess
 from mmalign.pipelines import inversion, load_pipeline, make_adapter
+from mmalign.trainers import load_config
 from mmalign.trainers.common import TrainModels
-from mmalign.trainers.inversion_cli import _SingleProcess
-from mmalign.trainers.inversion_dpo import compute_loss, inversion_pair_data
+from mmalign.trainers.data import inversion_pairs as inversion_pair_data
+from mmalign.trainers.inversion_dpo import compute_loss
 from mmalign.trainers.loop import add_lora, train
 
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from mmalign.config import load_config
+from mmalign.trainers import load_config
 from mmalign.trainers.loop import train
 
 torch.set_num_threads(1)

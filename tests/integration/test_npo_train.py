@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import assert_only_trainable_changed
 
-from mmalign.config import load_config
 from mmalign.data.images import DataError
 from mmalign.pipelines import load_pipeline, make_adapter
+from mmalign.trainers import load_config
 from mmalign.trainers.common import TrainModels
 from mmalign.trainers.loop import train
 
@@ -67,7 +67,8 @@ def test_real_start_reads_images_from_a_manifest(tiny_sd15, tmp_path):
 
 
 def _prompt_batch(tiny_sd15, prompt_file, tmp_path, *extra):
-    from mmalign.data.prompts import collate_prompts, prompt_data
+    from mmalign.data.prompts import collate_prompts
+    from mmalign.trainers.data import prompts as prompt_data
     from mmalign.trainers.loop import add_lora
 
     pipe, family = load_pipeline(str(tiny_sd15))
@@ -102,7 +103,10 @@ def test_ema_teacher_equals_the_reference_at_step_zero_and_then_lags(tiny_sd15, 
     losses[1].backward()
     opt.step()
     before = [s.clone() for s in state.shadow]
-    compute_loss(batch, models, SelfNPOConfig(ema_decay=0.5))  # the teacher moves half way to the student
+    compute_loss(batch, models, SelfNPOConfig(ema_decay=0.5))  # computing a loss does not move the teacher
+    for s_new, s_old in zip(state.shadow, before):
+        torch.testing.assert_close(s_new, s_old)
+    state.after_optimizer_step()  # the loop's explicit step: the teacher moves half way to the student
     for s_new, s_old, p in zip(state.shadow, before, state.params):
         torch.testing.assert_close(s_new, 0.5 * s_old + 0.5 * p.detach())
 
@@ -113,7 +117,8 @@ def test_training_moves_the_student_toward_the_teacher_target(tiny_sd15, prompt_
     target is a posterior mean at a lower noise level than the student sees), hence the modest margin."""
     import copy
 
-    from mmalign.data.prompts import collate_prompts, prompt_data
+    from mmalign.data.prompts import collate_prompts
+    from mmalign.trainers.data import prompts as prompt_data
     from mmalign.trainers.self_npo import SelfNPOConfig, compute_loss
 
     pipe, family = load_pipeline(str(tiny_sd15))

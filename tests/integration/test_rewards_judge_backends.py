@@ -143,7 +143,7 @@ def test_http_judge_timeout_is_retried_then_reported(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
-    from mmalign.rewards.tiny import build_tiny_vlm
+    from mmalign.toy.tiny_rewards import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-llava"))
 

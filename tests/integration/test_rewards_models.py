@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.rewards import get_reward
-from mmalign.rewards.tiny import (
+from mmalign.toy.tiny_rewards import (
     build_tiny_aesthetic_head,
     build_tiny_hf_clip,
     build_tiny_hps_checkpoint,

@@ -10,10 +10,10 @@ import torch
 from conftest import assert_only_trainable_changed
 from safetensors.torch import load_file
 
-from mmalign.config import load_config
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
 from mmalign.data.setup import prepare_pair_batch
 from mmalign.pipelines import load_pipeline, make_adapter
+from mmalign.trainers import load_config
 from mmalign.trainers.loop import TrainingError, train
 
 torch.set_num_threads(1)
@@ -156,9 +156,12 @@ def test_bad_items_error_names_file_or_are_skipped_and_reported(tiny_sd15, pair_
 
 
 def test_non_finite_loss_stops_and_keeps_finished_checkpoints(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
-    from mmalign.trainers import diffusion_dpo
+    import dataclasses
 
-    real = diffusion_dpo.compute_loss
+    from mmalign.trainers import METHODS
+
+    method = METHODS["diffusion_dpo"]
+    real = method.compute_loss
     calls = {"n": 0}
 
     def nan_on_third(batch, models, cfg):
@@ -166,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_finished_checkpoints(tiny_sd15, pair_ma
         loss, metrics = real(batch, models, cfg)
         return (loss * float("nan") if calls["n"] == 3 else loss), metrics
 
-    monkeypatch.setattr(diffusion_dpo, "compute_loss", nan_on_third)
+    monkeypatch.setitem(METHODS, "diffusion_dpo", dataclasses.replace(method, compute_loss=nan_on_third))
     with pytest.raises(TrainingError, match=r"non-finite loss .* step 3 .*checkpoint-2"):
         train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.checkpoint_every=1", "train.max_steps=5"))
     assert (tmp_path / "run/checkpoints/checkpoint-2/trainable.safetensors").is_file()

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.cli import main, shipped_configs
-from mmalign.config import ConfigError, RunConfig, load_config
+from mmalign.cli import main
+from mmalign.commands.train import shipped_configs
+from mmalign.config import ConfigError, RunConfig
+from mmalign.trainers import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmalign.rewards as rewards
-from mmalign.rewards import REWARDS, RewardSpec, describe_rewards, get_reward, list_rewards
+from mmalign.rewards import REWARDS, RewardSpec, all_rewards, describe_rewards, get_reward, list_rewards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,10 +22,17 @@ def test_registry_is_a_plain_dict_of_resolvable_factories():
     assert type(REWARDS) is dict
     for name, target in REWARDS.items():
         assert callable(rewards._resolve(target)), name
-    assert list_rewards() == sorted(REWARDS)
+    assert list_rewards() == sorted(all_rewards())
     described = dict(describe_rewards())
-    assert set(described) == set(REWARDS)
+    assert set(described) == set(all_rewards())
     assert all(described[n] for n in ("pickscore", "hpsv2", "aesthetic", "vlm_judge", "hybrid"))
+
+
+def test_toy_rewards_come_from_the_entry_point_group_not_the_library():
+    plugins = rewards.plugin_rewards()
+    assert {"toy_color", "toy_defect", "toy_flicker"} <= set(plugins)
+    assert not any(str(target).startswith("mmalign.toy") for target in REWARDS.values())
+    assert callable(get_reward("toy_color"))
 
 
 def test_get_reward_by_name_and_dotted_path():
@@ -76,10 +83,10 @@ def test_shipped_reward_configs_load(path):
     specs = [RewardSpec.from_dict(s) for s in data["rewards"]]
     assert specs
     for spec in specs:
-        assert spec.name in REWARDS or ":" in spec.name
+        assert spec.name in all_rewards() or ":" in spec.name
     assert data.get("combine") in (None, "hybrid", "ensemble")
     names = set().union(*(_names(s) for s in specs))
-    assert names <= set(REWARDS)
+    assert names <= set(all_rewards())
     if names <= RULES:  # weight-free configs build and run offline
         built = load_reward_config(path)
         video = any(n in ("duration", "frame_rate", "flicker", "motion") for n in names)

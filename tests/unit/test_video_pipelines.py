@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def cog(tmp_path_factory):
-    from mmalign.pipelines.cogvideox import build_tiny_cogvideox
+    from mmalign.toy.tiny import build_tiny_cogvideox
 
     path = tmp_path_factory.mktemp("tiny-cogvideox")
     build_tiny_cogvideox(path)
@@ -23,7 +23,7 @@ def cog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
-    from mmalign.pipelines.wan import build_tiny_wan
+    from mmalign.toy.tiny import build_tiny_wan
 
     path = tmp_path_factory.mktemp("tiny-wan")
     build_tiny_wan(path)
@@ -33,7 +33,7 @@ def wan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from mmalign.pipelines.toy_video import build_tiny_toy_video
+    from mmalign.toy.tiny import build_tiny_toy_video
 
     path = tmp_path_factory.mktemp("tiny-toy-video")
     build_tiny_toy_video(path)

@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError
 from mmalign.data.structural import reward_segment_labels, segment_slices, structural_pairs
 from mmalign.pipelines import load_pipeline, make_adapter
 from mmalign.toy.render import render_video
+from mmalign.trainers import load_config
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_structural_pairs_share_eta_and_differ_by_seed(tmp_path):
-    from mmalign.pipelines.toy_video import build_tiny_toy_video
+    from mmalign.toy.tiny import build_tiny_toy_video
 
     build_tiny_toy_video(tmp_path / "m")
     pipe, family = load_pipeline(str(tmp_path / "m"))

@@ -10,7 +10,7 @@ import argparse
 import json
 
 
-class _SingleProcess:
+class SingleProcess:
     """The two things the data builders ask of an accelerate ``Accelerator`` when run outside a launch."""
 
     is_main_process = True
@@ -26,9 +26,10 @@ class _SingleProcess:
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from mmalign.config import ConfigError, load_config
+    from mmalign.config import ConfigError
     from mmalign.pipelines import load_pipeline, make_adapter
-    from mmalign.trainers import get_method
+    from mmalign.trainers import data as method_data
+    from mmalign.trainers import get_method, load_config
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.cache:
@@ -43,13 +44,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     adapter = make_adapter(pipe, family)
     getattr(pipe, adapter.denoiser_name).requires_grad_(False)
     if args.inversion:
-        from mmalign.trainers.inversion_dpo import inversion_pair_data as build
+        build = method_data.inversion_pairs
     else:
-        from mmalign.data.setup import image_pair_data as build
-
-        if get_method(cfg.method.name).data != "mmalign.data.setup:image_pair_data" and cfg.method.name != "inversion_dpo":
+        build = method_data.image_pairs
+        if get_method(cfg.method.name).build_data not in (method_data.image_pairs, method_data.inversion_pairs):
             raise ConfigError(f"{args.config}: method {cfg.method.name} does not train from the image-pair cache")
-    data = build(cfg, adapter, _SingleProcess(device))
+    data = build(cfg, adapter, SingleProcess(device))
     print(json.dumps({"config": args.config, "inversion": args.inversion, **data.counts}))
     return 0
 

@@ -1,0 +1,1 @@
+"""One module per CLI command: cli.py parses arguments and dispatches here."""

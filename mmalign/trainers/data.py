@@ -1,0 +1,51 @@
+"""Each method's training data from a run config: the run config's sections -> the data builders' flat arguments.
+
+The builders in :mod:`mmalign.data` never see a run config; this module is the one place that reads it for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mmalign.config import RunConfig
+from mmalign.data.inversion_pairs import InversionSpec, inversion_pair_data
+from mmalign.data.prompts import prompt_data
+from mmalign.data.setup import TrainData, cache_root, image_pair_data, model_fingerprint
+from mmalign.data.video_pairs import video_pair_data
+
+
+def _common(cfg: RunConfig, adapter: Any) -> dict[str, Any]:
+    m = cfg.model
+    return {
+        "cache_dir": cache_root(cfg.data.cache_dir, cfg.train.output_dir),
+        "model_id": model_fingerprint(adapter, pretrained=m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae),
+        "progress": cfg.train.progress,
+    }
+
+
+def image_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
+    """Preference pairs of images (Diffusion-DPO and its variants)."""
+    return image_pair_data(adapter, accelerator, cfg.data, resolution=cfg.model.resolution, **_common(cfg, adapter))
+
+
+def inversion_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
+    """Image pairs with their cached DDIM inversions (Inversion-DPO)."""
+    spec = InversionSpec(**{f.name: getattr(cfg.method, f.name) for f in dataclasses.fields(InversionSpec)})
+    return inversion_pair_data(adapter, accelerator, cfg.data, spec, resolution=cfg.model.resolution, **_common(cfg, adapter))
+
+
+def prompts(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
+    """Prompts only, with real images when the method starts from them (Self-NPO ``start=real``)."""
+    need_images = getattr(cfg.method, "start", "noise") == "real"
+    return prompt_data(adapter, accelerator, cfg.data, resolution=cfg.model.resolution, need_images=need_images,
+                       **_common(cfg, adapter))
+
+
+def video_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
+    """Video pairs with per-segment labels (DenseDPO, and whole-clip video DPO with ``loss=vanilla``)."""
+    mc, res = cfg.method, cfg.model.resolution
+    return video_pair_data(adapter, accelerator, cfg.data, dense=mc.loss == "dense", min_non_tie=mc.min_non_tie,
+                           height=mc.height or res, width=mc.width or res, fps=mc.fps, num_frames=mc.num_frames,
+                           segment_seconds=mc.segment_seconds, straddle=mc.straddle, video_backend=mc.video_backend,
+                           **_common(cfg, adapter))

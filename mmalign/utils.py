@@ -1,0 +1,58 @@
+"""Small helpers every floor may use (the lowest floor: imports the standard library and torch only)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def expand_like(coef: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample coefficients [B] (or a scalar) -> [B, 1, ..., 1] on ``like``'s device, broadcastable against
+    ``like`` [B, ...], in ``dtype`` (default: ``like``'s dtype)."""
+    coef = torch.as_tensor(coef, device=like.device).to(dtype or like.dtype)
+    return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim else coef
+
+
+def short_hash(data: bytes | str) -> str:
+    """20 hex digits of SHA-1: a content key for cache entries (not a security boundary)."""
+    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()[:20]
+
+
+def load_object(path: str) -> Any:
+    """``"package.module:name"`` -> the object (registries' escape hatch for user code)."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{path!r} is not a 'package.module:name' path")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module!r} for {path!r}: {err}") from err
+    try:
+        return getattr(mod, name)
+    except AttributeError as err:
+        raise ValueError(f"module {module!r} has no {name!r} ({path!r})") from err
+
+
+def parse_key_values(items: Iterable[str], *, flag: str = "--set") -> dict[str, Any]:
+    """``["scale=2", "mode=fast", "ids=[1, 2]"]`` -> ``{"scale": 2, "mode": "fast", "ids": [1, 2]}``.
+
+    Values are read as YAML scalars/lists (numbers, booleans, lists); anything else stays a string.
+    Raises ValueError naming ``flag`` and the item when it is not ``key=value``.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
