@@ -45,7 +45,8 @@ def dense_dpo_loss(
         beta: KL strength (paper: 500).
 
     Returns:
-        scalar loss (0, still attached to the graph, when every frame is a tie) and metrics: those of
+        per-clip loss [B], each clip's share of the batch's frame mean (``loss.mean()`` is the mean above; 0,
+        still attached to the graph, when every frame is a tie), and metrics: those of
         :func:`~mmalign.losses.diffusion_dpo.preference_metrics` over the non-tie frames with "w"/"l" the
         preferred/dispreferred video of each frame, plus ``non_tie_frac``.
     """
@@ -56,7 +57,8 @@ def dense_dpo_loss(
     keep = labels != 0
     n = keep.sum()
     per_frame = -F.logsigmoid(z) * keep
-    loss = per_frame.sum() / n.clamp(min=1)
+    # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
+    loss = per_frame.sum(dim=1) * (labels.shape[0] / n.clamp(min=1))
     with torch.no_grad():
         lab = labels[keep]
         m_w, m_l = _oriented(lab, model_err_0[keep], model_err_1[keep])

@@ -34,8 +34,8 @@ def trajectory_weights(abar: torch.Tensor) -> torch.Tensor:
 
 def trajectory_dpo_loss(
     model_eps_w: torch.Tensor,
-    ref_eps_w: torch.Tensor,
     model_eps_l: torch.Tensor,
+    ref_eps_w: torch.Tensor,
     ref_eps_l: torch.Tensor,
     weights: torch.Tensor,
     *,

@@ -67,5 +67,7 @@ def compute_loss(batch: dict, models: TrainModels, cfg: DenseDPOConfig) -> tuple
     pairs = noised_pairs(models.adapter, batch["latents_0"], batch["latents_1"], independent_noise=cfg.independent_noise)
     m_0, m_1, r_0, r_1 = frame_errors(models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"])
     if cfg.loss == "dense":
-        return dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta)
-    return video_dpo_loss(m_0, m_1, r_0, r_1, batch["clip_label"], beta=cfg.beta)
+        loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta)
+    else:
+        loss, metrics = video_dpo_loss(m_0, m_1, r_0, r_1, batch["clip_label"], beta=cfg.beta)
+    return loss.mean(), metrics

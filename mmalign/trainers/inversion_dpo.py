@@ -162,5 +162,5 @@ def _trajectory_loss(batch, models, cfg):
     m_w, m_l = model_eps.chunk(2)
     r_w, r_l = ref_eps.chunk(2)
     weights = trajectory_weights(alphas[steps + 1])
-    loss, metrics = trajectory_dpo_loss(m_w, r_w, m_l, r_l, weights, beta=cfg.beta, num_grid_steps=n, sign=cfg.sign)
+    loss, metrics = trajectory_dpo_loss(m_w, m_l, r_w, r_l, weights, beta=cfg.beta, num_grid_steps=n, sign=cfg.sign)
     return loss.mean(), metrics

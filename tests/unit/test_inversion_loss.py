@@ -43,14 +43,14 @@ def test_trajectory_loss_by_hand():
     # sign +1, beta 100: z = 0.5*100*(0.09 - 0.02)/2 = 1.75; loss = log(1 + e^-1.75) = 0.160
     w = trajectory_weights(torch.tensor([[0.5, 0.25]]))
     ref = _eps([0.0, 0.0])
-    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), ref, _eps([0.0, 0.1]), ref, w, beta=100.0, num_grid_steps=2, sign=1)
+    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=1)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.75)), rel=1e-5)
     assert m["reward_margin"].item() == pytest.approx(1.75, rel=1e-5)
     assert m["implicit_acc"].item() == 1.0
     assert m["delta_w"].item() == pytest.approx(0.045, rel=1e-5)  # D_w / N
     assert m["eps_diff_w"].item() == pytest.approx(0.025, rel=1e-5)  # unweighted mean of d_w
     # sign -1 (likelihood derivation): z = -1.75, loss = log(1 + e^1.75) = 1.910
-    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), ref, _eps([0.0, 0.1]), ref, w, beta=100.0, num_grid_steps=2, sign=-1)
+    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=-1)
     assert loss.item() == pytest.approx(math.log1p(math.exp(1.75)), rel=1e-5)
     assert m["implicit_acc"].item() == 0.0
 
@@ -60,7 +60,7 @@ def test_trajectory_subsample_is_unbiased_for_the_full_sum():
     # w = 1 (abar 0.5), d_w = 0.04, d_l = 0.01, beta 100: z = 50 * 0.03 = 1.5
     w = trajectory_weights(torch.tensor([[0.5]]))
     ref = _eps([0.0])
-    _, m = trajectory_dpo_loss(_eps([0.2]), ref, _eps([0.1]), ref, w, beta=100.0, num_grid_steps=4)
+    _, m = trajectory_dpo_loss(_eps([0.2]), _eps([0.1]), ref, ref, w, beta=100.0, num_grid_steps=4)
     assert m["reward_margin"].item() == pytest.approx(1.5, rel=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_trajectory_gradient_is_exactly_zero_when_policy_equals_reference():
     ref_w, ref_l = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 3, 4, 8, 8)
     model_w, model_l = ref_w.clone().requires_grad_(True), ref_l.clone().requires_grad_(True)
     w = trajectory_weights(torch.rand(2, 3) * 0.9 + 0.05)
-    loss, m = trajectory_dpo_loss(model_w, ref_w, model_l, ref_l, w, beta=2000.0, num_grid_steps=80)
+    loss, m = trajectory_dpo_loss(model_w, model_l, ref_w, ref_l, w, beta=2000.0, num_grid_steps=80)
     loss.mean().backward()
     assert loss.mean().item() == pytest.approx(math.log(2.0))
     assert m["implicit_acc"].item() == 0.5  # z == 0 counts half
