@@ -38,15 +38,16 @@ def preference_metrics(
         }
 
 
-def f_divergence_reward(delta: torch.Tensor, *, tau: float, divergence: str, alpha: float = 0.5) -> torch.Tensor:
-    """Implicit reward of f-DPO (Wang et al. 2023, arXiv 2309.16240) transferred to diffusion.
+def f_divergence_reward(delta: torch.Tensor, *, kappa: float, divergence: str, alpha: float = 0.5) -> torch.Tensor:
+    """``f'(u)`` of f-DPO (Wang et al. 2023, arXiv 2309.16240) transferred to diffusion, with ``log u = -kappa * delta``.
 
-    With ``log u = -tau * delta`` (delta = policy error - reference error, tau = beta/2) the reward is
-    ``f'(u)`` of the chosen divergence: reverse_kl ``log u`` (exactly Diffusion-DPO), forward_kl ``-1/u``,
-    js ``log(2u / (1 + u))``, alpha ``(1 - u^-alpha) / alpha``. All agree with reverse KL to first order at
-    u = 1 (js at half the slope); forward KL and alpha are bounded above, which damps over-optimisation.
+    ``delta`` = policy error - reference error. reverse_kl ``log u`` (Diffusion-DPO), forward_kl ``-1/u``,
+    js ``log(2u / (1 + u))``, alpha ``(1 - u^-alpha) / alpha``. All have slope 1 in ``log u`` at u = 1 (js 1/2);
+    forward KL and alpha are bounded above, which damps over-optimisation. ``kappa`` sets where that
+    non-linearity starts (``|log u| ~ 1`` at ``|delta| ~ 1/kappa``); it is separate from beta, whose DPO scale
+    (beta/2 = 2500) would put ``exp`` far past float range at any realistic error difference.
     """
-    log_u = -tau * delta
+    log_u = -kappa * delta
     if divergence == "reverse_kl":
         return log_u
     if divergence == "forward_kl":
@@ -60,7 +61,6 @@ def f_divergence_reward(delta: torch.Tensor, *, tau: float, divergence: str, alp
     raise ValueError(f"unknown divergence {divergence!r}; choose from {DIVERGENCES}")
 
 
-
 def diffusion_dpo_loss(
     model_err_w: torch.Tensor,
     model_err_l: torch.Tensor,
@@ -72,6 +72,7 @@ def diffusion_dpo_loss(
     sft_weight: float = 0.0,
     divergence: str = "reverse_kl",
     alpha: float = 0.5,
+    kappa: float = 100.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO loss per pair.
 
@@ -98,7 +99,10 @@ def diffusion_dpo_loss(
         loss_type: ``sigmoid`` | ``hinge`` | ``ipo``.
         sft_weight: lambda of the added winner error term (0 disables).
         divergence: f-DPO reward for the sigmoid loss: ``reverse_kl`` (= DPO), ``forward_kl``, ``js``, ``alpha``.
+            Other than reverse_kl, ``z = (tau / kappa) (f'(u_w) - f'(u_l))`` with ``log u = -kappa * delta``: the
+            same slope as DPO's ``z`` at delta = 0 (half for js), bounded where f' is.
         alpha: the alpha of the alpha-divergence.
+        kappa: f-DPO only: ``log u = -kappa * delta`` (reverse_kl stays tied to beta).
 
     Returns:
         loss [B] and the metrics dict of :func:`preference_metrics` (z is the reward margin used).
@@ -113,9 +117,11 @@ def diffusion_dpo_loss(
     if divergence == "reverse_kl":
         z = -tau * (delta_w - delta_l)
     else:
-        z = f_divergence_reward(delta_w, tau=tau, divergence=divergence, alpha=alpha) - f_divergence_reward(
-            delta_l, tau=tau, divergence=divergence, alpha=alpha
-        )
+        if kappa <= 0:
+            raise ValueError(f"kappa must be > 0, got {kappa}")
+        reward_w = f_divergence_reward(delta_w, kappa=kappa, divergence=divergence, alpha=alpha)
+        reward_l = f_divergence_reward(delta_l, kappa=kappa, divergence=divergence, alpha=alpha)
+        z = (tau / kappa) * (reward_w - reward_l)
     if loss_type == "sigmoid":
         loss = -F.logsigmoid(z)
     elif loss_type == "hinge":

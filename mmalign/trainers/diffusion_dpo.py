@@ -19,6 +19,7 @@ class DiffusionDPOConfig:
     sft_weight: float = _f(0.0, "Adds sft_weight x winner error (guards against likelihood displacement; 0 for strong bases such as SDXL).")
     divergence: str = _f("reverse_kl", "f-DPO reward: reverse_kl (= DPO) | forward_kl | js | alpha (sigmoid loss only).")
     alpha: float = _f(0.5, "alpha of the alpha-divergence.")
+    kappa: float = _f(100.0, "f-DPO only: log u = -kappa (policy err - ref err); |log u| ~ 1 at an error difference of 1/kappa. Reverse KL stays tied to beta.")
     independent_noise: bool = _f(False, "Draw separate noise for winner and loser (the papers share one draw).")
     swap_pairs: bool = _f(False, "Train on (loser, winner): Diffusion-NPO's negative model (use it through NPO guidance).")
 
@@ -29,6 +30,8 @@ class DiffusionDPOConfig:
             raise ConfigError(f"method.divergence={self.divergence!r}: choose from {DIVERGENCES}")
         if self.divergence != "reverse_kl" and self.loss_type != "sigmoid":
             raise ConfigError("method.divergence other than reverse_kl needs method.loss_type=sigmoid")
+        if self.kappa <= 0:
+            raise ConfigError(f"method.kappa={self.kappa} must be > 0 (default 100)")
         if self.beta <= 0:
             raise ConfigError(f"method.beta={self.beta} must be > 0 (typical: 2000-5000)")
 
@@ -48,5 +51,5 @@ def compute_loss(batch: dict, models: TrainModels, cfg: DiffusionDPOConfig) -> t
     cond = repeat_cond(batch["cond"])
     m_w, m_l, r_w, r_l = pair_errors(models, pairs["xt"], pairs["t"], cond, pairs["target"])
     loss, metrics = diffusion_dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, loss_type=cfg.loss_type,
-                                       sft_weight=cfg.sft_weight, divergence=cfg.divergence, alpha=cfg.alpha)
+                                       sft_weight=cfg.sft_weight, divergence=cfg.divergence, alpha=cfg.alpha, kappa=cfg.kappa)
     return loss.mean(), metrics
