@@ -16,6 +16,7 @@ from mmalign.data.segments import (
     collate_video_pairs,
     keep_record,
     load_video_pairs,
+    non_tie_fraction,
 )
 from mmalign.data.setup import TrainData, drop_captions
 from mmalign.pipelines import VideoAdapter, is_video
@@ -54,7 +55,8 @@ def video_pair_data(adapter: VideoAdapter, accelerator: Any, data: DataConfig, *
 
     if not d.cache:
         cache = None
-        dataset = VideoPairDataset(kept, decode, random_flip=d.random_flip, skip_bad=skip)
+        dataset = VideoPairDataset(kept, decode, random_flip=d.random_flip, skip_bad=skip,
+                                   min_non_tie=min_non_tie if dense else None)
         return TrainData(dataset, collate_video_pairs, prepare, {**counts, "pairs": len(kept)})
     fingerprint = {**{k: v for k, v in model_id.items() if k != "vae"}, "random_flip": d.random_flip,
                    **{k: v for k, v in decode.items() if k != "backend"}}
@@ -67,6 +69,13 @@ def video_pair_data(adapter: VideoAdapter, accelerator: Any, data: DataConfig, *
         ok, names, skipped = cache.build(kept, adapter, decode, random_flip=d.random_flip, skip_bad=skip, progress=False)
     if not ok:
         raise ConfigError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
+    if dense:  # the rule holds for the latent labels the loss sees, not only for the segment labels
+        pairs = [(r, n) for r, n in zip(ok, names) if non_tie_fraction(cache.labels(n)) > min_non_tie]
+        counts["dropped_few_latent_labels"] = len(ok) - len(pairs)
+        if not pairs:
+            raise ConfigError(f"{d.source}: no pair keeps more than {min_non_tie:.0%} labelled latent frames after mapping "
+                              f"segments onto latents (method.straddle={straddle}); nothing to train on")
+        ok, names = [r for r, _ in pairs], [n for _, n in pairs]
     dataset = CachedVideoPairDataset(ok, names, cache, random_flip=d.random_flip)
     return TrainData(dataset, collate_video_pairs, prepare, {**counts, "pairs": len(ok), "skipped": len(skipped)}, skipped)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mmalign.config import ConfigError, _f
+from mmalign.data.segments import STRADDLE
 from mmalign.losses.dense_dpo import dense_dpo_loss, video_dpo_loss
 from mmalign.trainers.common import TrainModels, frame_errors, noised_pairs, repeat_cond
 
@@ -28,7 +29,7 @@ class DenseDPOConfig:
     loss: str = _f("dense", "dense (per-latent-frame labels, ties masked) | vanilla (whole-clip DPO on the majority label).")
     segment_seconds: float = _f(1.0, "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).")
     min_non_tie: float = _f(0.2, "DenseDPO trains only on clips with more than this fraction of non-tie segments.")
-    straddle: str = _f("tie", "A latent frame covering two segments: tie (DESIGN §3) | agree (kept if both segments agree).")
+    straddle: str = _f("majority", "A latent frame covering two segments: majority (the label of a strict majority of its frames, 2-2 splits tie) | tie (DESIGN §3; ties ~40% of a causal VAE's latents at 1 s segments) | agree (kept if its segments agree).")
     num_frames: int | None = _f(None, "Frames per clip fed to the VAE (CogVideoX/Wan: 4k+1, e.g. 49 or 81); None = every sampled frame.")
     fps: float | None = _f(None, "Resample clips to this frame rate before taking num_frames (Wan 16, CogVideoX 8); None = native.")
     height: int | None = _f(None, "Frame height in pixels; None = model.resolution.")
@@ -45,8 +46,8 @@ class DenseDPOConfig:
             raise ConfigError(f"method.segment_seconds={self.segment_seconds} must be > 0 (paper: 1.0)")
         if not 0 <= self.min_non_tie < 1:
             raise ConfigError(f"method.min_non_tie={self.min_non_tie} must be in [0, 1) (paper: 0.2)")
-        if self.straddle not in ("tie", "agree"):
-            raise ConfigError(f"method.straddle={self.straddle!r}: use tie or agree")
+        if self.straddle not in STRADDLE:
+            raise ConfigError(f"method.straddle={self.straddle!r}: use one of {STRADDLE}")
         if self.video_backend not in (None, "decord", "pyav", "torchcodec"):
             raise ConfigError(f"method.video_backend={self.video_backend!r}: use decord, pyav, torchcodec or leave it unset")
         for key in ("height", "width"):

@@ -136,3 +136,73 @@ def test_transformer_families_step_moves_every_lora_weight(family, tmp_path):
         else:
             assert torch.equal(p.detach(), frozen_before[n.replace(".base_layer", "")]), f"frozen {n} changed"
     assert metrics["non_tie_frac"].item() == pytest.approx(4 / 6)
+
+
+class CausalFourX:
+    """A stand-in causal 4x video VAE family (latent 0 <- frame 0, latent j <- frames 4j-3..4j), enough for the data path."""
+
+    family, denoiser_name, noise_process, micro_conditioning = "fake_causal", "transformer", "ddpm", False
+    pipeline = scheduler = vae = None
+    temporal_compression, causal = 4, True
+    text_encoders: list = []
+
+    def encode_prompts(self, prompts):
+        return {"encoder_hidden_states": torch.zeros(len(prompts), 2, 4)}
+
+    def latent_moments(self, pixels):  # [B,T,3,H,W] -> [B,3,T_lat,H,W]
+        groups = [pixels[:, :1]] + [pixels[:, i:i + 4] for i in range(1, pixels.shape[1] - 3, 4)]
+        mean = torch.stack([g.mean(1) for g in groups], 2)
+        return mean, torch.full_like(mean, 0.1)
+
+    def latents_from_moments(self, mean, std, generator=None):
+        return mean
+
+    def encode_media(self, pixels, generator=None):
+        return self.latent_moments(pixels)[0]
+
+    def extra_conditioning(self, meta, resolution):
+        return {}
+
+    def add_noise(self, x0, noise, t):
+        return x0 + noise
+
+    def target(self, x0, noise, t):
+        return noise
+
+    def predict(self, denoiser, xt, t, cond):
+        return xt
+
+    def sample_timesteps(self, n, generator, device):
+        return torch.zeros(n, dtype=torch.long)
+
+    def decode_latents(self, latents):
+        return latents
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_min_non_tie_applies_to_latent_labels(video_pairs, tmp_path, cache):
+    """8 frames at 4 fps, two 1 s segments: a clip labelled only in segment 1 has 50% labelled segments (kept by the
+    segment rule) but its latents are frame 0 and frames 1-4, three of them in segment 0: no labelled latent."""
+    from mmalign.config import DataConfig
+    from mmalign.data.video_pairs import video_pair_data
+    from mmalign.pipelines import is_video
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    adapter = CausalFourX()
+    assert is_video(adapter)
+    data = video_pair_data(adapter, Acc(), DataConfig(source=str(video_pairs), cache=cache), cache_dir=tmp_path / "cache",
+                           model_id={"model": "fake"}, dense=True, min_non_tie=0.2, height=16, width=16, fps=None,
+                           num_frames=None, segment_seconds=1.0, straddle="majority", video_backend=None, progress=False)
+    assert data.counts["dropped_few_labels"] == 1  # the all-tie row, by its segment labels
+    if cache:
+        assert data.counts["dropped_few_latent_labels"] == 2 and len(data.dataset) == 2
+        assert all(data.dataset[i]["labels"].abs().tolist() == [1, 1] for i in range(2))  # majority: frames 1-4 labelled
+    else:
+        items = [data.dataset[i] for i in range(len(data.dataset))]
+        skipped = [it for it in items if "skipped" in it]
+        assert len(skipped) == 2 and all("latent frames" in it["skipped"] for it in skipped)

@@ -31,8 +31,8 @@ def test_causal_4x_nine_frames_three_latents():
     seg = fps_segments(9, 4)
     assert seg.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
     # latent 1 holds frames 1-4 (segments 0 and 1): straddles -> tie
-    assert latent_labels([1, -1], seg, 4).tolist() == [1, 0, -1]
-    assert latent_labels([1, 1], seg, 4).tolist() == [1, 0, 1]
+    assert latent_labels([1, -1], seg, 4, straddle="tie").tolist() == [1, 0, -1]
+    assert latent_labels([1, 1], seg, 4, straddle="tie").tolist() == [1, 0, 1]
     assert latent_labels([1, 1], seg, 4, straddle="agree").tolist() == [1, 1, 1]
 
 
@@ -44,7 +44,7 @@ def test_compression_one_is_one_label_per_frame():
 def test_paper_arithmetic_121_frames_24fps():
     seg = fps_segments(121, 24)
     assert num_segments(121 / 24) == 5 and int(seg.max()) == 4  # frame 120 joins segment 4, no one-frame segment
-    lab = latent_labels([1, -1, 1, -1, 1], seg, 4)
+    lab = latent_labels([1, -1, 1, -1, 1], seg, 4, straddle="tie")
     assert lab.numel() == 31
     # latent j covers frames 4j-3..4j; segment boundaries at frames 24, 48, 72, 96 fall in latents 6, 12, 18, 24
     assert [j for j in range(31) if lab[j] == 0] == [6, 12, 18, 24]
@@ -54,9 +54,29 @@ def test_paper_arithmetic_121_frames_24fps():
 def test_mochi_6x_and_ltx_8x():
     assert len(latent_frame_groups(7, 6)) == 2  # Mochi: 7 frames -> 2 latents
     seg = fps_segments(13, 6)  # 6 fps: frames 0-5 seg 0, 6-11 seg 1, 12 -> seg 1 (round(13/6) = 2)
-    assert latent_labels([-1, 1], seg, 6).tolist() == [-1, 0, 1]  # latent 1 = frames 1-6 straddles
+    assert latent_labels([-1, 1], seg, 6, straddle="tie").tolist() == [-1, 0, 1]  # latent 1 = frames 1-6 straddles
     seg = fps_segments(17, 8)  # LTX 8x: latents {0}, {1..8}, {9..16}; segments 0-7, 8-16
-    assert latent_labels([1, -1], seg, 8).tolist() == [1, 0, -1]
+    assert latent_labels([1, -1], seg, 8, straddle="tie").tolist() == [1, 0, -1]
+
+
+def test_majority_gives_a_straddling_latent_the_label_of_three_of_its_four_frames():
+    seg = fps_segments(9, 4)  # latent 1 = frames 1-4: three in segment 0, one in segment 1
+    assert latent_labels([1, -1], seg, 4).tolist() == [1, 1, -1]  # majority is the default
+    assert latent_labels([1, -1], seg, 4, straddle="majority").tolist() == [1, 1, -1]
+    # a 2-2 split between different labels is a tie; between equal labels it keeps the label
+    two_two = torch.tensor([0, 0, 0, 1, 1])  # latent 1 = frames 1-4: segments 0, 0, 1, 1
+    assert latent_labels([1, -1], two_two, 4, straddle="majority").tolist() == [1, 0]
+    assert latent_labels([1, 1], two_two, 4, straddle="majority").tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(("frames", "fps", "ties_before"), [(49, 8, 5), (81, 16, 4)], ids=["cogvideox", "wan"])
+def test_majority_leaves_no_tie_when_every_segment_is_labelled(frames, fps, ties_before):
+    """The recipes' 1-second segments fall one frame into a causal 4x latent: tie mode ties 5/13 (CogVideoX) and
+    4/21 (Wan) latents of fully labelled clips; majority ties none."""
+    seg = fps_segments(frames, fps)
+    labels = [1 if i % 2 == 0 else -1 for i in range(int(seg.max()) + 1)]
+    assert int((latent_labels(labels, seg, 4, straddle="tie") == 0).sum()) == ties_before
+    assert int((latent_labels(labels, seg, 4) == 0).sum()) == 0
 
 
 def test_non_causal_grouping():
