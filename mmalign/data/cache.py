@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmalign.data.images import DataError
+from mmalign.data.images import DataError, mirror_crop
 from mmalign.data.pairs import PairRecord, decode_pair
 from mmalign.utils import short_hash
 
@@ -51,6 +51,7 @@ class LatentCache:
     """Read/write access to one fingerprinted cache directory."""
 
     def __init__(self, root: str | Path, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
         self.dir = fingerprint_dir(root, fingerprint)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "fingerprint.json"
@@ -73,10 +74,12 @@ class LatentCache:
         shard = self.index["pairs"][key]
         f = "f" if flip else ""
         meta = self._get(shard, f"{key}.meta").tolist()
+        original, crop = (int(meta[0]), int(meta[1])), (int(meta[2]), int(meta[3]))
         return {
             "mean_w": self._get(shard, f"{key}.w{f}.mean"), "std_w": self._get(shard, f"{key}.w{f}.std"),
             "mean_l": self._get(shard, f"{key}.l{f}.mean"), "std_l": self._get(shard, f"{key}.l{f}.std"),
-            "original_size": (int(meta[0]), int(meta[1])), "crop_top_left": (int(meta[2]), int(meta[3])),
+            "original_size": original,
+            "crop_top_left": mirror_crop(original, crop, self.fingerprint["resolution"]) if flip else crop,
         }
 
     def text(self, prompt: str) -> dict[str, torch.Tensor]:

@@ -52,3 +52,15 @@ def resize_crop(img: Image.Image, resolution: int, *, random_crop: bool = False,
         top, left = (h - resolution) // 2, (w - resolution) // 2
     x = x[:, top:top + resolution, left:left + resolution]
     return x.float().div(127.5).sub(1.0), original, (top, left)
+
+
+def mirror_crop(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The crop's (top, left) after a horizontal flip of the resized image (SDXL's add_time_ids of a flipped item).
+
+    :func:`resize_crop` resizes the short side to ``resolution`` as torchvision does (long side
+    ``int(resolution * long / short)``), so the resized width follows from the original size.
+    """
+    h, w = original_size
+    resized_w = resolution if w <= h else int(resolution * w / h)
+    top, left = crop_top_left
+    return top, resized_w - left - resolution

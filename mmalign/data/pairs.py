@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mmalign.data.images import DataError, open_image, resize_crop
+from mmalign.data.images import DataError, mirror_crop, open_image, resize_crop
 
 
 @dataclass
@@ -181,6 +181,7 @@ class PairDataset(torch.utils.data.Dataset):
             return {"skipped": str(err)}
         if self.random_flip and bool(torch.rand(()) < 0.5):
             item["pixels_w"], item["pixels_l"] = item["pixels_w"].flip(-1), item["pixels_l"].flip(-1)
+            item["crop_top_left"] = mirror_crop(item["original_size"], item["crop_top_left"], self.resolution)
         item.update(prompt=rec.prompt, item_id=rec.row)
         return item
 

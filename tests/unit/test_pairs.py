@@ -112,3 +112,32 @@ def test_resize_crop_records_sdxl_metadata(image_dir):
 def load_pairs_for(image_dir):
     (image_dir / "m.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n")
     return load_pairs(image_dir / "m.jsonl")
+
+
+def test_a_flipped_item_records_the_mirrored_crop(tmp_path):
+    """SDXL's add_time_ids carry the crop's top-left; a horizontally flipped image's crop starts from the other side."""
+    from mmalign.data.images import mirror_crop
+
+    assert mirror_crop((20, 30), (0, 0), 16) == (0, 24 - 16)  # 20x30 -> 16x24: left 0 mirrors to 8
+    assert mirror_crop((20, 30), (0, 4), 16) == (0, 4)  # a centred crop is its own mirror
+    assert mirror_crop((30, 20), (3, 0), 16) == (3, 0)  # portrait: the crop spans the width, nothing to mirror
+
+    img = Image.fromarray((torch.rand(20, 30, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    img.save(tmp_path / "a.png")
+    img.save(tmp_path / "b.png")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "x", "chosen": "a.png", "rejected": "b.png"}\n')
+    records, _ = load_pairs(tmp_path / "pairs.jsonl")
+    ds = PairDataset(records, 16, random_flip=True, random_crop=True)
+    checked = 0
+    for seed in range(16):
+        torch.manual_seed(seed)
+        item = ds[0]
+        torch.manual_seed(seed)
+        ref = decode_pair(records[0], 16, random_crop=True)  # the same crop draw, no flip
+        if torch.equal(item["pixels_w"], ref["pixels_w"].flip(-1)) and ref["crop_top_left"][1] != 4:
+            assert item["crop_top_left"] == mirror_crop(ref["original_size"], ref["crop_top_left"], 16)
+            assert item["crop_top_left"] != ref["crop_top_left"]
+            checked += 1
+        elif torch.equal(item["pixels_w"], ref["pixels_w"]):
+            assert item["crop_top_left"] == ref["crop_top_left"]
+    assert checked > 0
