@@ -45,6 +45,7 @@ class ModelConfig:
     vae: str | None = _f(None, "Replacement VAE (hub id or path), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
     resolution: int = _f(512, "Training resolution in pixels (square); SDXL uses 1024.")
     trust_remote_code: bool = _f(False, "Allow custom code from the model repository. Off unless you trust it.")
+    adapter_options: dict = _f({}, "Family-specific adapter options, e.g. {timestep_sampling: logit_normal} for wan (the DenseDPO paper's rectified-flow timesteps).")
 
     def __post_init__(self) -> None:
         if self.resolution % 8:

@@ -41,7 +41,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
                                  trust_remote_code=m.trust_remote_code)
     pipe.to(device)
-    adapter = make_adapter(pipe, family)
+    adapter = make_adapter(pipe, family, **m.adapter_options)
     getattr(pipe, adapter.denoiser_name).requires_grad_(False)
     if args.inversion:
         build = method_data.inversion_pairs

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmalign.config import ConfigError
 from mmalign.pipelines.base import (
     NoiseProcess,
     PipelineAdapter,
@@ -112,8 +113,19 @@ def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None
     return pipe, family
 
 
-def make_adapter(pipeline: Any, family: str) -> PipelineAdapter:
-    return get_family(family).adapter(pipeline)
+def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:
+    """The family's adapter around ``pipeline``; ``options`` are family-specific adapter fields (``model.adapter_options``),
+    e.g. ``timestep_sampling="logit_normal"`` for Wan."""
+    import dataclasses
+
+    cls = get_family(family).adapter
+    if options and dataclasses.is_dataclass(cls):
+        fixed = {"pipeline", "family", "denoiser_name", "noise_process"}
+        valid = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"model.adapter_options {unknown} are not options of the {family} adapter; valid: {valid}")
+    return cls(pipeline, **options)
 
 
 __all__ = ["FAMILIES", "Family", "NoiseProcess", "PipelineAdapter", "VideoAdapter", "detect_family", "family_of_class",

@@ -39,6 +39,8 @@ class WanAdapter:
     max_text_len: int = 512
 
     def __post_init__(self) -> None:
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling={self.timestep_sampling!r}: use uniform or logit_normal")
         cfg = dict(self.pipeline.scheduler.config)
         self.shift = float(cfg.get("flow_shift") or cfg.get("shift") or 1.0)
         self.scheduler = self.pipeline.scheduler  # sampling only; training maths are the flow formulas below

@@ -143,7 +143,7 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
     m = cfg.model
     pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
                                  trust_remote_code=m.trust_remote_code)
-    adapter = make_adapter(pipe, family)
+    adapter = make_adapter(pipe, family, **m.adapter_options)
     check_noise_process(method.name, family, adapter.noise_process)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:

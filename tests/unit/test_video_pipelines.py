@@ -118,3 +118,27 @@ def test_toy_video_shapes_and_epsilon_target(toy):
     mean, _ = adapter.latent_moments(clip)
     single, _ = adapter.latent_moments(clip[:, 1:2])
     assert torch.allclose(mean[:, :, 1:2], single, atol=1e-5)
+
+
+def test_wan_logit_normal_timesteps_are_selected_from_the_config(tmp_path):
+    from mmalign.config import ConfigError
+    from mmalign.pipelines import load_pipeline, make_adapter
+    from mmalign.toy.tiny import build_tiny_wan
+    from mmalign.trainers import load_config
+
+    build_tiny_wan(tmp_path / "wan")
+    pipe, family = load_pipeline(str(tmp_path / "wan"))
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'wan'}", "model.adapter_options={timestep_sampling: logit_normal}",
+                             "method.name=dense_dpo"])
+    adapter = make_adapter(pipe, family, **cfg.model.adapter_options)
+    assert adapter.timestep_sampling == "logit_normal"
+    g = torch.Generator().manual_seed(0)
+    logit = adapter.sample_timesteps(4000, g, torch.device("cpu")) / 1000
+    uniform = make_adapter(pipe, family).sample_timesteps(4000, torch.Generator().manual_seed(0), torch.device("cpu")) / 1000
+    assert not torch.equal(logit, uniform)
+    # logit-normal u concentrates mass in the middle: fewer draws at the extremes than uniform u
+    shift = adapter.shift
+    u_logit, u_uniform = (s / (shift - (shift - 1) * s) for s in (logit, uniform))  # invert the timestep shift
+    assert ((u_logit < 0.1) | (u_logit > 0.9)).float().mean() < 0.5 * ((u_uniform < 0.1) | (u_uniform > 0.9)).float().mean()
+    with pytest.raises(ConfigError, match="timestep_samplng"):
+        make_adapter(pipe, family, timestep_samplng="logit_normal")
