@@ -75,12 +75,26 @@ def _row(
     return row
 
 
-def export_labels(labels: str | Path, out: str | Path, *, majority: bool = False) -> dict[str, int]:
-    """Write the training manifest; returns counts (labels, skips, items, rows, no_majority)."""
+def export_labels(labels: str | Path, out: str | Path, *, majority: bool = False, kind: str | None = None
+                  ) -> dict[str, int]:
+    """Write the training manifest; returns counts (labels, skips, items, rows, no_majority).
+
+    Args:
+        labels: the labels JSONL written by ``annotate serve``.
+        out: the manifest to write (paths relative to it).
+        majority: one row per item (see the module docstring) instead of one per label.
+        kind: ``image`` or ``video``: export only those labels (required when the file holds both, since
+            ``train`` reads one kind per manifest).
+    """
     records = read_labels(labels)
     if not records:
         raise DataError(f"{labels}: no labels to export")
     active = active_labels(records)
+    kinds = {r.get("kind") for r in active}
+    if kind is None and len(kinds) > 1:
+        raise DataError(f"{labels}: holds image and video labels; export each with --kind image / --kind video")
+    if kind is not None:
+        active = [r for r in active if r.get("kind") == kind]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.parent.resolve()

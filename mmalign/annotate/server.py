@@ -324,6 +324,7 @@ def serve(
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made once the URL is printed wait in the backlog until uvicorn accepts
     port = sock.getsockname()[1]
     allowed = LOOPBACK if host in LOOPBACK else None
     app = create_app(store, token=token, rate=rate, max_body=max_body, allowed_hosts=allowed)

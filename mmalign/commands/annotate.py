@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mmalign.annotate.export import export_labels
 
-    counts = export_labels(args.labels, args.out, majority=args.majority)
+    counts = export_labels(args.labels, args.out, majority=args.majority, kind=args.kind)
     print(json.dumps({"out": args.out, **counts}))
     return 0
 
@@ -150,6 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one row per item with the majority choice; items without a majority are dropped",
     )
+    e.add_argument("--kind", choices=["image", "video"], help="export only image or video labels (needed when both)")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser(
