@@ -75,8 +75,9 @@ def _row(
     return row
 
 
-def export_labels(labels: str | Path, out: str | Path, *, majority: bool = False, kind: str | None = None
-                  ) -> dict[str, int]:
+def export_labels(
+    labels: str | Path, out: str | Path, *, majority: bool = False, kind: str | None = None
+) -> dict[str, int]:
     """Write the training manifest; returns counts (labels, skips, items, rows, no_majority).
 
     Args:
@@ -92,7 +93,9 @@ def export_labels(labels: str | Path, out: str | Path, *, majority: bool = False
     active = active_labels(records)
     kinds = {r.get("kind") for r in active}
     if kind is None and len(kinds) > 1:
-        raise DataError(f"{labels}: holds image and video labels; export each with --kind image / --kind video")
+        raise DataError(
+            f"{labels}: holds image and video labels; export each with --kind image / --kind video"
+        )
     if kind is not None:
         active = [r for r in active if r.get("kind") == kind]
     out = Path(out)

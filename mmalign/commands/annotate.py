@@ -15,9 +15,20 @@ import secrets
 import sys
 
 
+def access_token(host: str, token: str | None) -> str | None:
+    """The token the server requires: the given one, else a generated one unless bound to loopback."""
+    from mmalign.annotate.server import LOOPBACK
+
+    if token is not None:
+        if len(token) < 8 or not token.isprintable() or " " in token:
+            raise ValueError("--token must be at least 8 printable characters without spaces")
+        return token
+    return None if host in LOOPBACK else secrets.token_urlsafe(18)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mmalign.annotate.items import load_items
-    from mmalign.annotate.server import LOOPBACK, require_server_deps, serve
+    from mmalign.annotate.server import require_server_deps, serve
     from mmalign.annotate.store import LabelStore
 
     try:
@@ -25,12 +36,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"mmalign annotate: {err}", file=sys.stderr)
         return 2
-    token = args.token
-    if token is not None and len(token) < 8:
-        print("mmalign annotate: --token must be at least 8 characters", file=sys.stderr)
+    try:
+        token = access_token(args.host, args.token)
+    except ValueError as err:
+        print(f"mmalign annotate: {err}", file=sys.stderr)
         return 2
-    if token is None and args.host not in LOOPBACK:
-        token = secrets.token_urlsafe(18)
+    if token is not None and args.token is None:
         print(
             f"--host {args.host} is reachable from other machines: every request needs the token {token}",
             flush=True,
@@ -150,7 +161,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one row per item with the majority choice; items without a majority are dropped",
     )
-    e.add_argument("--kind", choices=["image", "video"], help="export only image or video labels (needed when both)")
+    e.add_argument(
+        "--kind", choices=["image", "video"], help="export only image or video labels (needed when both)"
+    )
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser(

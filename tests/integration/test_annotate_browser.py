@@ -20,12 +20,16 @@ from pathlib import Path
 import pytest
 from annotate_media import REPO, Server, write_video_pairs
 
-ENABLE = ("needs Debian's chromium and chromium-driver plus selenium: apt-get install -y chromium chromium-driver "
-          "&& pip install -e '.[dev]' (.ci/run does this)")
+ENABLE = (
+    "needs Debian's chromium and chromium-driver plus selenium: apt-get install -y chromium chromium-driver "
+    "&& pip install -e '.[dev]' (.ci/run does this)"
+)
 
 
 def _browser_paths() -> tuple[str, str] | None:
-    binary = os.environ.get("MMALIGN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    binary = (
+        os.environ.get("MMALIGN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
     driver = os.environ.get("MMALIGN_CHROMEDRIVER") or shutil.which("chromedriver")
     return (binary, driver) if binary and driver else None
 
@@ -43,8 +47,15 @@ def browser():
     pytest.importorskip("uvicorn", reason="pip install 'mmalign[annotate]'")
     options = webdriver.ChromeOptions()
     options.binary_location = paths[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
-                "--autoplay-policy=no-user-gesture-required", "--disable-gpu", "--mute-audio"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,800",
+        "--autoplay-policy=no-user-gesture-required",
+        "--disable-gpu",
+        "--mute-audio",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(paths[1]), options=options)
     driver.set_page_load_timeout(60)
@@ -68,12 +79,16 @@ def state(driver) -> str:
 
 
 def ready_item(driver, previous: str | None = None) -> dict:
-    """Wait for a shown item (a different one than ``previous``); which medium (0 = a) is on the left."""
+    """Wait for a shown item with both media decoded (a different item than ``previous``); which medium
+    (0 = a) is on the left."""
+
     def shown():
         info = driver.execute_script(
-            "const l = document.getElementById('media-left');"
-            "return document.body.dataset.state === 'ready' && l ? "
-            "{id: document.body.dataset.item, left: l.getAttribute('src'), kind: document.body.dataset.kind} : null")
+            "const l = document.getElementById('media-left'), r = document.getElementById('media-right');"
+            "const loaded = (m) => m && (m.tagName === 'IMG' ? m.complete && m.naturalWidth > 0 : m.readyState >= 2);"
+            "return document.body.dataset.state === 'ready' && loaded(l) && loaded(r) ? "
+            "{id: document.body.dataset.item, left: l.getAttribute('src'), kind: document.body.dataset.kind} : null"
+        )
         return info if info and info["id"] != previous else None
 
     info = wait(driver, shown, "an item")
@@ -126,8 +141,20 @@ def toy_candidates(root: Path, prompts: int = 5, per_prompt: int = 4) -> Path:
     rows = []
     for i, (prompt, seed, image) in enumerate(zip(prompt_list, seeds, images)):
         save_image(image, root / f"{i:05d}.png")
-        rows.append({"path": f"{i:05d}.png", "prompt": prompt, "negative_prompt": "", "seed": seed, "guidance": 1.0,
-                     "steps": 2, "model": str(DEFAULT_TOY_MODEL), "lora": None, "kind": "image", "group": prompt})
+        rows.append(
+            {
+                "path": f"{i:05d}.png",
+                "prompt": prompt,
+                "negative_prompt": "",
+                "seed": seed,
+                "guidance": 1.0,
+                "steps": 2,
+                "model": str(DEFAULT_TOY_MODEL),
+                "lora": None,
+                "kind": "image",
+                "group": prompt,
+            }
+        )
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
@@ -139,6 +166,7 @@ def active(labels: Path) -> list[dict]:
     return active_labels(read_labels(labels))
 
 
+@pytest.mark.slow
 def test_browser_images_keyboard_reload_export_train(browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
@@ -152,9 +180,25 @@ def test_browser_images_keyboard_reload_export_train(browser, tmp_path):
         box = login(browser, server.url, "alice")
         shot(browser, "1-annotator-id", tmp_path)
         box.send_keys(Keys.ENTER)
-        plan = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, "t", Keys.ARROW_LEFT, Keys.ARROW_RIGHT,
-                Keys.ARROW_RIGHT, "s", Keys.ARROW_LEFT, Keys.ARROW_DOWN, Keys.ARROW_LEFT]
-        names = {Keys.ARROW_LEFT: "left", Keys.ARROW_RIGHT: "right", "t": "tie", Keys.ARROW_DOWN: "tie", "s": "skip"}
+        plan = [
+            Keys.ARROW_LEFT,
+            Keys.ARROW_RIGHT,
+            "t",
+            Keys.ARROW_LEFT,
+            Keys.ARROW_RIGHT,
+            Keys.ARROW_RIGHT,
+            "s",
+            Keys.ARROW_LEFT,
+            Keys.ARROW_DOWN,
+            Keys.ARROW_LEFT,
+        ]
+        names = {
+            Keys.ARROW_LEFT: "left",
+            Keys.ARROW_RIGHT: "right",
+            "t": "tie",
+            Keys.ARROW_DOWN: "tie",
+            "s": "skip",
+        }
         expected: dict[str, str] = {}
         previous = None
         for i, k in enumerate(plan):
@@ -165,9 +209,9 @@ def test_browser_images_keyboard_reload_export_train(browser, tmp_path):
                 key(browser, Keys.ARROW_LEFT)
                 ready_item(browser, info["id"])
                 key(browser, "u")
-                wait(browser, lambda: browser.execute_script(
-                    "return document.body.dataset.state === 'ready' && document.body.dataset.item") == info["id"],
-                    "the undone item")
+                undone = info["id"]
+                script = "return document.body.dataset.state === 'ready' && document.body.dataset.item"
+                wait(browser, lambda: browser.execute_script(script) == undone, "the undone item")  # noqa: B023
             if i == 5:  # reload mid-way: the id is remembered and the same item is shown
                 browser.refresh()
                 again = ready_item(browser)
@@ -177,7 +221,9 @@ def test_browser_images_keyboard_reload_export_train(browser, tmp_path):
             previous = info["id"]
         wait(browser, lambda: state(browser) == "done", "the done page")
         progress = browser.find_element("id", "progress").text
-        assert progress.startswith("10 labelled by you") and "9/10 items complete" in progress  # a skip is no label
+        assert (
+            progress.startswith("10 labelled by you") and "9/10 items complete" in progress
+        )  # a skip is no label
         shot(browser, "4-done", tmp_path)
     finally:
         server.stop()
@@ -193,20 +239,32 @@ def test_browser_images_keyboard_reload_export_train(browser, tmp_path):
     rows = [json.loads(x) for x in pairs.read_text().splitlines()]
     assert len(rows) == 9 and {r["user"] for r in rows} == {"alice"}  # the skip is dropped
     assert {r["item"]: {1.0: "a", 0.0: "b", 0.5: "tie"}[r["label_0"]] for r in rows} == {
-        k: v for k, v in expected.items() if v != "skip"}
+        k: v for k, v in expected.items() if v != "skip"
+    }
     records, counts = load_pairs(pairs)
     assert len(records) == sum(v in "ab" for v in expected.values())  # ties dropped by train's default
 
     run = tmp_path / "run"
-    code = main(["train", str(REPO / "configs/toy/quickstart.yaml"), f"data.source={pairs}",
-                 f"model.pretrained={REPO / 'mmalign/toy/assets/toy-sd'}", f"train.output_dir={run}",
-                 "train.max_steps=2", "train.batch_size=2", "train.warmup_steps=0", "train.progress=false",
-                 "data.cache=false"])
+    code = main(
+        [
+            "train",
+            str(REPO / "configs/toy/quickstart.yaml"),
+            f"data.source={pairs}",
+            f"model.pretrained={REPO / 'mmalign/toy/assets/toy-sd'}",
+            f"train.output_dir={run}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.warmup_steps=0",
+            "train.progress=false",
+            "data.cache=false",
+        ]
+    )
     assert code == 0
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
     assert len(history) == 2 and all(h["loss"] == h["loss"] for h in history)
 
 
+@pytest.mark.slow
 def test_browser_video_segments_by_clicks_with_reload(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -228,23 +286,49 @@ def test_browser_video_segments_by_clicks_with_reload(browser, tmp_path):
             cells = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".seg"), "the segment strip")
             assert len(cells) == 3
             # one scrubber drives both clips
-            wait(browser, lambda: browser.execute_script(
-                "return [...document.querySelectorAll('video')].every(v => v.readyState >= 1)"), "video metadata")
-            browser.execute_script("const s = document.getElementById('scrub'); s.value = 500;"
-                                   "s.dispatchEvent(new Event('input'));")
-            times = wait(browser, lambda: (t := browser.execute_script(
-                "return [...document.querySelectorAll('video')].map(v => v.currentTime)")) and t[0] > 1.0 and t, "a seek")
+            wait(
+                browser,
+                lambda: browser.execute_script(
+                    "return [...document.querySelectorAll('video')].every(v => v.readyState >= 1)"
+                ),
+                "video metadata",
+            )
+            browser.execute_script(
+                "const s = document.getElementById('scrub'); s.value = 500;"
+                "s.dispatchEvent(new Event('input'));"
+            )
+            times = wait(
+                browser,
+                lambda: (
+                    (
+                        t := browser.execute_script(
+                            "return [...document.querySelectorAll('video')].map(v => v.currentTime)"
+                        )
+                    )
+                    and t[0] > 1.0
+                    and t
+                ),
+                "a seek",
+            )
             assert abs(times[0] - times[1]) < 0.1 and abs(times[0] - 1.5) < 0.2
             if n == 0:  # the overall choice waits until every segment is marked
                 key(browser, Keys.ARROW_LEFT)
-                wait(browser, lambda: "mark every segment" in browser.find_element(By.ID, "status").text, "the hint")
+                wait(
+                    browser,
+                    lambda: "mark every segment" in browser.find_element(By.ID, "status").text,
+                    "the hint",
+                )
             for i, value in enumerate(segs):
-                browser.find_element(By.CSS_SELECTOR, f'.seg button[data-seg="{i}"][data-val="{value}"]').click()
+                browser.find_element(
+                    By.CSS_SELECTOR, f'.seg button[data-seg="{i}"][data-val="{value}"]'
+                ).click()
             if n == 0:
                 shot(browser, "3-video-segments", tmp_path)
             a_sign = 1 if info["a_left"] else -1
-            expected[info["id"]] = ([{"left": a_sign, "right": -a_sign, "tie": 0}[v] for v in segs],
-                                    canonical(overall, info["a_left"]))
+            expected[info["id"]] = (
+                [{"left": a_sign, "right": -a_sign, "tie": 0}[v] for v in segs],
+                canonical(overall, info["a_left"]),
+            )
             browser.find_element(By.CSS_SELECTOR, f'footer button[data-choice="{overall}"]').click()
             if n == 0:  # reload mid-way
                 ready_item(browser, info["id"])
@@ -261,6 +345,14 @@ def test_browser_video_segments_by_clicks_with_reload(browser, tmp_path):
     recs = load_video_pairs(out)
     assert [(r.labels, {1: "a", -1: "b", 0: "tie"}[r.clip_label]) for r in recs] == list(expected.values())
     for rec in recs:  # the labels fit the clips as DenseDPO decodes them
-        item = decode_video_pair(rec, height=32, width=32, fps=None, num_frames=None, segment_seconds=1.0,
-                                 compression=4, causal=True)
+        item = decode_video_pair(
+            rec,
+            height=32,
+            width=32,
+            fps=None,
+            num_frames=None,
+            segment_seconds=1.0,
+            compression=4,
+            causal=True,
+        )
         assert item["pixels_0"].shape[0] == 24 and item["labels"].numel() == 6

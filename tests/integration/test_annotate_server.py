@@ -11,7 +11,9 @@ import pytest
 from annotate_media import Server
 from conftest import write_pair_images
 
-pytest.importorskip("starlette", reason="pip install 'mmalign[annotate]' (or [dev]) for the annotate server tests")
+pytest.importorskip(
+    "starlette", reason="pip install 'mmalign[annotate]' (or [dev]) for the annotate server tests"
+)
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx: pip install 'mmalign[dev]'")
 
 from starlette.testclient import TestClient  # noqa: E402
@@ -32,8 +34,13 @@ def store(tmp_path):
 
 def good_label(client, annotator="ann"):
     item = client.get("/api/next", params={"annotator": annotator}).json()["item"]
-    return {"label_id": secrets.token_hex(8), "annotator": annotator, "item": item["id"], "choice": "left",
-            "elapsed_ms": 900}
+    return {
+        "label_id": secrets.token_hex(8),
+        "annotator": annotator,
+        "item": item["id"],
+        "choice": "left",
+        "elapsed_ms": 900,
+    }
 
 
 def test_bad_requests_get_4xx_and_change_nothing(store):
@@ -64,8 +71,14 @@ def test_bad_requests_get_4xx_and_change_nothing(store):
     # media only by manifest index: paths and other indices reach nothing
     item = body["item"]
     assert client.get(f"/media/{item}/0").status_code == 200
-    for url in (f"/media/{item}/2", "/media/..%2F..%2Fetc%2Fpasswd/0", "/media/../../etc/passwd",
-                f"/media/{item}/..%2F..%2Fpairs.jsonl", "/pairs.jsonl", "/static/../items.py"):
+    for url in (
+        f"/media/{item}/2",
+        "/media/..%2F..%2Fetc%2Fpasswd/0",
+        "/media/../../etc/passwd",
+        f"/media/{item}/..%2F..%2Fpairs.jsonl",
+        "/pairs.jsonl",
+        "/static/../items.py",
+    ):
         assert client.get(url).status_code == 404, url
     assert store.path.stat().st_size == size == 0
     assert client.post("/api/label", json=body).status_code == 200 and store.path.stat().st_size > 0
@@ -77,16 +90,29 @@ def test_token_host_and_rate_limit(store):
     assert client.get("/").status_code == 401
     assert client.get("/api/next", params={"annotator": "a"}).status_code == 401
     assert client.get("/api/next", params={"annotator": "a", "token": "wrong-token"}).status_code == 401
-    body = {"label_id": "abcdefgh12", "annotator": "a", "item": store.items[0].id, "choice": "left", "elapsed_ms": 1}
+    body = {
+        "label_id": "abcdefgh12",
+        "annotator": "a",
+        "item": store.items[0].id,
+        "choice": "left",
+        "elapsed_ms": 1,
+    }
     assert client.post("/api/label", json=body).status_code == 401
     assert store.path.stat().st_size == 0
     assert client.get(f"/media/{store.items[0].id}/0").status_code == 401
-    assert client.get("/api/next", params={"annotator": "a"}, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        client.get(
+            "/api/next", params={"annotator": "a"}, headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+        == 200
+    )
     page = client.get("/", params={"token": token})  # the printed URL: sets the cookie the page then uses
     assert page.status_code == 200 and "mmalign annotate" in page.text
     assert client.get(f"/media/{store.items[0].id}/0").status_code == 200  # via the cookie
 
-    local = TestClient(create_app(store, allowed_hosts={"127.0.0.1", "localhost"}), base_url="http://evil.example")
+    local = TestClient(
+        create_app(store, allowed_hosts={"127.0.0.1", "localhost"}), base_url="http://evil.example"
+    )
     assert local.get("/").status_code == 400  # DNS rebinding: a loopback server answers only its own names
 
     slow = TestClient(create_app(store, rate=5, allowed_hosts={"testserver"}))
@@ -106,6 +132,18 @@ def test_cli_names_the_bad_row(tmp_path, capsys):
     assert not (tmp_path / "l.jsonl").exists()
 
 
+def test_token_is_required_off_loopback():
+    from mmalign.commands.annotate import access_token
+
+    assert access_token("127.0.0.1", None) is None and access_token("localhost", None) is None
+    generated = {access_token("0.0.0.0", None) for _ in range(3)}
+    assert len(generated) == 3 and all(len(t) >= 24 for t in generated)
+    assert access_token("0.0.0.0", "given-token") == "given-token"
+    with pytest.raises(ValueError, match="at least 8"):
+        access_token("0.0.0.0", "short")
+
+
+@pytest.mark.slow
 def test_load_8_clients_400_items_sigkill_restart(tmp_path):
     """8 concurrent clients, 400 items, overlap 2, SIGKILL mid-run, restart: none lost, none duplicated."""
     import httpx
@@ -140,8 +178,13 @@ def test_load_8_clients_400_items_sigkill_restart(tmp_path):
                 item = call("GET", "/api/next", params={"annotator": name}).json()["item"]
                 if item is None:
                     return
-                body = {"label_id": secrets.token_hex(8), "annotator": name, "item": item["id"],
-                        "choice": "left" if len(acked) % 3 else "tie", "elapsed_ms": 10}
+                body = {
+                    "label_id": secrets.token_hex(8),
+                    "annotator": name,
+                    "item": item["id"],
+                    "choice": "left" if len(acked) % 3 else "tie",
+                    "elapsed_ms": 10,
+                }
                 r = call("POST", "/api/label", json=body)  # retried with the same id across the kill
                 with lock:
                     if r.status_code == 200:
@@ -175,5 +218,7 @@ def test_load_8_clients_400_items_sigkill_restart(tmp_path):
     for r in records:
         per_item.setdefault(r["item"], set()).add(r["annotator"])
     assert len(per_item) == 400 and all(len(v) == 2 for v in per_item.values())
-    print(f"\nload test: 800 labels by 8 clients in {elapsed:.1f} s, SIGKILL after {at_kill} acknowledged, "
-          f"{conflicts[0]} conflicts answered 409")
+    print(
+        f"\nload test: 800 labels by 8 clients in {elapsed:.1f} s, SIGKILL after {at_kill} acknowledged, "
+        f"{conflicts[0]} conflicts answered 409"
+    )
