@@ -116,6 +116,9 @@ class LabelStore:
         self.undone: set[str] = set()
         self.seen: dict[str, dict[str, str]] = {}  # item -> annotator -> active label id
         self.counts: dict[str, int] = {}  # item -> active non-skip labels
+        self.by_annotator: dict[str, set[str]] = {}  # annotator -> items with their active label
+        self.complete = 0  # items with ``overlap`` labels
+        self.cursor = 0  # every item before this index is complete
         self.leases: dict[str, dict[str, float]] = {}  # item -> annotator -> expiry
         self.current: dict[str, str] = {}  # annotator -> leased item
         self.unknown_items = 0
@@ -149,16 +152,27 @@ class LabelStore:
                 self.unknown_items += 1
                 return
             self.seen.setdefault(item, {})[who] = lid
+            self.by_annotator.setdefault(who, set()).add(item)
             if rec.get("choice") != "skip":
-                self.counts[item] = self.counts.get(item, 0) + 1
+                self._count(item, +1)
         elif lid in self.labels and lid not in self.undone:
             self.undone.add(lid)
             rec = self.labels[lid]
             item, who = rec.get("item"), rec.get("annotator")
             if item in self.seen and self.seen[item].get(who) == lid:
                 del self.seen[item][who]
+                self.by_annotator[who].discard(item)
                 if rec.get("choice") != "skip":
-                    self.counts[item] -= 1
+                    self._count(item, -1)
+
+    def _count(self, item: str, delta: int) -> None:
+        before = self.counts.get(item, 0)
+        self.counts[item] = before + delta
+        if before < self.overlap <= before + delta:
+            self.complete += 1
+        elif before + delta < self.overlap <= before:
+            self.complete -= 1
+            self.cursor = min(self.cursor, self.index[item])
 
     def _append(self, rec: dict[str, Any]) -> None:
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
@@ -211,7 +225,12 @@ class LabelStore:
             ):
                 self._lease(held, annotator, now)
                 return self.by_id[held]
-            for item in self.items:
+            while (
+                self.cursor < len(self.items)
+                and self.counts.get(self.items[self.cursor].id, 0) >= self.overlap
+            ):
+                self.cursor += 1
+            for item in self.items[self.cursor :]:
                 if self._open_for(item.id, annotator, now):
                     self._lease(item.id, annotator, now)
                     return item
@@ -307,17 +326,12 @@ class LabelStore:
 
     def progress(self, annotator: str) -> dict[str, int]:
         with self.lock:
-            done = sum(1 for it in self.items if self.counts.get(it.id, 0) >= self.overlap)
-            mine = sum(1 for it in self.items if annotator in self.seen.get(it.id, {}))
-            left = sum(
-                1
-                for it in self.items
-                if annotator not in self.seen.get(it.id, {}) and self.counts.get(it.id, 0) < self.overlap
-            )
+            mine = self.by_annotator.get(annotator, set())
+            open_mine = sum(1 for item in mine if self.counts.get(item, 0) < self.overlap)
             return {
-                "mine": mine,
-                "left_for_me": left,
-                "complete": done,
+                "mine": len(mine),
+                "left_for_me": len(self.items) - self.complete - open_mine,
+                "complete": self.complete,
                 "total": len(self.items),
                 "overlap": self.overlap,
             }
