@@ -140,13 +140,13 @@ class Guard:
                 return await self._reply(
                     send, 400, f"Host {host!r} not allowed (the server is bound to loopback)"
                 )
+        client = (scope.get("client") or ("?", 0))[0]
+        if not self._allow(client):
+            return await self._reply(send, 429, "too many requests; slow down")
         if not self._token_ok(scope):
             return await self._reply(
                 send, 401, "missing or wrong access token (open the URL the server printed)"
             )
-        client = (scope.get("client") or ("?", 0))[0]
-        if not self._allow(client):
-            return await self._reply(send, 429, "too many requests; slow down")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await self._reply(send, 413, f"request body over {self.max_body} bytes")
@@ -161,14 +161,11 @@ class Guard:
                     raise BodyTooLarge
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self._reply(send, 413, f"request body over {self.max_body} bytes")
+        await self.app(scope, limited_receive, send)
 
 
 class BodyTooLarge(Exception):
-    pass
+    """Raised by the guarded ``receive`` once a body without Content-Length outgrows the limit."""
 
 
 def item_payload(store: LabelStore, item: Item, annotator: str) -> dict[str, Any]:
@@ -239,6 +236,8 @@ def create_app(
         try:
             body = await request.body()
             return model.model_validate_json(body), None
+        except BodyTooLarge:
+            return None, error(413, "request body too large")
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"

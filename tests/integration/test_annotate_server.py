@@ -65,6 +65,9 @@ def test_bad_requests_get_4xx_and_change_nothing(store):
     assert r.status_code == 415  # what a cross-site form could send without a CORS preflight
     r = client.post("/api/label", content=b"x" * 70_000, headers={"content-type": "application/json"})
     assert r.status_code == 413
+    chunks = (b"x" * 10_000 for _ in range(10))  # no Content-Length: counted as it arrives
+    r = client.post("/api/label", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413
     r = client.post("/api/undo", json={"annotator": "ann", "label_id": "nonexistent1"})
     assert r.status_code == 404
     assert client.get("/api/next", params={"annotator": ""}).status_code == 422

@@ -81,6 +81,14 @@ def test_video_items_get_segments(tmp_path):
     (item,) = load_items(manifest, segment_seconds=1.0)
     assert item.kind == "video" and item.duration == pytest.approx(3.0, abs=0.2)
     assert len(item.segments) == 3 and item.segments[0] == [0.0, 1.0] and item.segment_seconds == 1.0
+    (two,) = load_items(manifest, segment_seconds=1.5)
+    assert two.segments == [[0.0, 1.5], [1.5, 3.0]]
+
+    (tmp_path / "vids" / "bad.mp4").write_bytes(b"\x00" * 64)
+    bad = tmp_path / "vids" / "bad.csv"  # CSV manifests work the same way
+    bad.write_text("prompt,video_0,video_1\na clip,v0_0.mp4,bad.mp4\n")
+    with pytest.raises(DataError, match=r"bad\.csv:2 \(video_1\): cannot read video"):
+        load_items(bad)
 
 
 # --------------------------------------------------------------------------------------------------
