@@ -146,6 +146,67 @@ def test_token_is_required_off_loopback():
         access_token("0.0.0.0", "short")
 
 
+def test_off_loopback_the_printed_token_is_required(tmp_path):
+    """A non-loopback bind (127.0.0.2 stands in for 0.0.0.0 without opening a port to the network)."""
+    import httpx
+
+    manifest = write_pair_images(tmp_path / "imgs", n=2)
+    server = Server(manifest, tmp_path / "labels.jsonl", "--host", "127.0.0.2")
+    try:
+        assert "?token=" in server.url and any("needs the token" in line for line in server.lines)
+        token = server.url.split("?token=")[1]
+        assert httpx.get(server.base).status_code == 401
+        assert httpx.get(server.base + "api/next?annotator=a").status_code == 401
+        with httpx.Client() as browser:
+            assert browser.get(server.url).status_code == 200  # sets the cookie
+            item = browser.get(server.base + "api/next?annotator=a").json()["item"]
+            assert browser.get(server.base + item["left"]).status_code == 200
+        body = {
+            "label_id": "abcdefgh12",
+            "annotator": "a",
+            "item": item["id"],
+            "choice": "left",
+            "elapsed_ms": 5,
+        }
+        assert httpx.post(server.base + "api/label", json=body).status_code == 401
+        assert not (tmp_path / "labels.jsonl").read_text()
+        r = httpx.post(server.base + "api/label", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["new"]
+    finally:
+        server.stop()
+
+
+def test_stats_and_export_commands(tmp_path, capsys):
+    items = load_items(write_pair_images(tmp_path / "imgs", n=4))
+    store = LabelStore(tmp_path / "labels.jsonl", items, overlap=2)
+    for who, choices in {
+        "ann": ["left", "left", "right", "tie"],
+        "bob": ["left", "right", "right", "tie"],
+    }.items():
+        for it, choice in zip(items, choices):
+            store.submit(
+                label_id=f"{who}-{it.id}",
+                annotator=who,
+                item_id=it.id,
+                choice=choice,
+                segments=None,
+                elapsed_ms=2000,
+            )
+    store.close()
+    assert main(["annotate", "stats", str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "8 labels (0 undone) on 4 items" in out and "Cohen's kappa" in out and "(ann vs bob)" in out
+    assert (
+        main(["annotate", "export", str(store.path), "--out", str(tmp_path / "p.jsonl"), "--majority"]) == 0
+    )
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["rows"] + counts["no_majority"] == 4
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["annotate", "export", str(empty), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "no labels to export" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_load_8_clients_400_items_sigkill_restart(tmp_path):
     """8 concurrent clients, 400 items, overlap 2, SIGKILL mid-run, restart: none lost, none duplicated."""

@@ -272,6 +272,21 @@ def test_video_export_is_what_dense_dpo_reads(tmp_path):
     stats = label_stats(store.path)
     assert stats["segment_agreement"]["units"] == 6
 
+    images = load_items(write_pair_images(tmp_path / "imgs", n=1))
+    mixed = LabelStore(tmp_path / "mixed.jsonl", items + images)
+    label(mixed, "u1", items[0].id, "tie", segments=["tie", "left", "tie"])
+    label(mixed, "u1", images[0].id, "right")
+    mixed.close()
+    with pytest.raises(DataError, match="holds image and video labels; export each with --kind"):
+        export_labels(mixed.path, out)
+    assert (
+        export_labels(mixed.path, out, kind="image")["rows"] == 1
+        and len(load_pairs(out, keep_ties=True)[0]) == 1
+    )
+    assert (
+        export_labels(mixed.path, out, kind="video")["rows"] == 1 and load_video_pairs(out)[0].labels[1] != 0
+    )
+
 
 def test_kappas_on_hand_worked_numbers():
     # p_o = 4/6, p_e = (3*3 + 2*3 + 1*0)/36 = 15/36 -> (24 - 15)/(36 - 15) = 9/21
