@@ -206,7 +206,9 @@ def _score_key(rows: list[dict], prefixes: tuple[str, ...], score_key: str | Non
 
 def _pair_scores(row: dict, cols: tuple[str, str], key: str | None) -> tuple[float, float] | None:
     if key is None:
-        return None
+        margin = _float_or_none(row.get("margin"))
+        # `mmalign label` writes chosen/rejected with the reward's margin: chosen scored `margin` higher
+        return (margin, 0.0) if margin is not None and cols == ("chosen", "rejected") else None
     values = (row.get(f"{cols[0]}.{key}"), row.get(f"{cols[1]}.{key}"))
     if key == "score" and values == (None, None):
         values = (row.get("score_0"), row.get("score_1"))

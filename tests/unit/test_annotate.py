@@ -37,9 +37,13 @@ def test_pair_manifest_items_and_bad_rows(pairs, tmp_path):
     items = load_items(pairs)
     assert len(items) == 6 and {it.kind for it in items} == {"image"} and len({it.id for it in items}) == 6
     assert items[0].columns == ("chosen", "rejected") and items[0].media[0].endswith("img0_red.png")
-    assert [it.id for it in load_items(pairs)] == [
-        it.id for it in items
-    ]  # stable ids: labels survive a restart
+    same = load_items(pairs)
+    assert [it.id for it in same] == [it.id for it in items]  # stable ids: labels survive a restart
+    assert items[0].scores is None
+    labelled = pairs.with_name("labelled.jsonl")  # `mmalign label` output: the reward chose `chosen`
+    rows = [{**json.loads(r), "margin": 0.25} for r in pairs.read_text().splitlines()]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_items(labelled)[0].scores == (0.25, 0.0)
 
     rows = pairs.read_text().splitlines()
     missing = tmp_path / "imgs" / "missing.jsonl"
