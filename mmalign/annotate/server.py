@@ -262,6 +262,8 @@ def create_app(
             return error(409, str(err))
         except ValueError as err:
             return error(422, str(err))
+        except OSError as err:  # the page keeps the label and retries
+            return error(503, f"cannot write the labels file: {err}")
         return JSONResponse(
             {"ok": True, "new": new, "label_id": rec["label_id"], "progress": store.progress(data.annotator)}
         )
@@ -274,6 +276,8 @@ def create_app(
             item = store.undo(annotator=data.annotator, label_id=data.label_id)
         except KeyError:
             return error(404, f"no label {data.label_id!r} by {data.annotator!r}")
+        except OSError as err:
+            return error(503, f"cannot write the labels file: {err}")
         return JSONResponse(
             {
                 "ok": True,

@@ -130,7 +130,7 @@ class LabelStore:
                 self._apply(rec)
             self.torn = size - self.path.stat().st_size
         new = not self.path.exists()
-        self._fh = self.path.open("ab")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if new:  # make the file's directory entry durable too
             fd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -176,13 +176,18 @@ class LabelStore:
 
     def _append(self, rec: dict[str, Any]) -> None:
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
-        self._fh.write(line)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        size = os.fstat(self._fd).st_size
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError(f"short write to {self.path} (disk full?)")
+            os.fsync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, size)  # never leave half a line for the next record to follow
+            raise
         self._apply(rec)
 
     def close(self) -> None:
-        self._fh.close()
+        os.close(self._fd)
 
     def flipped(self, annotator: str, item_id: str) -> bool:
         """Whether ``annotator`` sees media ``b`` on the left for this item (seeded, stable across reloads)."""
@@ -274,7 +279,8 @@ class LabelStore:
                 raise Conflict(f"item {item_id} already has {self.overlap} label(s)")
             left = "b" if self.flipped(annotator, item_id) else "a"
             right = "a" if left == "b" else "b"
-            canon = {"left": left, "right": right, "tie": "tie", "skip": "skip"}[choice]
+            to_ab = {"left": left, "right": right, "tie": "tie"}
+            canon = to_ab.get(choice, choice)
             seg_labels = None
             if item.kind == "video" and choice != "skip":
                 if segments is None or len(segments) != len(item.segments or []):
@@ -282,8 +288,7 @@ class LabelStore:
                         f"item {item_id} has {len(item.segments or [])} segments; "
                         f"got {0 if segments is None else len(segments)} segment labels"
                     )
-                sign = {left: 1 if left == "a" else -1, right: 1 if right == "a" else -1, "tie": 0}
-                seg_labels = [sign[{"left": left, "right": right, "tie": "tie"}[s]] for s in segments]
+                seg_labels = [{"a": 1, "b": -1, "tie": 0}[to_ab[s]] for s in segments]
             elif segments:
                 raise ValueError("segment labels are only for video items (and not with skip)")
             rec = {

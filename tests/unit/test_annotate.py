@@ -211,6 +211,28 @@ def test_idempotent_submit_restart_torn_line_and_undo(pairs, tmp_path):
         LabelStore(path, items)
 
 
+def test_a_failed_write_leaves_no_half_line(pairs, tmp_path, monkeypatch):
+    import os
+
+    items = load_items(pairs)
+    store = LabelStore(tmp_path / "labels.jsonl", items)
+    label(store, "w", items[0].id, lid="label-0001")
+    before = store.path.read_bytes()
+    real_write = os.write
+
+    def half_write(fd, data):  # the disk fills up mid-line
+        return real_write(fd, data[: len(data) // 2])
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", half_write)
+        with pytest.raises(OSError, match="short write"):
+            label(store, "w", items[1].id, lid="label-0002")
+    assert store.path.read_bytes() == before and "label-0002" not in store.labels
+    label(store, "w", items[1].id, lid="label-0002")  # the retry lands on a clean line
+    store.close()
+    assert [r["label_id"] for r in read_labels(store.path)] == ["label-0001", "label-0002"]
+
+
 def test_video_labels_need_every_segment(tmp_path):
     items = load_items(write_video_pairs(tmp_path / "vids", n=1))
     store = LabelStore(tmp_path / "labels.jsonl", items)
