@@ -269,9 +269,18 @@ def test_load_8_clients_400_items_sigkill_restart(tmp_path):
         server = Server(manifest, labels, "--overlap", "2", "--rate", "100000", "--port", port)
         for t in threads:
             t.join(timeout=max(1, stop - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        # and once more after the work is done: the restarted server knows everything is labelled
+        server.kill()
+        server = Server(manifest, labels, "--overlap", "2", "--port", port)
+        after = httpx.get(server.base + "api/next", params={"annotator": "client0"}).json()
+        newcomer = httpx.get(server.base + "api/next", params={"annotator": "newcomer"}).json()
+        assert (
+            after["item"] is None and after["progress"]["complete"] == 400 and after["progress"]["mine"] > 0
+        )
+        assert newcomer["item"] is None and newcomer["progress"]["left_for_me"] == 0
     finally:
         server.stop()
-    elapsed = time.monotonic() - t0
     assert not any(t.is_alive() for t in threads), "clients did not finish in time"
     records = [json.loads(x) for x in labels.read_text().splitlines()]
     ids = [r["label_id"] for r in records]
