@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
 COMMAND_MODULES = ["mmalign.commands.train", "mmalign.rewards.cli", "mmalign.commands.label_video", "mmalign.commands.cache",
-                   "mmalign.toy.cli"]
+                   "mmalign.toy.cli", "mmalign.commands.annotate"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
