@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import ConfigError
 from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, uniform_timesteps
 
 
@@ -53,7 +54,23 @@ class CogVideoXAdapter:
         """Pixels [B,T,3,H,W] in [-1,1] (T = 4k+1) -> posterior mean and std [B,C,k+1,H/8,W/8]."""
         x = pixels.permute(0, 2, 1, 3, 4).to(self.vae.device, self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
+        self.check_latent_frames(dist.mean.shape[2], pixels.shape[1])
         return dist.mean, dist.std
+
+    def check_latent_frames(self, latent_frames: int, frames: int) -> None:
+        """CogVideoX 1.5 patchifies time by ``patch_size_t`` (2): its latent frames must be a multiple of it.
+
+        diffusers' CogVideoXPipeline pads *sampling* latents with extra frames and drops them after decoding;
+        a training clip has no such frames to drop, so instead of guessing a padding we refuse it here, before
+        any training step, naming the frame counts that work.
+        """
+        p_t = self.pipeline.transformer.config.get("patch_size_t")
+        if p_t and latent_frames % p_t:
+            c = self.temporal_compression
+            ok = [f for f in range(frames - 2 * c * p_t, frames + 2 * c * p_t) if f > 0 and (f - 1) % c == 0
+                  and ((f - 1) // c + 1) % p_t == 0]
+            raise ConfigError(f"CogVideoX 1.5 (transformer patch_size_t={p_t}) needs a multiple of {p_t} latent frames; "
+                              f"{frames} frames give {latent_frames}: set method.num_frames to one of {ok[:4]}")
 
     def latents_from_moments(self, mean, std, generator=None) -> torch.Tensor:
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)

@@ -142,3 +142,20 @@ def test_wan_logit_normal_timesteps_are_selected_from_the_config(tmp_path):
     assert ((u_logit < 0.1) | (u_logit > 0.9)).float().mean() < 0.5 * ((u_uniform < 0.1) | (u_uniform > 0.9)).float().mean()
     with pytest.raises(ConfigError, match="timestep_samplng"):
         make_adapter(pipe, family, timestep_samplng="logit_normal")
+
+
+def test_cogvideox_15_refuses_an_odd_number_of_latent_frames(tmp_path):
+    """CogVideoX 1.5 patchifies time by 2; a 9-frame clip (3 latents) is refused naming frame counts that work."""
+    from mmalign.config import ConfigError
+    from mmalign.toy.tiny import build_tiny_cogvideox
+
+    build_tiny_cogvideox(tmp_path / "cog")
+    pipe, family = load_pipeline(str(tmp_path / "cog"))
+    adapter = make_adapter(pipe, family)
+    pixels = torch.rand(1, 9, 3, 16, 16) * 2 - 1
+    assert adapter.latent_moments(pixels)[0].shape[2] == 3  # CogVideoX 1.0: any count
+    pipe.transformer.register_to_config(patch_size_t=2)
+    with pytest.raises(ConfigError, match=r"patch_size_t=2.*9 frames give 3.*\[5, 13") as err:
+        adapter.latent_moments(pixels)
+    assert "\n" not in str(err.value)
+    assert adapter.latent_moments(pixels[:, :5])[0].shape[2] == 2
