@@ -181,10 +181,12 @@ def run_id_of(path: Path) -> str | None:
         return None
 
 
-def list_checkpoints(root: str | Path, run_id: str | None = None) -> list[Path]:
+def list_checkpoints(root: str | Path, run_id: str | None = None, *, unreadable: bool = False) -> list[Path]:
     """Complete ``checkpoint-<int>`` folders under ``root`` (of run ``run_id`` if given), oldest first.
 
-    ``root`` is a run's ``checkpoints/`` folder, or its output_dir (``checkpoints/`` is then added)."""
+    ``root`` is a run's ``checkpoints/`` folder, or its output_dir (``checkpoints/`` is then added).
+    ``unreadable``: also those whose state.json cannot be read (so a resume reports them instead of
+    taking them for another run's; rotation leaves them alone)."""
     root = Path(root)
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
@@ -192,7 +194,7 @@ def list_checkpoints(root: str | Path, run_id: str | None = None) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
     if run_id is not None:
-        found = [p for p in found if run_id_of(p) == run_id]
+        found = [p for p in found if run_id_of(p) == run_id or (unreadable and run_id_of(p) is None)]
     return sorted(found, key=checkpoint_step)
 
 
@@ -427,7 +429,7 @@ def load_latest(root: Path, run_id: str | None, rank: int, warn: Any = print) ->
     Raises:
         CheckpointError: checkpoints exist but none can be read.
     """
-    candidates = list_checkpoints(root, run_id)
+    candidates = list_checkpoints(root, run_id, unreadable=True)
     errors = []
     for path in reversed(candidates):
         try:
