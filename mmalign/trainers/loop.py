@@ -313,8 +313,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     checkpoint. Returns the end position, seconds spent, the last metrics and the skipped items."""
     from tqdm.auto import tqdm
 
-    cfg, t_cfg, accelerator, method = run.cfg, run.cfg.train, run.accelerator, run.method
-    denoiser, optimizer, lr_scheduler, loader = run.denoiser, run.optimizer, run.lr_scheduler, run.loader
+    cfg, t_cfg, accelerator, method, loader = run.cfg, run.cfg.train, run.accelerator, run.method, run.loader
     accelerator.print(
         f"{method.name} on {run.family} ({cfg.model.pretrained}): {len(run.data.dataset)} items, "
         f"{sum(p.numel() for p in run.params):,} trainable params "
@@ -338,21 +337,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 skipped.extend(raw.get("skipped", []))
                 if "prompt" not in raw:  # every item of this batch was unreadable and skipped
                     continue
-                with accelerator.accumulate(denoiser), accelerator.autocast():
-                    batch = run.data.prepare(raw, accelerator.device)
-                    loss, metrics = method.compute_loss(batch, run.models, cfg.method)
-                    if not torch.isfinite(loss):
-                        last = list_checkpoints(run.checkpoints, run.run_id)
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {step + 1} on items {batch.get('item_id')}; "
-                            f"last checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate or method.beta, or use bf16."
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t_cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(run.params, t_cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss, metrics = _micro_step(run, raw, step)
                 if not accelerator.sync_gradients:
                     continue
                 if run.models.state is not None:
@@ -360,20 +345,8 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 step += 1
                 here = _Position(step, epoch, done, accelerator.step)
                 fault("step", step)
-                # one collective for the loss, every metric and the stop flag, one host sync for all of them
-                names = ["loss", *metrics]
-                values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values()),
-                                      torch.tensor(float(stop.signum is not None), device=loss.device)])
-                values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
-                stopping = values.pop() > 0
-                logs = {"lr": lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
+                logs, stopping = _log_step(run, step, loss, metrics, stop.signum is not None)
                 last_metrics = logs
-                if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-                    if accelerator.is_main_process:
-                        with open(run.out / "history.jsonl", "a") as f:
-                            f.write(json.dumps({"step": step, **logs}) + "\n")
-                    if t_cfg.report_to != "none":
-                        accelerator.log(logs, step=step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
                 if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps) or stopping:
@@ -386,7 +359,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                         f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {saved}; "
                         "continue with train.resume=latest", 128 + signum)
                 if t_cfg.validation_every and step % t_cfg.validation_every == 0 and accelerator.is_main_process:
-                    write_validation_grid(run.pipe, accelerator.unwrap_model(denoiser), run.adapter, t_cfg,
+                    write_validation_grid(run.pipe, accelerator.unwrap_model(run.denoiser), run.adapter, t_cfg,
                                           run.out / "validation" / f"step-{step:06d}.png")
                 if step >= t_cfg.max_steps:
                     break
@@ -394,6 +367,47 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 epoch, done = epoch + 1, 0
     bar.close()
     return _Position(step, epoch, done, accelerator.step), time.perf_counter() - t0, last_metrics, skipped
+
+
+def _micro_step(run: _Run, raw: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward and (on the accumulation boundary) the optimizer step for one batch."""
+    accelerator, t_cfg = run.accelerator, run.cfg.train
+    with accelerator.accumulate(run.denoiser), accelerator.autocast():
+        batch = run.data.prepare(raw, accelerator.device)
+        loss, metrics = run.method.compute_loss(batch, run.models, run.cfg.method)
+        if not torch.isfinite(loss):
+            last = list_checkpoints(run.checkpoints, run.run_id)
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {step + 1} on items {batch.get('item_id')}; "
+                f"last checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate or method.beta, or use bf16."
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and t_cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, t_cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, metrics
+
+
+def _log_step(run: _Run, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor], stop: bool
+              ) -> tuple[dict[str, float], bool]:
+    """Average loss, metrics and the stop flag over processes; log them. Returns (logs, any process stopping)."""
+    accelerator, t_cfg = run.accelerator, run.cfg.train
+    # one collective for the loss, every metric and the stop flag, one host sync for all of them
+    names = ["loss", *metrics]
+    values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values()),
+                          torch.tensor(float(stop), device=loss.device)])
+    values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
+    stopping = values.pop() > 0
+    logs = {"lr": run.lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
+    if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+        if accelerator.is_main_process:
+            with open(run.out / "history.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        if t_cfg.report_to != "none":
+            accelerator.log(logs, step=step)
+    return logs, stopping
 
 
 def _finish(run: _Run, start: _Position, end: _Position, seconds: float, last_metrics: dict[str, float],

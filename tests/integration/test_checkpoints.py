@@ -141,6 +141,40 @@ def test_rotation_touches_only_this_runs_complete_checkpoints(tmp_path):
     assert torch.equal(ck.read_checkpoint(root / "checkpoint-5").trainable["weight"], parts(7).model.weight.detach())
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path, optimizer):
+    from transformers.optimization import Adafactor
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = (torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9)) if optimizer == "adamw"
+               else Adafactor(model.parameters(), lr=0.1, relative_step=False, scale_parameter=False))
+        return ck.Saveable(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s))
+
+    a = make(0)
+    for _ in range(3):
+        a.model(torch.randn(4, 3)).sum().backward()
+        a.optimizer.step()
+        a.scheduler.step()
+        a.optimizer.zero_grad()
+    path = ck.save_checkpoint(tmp_path, 3, {"run_id": "me"}, a, OneProcess(), None)
+    b = make(1)
+    ck.apply_checkpoint(ck.read_checkpoint(path), b)
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and a.scheduler.state_dict() == b.scheduler.state_dict()
+    for pid, entries in sa["state"].items():
+        for name, value in entries.items():
+            other = sb["state"][pid][name]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
+    # the next step is identical too
+    x = torch.randn(4, 3)
+    for p in (a, b):
+        p.model(x).sum().backward()
+        p.optimizer.step()
+    assert torch.equal(a.model.weight, b.model.weight)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "delete", "garbage-marker", "no-marker"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     root = tmp_path / "checkpoints"
