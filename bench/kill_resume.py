@@ -31,7 +31,13 @@ import torch
 SAVES = (4, 8, 12, 16, 20)
 EVERY, MAX_STEPS, LIMIT = 4, 24, 2
 PRE = (("ckpt-begin",), ("ckpt-weights", "ckpt-optimizer"), ("ckpt-files",), ("ckpt-marker",))
-POST = ("ckpt-renamed", "ckpt-done", "ckpt-rotating", "ckpt-rotating", "ckpt-done")  # rotation deletes from save 12 on
+POST = (
+    "ckpt-renamed",
+    "ckpt-done",
+    "ckpt-rotating",
+    "ckpt-rotating",
+    "ckpt-done",
+)  # rotation deletes from save 12 on
 
 
 def kill_points() -> list[tuple[str, int]]:
@@ -54,7 +60,7 @@ def write_pairs(root: Path, n: int = 6, size: int = 20) -> Path:
         for name, rgb in {"red": (220, 30, 30), "blue": (30, 30, 220)}.items():
             arr = np.full((size, size + 4, 3), 128, np.uint8)
             top, left = rng.integers(0, size // 2, 2)
-            arr[top:top + size // 2, left:left + size // 2] = rgb
+            arr[top : top + size // 2, left : left + size // 2] = rgb
             Image.fromarray(arr).save(root / f"img{i}_{name}.png")
             names.append(f"img{i}_{name}.png")
         rows.append({"prompt": "a red square", "chosen": names[0], "rejected": names[1]})
@@ -116,14 +122,29 @@ def main() -> None:
     manifest = write_pairs(work / "pairs")
 
     def overrides(out: Path, *extra: str) -> list[str]:
-        return [f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-                "train.batch_size=1", "train.report_to=none", "train.progress=false", "train.learning_rate=1e-2",
-                "train.scale_lr=false", "lora.rank=2", "data.random_flip=true", f"train.max_steps={MAX_STEPS}",
-                f"train.checkpoint_every={EVERY}", f"train.checkpoints_total_limit={LIMIT}",
-                f"data.cache_dir={work / 'cache'}", *extra]
+        return [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            "train.batch_size=1",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-2",
+            "train.scale_lr=false",
+            "lora.rank=2",
+            "data.random_flip=true",
+            f"train.max_steps={MAX_STEPS}",
+            f"train.checkpoint_every={EVERY}",
+            f"train.checkpoints_total_limit={LIMIT}",
+            f"data.cache_dir={work / 'cache'}",
+            *extra,
+        ]
 
     straight = work / "straight"
-    assert run_forked(overrides(straight), None, work / "straight.log") == 0, (work / "straight.log").read_text()[-2000:]
+    assert run_forked(overrides(straight), None, work / "straight.log") == 0, (
+        work / "straight.log"
+    ).read_text()[-2000:]
     run = work / "killed"
     log = work / "killed.log"
     kills = lost = expected_resumes = 0
@@ -148,11 +169,19 @@ def main() -> None:
     max_diff = max((a[n] - b[n]).abs().max().item() for n in a)
     history = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
     (work / "detail.json").write_text(json.dumps(detail, indent=1))
-    print(json.dumps({
-        "kills": kills, "lost_checkpoints": lost, "resumes_at_expected_step": expected_resumes,
-        "max_abs_diff": max_diff, "history_complete": history == list(range(1, MAX_STEPS + 1)),
-        "seconds": round(time.time() - t0, 1), "detail": str(work / "detail.json"),
-    }))
+    print(
+        json.dumps(
+            {
+                "kills": kills,
+                "lost_checkpoints": lost,
+                "resumes_at_expected_step": expected_resumes,
+                "max_abs_diff": max_diff,
+                "history_complete": history == list(range(1, MAX_STEPS + 1)),
+                "seconds": round(time.time() - t0, 1),
+                "detail": str(work / "detail.json"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

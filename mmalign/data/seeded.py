@@ -19,7 +19,9 @@ _MASK = (1 << 63) - 1
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A seed that depends only on (run seed, epoch, item index): splitmix64-style mixing of the three."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
+        (1 << 64) - 1
+    )
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
     return (x ^ (x >> 32)) & _MASK

@@ -113,7 +113,11 @@ def _sha256(path: Path) -> str:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def optimizer_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -146,7 +150,10 @@ def rng_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     return tensors, meta
 
 
@@ -201,7 +208,9 @@ def list_checkpoints(root: str | Path, run_id: str | None = None, *, unreadable:
 def incomplete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and not is_complete(p))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and not is_complete(p)
+    )
 
 
 def recover(root: Path) -> list[str]:
@@ -214,7 +223,7 @@ def recover(root: Path) -> list[str]:
         return done
     for p in sorted(root.iterdir()):
         if p.name.startswith(".old-"):
-            final = root / p.name[len(".old-"):]
+            final = root / p.name[len(".old-") :]
             if not final.exists() and is_complete(p):
                 os.replace(p, final)
                 done.append(f"restored {final.name} (a re-save of it was interrupted)")
@@ -240,8 +249,9 @@ class Saveable:
     method_state: Any = None  # state_dict() -> dict[str, Tensor], load_state_dict(dict[str, Tensor])
 
 
-def save_checkpoint(root: Path, step: int, state: dict[str, Any], parts: Saveable, accelerator: Any,
-                    keep_last: int | None) -> Path:
+def save_checkpoint(
+    root: Path, step: int, state: dict[str, Any], parts: Saveable, accelerator: Any, keep_last: int | None
+) -> Path:
     """Write ``root/checkpoint-<step>`` so that no finished checkpoint is lost at any instant; then rotate.
 
     Args:
@@ -284,7 +294,9 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], parts: Saveabl
         _fsync(tmp)
         fault("ckpt-marker", step)
         old = root / f".old-{final.name}"
-        if final.exists():  # a re-save at the same step: move the old one aside, delete it only after the rename
+        if (
+            final.exists()
+        ):  # a re-save at the same step: move the old one aside, delete it only after the rename
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             fault("ckpt-old-moved", step)
@@ -346,9 +358,18 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: incomplete (no {COMPLETE_FILE}): its save never finished") from err
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}/{COMPLETE_FILE}: unreadable ({type(err).__name__}: {str(err)[:100]})") from err
-    needed = {TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_META, SCHEDULER_FILE, STATE_FILE, f"rng-{rank}.safetensors",
-              f"rng-{rank}.json"}
+        raise CheckpointError(
+            f"{path}/{COMPLETE_FILE}: unreadable ({type(err).__name__}: {str(err)[:100]})"
+        ) from err
+    needed = {
+        TRAINABLE_FILE,
+        OPTIMIZER_TENSORS,
+        OPTIMIZER_META,
+        SCHEDULER_FILE,
+        STATE_FILE,
+        f"rng-{rank}.safetensors",
+        f"rng-{rank}.json",
+    }
     if not isinstance(listed, dict) or not needed <= set(listed):
         raise CheckpointError(f"{path}: {COMPLETE_FILE} does not list {sorted(needed - set(listed or ()))}")
     for name, info in listed.items():
@@ -372,11 +393,16 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
 
     state = js(STATE_FILE)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/{STATE_FILE}: not an mmalign checkpoint state (format {FORMAT} with a step)")
+        raise CheckpointError(
+            f"{path}/{STATE_FILE}: not an mmalign checkpoint state (format {FORMAT} with a step)"
+        )
     return Checkpoint(
-        path=path, state=state, trainable=tensors(TRAINABLE_FILE),
+        path=path,
+        state=state,
+        trainable=tensors(TRAINABLE_FILE),
         optimizer=optimizer_state(tensors(OPTIMIZER_TENSORS), js(OPTIMIZER_META)),
-        scheduler=js(SCHEDULER_FILE), rng=(tensors(f"rng-{rank}.safetensors"), js(f"rng-{rank}.json")),
+        scheduler=js(SCHEDULER_FILE),
+        rng=(tensors(f"rng-{rank}.safetensors"), js(f"rng-{rank}.json")),
         scaler=js(SCALER_FILE) if SCALER_FILE in listed else None,
         method_state=tensors(METHOD_STATE_FILE) if METHOD_STATE_FILE in listed else None,
     )
@@ -390,14 +416,19 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
         raise CheckpointError(
             f"{ckpt.path}/{TRAINABLE_FILE}: does not match the model's trainable weights "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): "
-            "was it written with another lora/model setting?")
+            "was it written with another lora/model setting?"
+        )
     for name, p in params.items():
         if ckpt.trainable[name].shape != p.shape:
-            raise CheckpointError(f"{ckpt.path}/{TRAINABLE_FILE}: {name} has shape {tuple(ckpt.trainable[name].shape)}, "
-                                  f"the model {tuple(p.shape)}")
+            raise CheckpointError(
+                f"{ckpt.path}/{TRAINABLE_FILE}: {name} has shape {tuple(ckpt.trainable[name].shape)}, "
+                f"the model {tuple(p.shape)}"
+            )
     if (ckpt.method_state is None) != (parts.method_state is None):
-        raise CheckpointError(f"{ckpt.path}: method state {'missing' if ckpt.method_state is None else 'unexpected'} "
-                              f"({METHOD_STATE_FILE}): was it written by another method or method.ema_decay?")
+        raise CheckpointError(
+            f"{ckpt.path}: method state {'missing' if ckpt.method_state is None else 'unexpected'} "
+            f"({METHOD_STATE_FILE}): was it written by another method or method.ema_decay?"
+        )
     _restore_tuples(ckpt.optimizer["param_groups"], parts.optimizer.state_dict()["param_groups"])
     try:
         with torch.no_grad():
@@ -411,7 +442,9 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
             parts.method_state.load_state_dict(ckpt.method_state)
         set_rng(*ckpt.rng)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
-        raise CheckpointError(f"{ckpt.path}: does not fit this run ({type(err).__name__}: {str(err)[:160]})") from err
+        raise CheckpointError(
+            f"{ckpt.path}: does not fit this run ({type(err).__name__}: {str(err)[:160]})"
+        ) from err
 
 
 def _restore_tuples(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> None:
@@ -440,7 +473,10 @@ def load_latest(root: Path, run_id: str | None, rank: int, warn: Any = print) ->
             continue
         return ckpt
     if errors:
-        raise CheckpointError(f"no usable checkpoint in {root}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+        raise CheckpointError(
+            f"no usable checkpoint in {root}: {errors[0]}"
+            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+        )
     return None
 
 
@@ -462,7 +498,9 @@ def read_run_id(output_dir: Path) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # signals
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None)
+STOP_SIGNALS = tuple(
+    s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None
+)
 
 
 class StopOnSignal:
@@ -493,5 +531,7 @@ class StopOnSignal:
             sys.stderr.flush()
             os._exit(128 + signum)
         self.signum = signum
-        sys.stderr.write(f"\nmmalign: {name}: saving a checkpoint after this step, then stopping (again to exit at once)\n")
+        sys.stderr.write(
+            f"\nmmalign: {name}: saving a checkpoint after this step, then stopping (again to exit at once)\n"
+        )
         sys.stderr.flush()

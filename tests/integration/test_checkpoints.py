@@ -26,12 +26,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(model, manifest, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-        "train.batch_size=1", "train.report_to=none", "train.progress=false", "train.learning_rate=1e-2",
-        "train.scale_lr=false", "lora.rank=2", "method.beta=5000", "data.random_flip=true", "train.log_every=1",
-        f"data.cache_dir={Path(out).parent / 'cache'}", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            "train.batch_size=1",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-2",
+            "train.scale_lr=false",
+            "lora.rank=2",
+            "method.beta=5000",
+            "data.random_flip=true",
+            "train.log_every=1",
+            f"data.cache_dir={Path(out).parent / 'cache'}",
+            *extra,
+        ],
+    )
 
 
 def trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -63,8 +77,11 @@ def plant(folder: Path, marker: Path, names: list[str]) -> None:
             path.write_bytes(pickle.dumps(Payload(marker)))
         else:
             torch.save({"state": Payload(marker)}, path)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(folder.iterdir()) if p.name != ck.COMPLETE_FILE}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(folder.iterdir())
+        if p.name != ck.COMPLETE_FILE
+    }
     (folder / ck.COMPLETE_FILE).write_text(json.dumps({"files": files}))
 
 
@@ -72,9 +89,20 @@ def test_resume_never_unpickles_a_planted_payload(tiny_sd15, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "run"
-    cfg = [f"model.pretrained={tiny_sd15}", "model.resolution=16", f"data.source={prompts}", f"train.output_dir={out}",
-           "train.batch_size=2", "train.report_to=none", "train.progress=false", "lora.rank=2", "method.name=self_npo",
-           "method.ema_decay=0.5", "train.max_steps=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = [
+        f"model.pretrained={tiny_sd15}",
+        "model.resolution=16",
+        f"data.source={prompts}",
+        f"train.output_dir={out}",
+        "train.batch_size=2",
+        "train.report_to=none",
+        "train.progress=false",
+        "lora.rank=2",
+        "method.name=self_npo",
+        "method.ema_decay=0.5",
+        "train.max_steps=1",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     train(load_config(None, cfg))
     good = out / "checkpoints/checkpoint-1"
     files = sorted(p.name for p in good.iterdir() if p.name != ck.COMPLETE_FILE)
@@ -91,8 +119,18 @@ def test_resume_never_unpickles_a_planted_payload(tiny_sd15, tmp_path):
             ck.read_checkpoint(bad)
         assert not marker.exists(), name
     # ... and every file at once, plus the files accelerate's save_state would have written, through a real resume
-    plant(good, marker, [*files, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                         "pytorch_model.bin"])
+    plant(
+        good,
+        marker,
+        [
+            *files,
+            "optimizer.bin",
+            "scheduler.bin",
+            "random_states_0.pkl",
+            "custom_checkpoint_0.pkl",
+            "pytorch_model.bin",
+        ],
+    )
     with pytest.raises(TrainingError, match="no usable checkpoint .*checkpoint-1"):
         train(load_config(None, [*cfg, "train.max_steps=2", "train.resume=latest"]))
     assert not marker.exists()
@@ -119,8 +157,14 @@ def parts(seed: int = 0) -> ck.Saveable:
 
 
 def save(root, step, run_id="me", keep=2, p=None):
-    return ck.save_checkpoint(root, step, {"run_id": run_id, "epoch": 0, "batch": step, "micro_step": step},
-                              p or parts(step), OneProcess(), keep)
+    return ck.save_checkpoint(
+        root,
+        step,
+        {"run_id": run_id, "epoch": 0, "batch": step, "micro_step": step},
+        p or parts(step),
+        OneProcess(),
+        keep,
+    )
 
 
 def test_rotation_touches_only_this_runs_complete_checkpoints(tmp_path):
@@ -138,7 +182,9 @@ def test_rotation_touches_only_this_runs_complete_checkpoints(tmp_path):
     # a re-save at the same step replaces it and keeps the other
     save(root, 5, p=parts(7))
     assert [p.name for p in ck.list_checkpoints(root, "me")] == ["checkpoint-4", "checkpoint-5"]
-    assert torch.equal(ck.read_checkpoint(root / "checkpoint-5").trainable["weight"], parts(7).model.weight.detach())
+    assert torch.equal(
+        ck.read_checkpoint(root / "checkpoint-5").trainable["weight"], parts(7).model.weight.detach()
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -148,9 +194,12 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path, opti
     def make(seed):
         torch.manual_seed(seed)
         model = torch.nn.Linear(3, 2)
-        opt = (torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9)) if optimizer == "adamw"
-               else Adafactor(model.parameters(), lr=0.1, relative_step=False, scale_parameter=False))
-        return ck.Saveable(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s))
+        opt = (
+            torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+            if optimizer == "adamw"
+            else Adafactor(model.parameters(), lr=0.1, relative_step=False, scale_parameter=False)
+        )
+        return ck.Saveable(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s))
 
     a = make(0)
     for _ in range(3):
@@ -210,8 +259,20 @@ def test_missing_trainable_tensors_are_a_clear_error(tmp_path):
     assert torch.equal(target.model.weight, before)  # checked before anything is loaded
 
 
-@pytest.mark.parametrize("point", ["ckpt-begin", "ckpt-weights", "ckpt-optimizer", "ckpt-files", "ckpt-marker",
-                                   "ckpt-old-moved", "ckpt-renamed", "ckpt-rotating", "ckpt-done"])
+@pytest.mark.parametrize(
+    "point",
+    [
+        "ckpt-begin",
+        "ckpt-weights",
+        "ckpt-optimizer",
+        "ckpt-files",
+        "ckpt-marker",
+        "ckpt-old-moved",
+        "ckpt-renamed",
+        "ckpt-rotating",
+        "ckpt-done",
+    ],
+)
 def test_a_crash_anywhere_in_a_save_loses_no_finished_checkpoint(tmp_path, monkeypatch, point):
     root = tmp_path / "checkpoints"
     save(root, 1)
@@ -265,14 +326,24 @@ def test_items_draw_augmentation_from_their_own_seed_not_the_global_rng():
     assert [items[i] for i in range(8)] != first  # a new epoch draws anew
 
 
-def test_crash_and_resume_at_many_points_gives_identical_weights(tiny_sd15, pair_manifest, tmp_path, monkeypatch, capsys):
+def test_crash_and_resume_at_many_points_gives_identical_weights(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch, capsys
+):
     # 4 pairs, batch 1: 4 batches an epoch; checkpoints at 3, 6, 9 are mid-epoch; flips on; limit 1 rotates
     common = ("train.max_steps=10", "train.checkpoint_every=3", "train.checkpoints_total_limit=1")
     straight = tmp_path / "straight"
     train(tiny_cfg(tiny_sd15, pair_manifest, straight, *common))
     run = tmp_path / "crashy"
     monkeypatch.setenv("MMALIGN_FAULT_ACTION", "raise")
-    crashes = ["step@2", "ckpt-files@3", "ckpt-renamed@3", "step@5", "ckpt-rotating@6", "ckpt-marker@9", "step@10"]
+    crashes = [
+        "step@2",
+        "ckpt-files@3",
+        "ckpt-renamed@3",
+        "step@5",
+        "ckpt-rotating@6",
+        "ckpt-marker@9",
+        "step@10",
+    ]
     for i, where in enumerate(crashes):
         monkeypatch.setenv(ck.FAULT_ENV, where)
         with pytest.raises(ck.InjectedFault):
@@ -302,19 +373,32 @@ def test_a_non_empty_output_dir_needs_resume_or_overwrite(tiny_sd15, pair_manife
         train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1"))
 
 
-def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(tiny_sd15, pair_manifest, tmp_path):
+def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(
+    tiny_sd15, pair_manifest, tmp_path
+):
     out = tmp_path / "run"
     train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=4", "train.checkpoint_every=2"))
     old = {p.name: ck.run_id_of(p) for p in ck.list_checkpoints(out)}
     assert sorted(old) == ["checkpoint-2", "checkpoint-4"]
-    train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=3", "train.checkpoint_every=1",
-                   "train.checkpoints_total_limit=1", "train.overwrite=true"))
+    train(
+        tiny_cfg(
+            tiny_sd15,
+            pair_manifest,
+            out,
+            "train.max_steps=3",
+            "train.checkpoint_every=1",
+            "train.checkpoints_total_limit=1",
+            "train.overwrite=true",
+        )
+    )
     now = {p.name: ck.run_id_of(p) for p in ck.list_checkpoints(out)}
     new_id = json.loads((out / "run.json").read_text())["run_id"]
     # the old run's checkpoint-4 survives rotation (limit 1); its checkpoint-2 was replaced by the new run's own
     # checkpoint-2 (same name), which the new run then rotated out
     assert now == {"checkpoint-4": old["checkpoint-4"], "checkpoint-3": new_id} and new_id not in old.values()
-    assert ck.load_latest(out / "checkpoints", new_id, 0).step == 3  # resume=latest never picks the old run's 4
+    assert (
+        ck.load_latest(out / "checkpoints", new_id, 0).step == 3
+    )  # resume=latest never picks the old run's 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint"].endswith("checkpoint-3") and summary["steps"] == 3
 
@@ -325,13 +409,30 @@ def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(tiny_
 
 def _start(out: Path, model: Path, manifest: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-            "train.batch_size=1", "train.report_to=none", "train.progress=false", "lora.rank=2", "train.max_steps=100000",
-            "train.checkpoint_every=0", f"data.cache_dir={out.parent / 'cache'}", *extra]
+    args = [
+        f"model.pretrained={model}",
+        "model.resolution=16",
+        f"data.source={manifest}",
+        f"train.output_dir={out}",
+        "train.batch_size=1",
+        "train.report_to=none",
+        "train.progress=false",
+        "lora.rank=2",
+        "train.max_steps=100000",
+        "train.checkpoint_every=0",
+        f"data.cache_dir={out.parent / 'cache'}",
+        *extra,
+    ]
     recipe = out.parent / "recipe.yaml"
     recipe.write_text("train:\n  report_to: none\n")
-    return subprocess.Popen([sys.executable, "-m", "mmalign", "train", str(recipe), *args], env=env, cwd=out.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmalign", "train", str(recipe), *args],
+        env=env,
+        cwd=out.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_steps(proc: subprocess.Popen, history: Path, n: int = 2, timeout: float = 120) -> None:
@@ -377,6 +478,10 @@ print("not reached")
 
 def test_a_second_signal_exits_at_once():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_SIGNAL], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
-    assert proc.stdout == "first handled\n" and "second SIGINT: exiting now, without a checkpoint" in proc.stderr
+    assert (
+        proc.stdout == "first handled\n" and "second SIGINT: exiting now, without a checkpoint" in proc.stderr
+    )
