@@ -79,7 +79,7 @@ def run_forked(overrides: list[str], fault: str | None, log: Path) -> int:
             os.dup2(fd, 2)
             if fault:
                 os.environ["MMALIGN_FAULT"] = fault
-            from mmalign.config import load_config
+            from mmalign.trainers import load_config
             from mmalign.trainers.loop import train
 
             train(load_config(None, overrides))

@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError
 from mmalign.data.seeded import SeededItems
 from mmalign.trainers import checkpoint as ck
+from mmalign.trainers import load_config
 from mmalign.trainers.loop import TrainingError, train
 
 torch.set_num_threads(1)
