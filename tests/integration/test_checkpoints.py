@@ -436,7 +436,7 @@ def _start(out: Path, model: Path, manifest: Path, *extra: str) -> subprocess.Po
     )
 
 
-def _wait_for_steps(proc: subprocess.Popen, history: Path, n: int = 2, timeout: float = 120) -> None:
+def _wait_for_steps(proc: subprocess.Popen, history: Path, n: int = 2, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if history.is_file() and len(history.read_text().splitlines()) >= n:
@@ -452,7 +452,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_143(tiny_sd15
     proc = _start(out, tiny_sd15, pair_manifest)
     _wait_for_steps(proc, out / "history.jsonl")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("mmalign train: stopped by SIGTERM after step") and "train.resume=latest" in last
