@@ -210,6 +210,7 @@ def train_run(args: argparse.Namespace, name: str, manifest: Path, loss: str, lo
         f"method.num_frames={args.frames}",
         f"method.segment_seconds={args.segment_seconds}",
         f"train.output_dir={Path(args.out) / 'runs' / name}",
+        "train.overwrite=true",  # a re-run of the benchmark replaces its runs
         f"train.max_steps={args.train_steps}",
         f"train.batch_size={args.batch_size}",
         "train.progress=false",

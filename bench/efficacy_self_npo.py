@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         else:
             raise ValueError(f"unknown method {method!r}: self_npo or diffusion_npo")
         cfg = load_config(ROOT / "configs" / "toy" / f"{method}.yaml",
-                          [*common, f"data.source={source}", f"train.output_dir={run_dir / 'run'}"])
+                          [*common, f"data.source={source}", f"train.output_dir={run_dir / 'run'}", "train.overwrite=true"])
         log(f"{method}: training on {n_data} {'prompts' if method == 'self_npo' else 'pairs'}")
         summary = train(cfg).summary
         guided = npo_guided_pipeline(base, summary["export"])

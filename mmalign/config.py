@@ -114,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).")
     checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed after a new one is safely written).")
     resume: str | None = _f(None, "latest, or a checkpoint directory, to continue a run.")
+    overwrite: bool = _f(False, "Start a new run in a non-empty output_dir (its old checkpoints are never resumed or rotated).")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
     report_to: str = _f("tensorboard", "tensorboard | wandb | none.")
     validation_every: int = _f(0, "Sample validation_prompts every N steps into a PNG grid (0 disables).")
@@ -132,6 +133,10 @@ class TrainConfig:
             raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, wandb or none.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"train.checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (or null to keep every checkpoint).")
+        if self.overwrite and self.resume:
+            raise ConfigError("train.overwrite=true starts a new run and train.resume continues one: set only one of them.")
         if self.validation_every and not self.validation_prompts:
             raise ConfigError("train.validation_every is set but train.validation_prompts is empty: add prompts or set it to 0.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -13,10 +14,17 @@ def shipped_configs() -> list[Path]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.trainers import load_config
-    from mmalign.trainers.loop import train
+    from mmalign.trainers.loop import TrainingStopped, train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingStopped as stop:  # a signal: the checkpoint is saved; 128 + signal number, as a shell reports
+        print(f"mmalign train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it is a TrainingStopped)
+        print("mmalign train: interrupted before the first step; nothing to save", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -241,6 +241,8 @@ def quickstart(
             f"data.source={manifest}",
             f"train.output_dir={run_dir}",
             f"data.cache_dir={out / 'cache'}",
+            # the quickstart owns its run folder: a re-run starts a new run there (unless asked to resume)
+            *([] if any(o.startswith("train.resume=") for o in overrides) else ["train.overwrite=true"]),
             *overrides,
         ],
     )

@@ -1,6 +1,7 @@
 """The one training loop. accelerate does devices, precision, accumulation and distribution; a method
-contributes ``compute_loss``. Reads top to bottom: load -> data -> trainable params -> optimizer ->
-resume -> steps (log, checkpoint, validate) -> export.
+contributes ``compute_loss``. :func:`train` is its named steps, top to bottom: run (accelerator, output
+dir) -> models -> data -> trainable params -> optimizer -> resume -> fit (log, checkpoint, validate, stop
+on a signal) -> finish (export, summary). Checkpoints: :mod:`mmalign.trainers.checkpoint`.
 
 Run it with ``mmalign train CONFIG [key=value ...]`` on one device, or under ``accelerate launch -m mmalign
 train ...`` / ``torchrun --nproc_per_node N -m mmalign train ...`` on many.
@@ -11,22 +12,40 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmalign.config import RunConfig, save_config, to_dict
+from mmalign.config import ConfigError, RunConfig, save_config, to_dict
+from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import load_pipeline, make_adapter
 from mmalign.trainers import check_noise_process, get_method
+from mmalign.trainers.checkpoint import (
+    CHECKPOINT_PREFIX,
+    RUN_FILE,
+    STATE_FILE,
+    CheckpointError,
+    Saveable,
+    StopOnSignal,
+    apply_checkpoint,
+    fault,
+    incomplete_checkpoints,
+    list_checkpoints,
+    load_latest,
+    new_run_id,
+    read_checkpoint,
+    read_run_id,
+    recover,
+    run_id_of,
+    save_checkpoint,
+    trainable_state,
+    write_json,
+)
 from mmalign.trainers.common import TrainModels
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 @dataclass
@@ -41,6 +60,14 @@ class TrainResult:
 
 class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, bad resume target ...); checkpoints already written stay."""
+
+
+class TrainingStopped(TrainingError):
+    """A stop signal arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal's number (as a shell reports)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,29 +106,53 @@ def build_optimizer(params: list[torch.nn.Parameter], train: Any, lr: float) -> 
                                weight_decay=train.weight_decay, eps=train.adam_epsilon)
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    ckpts = [p for p in Path(output_dir, "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
-    return sorted(ckpts, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise TrainingError(f"train.resume={resume}: not a checkpoint directory (no state.json)")
-    return path
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the loop: train() is its named steps, each one screen: run -> models -> data -> trainable -> optimizer
+# -> resume -> fit -> finish
+
+
+@dataclass
+class _Run:
+    """What :func:`train`'s steps hand to each other, filled in the order they run."""
+
+    cfg: RunConfig
+    accelerator: Any
+    out: Path
+    method: Any
+    run_id: str
+    pipe: Any = None
+    family: str = ""
+    adapter: Any = None
+    denoiser: Any = None
+    reference: Any = None
+    data: Any = None
+    items: SeededItems | None = None
+    loader: Any = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    initial: dict[str, torch.Tensor] | None = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    models: TrainModels | None = None
+    global_batch: int = 0
+    lr: float = 0.0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def parts(self) -> Saveable:
+        return Saveable(self.accelerator.unwrap_model(self.denoiser), self.optimizer, self.lr_scheduler,
+                        self.accelerator.scaler, self.models.state)
+
+
+@dataclass
+class _Position:
+    """Where training stands: optimizer step, epoch, batches consumed in it, accelerate's micro-step count."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    micro_step: int = 0
 
 
 def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
@@ -111,14 +162,29 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
         cfg: the run config.
         keep_initial: also return a CPU copy of the trainable weights before the first step (tests use it
             to prove that every trainable weight moved; costs a copy of them).
+
+    Raises:
+        TrainingStopped: SIGTERM/SIGINT/SIGHUP arrived; a checkpoint was saved at the step boundary.
+        TrainingError: non-finite loss, no usable checkpoint to resume ...
     """
+    run = _setup_run(cfg)
+    _setup_models(run)
+    _setup_data(run)
+    _setup_trainable(run, keep_initial)
+    _setup_optimizer(run)
+    start = _resume(run)
+    end, seconds, last_metrics, skipped = _fit(run, start)
+    return _finish(run, start, end, seconds, last_metrics, skipped)
+
+
+def _setup_run(cfg: RunConfig) -> _Run:
+    """Accelerator, seed, and the output directory claimed for this run (refused if another run's)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
 
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
+    _check_output_dir(t_cfg, out)
     method = get_method(cfg.method.name)
     _reset_single_process_state()
     # With no accelerator device, cpu=True lets accelerate turn torchrun's env into a gloo group (MULTI_CPU).
@@ -134,197 +200,287 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
     if t_cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(t_cfg.seed)  # same seed on every process: identical LoRA init on every replica
+    accelerator.wait_for_everyone()  # every process has checked output_dir before the main one writes there
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for line in recover(out / "checkpoints"):
+            accelerator.print(f"checkpoints: {line}")
+        write_json(out / RUN_FILE, {"run_id": _run_id(t_cfg, out)})
         save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    return _Run(cfg, accelerator, out, method, read_run_id(out))
 
-    # ---- model
-    dtype = weight_dtype(t_cfg.mixed_precision)
+
+def _setup_models(run: _Run) -> None:
+    """Load the pipeline: every part frozen and on the device; the denoiser stays fp32 until it trains."""
+    cfg, accelerator = run.cfg, run.accelerator
+    dtype = weight_dtype(cfg.train.mixed_precision)
     m = cfg.model
     pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
                                  trust_remote_code=m.trust_remote_code)
     adapter = make_adapter(pipe, family, **m.adapter_options)
-    check_noise_process(method.name, family, adapter.noise_process)
+    check_noise_process(run.method.name, family, adapter.noise_process)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:
         encoder.requires_grad_(False).to(accelerator.device, dtype)
     pipe.vae.requires_grad_(False).to(accelerator.device)  # fp32: the stock SDXL VAE overflows in fp16
     denoiser.requires_grad_(False)
+    run.pipe, run.family, run.adapter, run.denoiser = pipe, family, adapter, denoiser
 
-    # ---- data (cache filled once, before any trainable weight exists)
-    data = method.build_data(cfg, adapter, accelerator)
 
-    reference = None
+def _setup_data(run: _Run) -> None:
+    """The method's data (any cache is filled now, before a trainable weight exists) and its loader.
+
+    The loader has its own seeded generator and every item its own augmentation seed
+    (:class:`SeededItems`): neither touches the global RNG, so a resumed run sees the same batches."""
+    cfg, t_cfg = run.cfg, run.cfg.train
+    run.data = data = run.method.build_data(cfg, run.adapter, run.accelerator)
+    run.items = SeededItems(data.dataset, t_cfg.seed)
+    run.loader = torch.utils.data.DataLoader(
+        run.items, batch_size=t_cfg.batch_size, shuffle=True, drop_last=True, collate_fn=data.collate,
+        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t_cfg.seed))
+    if len(run.loader) == 0:
+        raise TrainingError(f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}")
+
+
+def _setup_trainable(run: _Run, keep_initial: bool) -> None:
+    """LoRA adapters (the reference is the same network with them off) or the whole denoiser plus a frozen copy."""
+    cfg, accelerator, denoiser = run.cfg, run.accelerator, run.denoiser
     if cfg.lora.enabled:
         add_lora(denoiser, cfg.lora)
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights stay fp32 under fp16/bf16 autocast
     else:
-        if method.needs_reference(cfg.method):
-            reference = copy.deepcopy(denoiser).requires_grad_(False).to(accelerator.device, dtype).eval()
+        if run.method.needs_reference(cfg.method):
+            dtype = weight_dtype(cfg.train.mixed_precision)
+            run.reference = copy.deepcopy(denoiser).requires_grad_(False).to(accelerator.device, dtype).eval()
         denoiser.requires_grad_(True)
-    if t_cfg.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.to(accelerator.device)
     denoiser.train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    initial = trainable_state(denoiser) if keep_initial else None
+    run.params = [p for p in denoiser.parameters() if p.requires_grad]
+    run.initial = trainable_state(denoiser) if keep_initial else None
 
-    # ---- optimisation
-    global_batch = t_cfg.batch_size * t_cfg.gradient_accumulation_steps * accelerator.num_processes
-    lr = t_cfg.learning_rate * (global_batch if t_cfg.scale_lr else 1)
-    optimizer = build_optimizer(params, t_cfg, lr)
+
+def _setup_optimizer(run: _Run) -> None:
+    """Optimizer and lr schedule; accelerate wraps them with the denoiser and the loader; method state."""
     from diffusers.optimization import get_scheduler
 
+    t_cfg, accelerator = run.cfg.train, run.accelerator
+    run.global_batch = t_cfg.batch_size * t_cfg.gradient_accumulation_steps * accelerator.num_processes
+    run.lr = t_cfg.learning_rate * (run.global_batch if t_cfg.scale_lr else 1)
+    optimizer = build_optimizer(run.params, t_cfg, run.lr)
     lr_scheduler = get_scheduler(t_cfg.lr_scheduler, optimizer, num_warmup_steps=t_cfg.warmup_steps * accelerator.num_processes,
                                  num_training_steps=t_cfg.max_steps * accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=t_cfg.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=data.collate, num_workers=cfg.data.num_workers)
-    if len(loader) == 0:
-        raise TrainingError(f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}")
-    denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
-    models = TrainModels(adapter, denoiser, reference, unwrap=accelerator.unwrap_model)
-    if method.make_state is not None:
-        models.state = method.make_state(models, cfg.method)
-        if models.state is not None:
-            accelerator.register_for_checkpointing(models.state)  # saved and restored with every checkpoint
+    run.denoiser, run.optimizer, run.loader, run.lr_scheduler = accelerator.prepare(run.denoiser, optimizer, run.loader, lr_scheduler)
+    run.models = TrainModels(run.adapter, run.denoiser, run.reference, unwrap=accelerator.unwrap_model)
+    if run.method.make_state is not None:
+        run.models.state = run.method.make_state(run.models, run.cfg.method)  # checkpointed with the run
 
-    # Checkpoints hold only the trainable weights (a LoRA is megabytes, not the 5 GB UNet).
-    def save_hook(hook_models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in hook_models:
-                save_file(trainable_state(model), os.path.join(output_dir, TRAINABLE_FILE))
-        weights.clear()
 
-    def load_hook(hook_models, input_dir):
-        state = load_file(os.path.join(input_dir, TRAINABLE_FILE))
-        while hook_models:
-            model = hook_models.pop()
-            missing = set(state) - {n for n, _ in model.named_parameters()}
-            if missing:
-                raise TrainingError(f"{input_dir}: checkpoint has weights this model lacks, e.g. {sorted(missing)[:3]}")
-            model.load_state_dict(state, strict=False)
+def _resume(run: _Run) -> _Position:
+    """Load ``train.resume`` (latest: the newest usable checkpoint of this run) and trim history.jsonl to it."""
+    t_cfg, accelerator = run.cfg.train, run.accelerator
+    ckpt = None
+    try:
+        if t_cfg.resume == "latest":
+            ignored = incomplete_checkpoints(run.checkpoints)
+            if ignored:
+                accelerator.print(f"warning: ignoring incomplete checkpoint folder(s): {', '.join(p.name for p in ignored)}")
+            ckpt = load_latest(run.checkpoints, run.run_id, accelerator.process_index, warn=accelerator.print)
+            if ckpt is None:
+                accelerator.print(f"train.resume=latest: no checkpoint of this run in {run.checkpoints}; starting at step 0")
+        elif t_cfg.resume:
+            ckpt = read_checkpoint(Path(t_cfg.resume), accelerator.process_index)
+        if ckpt is not None:
+            apply_checkpoint(ckpt, run.parts())
+    except CheckpointError as err:
+        raise TrainingError(f"train.resume={t_cfg.resume}: {err}") from err
+    if accelerator.is_main_process:
+        _restart_history(run.out / "history.jsonl", ckpt.step if ckpt else None)
+    if ckpt is None:
+        return _Position()
+    s = ckpt.state
+    accelerator.step = s["micro_step"]  # where accelerate's accumulation counter was
+    accelerator.print(f"resumed from {ckpt.path} at step {ckpt.step}")
+    return _Position(ckpt.step, s["epoch"], s["batch"], s["micro_step"])
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
-    # ---- resume
-    step = 0
-    resume_from = resolve_resume(t_cfg.resume, out)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "state.json").read_text())["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float], list[str]]:
+    """The steps, from ``pos`` to ``train.max_steps``: log, checkpoint, validate; a stop signal ends it with a
+    checkpoint. Returns the end position, seconds spent, the last metrics and the skipped items."""
+    from tqdm.auto import tqdm
+
+    cfg, t_cfg, accelerator, method, loader = run.cfg, run.cfg.train, run.accelerator, run.method, run.loader
+    accelerator.print(
+        f"{method.name} on {run.family} ({cfg.model.pretrained}): {len(run.data.dataset)} items, "
+        f"{sum(p.numel() for p in run.params):,} trainable params "
+        f"({'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tune'}), global batch {run.global_batch}, lr {run.lr:.3g}"
+    )
     if accelerator.is_main_process and t_cfg.report_to != "none":
         accelerator.init_trackers("mmalign", config={k: v for k, v in _flat_config(cfg).items() if isinstance(v, (int, float, str, bool))})
-
-    accelerator.print(
-        f"{method.name} on {family} ({m.pretrained}): {len(data.dataset)} items, {n_trainable:,} trainable params "
-        f"({'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tune'}), global batch {global_batch}, lr {lr:.3g}"
-    )
-
-    def save_checkpoint(at_step: int) -> Path:
-        final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{at_step}"
-        tmp = out / "checkpoints" / f".tmp-{CHECKPOINT_PREFIX}{at_step}"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank has written its RNG state before the directory moves
-        if accelerator.is_main_process:
-            (tmp / "state.json").write_text(json.dumps({"step": at_step, "method": method.name}))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a checkpoint only ever appears complete
-            if t_cfg.checkpoints_total_limit:
-                for old in list_checkpoints(out)[:-t_cfg.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    # ---- steps
-    batches_per_epoch = len(loader)
-    micro = step * t_cfg.gradient_accumulation_steps
-    epoch, skip = divmod(micro, batches_per_epoch)
-    history: list[dict[str, float]] = []
-    skipped: list[str] = list(data.skipped)
+    step, epoch, done = pos.step, pos.epoch, pos.batch
+    skipped: list[str] = list(run.data.skipped)
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc=method.name, disable=not (t_cfg.progress and accelerator.is_local_main_process))
     t0, last_metrics = time.perf_counter(), {}
-    steps_at_t0 = step
-    while step < t_cfg.max_steps:
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for raw in epoch_loader:
-            skipped.extend(raw.get("skipped", []))
-            if "prompt" not in raw:  # every item of this batch was unreadable and skipped
-                continue
-            with accelerator.accumulate(denoiser), accelerator.autocast():
-                batch = data.prepare(raw, accelerator.device)
-                loss, metrics = method.compute_loss(batch, models, cfg.method)
-                if not torch.isfinite(loss):
-                    last = list_checkpoints(out)
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step + 1} on items {batch.get('item_id')}; "
-                        f"last checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate or method.beta, or use bf16."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t_cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t_cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if models.state is not None:
-                models.state.after_optimizer_step()  # e.g. Self-NPO's EMA teacher, once per optimizer step
-            step += 1
-            # one collective for the loss and every metric (not one per metric), one host sync for all of them
-            names = ["loss", *metrics]
-            values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values())])
-            values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
-            logs = {"lr": lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
-            last_metrics = logs
-            if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-                history.append({"step": step, **logs})
-                if t_cfg.report_to != "none":
-                    accelerator.log(logs, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
-            if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps:
-                save_checkpoint(step)
-            if t_cfg.validation_every and step % t_cfg.validation_every == 0 and accelerator.is_main_process:
-                write_validation_grid(pipe, accelerator.unwrap_model(denoiser), adapter, t_cfg, out / "validation" / f"step-{step:06d}.png")
-            if step >= t_cfg.max_steps:
-                break
-        epoch += 1
+    with StopOnSignal() as stop:
+        while step < t_cfg.max_steps:
+            if done >= len(loader):  # a checkpoint taken after an epoch's last batch
+                epoch, done = epoch + 1, 0
+            loader.set_epoch(epoch)
+            run.items.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, done) if done else loader
+            for raw in epoch_loader:
+                done += 1
+                skipped.extend(raw.get("skipped", []))
+                if "prompt" not in raw:  # every item of this batch was unreadable and skipped
+                    continue
+                loss, metrics = _micro_step(run, raw, step)
+                if not accelerator.sync_gradients:
+                    continue
+                if run.models.state is not None:
+                    run.models.state.after_optimizer_step()  # e.g. Self-NPO's EMA teacher, once per optimizer step
+                step += 1
+                here = _Position(step, epoch, done, accelerator.step)
+                fault("step", step)
+                logs, stopping = _log_step(run, step, loss, metrics, stop.signum is not None)
+                last_metrics = logs
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+                if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps) or stopping:
+                    saved = _save(run, here)
+                if stopping:
+                    bar.close()
+                    accelerator.end_training()
+                    signum = stop.signum or signal.SIGTERM  # a peer process got it
+                    raise TrainingStopped(
+                        f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {saved}; "
+                        "continue with train.resume=latest", 128 + signum)
+                if t_cfg.validation_every and step % t_cfg.validation_every == 0 and accelerator.is_main_process:
+                    write_validation_grid(run.pipe, accelerator.unwrap_model(run.denoiser), run.adapter, t_cfg,
+                                          run.out / "validation" / f"step-{step:06d}.png")
+                if step >= t_cfg.max_steps:
+                    break
+            else:
+                epoch, done = epoch + 1, 0
     bar.close()
-    seconds = time.perf_counter() - t0
+    return _Position(step, epoch, done, accelerator.step), time.perf_counter() - t0, last_metrics, skipped
 
-    # ---- finish: checkpoint, replica check, export, summary
-    final_ckpt = save_checkpoint(step)
-    unwrapped = accelerator.unwrap_model(denoiser)
+
+def _micro_step(run: _Run, raw: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, backward and (on the accumulation boundary) the optimizer step for one batch."""
+    accelerator, t_cfg = run.accelerator, run.cfg.train
+    with accelerator.accumulate(run.denoiser), accelerator.autocast():
+        batch = run.data.prepare(raw, accelerator.device)
+        loss, metrics = run.method.compute_loss(batch, run.models, run.cfg.method)
+        if not torch.isfinite(loss):
+            last = list_checkpoints(run.checkpoints, run.run_id)
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {step + 1} on items {batch.get('item_id')}; "
+                f"last checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate or method.beta, or use bf16."
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and t_cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, t_cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, metrics
+
+
+def _log_step(run: _Run, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor], stop: bool
+              ) -> tuple[dict[str, float], bool]:
+    """Average loss, metrics and the stop flag over processes; log them. Returns (logs, any process stopping)."""
+    accelerator, t_cfg = run.accelerator, run.cfg.train
+    # one collective for the loss, every metric and the stop flag, one host sync for all of them
+    names = ["loss", *metrics]
+    values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values()),
+                          torch.tensor(float(stop), device=loss.device)])
+    values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
+    stopping = values.pop() > 0
+    logs = {"lr": run.lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
+    if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+        if accelerator.is_main_process:
+            with open(run.out / "history.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        if t_cfg.report_to != "none":
+            accelerator.log(logs, step=step)
+    return logs, stopping
+
+
+def _finish(run: _Run, start: _Position, end: _Position, seconds: float, last_metrics: dict[str, float],
+            skipped: list[str]) -> TrainResult:
+    """Final checkpoint, replica check, export, summary.json."""
+    cfg, accelerator, step = run.cfg, run.accelerator, end.step
+    final_ckpt = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+    if step != start.step or not final_ckpt.is_dir():  # not already there (a resume of a finished run)
+        final_ckpt = _save(run, end)
+    unwrapped = accelerator.unwrap_model(run.denoiser)
     checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in unwrapped.parameters() if p.requires_grad)],
                             dtype=torch.float64, device=accelerator.device)
     all_sums = accelerator.gather(checksum).tolist()
+    done = step - start.step
     summary = {
-        "method": method.name, "family": family, "steps": step, "seconds": seconds,
-        "steps_per_second": (step - steps_at_t0) / seconds if seconds > 0 else math.nan,
-        "pairs_per_second": (step - steps_at_t0) * global_batch / seconds if seconds > 0 else math.nan,
-        "trainable_params": n_trainable, "num_processes": accelerator.num_processes,
+        "method": run.method.name, "family": run.family, "steps": step, "seconds": seconds,
+        "steps_per_second": done / seconds if seconds > 0 else math.nan,
+        "pairs_per_second": done * run.global_batch / seconds if seconds > 0 else math.nan,
+        "trainable_params": sum(p.numel() for p in run.params), "num_processes": accelerator.num_processes,
         "replica_checksums": all_sums, "replicas_identical": len(set(all_sums)) == 1,
-        "final_metrics": last_metrics, "data": data.counts, "skipped_items": skipped, "checkpoint": str(final_ckpt),
+        "final_metrics": last_metrics, "data": run.data.counts, "skipped_items": skipped, "checkpoint": str(final_ckpt),
     }
     if accelerator.is_main_process:
-        summary["export"] = str(export(pipe, unwrapped, adapter.denoiser_name, cfg, out / "final"))
-        (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary["export"] = str(export(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final"))
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         if skipped:
             accelerator.print(f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)")
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
     accelerator.end_training()
-    return TrainResult(summary, unwrapped, pipe, initial)
+    return TrainResult(summary, unwrapped, run.pipe, run.initial)
+
+
+# --------------------------------------------------------------------------------------------------
+# run bookkeeping: output directory, run id, history, checkpoints
+
+
+def _check_output_dir(t_cfg: Any, out: Path) -> None:
+    """Runs never mix: a non-empty output_dir needs train.resume (continue) or train.overwrite (a new run)."""
+    if t_cfg.resume and t_cfg.resume != "latest" and not (Path(t_cfg.resume) / STATE_FILE).is_file():
+        raise TrainingError(f"train.resume={t_cfg.resume}: not a checkpoint directory (no {STATE_FILE})")
+    if not t_cfg.resume and not t_cfg.overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"train.output_dir={out} is not empty (another run?): add train.resume=latest to continue "
+                          "that run or train.overwrite=true to start a new one there")
+
+
+def _run_id(t_cfg: Any, out: Path) -> str:
+    """The run this output_dir now belongs to: kept on resume, new otherwise (old checkpoints stay, unrotated)."""
+    if t_cfg.resume == "latest":
+        return read_run_id(out) or new_run_id()
+    if t_cfg.resume:
+        return run_id_of(Path(t_cfg.resume)) or new_run_id()
+    return new_run_id()
+
+
+def _restart_history(path: Path, upto: int | None) -> None:
+    """history.jsonl keeps the steps up to ``upto`` (a resume; later lines came from the interrupted part)
+    and is appended from there; a new run (``upto`` None) starts it empty."""
+    kept = []
+    if upto is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= upto:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    path.write_text("".join(kept))
+
+
+def _save(run: _Run, pos: _Position) -> Path:
+    state = {"run_id": run.run_id, "method": run.method.name, "epoch": pos.epoch, "batch": pos.batch,
+             "micro_step": pos.micro_step}
+    return save_checkpoint(run.checkpoints, pos.step, state, run.parts(), run.accelerator,
+                           run.cfg.train.checkpoints_total_limit)
 
 
 def _reset_single_process_state() -> None:

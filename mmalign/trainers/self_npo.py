@@ -82,17 +82,24 @@ class EMATeacher:
 
     def __init__(self, net: torch.nn.Module, decay: float = 0.999):
         self.decay = decay
-        self.params = [p for p in net.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.shadow = [p.detach().clone() for p in self.params]
 
-    def state_dict(self) -> dict[str, list[torch.Tensor]]:
-        return {"shadow": [s.detach().cpu() for s in self.shadow]}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow weights by parameter name: plain tensors, which the loop saves as safetensors (no pickle)."""
+        return {n: s.detach().cpu() for n, s in zip(self.names, self.shadow)}
 
-    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"EMA teacher checkpoint has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, extra = sorted(set(self.names) - set(state)), sorted(set(state) - set(self.names))
+        if missing or extra:
+            raise ValueError(f"EMA teacher state does not match the model: {len(missing)} weights missing "
+                             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+        for name, s in zip(self.names, self.shadow):
+            if state[name].shape != s.shape:
+                raise ValueError(f"EMA teacher state: {name} has shape {tuple(state[name].shape)}, the model {tuple(s.shape)}")
+            s.copy_(state[name])
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
