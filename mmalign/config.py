@@ -81,6 +81,8 @@ class DataConfig:
     cache: bool = _f(True, "Encode VAE latents and text embeddings once into safetensors shards and train from them.")
     cache_dir: str | None = _f(None, "Cache directory; default <output_dir>/../.mmalign_cache next to the run (shared by runs).")
     cache_batch_size: int = _f(8, "Batch size of the one-off encoding pass that fills the cache.")
+    cache_max_gb: float | None = _f(None, "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).")
+    shuffle: bool = _f(True, "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).")
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "manifest", "pickapic"):

@@ -1,4 +1,8 @@
-"""``mmalign train | validate | ls``: run a recipe, check it, list what is registered."""
+"""``mmalign train | validate | ls | cp``: run a recipe, check it, list what is registered, copy a shipped recipe.
+
+Recipes ship inside the package (``mmalign/configs``; the repository's top-level ``configs`` is a link to it), so
+a wheel install has them and ``mmalign train toy/quickstart.yaml`` works from any directory.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,36 @@ import sys
 from pathlib import Path
 
 
+def configs_root() -> Path:
+    """The recipes shipped inside the package (``mmalign/configs``)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
 def shipped_configs() -> list[Path]:
-    root = Path(__file__).resolve().parent.parent.parent / "configs"
+    root = configs_root()
     return sorted(p for p in root.rglob("*.yaml")) if root.is_dir() else []
 
 
+def resolve_recipe(path: str) -> str:
+    """``path`` if it exists, else the shipped recipe of that name (``toy/quickstart``, ``configs/toy/quickstart.yaml``)."""
+    if Path(path).exists():
+        return path
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    for candidate in (name, name + ".yaml"):
+        if (configs_root() / candidate).is_file():
+            return str(configs_root() / candidate)
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from mmalign.pipelines.runtime import quiet_libraries
     from mmalign.trainers import load_config
     from mmalign.trainers.loop import TrainingStopped, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_recipe(args.config), args.overrides)
     try:
-        train(cfg)
+        with quiet_libraries(not args.verbose, python_warnings=False):  # no library loading bars unless --verbose
+            train(cfg)
     except TrainingStopped as stop:  # a signal: the checkpoint is saved; 128 + signal number, as a shell reports
         print(f"mmalign train: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -28,11 +50,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    """Copy a shipped recipe to edit it (as torchtune's ``tune cp``)."""
+    import shutil
+
+    from mmalign.config import ConfigError
+
+    root = configs_root()
+    name = args.recipe if args.recipe.endswith((".yaml", ".yml")) else args.recipe + ".yaml"
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    source = root / name
+    if not source.is_file():
+        names = [p.relative_to(root).as_posix() for p in shipped_configs()]
+        raise ConfigError(f"no shipped recipe {args.recipe!r}; `mmalign ls` lists them: {', '.join(names)}")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not args.force:
+        raise ConfigError(f"{dest} exists; pass --force to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    print(f"copied {source.relative_to(root)} to {dest}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mmalign.config import to_dict
     from mmalign.trainers import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_recipe(args.config), args.overrides)
     if args.print:
         import yaml
 
@@ -60,10 +106,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("rewards:")
     for name, description in describe_rewards():
         print(f"  {name:22s} {description}")
-    root = Path(__file__).resolve().parent.parent.parent
-    print("configs:")
+    root = configs_root()
+    print("configs (copy one with `mmalign cp NAME DEST`):")
     for path in shipped_configs():
-        print(f"  {path.relative_to(root)}")
+        print(f"  {path.relative_to(root.parent).as_posix()}")
     return 0
 
 
@@ -85,6 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a method from a YAML recipe (key=value overrides after it)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="e.g. train.max_steps=2000 method.beta=5000")
+    p.add_argument("--verbose", action="store_true", help="show library loading bars and info messages")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="load and check a recipe without training")
@@ -97,3 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", metavar="METHOD", nargs="?", const="diffusion_dpo",
                    help="instead, list every config key with default and help (method section of METHOD)")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("cp", help="copy a shipped recipe to edit it, e.g. `mmalign cp sdxl/diffusion_dpo_lora.yaml my.yaml`")
+    p.add_argument("recipe", help="recipe as `mmalign ls` prints it (configs/toy/quickstart.yaml, toy/quickstart.yaml or toy/quickstart)")
+    p.add_argument("dest", help="destination file or directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_cp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,26 @@ CACHE_VERSION = 1
 def fingerprint_dir(root: str | Path, fingerprint: dict[str, Any]) -> Path:
     blob = json.dumps({"version": CACHE_VERSION, **fingerprint}, sort_keys=True, default=str)
     return Path(root) / short_hash(blob)
+
+
+def estimate_pair_bytes(vae_config: Any, resolution: int, random_flip: bool, dtype_bytes: int = 4) -> int:
+    """Bytes one cached pair takes: posterior mean and std of both images (and of their flips), in float32.
+
+    For SDXL at 1024 px: 4 x 128 x 128 latents x 2 (mean, std) x 2 images x 2 (flip) x 4 B = 2.1 MB per pair,
+    about 2 TB for Pick-a-Pic v2's 959k pairs.
+    """
+    channels = int(vae_config.get("latent_channels", 4))
+    factor = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    side = resolution // factor
+    return channels * side * side * 2 * 2 * (2 if random_flip else 1) * dtype_bytes
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def pair_key(rec: PairRecord) -> str:
@@ -106,20 +127,23 @@ class LatentCache:
         tmp.write_text(json.dumps(self.index))
         os.replace(tmp, self.dir / "index.json")
 
-    def build(self, records: list[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
+    def build(self, records: Sequence[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
               random_crop: bool = False, joint_crop: bool = False, batch_size: int = 8, skip_bad: bool = False,
               prompts_extra: tuple[str, ...] = ("",), progress: bool = True, shard_size: int = 256,
-              is_main_process: bool = True) -> tuple[list[PairRecord], list[str], list[str]]:
+              is_main_process: bool = True, max_bytes: float | None = None,
+              log: Any = print) -> tuple[list[PairRecord], list[str], list[str]]:
         """Encode whatever is missing. Returns (usable records, their keys, skipped-item messages).
 
         With ``skip_bad`` a corrupt or missing image drops its pair (the message names row and file);
         otherwise the first one raises :class:`DataError`. Only the main process writes; call again on the
-        others after a barrier to read the finished index.
+        others after a barrier to read the finished index. Before encoding, the size of what is missing is
+        estimated and logged; above ``max_bytes`` the build is refused (train uncached: ``data.cache=false``).
         """
         from tqdm.auto import tqdm
 
         keep, keys, skipped, todo = [], [], [], []
-        for rec in records:
+        for idx in range(len(records)):
+            rec = records[idx]
             try:
                 key = pair_key(rec)
             except DataError as err:
@@ -132,10 +156,20 @@ class LatentCache:
                     raise DataError(self.index["bad"][key])
                 skipped.append(self.index["bad"][key])
                 continue
-            keep.append(rec)
+            # Keep only what training reads (prompt, row): image bytes of Arrow-backed records are re-read from
+            # the memory-mapped table when encoded, so memory does not grow with the number of pairs.
+            keep.append(PairRecord(rec.prompt, "", "", rec.row, rec.label_0, rec.user_id))
             keys.append(key)
             if not self.has_pair(key):
-                todo.append((key, rec))
+                todo.append((key, idx))
+        if todo and is_main_process:
+            need = len(todo) * estimate_pair_bytes(dict(adapter.vae.config), resolution, random_flip)
+            where = self.dir
+            log(f"latent cache: {len(todo)} of {len(keep)} pairs to encode, about {format_bytes(need)} in {where}")
+            if max_bytes is not None and need > max_bytes:
+                raise DataError(f"the latent cache would need about {format_bytes(need)} for {len(todo)} pairs, over "
+                                f"data.cache_max_gb={max_bytes / 1024**3:g}; raise it, set data.max_items, or train "
+                                "uncached with data.cache=false")
         prompts = sorted({r.prompt for r in keep} | set(prompts_extra))
         text_todo = [p for p in prompts if short_hash(p) not in self.index["text"]]
         if not is_main_process:
@@ -149,7 +183,8 @@ class LatentCache:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             decoded = []
-            for key, rec in chunk:
+            for key, idx in chunk:
+                rec = records[idx]
                 try:
                     decoded.append((key, decode_pair(rec, resolution, random_crop=random_crop, joint_crop=joint_crop, generator=gen)))
                 except DataError as err:

@@ -1,14 +1,19 @@
-"""Preference pair data: manifests (JSONL/CSV) and Pick-a-Pic v2 parquet / datasets directories.
+"""Preference pair data: manifests (JSONL/CSV), Pick-a-Pic v2 parquet / datasets directories and hub datasets.
 
-Every source becomes a list of :class:`PairRecord` with the winner first. Images stay undecoded (paths or
-bytes) until an item is read, so a 335 GB Pick-a-Pic is never loaded at once.
+Every source becomes a sequence of :class:`PairRecord` with the winner first. A manifest is a small Python
+list of paths. Pick-a-Pic-layout data (parquet files, a ``save_to_disk`` directory, or a hub id such as
+``yuvalkirstain/pickapic_v2`` read with ``datasets.load_dataset``) stays in the memory-mapped Arrow dataset:
+:class:`ArrowPairRecords` keeps only the indices of the usable rows (ties dropped) and reads a row's JPEG bytes
+when that record is indexed, in whichever DataLoader worker asks. Resident memory therefore does not grow with
+the number of pairs (``bench/bench_pickapic_memory.py``); a 335 GB Pick-a-Pic is never loaded at once.
+(``load_dataset`` on parquet files writes one Arrow copy into the datasets cache, as for any hub dataset.)
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,55 +95,129 @@ def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{i}", row
 
 
-def _iter_pickapic(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` (optionally with ``:config``) that is not a local path: a hub dataset id."""
+    parts = str(source).split(":")[0].split("/")
+    return len(parts) == 2 and all(parts) and not Path(source).exists() and not str(source).startswith((".", "/"))
+
+
+def open_pickapic(source: str | Path, split: str = "train"):
+    """The Pick-a-Pic-layout ``datasets.Dataset`` (memory-mapped Arrow) of parquet files, a ``save_to_disk``
+    directory, or a hub id (``owner/name`` or ``owner/name:config``; ``split`` may be a slice such as
+    ``train[:1000]``)."""
     import datasets
 
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if isinstance(source, str) and is_hub_id(source):
+        name, _, config = source.partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split=split)
+        except Exception as err:  # network, auth, unknown split: many types
+            raise DataError(f"data.source={source}: cannot load the hub dataset (split {split!r}): "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}' (has {list(ds)}); set data.split")
             ds = ds[split]
-    else:
-        files = sorted(map(str, path.glob("**/*.parquet"))) if path.is_dir() else [str(path)]
-        if not files:
-            raise DataError(f"{path}: no parquet files found")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    ds = ds.cast_column("jpg_0", datasets.Value("binary")) if "jpg_0" in ds.column_names and not isinstance(
-        ds.features["jpg_0"], datasets.Value) else ds
-    for i, row in enumerate(ds):
-        yield f"{path}[{i}]", row
+        return ds
+    files = sorted(map(str, path.glob("**/*.parquet"))) if path.is_dir() else [str(path)]
+    if not files:
+        raise DataError(f"{path}: no parquet files found")
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+class ArrowPairRecords(Sequence):
+    """Pair records read on demand from a memory-mapped Arrow dataset (Pick-a-Pic layout).
+
+    Only an int64 index of the usable rows lives in Python; ``records[i]`` reads row ``index[i]`` (prompt, both
+    images' bytes, label) from the Arrow table. Picklable, so DataLoader workers each read their own rows.
+
+    Args:
+        ds: A ``datasets.Dataset`` with caption/prompt, jpg_0/image_0, jpg_1/image_1 and label_0 columns.
+        where: Source name used in error messages (``<where>[row]``).
+        keep_ties: Keep label_0 == 0.5 rows.
+        max_items: Use at most this many usable rows.
+    """
+
+    def __init__(self, ds: Any, where: str, *, keep_ties: bool = False, max_items: int | None = None):
+        import numpy as np
+
+        columns = set(ds.column_names)
+        prompt = "caption" if "caption" in columns else "prompt"
+        need = [{"caption", "prompt"}, {"jpg_0", "image_0"}, {"jpg_1", "image_1"}, {"label_0"}]
+        missing = [" or ".join(sorted(c)) for c in need if not c & columns]
+        if missing:
+            raise DataError(f"{where}: missing column(s) {missing}; columns are {sorted(columns)}")
+        labels = np.asarray(ds.select_columns(["label_0"]).with_format("numpy")["label_0"], dtype=np.float64)
+        bad = np.flatnonzero(~np.isin(labels, (0.0, 0.5, 1.0)))
+        if len(bad):
+            raise DataError(f"{where}[{int(bad[0])}]: label_0={labels[bad[0]]} must be 0, 0.5 or 1")
+        keep = np.arange(len(labels)) if keep_ties else np.flatnonzero(labels != 0.5)
+        self.counts = {"rows": len(labels), "ties_dropped": int(len(labels) - len(keep)) if not keep_ties else 0}
+        if max_items is not None:
+            keep = keep[:max_items]
+        self.index = keep.astype(np.int64)
+        self.where = where
+        self.columns = [c for c in (prompt, "jpg_0" if "jpg_0" in columns else "image_0",
+                                    "jpg_1" if "jpg_1" in columns else "image_1", "label_0", "user_id") if c in columns]
+        import datasets
+
+        ds = ds.select_columns(self.columns)
+        for col in self.columns[1:3]:  # an Image feature would decode to PIL: keep the encoded bytes instead
+            if isinstance(ds.features[col], datasets.Image):
+                ds = ds.cast_column(col, datasets.Image(decode=False))
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> PairRecord:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row_id = int(self.index[i])
+        row = self.ds[row_id]
+        rec = _from_row(row, f"{self.where}[{row_id}]", None, keep_ties=True)
+        assert rec is not None
+        return rec
 
 
 def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train", keep_ties: bool = False,
-               max_items: int | None = None) -> tuple[list[PairRecord], dict[str, int]]:
-    """Read pair records from a manifest or Pick-a-Pic-style data.
+               max_items: int | None = None) -> tuple[Sequence[PairRecord], dict[str, int]]:
+    """Read pair records from a manifest, Pick-a-Pic-style data or a hub dataset id.
 
     Returns:
-        records (winner first) and counts ``{"rows": n, "ties_dropped": n}``.
+        records (winner first; a list for manifests, an :class:`ArrowPairRecords` view for Arrow data) and counts
+        ``{"rows": n, "ties_dropped": n}``.
     """
-    path = Path(source)
     if not str(source):
-        raise DataError("data.source is empty: point it at a manifest (.jsonl/.csv) or Pick-a-Pic parquet data")
-    if not path.exists():
+        raise DataError("data.source is empty: point it at a manifest (.jsonl/.csv), Pick-a-Pic parquet data or a hub id")
+    path = Path(source)
+    hub = isinstance(source, str) and is_hub_id(source)
+    if not hub and not path.exists():
         raise DataError(f"data.source not found: {path}")
     if format == "auto":
         format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
-    rows = _iter_manifest(path) if format == "manifest" else _iter_pickapic(path, split)
-    base = path.parent if format == "manifest" else None
-    records, counts = [], {"rows": 0, "ties_dropped": 0}
-    for where, row in rows:
+    if format == "pickapic":
+        records = ArrowPairRecords(open_pickapic(source, split), str(source), keep_ties=keep_ties, max_items=max_items)
+        if not len(records):
+            raise DataError(f"{source}: no usable pairs ({records.counts['rows']} rows, "
+                            f"{records.counts['ties_dropped']} ties dropped)")
+        return records, dict(records.counts)
+    out, counts = [], {"rows": 0, "ties_dropped": 0}
+    for where, row in _iter_manifest(path):
         counts["rows"] += 1
-        rec = _from_row(row, where, base, keep_ties)
+        rec = _from_row(row, where, path.parent, keep_ties)
         if rec is None:
             counts["ties_dropped"] += 1
             continue
-        records.append(rec)
-        if max_items is not None and len(records) >= max_items:
+        out.append(rec)
+        if max_items is not None and len(out) >= max_items:
             break
-    if not records:
+    if not out:
         raise DataError(f"{path}: no usable pairs ({counts['rows']} rows, {counts['ties_dropped']} ties dropped)")
-    return records, counts
+    return out, counts
 
 
 def decode_pair(rec: PairRecord, resolution: int, *, random_crop: bool = False, joint_crop: bool = False,
@@ -163,7 +242,7 @@ def decode_pair(rec: PairRecord, resolution: int, *, random_crop: bool = False, 
 class PairDataset(torch.utils.data.Dataset):
     """Decodes pairs on the fly (the uncached path). A bad item raises, or yields ``None`` when skipping."""
 
-    def __init__(self, records: list[PairRecord], resolution: int, *, random_flip: bool = True,
+    def __init__(self, records: Sequence[PairRecord], resolution: int, *, random_flip: bool = True,
                  random_crop: bool = False, joint_crop: bool = False, skip_bad: bool = False):
         self.records, self.resolution = records, resolution
         self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = random_flip, random_crop, joint_crop, skip_bad

@@ -72,7 +72,8 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
 
     cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
     kwargs = dict(resolution=res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint,
-                  batch_size=d.cache_batch_size, skip_bad=skip, progress=progress)
+                  batch_size=d.cache_batch_size, skip_bad=skip, progress=progress,
+                  max_bytes=None if d.cache_max_gb is None else d.cache_max_gb * 1024**3)
     if accelerator.is_main_process:
         records_ok, keys, skipped = cache.build(records, adapter, **kwargs)
     accelerator.wait_for_everyone()

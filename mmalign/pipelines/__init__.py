@@ -65,7 +65,11 @@ def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | N
         return json.loads(index.read_text()).get("_class_name")
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
+    try:
+        return DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
+    except Exception as err:  # hub errors come in many types (offline, not found, gated)
+        raise ValueError(f"{pretrained}: not a local pipeline directory, and its model_index.json could not be "
+                         f"read from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def family_of_class(class_name: str | None) -> str | None:
@@ -76,8 +80,21 @@ def family_of_class(class_name: str | None) -> str | None:
     return None
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ``mmalign`` package
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """A path written relative to the package (``mmalign/toy/assets/toy-sd`` in the toy recipes) resolved against
+    the installed package when it does not exist relative to the current directory; anything else unchanged."""
+    path = Path(pretrained)
+    if not path.exists() and path.parts[:1] == ("mmalign",) and (PACKAGE_ROOT / path).exists():
+        return str(PACKAGE_ROOT / path)
+    return pretrained
+
+
 def detect_family(pretrained: str, revision: str | None = None) -> str:
     """Family from the pipeline's ``model_index.json`` ``_class_name`` (local directory or hub id)."""
+    pretrained = resolve_pretrained(pretrained)
     class_name = pipeline_class_name(pretrained, revision)
     family = family_of_class(class_name)
     if family is None:
@@ -98,6 +115,7 @@ def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None
     """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family)."""
     import diffusers
 
+    pretrained = resolve_pretrained(pretrained)
     if family == "auto":
         family = detect_family(pretrained, revision)
     spec = get_family(family)
@@ -130,4 +148,4 @@ def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:
 
 __all__ = ["FAMILIES", "Family", "NoiseProcess", "PipelineAdapter", "VideoAdapter", "detect_family", "family_of_class",
            "get_family", "is_video", "load_pipeline", "make_adapter", "per_frame_mse", "per_sample_mse",
-           "pipeline_class_name"]
+           "pipeline_class_name", "resolve_pretrained"]

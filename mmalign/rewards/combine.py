@@ -18,6 +18,14 @@ Both keep every member's raw and normalised scores: ``components(media, prompts)
 ``{"<name>/raw", "<name>/norm", ["<name>/confidence"], "total", ["disagreement"]}``. Normalisers work over
 all elements of a member's output, so per-segment members [B,S] are normalised over B*S values and [B]
 members broadcast against them.
+
+Batch invariance. A normaliser's statistics must not depend on how media were batched, so scoring is split in
+two: ``raw(media, prompts)`` runs the members on a batch (no normalisation), and ``combine(raw, groups)``
+normalises the raw scores of the *whole scored set* at once, either over all of it (``normalize_over: set``) or
+within each prompt group (``normalize_over: prompt``, what ``score`` and ``label`` use unless the reward config
+says otherwise: candidates of one prompt are what labelling compares). ``mmalign score`` collects the raw scores of every batch and combines once at the end, so batch
+sizes 1, 5 and 16 give identical scores. ``components(media, prompts)`` is ``combine(raw(...))`` over the media
+it is given (one call over everything, as ``mmalign eval`` does, is batch-invariant too).
 """
 
 from __future__ import annotations
@@ -137,6 +145,36 @@ def _call(reward: Callable[..., torch.Tensor], media: torch.Tensor, prompts: Seq
     return reward(media, prompts)
 
 
+NORMALIZE_OVER = ("prompt", "set")
+
+
+def normalize_groups(normalizer: Normalizer, x: torch.Tensor, groups: Sequence[Any] | None) -> torch.Tensor:
+    """``normalizer`` applied over all of ``x`` [N(,S)] (``groups`` None) or separately within each group.
+
+    Args:
+        normalizer: A normaliser (statistics over the values it is given).
+        x: Raw scores, first dim = items.
+        groups: One hashable key per item (e.g. the prompt), or None for one group.
+    """
+    if groups is None:
+        return normalizer(x)
+    if len(groups) != x.shape[0]:
+        raise ValueError(f"{len(groups)} group keys for {x.shape[0]} scores")
+    out = torch.empty_like(x)
+    index: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    for idx in index.values():
+        sel = torch.tensor(idx, device=x.device)
+        out[sel] = normalizer(x[sel])
+    return out
+
+
+def _check_over(normalize_over: str | None) -> None:
+    if normalize_over is not None and normalize_over not in NORMALIZE_OVER:
+        raise ValueError(f"normalize_over={normalize_over!r}: use one of {NORMALIZE_OVER}")
+
+
 def _align(values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Broadcast [B] members against [B,S] members."""
     if all(v.ndim == 1 for v in values):
@@ -175,29 +213,57 @@ class HybridComponent:
 
 @dataclass
 class HybridReward:
-    """Weighted sum of normalised, optionally confidence-gated components (see module docstring)."""
+    """Weighted sum of normalised, optionally confidence-gated components (see module docstring).
+
+    Attributes:
+        members: The components.
+        normalize_over: ``prompt`` (normalise within each prompt group), ``set`` (over everything scored) or None
+            (unset: :meth:`components` normalises over the media it is given; ``mmalign score`` and ``label``
+            use ``prompt``).
+    """
 
     members: list[HybridComponent] = field(default_factory=list)
+    normalize_over: str | None = None
     accepts_fps: bool = True
 
-    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
-        """Every member's raw, normalised (and confidence) scores plus ``total``; each [B] (or [B,S])."""
+    def __post_init__(self) -> None:
+        _check_over(self.normalize_over)
+
+    def raw(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Members' raw scores ``<name>/raw`` (and ``<name>/confidence``) on a batch; nothing normalised."""
         out: dict[str, torch.Tensor] = {}
-        terms = []
         for m in self.members:
-            raw = _call(m.reward, media, prompts, fps).float()
-            norm = m.normalizer(raw)
-            out[f"{m.name}/raw"], out[f"{m.name}/norm"] = raw, norm
-            gate = torch.ones_like(norm)
+            out[f"{m.name}/raw"] = _call(m.reward, media, prompts, fps).float()
             conf_fn = m.confidence_fn()
             if conf_fn is not None:
-                conf = conf_fn(media, prompts).float().to(norm.device)
-                out[f"{m.name}/confidence"] = conf
-                conf = conf.view(-1, *([1] * (norm.ndim - 1)))
+                out[f"{m.name}/confidence"] = conf_fn(media, prompts).float()
+        return out
+
+    def combine(self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+        """Normalise raw scores of a whole set (per group when given) and sum: ``<name>/norm`` and ``total``.
+
+        Args:
+            raw: From :meth:`raw`, concatenated over every batch of the set ([N] or [N,S] each).
+            groups: Group key per item (``normalize_over: prompt``), or None to normalise over the whole set.
+        """
+        out: dict[str, torch.Tensor] = dict(raw)
+        terms = []
+        for m in self.members:
+            norm = normalize_groups(m.normalizer, raw[f"{m.name}/raw"].float(), groups)
+            out[f"{m.name}/norm"] = norm
+            gate = torch.ones_like(norm)
+            conf = raw.get(f"{m.name}/confidence")
+            if conf is not None:
+                conf = conf.float().to(norm.device).view(-1, *([1] * (norm.ndim - 1)))
                 gate = (conf >= m.gate).float().expand_as(norm) if m.gate is not None else conf.expand_as(norm)
             terms.append(m.weight * gate * norm)
         out["total"] = torch.stack(torch.broadcast_tensors(*_align(terms))).sum(0)
         return out
+
+    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Every member's raw, normalised (and confidence) scores plus ``total`` over these media; each [B] (or [B,S])."""
+        groups = list(prompts) if self.normalize_over == "prompt" else None
+        return self.combine(self.raw(media, prompts, fps), groups)
 
     def __call__(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
         """Args: media [B,...] in [0, 1]; prompts B strings. Returns [B] (or [B,S]) totals."""
@@ -215,27 +281,34 @@ class EnsembleReward:
         members: (name, reward, normaliser) triples.
         aggregate: One of ``mean``, ``median``, ``min``, ``mean_minus_std``.
         lam: lambda of ``mean_minus_std``.
+        normalize_over: ``prompt`` (normalise within each prompt group), ``set`` (over everything scored) or None
+            (unset: :meth:`components` normalises over the media it is given; ``mmalign score`` and ``label``
+            use ``prompt``).
     """
 
     members: list[tuple[str, Callable[..., torch.Tensor], Normalizer]] = field(default_factory=list)
     aggregate: str = "mean"
     lam: float = 1.0
+    normalize_over: str | None = None
     accepts_fps: bool = True
 
     def __post_init__(self) -> None:
+        _check_over(self.normalize_over)
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate={self.aggregate!r}: use one of {AGGREGATES}")
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
 
-    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
-        """Members' raw and normalised scores, ``disagreement`` (std over members) and ``total``."""
-        out: dict[str, torch.Tensor] = {}
+    def raw(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Members' raw scores ``<name>/raw`` on a batch; nothing normalised."""
+        return {f"{name}/raw": _call(reward, media, prompts, fps).float() for name, reward, _ in self.members}
+
+    def combine(self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+        """Normalise a whole set's raw scores (per group when given), aggregate: ``disagreement`` and ``total``."""
+        out: dict[str, torch.Tensor] = dict(raw)
         norms = []
-        for name, reward, normalizer in self.members:
-            raw = _call(reward, media, prompts, fps).float()
-            out[f"{name}/raw"] = raw
-            out[f"{name}/norm"] = norm = normalizer(raw)
+        for name, _, normalizer in self.members:
+            out[f"{name}/norm"] = norm = normalize_groups(normalizer, raw[f"{name}/raw"].float(), groups)
             norms.append(norm)
         stacked = torch.stack(torch.broadcast_tensors(*_align(norms)))  # [M, B(, S)]
         std = stacked.std(0, unbiased=False)
@@ -249,6 +322,11 @@ class EnsembleReward:
             total = stacked.mean(0) - self.lam * std
         out["disagreement"], out["total"] = std, total
         return out
+
+    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Members' raw and normalised scores, ``disagreement`` (std over members) and ``total`` over these media."""
+        groups = list(prompts) if self.normalize_over == "prompt" else None
+        return self.combine(self.raw(media, prompts, fps), groups)
 
     def __call__(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> torch.Tensor:
         """Returns [B] (or [B,S]) aggregated scores."""
@@ -272,7 +350,8 @@ def _check_member(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     return spec
 
 
-def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping[str, Any] = "zscore") -> HybridReward:
+def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping[str, Any] = "zscore",
+           normalize_over: str | None = None) -> HybridReward:
     """Weighted sum of normalised rewards; a rule member may gate itself by its confidence.
 
     Args:
@@ -280,6 +359,8 @@ def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping
             label=name}``: ``gate`` is a hard threshold on the member's confidence (``reward.confidence``),
             ``confidence: false`` ignores it.
         normalizer: Default normaliser for members without one.
+        normalize_over: ``prompt`` (within each prompt's candidates; what ``score``/``label`` use when unset) or
+            ``set`` (the whole scored set).
     """
     from mmalign.rewards import get_reward
 
@@ -292,12 +373,12 @@ def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping
             weight=float(spec.get("weight", 1.0)), normalizer=make_normalizer(spec.get("normalizer", normalizer)),
             gate=spec.get("gate"), use_confidence=bool(spec.get("confidence", True)),
         ))
-    return HybridReward(comps)
+    return HybridReward(comps, normalize_over)
 
 
 def ensemble(
     members: Sequence[Mapping[str, Any] | str], aggregate: str = "mean", lam: float = 1.0,
-    normalizer: str | Mapping[str, Any] = "zscore",
+    normalizer: str | Mapping[str, Any] = "zscore", normalize_over: str | None = None,
 ) -> EnsembleReward:
     """Aggregate normalised rewards by mean | median | min | mean_minus_std and report their disagreement.
 
@@ -306,6 +387,8 @@ def ensemble(
         aggregate: ``mean``, ``median``, ``min`` or ``mean_minus_std``.
         lam: lambda of ``mean_minus_std``.
         normalizer: Default normaliser (members must be normalised: raw scales differ ~100x).
+        normalize_over: ``prompt`` (within each prompt's candidates; what ``score``/``label`` use when unset) or
+            ``set`` (the whole scored set).
     """
     from mmalign.rewards import get_reward
 
@@ -315,4 +398,4 @@ def ensemble(
         spec = _check_member(raw_spec)
         built.append((_member_name(spec, seen), get_reward(spec["name"], **(spec.get("kwargs") or {})),
                       make_normalizer(spec.get("normalizer", normalizer))))
-    return EnsembleReward(built, aggregate, lam)
+    return EnsembleReward(built, aggregate, lam, normalize_over)

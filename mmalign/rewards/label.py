@@ -26,6 +26,7 @@ from typing import Any
 from mmalign.rewards.score import read_table, write_rows
 
 STRATEGIES = ("best_worst", "margin", "curriculum")
+MANIFEST_KEYS = ("negative_prompt", "seed", "guidance", "steps", "model", "lora", "kind", "group", "negative_lora")
 
 
 @dataclass
@@ -48,14 +49,16 @@ class LabelSummary:
 
 
 def make_pairs(
-    candidates: dict[str, list[tuple[str, float]]], strategy: str = "best_worst", margin: float = 0.0
+    candidates: dict[str, list[tuple[str, float]]], strategy: str = "best_worst", margin: float = 0.0,
+    prompts: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], LabelSummary]:
-    """Build preference pairs from scored candidates.
+    """Build preference pairs from scored candidates; a pair never crosses prompt groups.
 
     Args:
-        candidates: prompt -> [(media path, score), ...].
+        candidates: prompt group -> [(media path, score), ...] (the group is the prompt unless a manifest says).
         strategy: ``best_worst``, ``margin`` or ``curriculum``.
         margin: Minimum score difference; pairs at or below it are ties (dropped, counted).
+        prompts: group -> prompt text, where a group id is not the prompt itself (pairs then carry ``group``).
 
     Returns:
         (pairs ``{"prompt", "chosen", "rejected", "margin"[, "stage"]}``, summary).
@@ -64,7 +67,8 @@ def make_pairs(
         raise ValueError(f"strategy={strategy!r}: use one of {STRATEGIES}")
     summary = LabelSummary(prompts=len(candidates))
     pairs: list[dict[str, Any]] = []
-    for prompt, cands in candidates.items():
+    for group, cands in candidates.items():
+        prompt = (prompts or {}).get(group, group)
         if len(cands) < 2:
             summary.singletons += 1
             continue
@@ -79,7 +83,10 @@ def make_pairs(
             if diff <= margin:
                 summary.ties += 1
                 continue
-            kept.append({"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "margin": diff})
+            pair = {"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "margin": diff}
+            if group != prompt:
+                pair["group"] = group
+            kept.append(pair)
         if strategy == "curriculum":
             kept.sort(key=lambda p: -p["margin"])
             for stage, pair in enumerate(kept):
@@ -93,21 +100,25 @@ def make_pairs(
 
 def candidates_from_scores(
     rows: Sequence[dict[str, Any]], key: str, base_dir: str | Path
-) -> tuple[dict[str, list[tuple[str, float]]], int]:
-    """Group score rows (from ``mmalign score``) by prompt.
+) -> tuple[dict[str, list[tuple[str, float]]], int, dict[str, str]]:
+    """Group score rows (from ``mmalign score``) by prompt group (``group`` column, else the prompt).
 
     Args:
-        rows: Score rows with ``prompt``, ``path`` and the ``key`` column.
+        rows: Score rows with ``prompt``, ``path``, the ``key`` column and optionally ``group``.
         key: Score column to rank by.
         base_dir: Directory the rows' paths are relative to (the scores file's).
 
     Returns:
-        (prompt -> [(absolute path, score)], number of rows without a usable score).
+        (group -> [(absolute path, score)], number of rows without a usable score, group -> prompt).
+
+    Raises:
+        ValueError: when one group holds different prompts (its candidates would not be comparable).
     """
     if rows and not any(key in r for r in rows):
         columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
         raise ValueError(f"score column {key!r} not found; columns: {columns}")
     groups: dict[str, list[tuple[str, float]]] = {}
+    prompts: dict[str, str] = {}
     unscored = 0
     for r in rows:
         try:
@@ -117,8 +128,13 @@ def candidates_from_scores(
         if r.get("error") or math.isnan(value) or not r.get("path"):
             unscored += 1
             continue
-        groups.setdefault(str(r.get("prompt", "")), []).append((str(Path(base_dir) / str(r["path"])), value))
-    return groups, unscored
+        prompt = str(r.get("prompt", ""))
+        group = str(r.get("group") or prompt)
+        if prompts.setdefault(group, prompt) != prompt:
+            raise ValueError(f"group {group!r} holds two prompts ({prompts[group]!r} and {prompt!r}); "
+                             "a group must be the candidates of one prompt")
+        groups.setdefault(group, []).append((str(Path(base_dir) / str(r["path"])), value))
+    return groups, unscored, {g: p for g, p in prompts.items() if g != p}
 
 
 def write_manifest(pairs: Sequence[dict[str, Any]], out: str | Path) -> Path:
@@ -149,13 +165,13 @@ def label_scores(scores: str | Path, out: str | Path, *, key: str | None = None,
     scores = Path(scores)
     rows = read_table(scores)
     if key is None:
-        columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
+        columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"} - set(MANIFEST_KEYS))
         top = [c for c in columns if "." not in c]
         if len(top) != 1:
             raise ValueError(f"{scores} has score columns {top}: pick one with --key")
         key = top[0]
-    groups, unscored = candidates_from_scores(rows, key, scores.parent)
-    pairs, summary = make_pairs(groups, strategy, margin)
+    groups, unscored, prompts = candidates_from_scores(rows, key, scores.parent)
+    pairs, summary = make_pairs(groups, strategy, margin, prompts)
     summary.unscored = unscored
     write_manifest(pairs, out)
     return summary

@@ -2,8 +2,11 @@
 
 Sources:
 
-- a folder: every image (png/jpg/jpeg/webp/bmp), GIF or video (mp4/webm/mov/avi/mkv, needs ``mmalign[video]``)
-  below it; the prompt is read from ``<stem>.txt`` beside the file, else ``prompt.txt`` in its folder, else "".
+- a folder holding ``manifest.jsonl`` (what ``mmalign generate`` writes): the media it lists, with their prompts
+  and prompt groups.
+- any other folder: every image (png/jpg/jpeg/webp/bmp), GIF or video (mp4/webm/mov/avi/mkv, needs
+  ``mmalign[video]``) below it; the prompt is read from ``<stem>.txt`` beside the file, else ``prompt.txt`` in its
+  folder, else "" (``mmalign score`` refuses empty prompts unless ``--allow-empty-prompt``).
 - a manifest (``.jsonl`` / ``.csv``): a media column (``path``, ``media``, ``image``, ``video`` or ``file``) and
   ``prompt`` (or ``caption``); paths relative to the manifest.
 - a pair dataset: a manifest with ``chosen`` and ``rejected`` columns (what ``mmalign label`` writes); both
@@ -11,6 +14,9 @@ Sources:
   the chosen side).
 
 One output row per item with every reward (and every hybrid/ensemble component as ``<reward>.<component>``).
+Hybrid/ensemble rewards are normalised over the whole scored set or per prompt group, never per batch: each
+batch stores the members' raw scores, and the totals are computed once from all rows at the end (see
+``mmalign/rewards/combine.py``), so the batch size never changes a score.
 Media paths in the output are relative to the output file. Re-running skips rows already scored with the same
 rewards (resumable: finished batches are appended to ``<out>.partial`` and merged at the end); the output file
 is replaced atomically. An unreadable file yields a row with ``error`` set, not a crash.
@@ -127,6 +133,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 def collect_items(source: str | Path) -> list[Item]:
     """Items of a folder, a media manifest or a pair manifest (see module docstring)."""
     source = Path(source)
+    if source.is_dir() and (source / "manifest.jsonl").is_file():
+        return collect_items(source / "manifest.jsonl")
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file())
         return [Item(p.relative_to(source).as_posix(), _prompt_for(p), {"media": p}) for p in files]
@@ -163,9 +171,10 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if isinstance(data, list):
         data = {"rewards": data}
-    unknown = set(data) - {"rewards", "combine", "normalizer", "aggregate", "lam", "name"}
+    valid = {"rewards", "combine", "normalizer", "normalize_over", "aggregate", "lam", "name"}
+    unknown = set(data) - valid
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: rewards, combine, normalizer, aggregate, lam, name")
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
     specs = [RewardSpec.from_dict(s) for s in data.get("rewards") or []]
     if not specs:
         raise ValueError(f"{path}: lists no rewards (expected `rewards: [{{name: ..., kwargs: {{...}}}}]`)")
@@ -176,11 +185,14 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
 
     members = [{"name": s.name, "weight": s.weight, "kwargs": s.kwargs} for s in specs]
     normalizer = data.get("normalizer", "zscore")
+    over = data.get("normalize_over")
+    if over is not None and over not in comb.NORMALIZE_OVER:
+        raise ValueError(f"{path}: normalize_over={over!r}; use prompt (normalise within each prompt's candidates) or set")
     if combine == "hybrid":
-        reward: Reward = comb.hybrid(members, normalizer=normalizer)
+        reward: Reward = comb.hybrid(members, normalizer=normalizer, normalize_over=over)
     elif combine == "ensemble":
         reward = comb.ensemble(members, aggregate=data.get("aggregate", "mean"), lam=float(data.get("lam", 1.0)),
-                               normalizer=normalizer)
+                               normalizer=normalizer, normalize_over=over)
     else:
         raise ValueError(f"{path}: combine={combine!r}; use hybrid or ensemble (or omit it)")
     return {str(data.get("name", combine)): reward}
@@ -194,21 +206,25 @@ def build_named_rewards(specs: Iterable[RewardSpec]) -> dict[str, Reward]:
         k = 2
         while name in out:
             name, k = f"{spec.name}#{k}", k + 1
-        out[name] = spec.build()
+        try:
+            out[name] = spec.build()
+        except TypeError as err:  # a keyword the factory does not take
+            raise ValueError(f"reward {spec.name!r} with arguments {spec.kwargs}: {err}") from None
     return out
 
 
+def is_combined(reward: Reward) -> bool:
+    """A hybrid/ensemble: scored as per-batch ``raw`` member scores, combined over the whole set at the end."""
+    return callable(getattr(reward, "raw", None)) and callable(getattr(reward, "combine", None))
+
+
 def _call_reward(reward: Reward, media: torch.Tensor, prompts: list[str], fps: float | None) -> dict[str, torch.Tensor]:
-    """Columns of one reward on a batch: ``""`` (the score) plus components of a hybrid/ensemble."""
+    """Columns of one reward on a batch: ``""`` (the score), or a hybrid/ensemble's raw member scores (``.<m>/raw``)."""
     takes_fps = fps is not None and getattr(reward, "accepts_fps", False)
     kwargs = {"fps": fps} if takes_fps else {}
-    components = getattr(reward, "components", None)
     with torch.no_grad():
-        if components is not None:
-            parts = components(media, prompts, **kwargs)
-            out = {"": parts["total"]}
-            out.update({"." + k: v for k, v in parts.items() if k != "total"})
-            return out
+        if is_combined(reward):
+            return {"." + k: v for k, v in reward.raw(media, prompts, **kwargs).items()}
         return {"": reward(media, prompts, **kwargs)}
 
 
@@ -278,11 +294,27 @@ class ScoreSummary:
     out: Path | None = None
 
 
-def _row_done(row: dict[str, Any], reward_names: Sequence[str], sides: Sequence[str]) -> bool:
+def _done_columns(rewards: dict[str, Reward]) -> list[str]:
+    """The column whose presence marks a row as scored by each reward (a combined reward's raw member scores)."""
+    cols = []
+    for name, reward in rewards.items():
+        if is_combined(reward):
+            cols += [f"{name}.{k}" for k in _member_raw_keys(reward)]
+        else:
+            cols.append(name)
+    return cols
+
+
+def _member_raw_keys(reward: Reward) -> list[str]:
+    members = reward.members
+    return [f"{m.name if hasattr(m, 'name') else m[0]}/raw" for m in members]
+
+
+def _row_done(row: dict[str, Any], columns: Sequence[str], sides: Sequence[str]) -> bool:
     if row.get("error"):
         return False
     prefixes = [""] if sides == ["media"] else [s + "." for s in sides]
-    return all(row.get(p + n) not in (None, "") for n in reward_names for p in prefixes)
+    return all(row.get(p + n) not in (None, "") for n in columns for p in prefixes)
 
 
 def score_items(
@@ -294,6 +326,8 @@ def score_items(
     resume: bool = True,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media,
+    normalize_over: str | None = None,
 ) -> ScoreSummary:
     """Score items with every reward and write one row per item (see module docstring).
 
@@ -305,6 +339,9 @@ def score_items(
         resume: Keep rows of a previous run that have every reward and no error.
         progress: Show a tqdm bar on stderr.
         on_batch: Called with the number of finished batches (tests use it to interrupt a run).
+        loader: ``path -> (media, fps)`` decoder (``mmalign score`` passes ``mmalign/data/video.py`` sampling).
+        normalize_over: For hybrid/ensemble rewards: ``prompt`` (within each prompt group; the default unless
+            the reward sets its own) or ``set`` (the whole scored set). Never per batch.
 
     Returns:
         A :class:`ScoreSummary`.
@@ -322,14 +359,14 @@ def score_items(
                     done[str(row.get("id"))] = row
     else:
         partial.unlink(missing_ok=True)
-    names = list(rewards)
+    names = _done_columns(rewards)
     todo = [it for it in items if not (str(it.id) in done and _row_done(done[str(it.id)], names, list(it.paths)))]
     summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out)
     out_dir = out.parent.resolve()
     with partial.open("a") as part, tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar:
         for b, start in enumerate(range(0, len(todo), batch_size)):
             chunk = todo[start : start + batch_size]
-            rows = _score_chunk(chunk, rewards, out_dir)
+            rows = _score_chunk(chunk, rewards, out_dir, loader)
             for row in rows:
                 done[row["id"]] = row
                 summary.errors += bool(row.get("error"))
@@ -340,9 +377,66 @@ def score_items(
             bar.update(len(chunk))
             if on_batch is not None:
                 on_batch(b + 1)
-    write_rows(out, [done[str(it.id)] for it in items if str(it.id) in done])
+    final = [done[str(it.id)] for it in items if str(it.id) in done]
+    combine_rows(final, rewards, normalize_over)
+    _mark_agreement(final, rewards)
+    write_rows(out, final)
     partial.unlink(missing_ok=True)
     return summary
+
+
+def _stack(values: list[Any], column: str) -> torch.Tensor:
+    try:
+        return torch.tensor(values, dtype=torch.float32)
+    except (ValueError, TypeError):
+        raise ValueError(f"column {column!r}: per-segment scores of different lengths cannot be normalised together; "
+                         "score clips of one length per run") from None
+
+
+def combine_rows(rows: list[dict[str, Any]], rewards: dict[str, Reward], normalize_over: str | None = None) -> None:
+    """Fill each hybrid/ensemble's total and normalised columns from the raw member scores of *all* rows.
+
+    Args:
+        rows: Score rows (modified in place); rows with ``error`` are left alone.
+        rewards: Column name -> reward; only combined rewards are touched.
+        normalize_over: ``prompt`` or ``set``; None: the reward's own setting, else ``prompt``.
+    """
+    for name, reward in rewards.items():
+        if not is_combined(reward):
+            continue
+        over = normalize_over or getattr(reward, "normalize_over", None) or "prompt"
+        raw_keys = [k for k in _member_raw_keys(reward)]
+        extra_keys = [k.replace("/raw", "/confidence") for k in raw_keys]
+        owners, groups = [], []
+        for row in rows:
+            if row.get("error"):
+                continue
+            for prefix in ("", "chosen.", "rejected."):
+                if row.get(f"{prefix}{name}.{raw_keys[0]}") is not None:
+                    owners.append((row, prefix))
+                    groups.append(str(row.get("group") or row.get("prompt") or ""))
+        if not owners:
+            continue
+        raw = {}
+        for key in raw_keys + extra_keys:
+            values = [row.get(f"{prefix}{name}.{key}") for row, prefix in owners]
+            if all(v is not None for v in values):
+                raw[key] = _stack(values, f"{name}.{key}")
+        parts = reward.combine(raw, groups if over == "prompt" else None)
+        for j, (row, prefix) in enumerate(owners):
+            for key, value in parts.items():
+                column = f"{prefix}{name}" if key == "total" else f"{prefix}{name}.{key}"
+                row[column] = _jsonable(value[j])
+
+
+def _mark_agreement(rows: list[dict[str, Any]], rewards: dict[str, Reward]) -> None:
+    for row in rows:
+        if "error" in row:
+            continue
+        for name in rewards:
+            c, r = row.get(f"chosen.{name}"), row.get(f"rejected.{name}")
+            if isinstance(c, (int, float)) and isinstance(r, (int, float)):
+                row[f"{name}.agrees"] = c > r
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -359,7 +453,8 @@ def _relpath(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base)).as_posix()
 
 
-def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path) -> list[dict[str, Any]]:
+def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path,
+                 loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     flat_media, flat_prompts, flat_fps, owner = [], [], [], []
     for k, item in enumerate(chunk):
@@ -369,7 +464,7 @@ def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path) -
         loaded = []
         try:
             for side, p in item.paths.items():
-                m, fps = load_media(p)
+                m, fps = loader(p)
                 loaded.append((side, m, fps))
         except ValueError as e:
             row["error"] = str(e)
@@ -384,11 +479,4 @@ def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path) -
         for (k, side), cols in zip(owner, score_batch(rewards, flat_media, flat_prompts, flat_fps)):
             prefix = "" if side == "media" else side + "."
             rows[k].update({prefix + c: v for c, v in cols.items()})
-    for row in rows:
-        if "error" in row:
-            continue
-        for name in rewards:
-            c, r = row.get(f"chosen.{name}"), row.get(f"rejected.{name}")
-            if isinstance(c, (int, float)) and isinstance(r, (int, float)):
-                row[f"{name}.agrees"] = c > r
     return rows

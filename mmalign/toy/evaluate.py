@@ -132,18 +132,27 @@ def markdown_table(metrics: Mapping[str, Any], label_a: str = "A", label_b: str 
 
 
 def paired_grid(
-    images_a: torch.Tensor, images_b: torch.Tensor, *, n: int = 32, per_row: int = 8, scale: int = 4
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    *,
+    n: int = 32,
+    per_row: int = 8,
+    scale: int = 4,
+    labels: tuple[str, str] = ("A", "B"),
+    prompts: Sequence[str] = (),
 ):
-    """PIL grid of matched samples: rows alternate B (top) and A (below it), same prompt and seed per column."""
-    from mmalign.toy.render import image_grid
+    """Labelled grid of matched samples: rows alternate B (named ``labels[1]``) and A (``labels[0]``) below it,
+    same prompt and seed per column; with ``prompts`` (one per sample) each row name also shows the prompt of
+    its first sample (rows of one prompt each when ``per_row`` = seeds per prompt)."""
+    from mmalign.trainers.report import labelled_grid
 
     n = min(n, len(images_a))
-    rows = []
+    rows, names = [], []
     for start in range(0, n, per_row):
-        rows += [images_b[start : start + per_row], images_a[start : start + per_row]]
-    width = min(per_row, n)
-    padded = [torch.cat([r, torch.ones(width - len(r), *r.shape[1:])]) if len(r) < width else r for r in rows]
-    return image_grid(torch.cat(padded), nrow=width, scale=scale)
+        rows += [images_b[start : min(n, start + per_row)], images_a[start : min(n, start + per_row)]]
+        prompt = f": {prompts[start]}" if start < len(prompts) else ""
+        names += [f"{labels[1]}{prompt}", labels[0]]
+    return labelled_grid(rows, row_names=names, scale=scale)
 
 
 def evaluate_models(
@@ -175,21 +184,41 @@ def evaluate_models(
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(guidance_scale=guidance_scale, steps=steps, size=size)
     log(f"eval: sampling {len(prompts)} images from {label_a}")
-    images_a = generate(pipe_a, prompts, seeds, **kwargs)
+    images_a = generate(pipe_a, prompts, seeds, progress=f"eval {label_a}", **kwargs)
     log(f"eval: sampling {len(prompts)} images from {label_b}")
-    images_b = generate(pipe_b, prompts, seeds, **kwargs)
-    metrics = compare_scores(score_pair(rewards, images_a, images_b, prompts), n_boot=n_boot)
+    images_b = generate(pipe_b, prompts, seeds, progress=f"eval {label_b}", **kwargs)
+    scores = score_pair(rewards, images_a, images_b, prompts)
+    metrics = compare_scores(scores, n_boot=n_boot)
     metrics.update(labels={"a": label_a, "b": label_b}, guidance_scale=guidance_scale, steps=steps)
-    write_eval_report(metrics, images_a, images_b, out_dir, label_a=label_a, label_b=label_b)
+    write_eval_report(metrics, images_a, images_b, out_dir, label_a=label_a, label_b=label_b, prompts=prompts,
+                      scores=scores)
     return metrics
 
 
 def write_eval_report(
-    metrics, images_a, images_b, out_dir: str | Path, *, label_a: str = "A", label_b: str = "B"
+    metrics, images_a, images_b, out_dir: str | Path, *, label_a: str = "A", label_b: str = "B",
+    prompts: Sequence[str] = (), scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    columns: int = 8,
 ):
-    """``metrics.json``, ``table.md`` and ``grid.png`` into ``out_dir``."""
+    """``metrics.json``, ``table.md`` and ``grid.png`` into ``out_dir``.
+
+    The grid is labelled: one column per (prompt, seed) titled with the prompt, row B on top named ``label_b``,
+    row A below it named ``label_a``, each tile captioned with its primary-reward score; small images are
+    upscaled. Videos show their first frame.
+    """
+    from mmalign.trainers.report import labelled_grid
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     (out_dir / "table.md").write_text(markdown_table(metrics, label_a, label_b))
-    paired_grid(images_a, images_b).save(out_dir / "grid.png")
+    n = min(columns, len(images_a))
+    captions: list[list[str]] = []
+    if scores:
+        primary = metrics.get("primary", next(iter(scores)))
+        a, b = scores[primary]
+        short = primary if len(primary) <= 16 else primary[:15] + "."
+        captions = [[f"{short} {float(x):.3f}" for x in b[:n]], [f"{short} {float(x):.3f}" for x in a[:n]]]
+    grid = labelled_grid([images_b[:n], images_a[:n]], row_names=[label_b, label_a],
+                         column_titles=list(prompts[:n]), captions=captions)
+    grid.save(out_dir / "grid.png")

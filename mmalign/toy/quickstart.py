@@ -30,8 +30,7 @@ from mmalign.toy.sample import (
     load_toy_pipeline,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy" / "quickstart.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy" / "quickstart.yaml"
 TRAIN_SEED_BASE = 1_000
 EVAL_SEED_BASE = 900_000
 
@@ -197,7 +196,7 @@ def quickstart(
     log(
         f"1/5 generating {len(cand_prompts)} candidates ({opts.candidates} per prompt, {len(train_prompts)} prompts)"
     )
-    candidates = generate(base, cand_prompts, cand_seeds, **sample_kwargs)
+    candidates = generate(base, cand_prompts, cand_seeds, progress="candidates", **sample_kwargs)
     cand_dir = out / "candidates"
     cand_dir.mkdir(exist_ok=True)
     paths = []
@@ -260,10 +259,10 @@ def quickstart(
     eval_p = [p for p in eval_prompts for _ in range(opts.eval_seeds_per_prompt)]
     eval_s = [EVAL_SEED_BASE + i for i in range(len(eval_p))]
     log(f"5/5 evaluating tuned vs base on {len(eval_p)} held-out (prompt, seed) pairs")
-    before = generate(base, eval_p, eval_s, **sample_kwargs)
+    before = generate(base, eval_p, eval_s, progress="eval base", **sample_kwargs)
     tuned = load_toy_pipeline(model)
     tuned.load_lora_weights(summary["export"])
-    after = generate(tuned, eval_p, eval_s, **sample_kwargs)
+    after = generate(tuned, eval_p, eval_s, progress="eval tuned", **sample_kwargs)
     metrics = compare_scores(score_pair(eval_rewards(), after, before, eval_p))
     stage("evaluate", t0)
 
@@ -282,7 +281,8 @@ def quickstart(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     image_grid(before[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "before.png")
     image_grid(after[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "after.png")
-    paired_grid(after, before, n=48, per_row=opts.eval_seeds_per_prompt).save(out / "before_after.png")
+    paired_grid(after, before, n=48, per_row=opts.eval_seeds_per_prompt, labels=("tuned", "base"),
+                prompts=eval_p).save(out / "before_after.png")
     write_report(out, metrics, markdown_table(metrics, "tuned", "base"), eval_prompts[:8], cfg)
     log(
         f"report: {out / 'report.md'}  (win rate {metrics['win_rate']:.3f}, 95% CI "

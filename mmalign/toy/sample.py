@@ -44,6 +44,7 @@ def generate(
     steps: int = QUICKSTART_STEPS,
     batch_size: int = 64,
     size: int = 32,
+    progress: bool | str = False,
     **pipe_kwargs: Any,
 ) -> torch.Tensor:
     """Sample one image (or, with a video pipeline, one clip) per (prompt, seed).
@@ -56,6 +57,7 @@ def generate(
         steps: sampler steps.
         batch_size: images per pipeline call.
         size: image side in pixels.
+        progress: one overall tqdm bar over the samples (a string is its label).
 
         pipe_kwargs: passed to the pipeline (e.g. ``num_frames`` for a video pipeline).
 
@@ -64,7 +66,11 @@ def generate(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    from tqdm.auto import tqdm
+
     out = []
+    bar = tqdm(total=len(prompts), unit="sample", disable=not progress,
+               desc=progress if isinstance(progress, str) else "sampling")
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
         images = pipe(
@@ -79,6 +85,8 @@ def generate(
         )
         media = images.frames if hasattr(images, "frames") else images.images  # video pipelines return frames
         out.append(torch.as_tensor(media).float().cpu())
+        bar.update(len(gens))
+    bar.close()
     return torch.cat(out).clamp(0, 1)
 
 

@@ -281,7 +281,9 @@ def add_build_video_parser(actions: Any) -> None:
         "pipeline (AnimateDiff, about 4-10 min, 2 cores)",
     )
     p.add_argument(
-        "--out", default=str(DEFAULT_VIDEO_ASSET_DIR), help="output directory (default: the shipped assets)"
+        "--out",
+        required=True,
+        help=f"output directory (to replace the shipped weights, pass {DEFAULT_VIDEO_ASSET_DIR} explicitly)",
     )
     p.add_argument("--base", default=str(DEFAULT_ASSET_DIR), help="toy image pipeline whose parts are reused")
     p.add_argument("--seed", type=int, default=0)

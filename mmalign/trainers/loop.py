@@ -237,7 +237,7 @@ def _setup_data(run: _Run) -> None:
     run.data = data = run.method.build_data(cfg, run.adapter, run.accelerator)
     run.items = SeededItems(data.dataset, t_cfg.seed)
     run.loader = torch.utils.data.DataLoader(
-        run.items, batch_size=t_cfg.batch_size, shuffle=True, drop_last=True, collate_fn=data.collate,
+        run.items, batch_size=t_cfg.batch_size, shuffle=cfg.data.shuffle, drop_last=True, collate_fn=data.collate,
         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t_cfg.seed))
     if len(run.loader) == 0:
         raise TrainingError(f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}")

@@ -22,5 +22,6 @@ def test_generate_with_and_without_a_trained_lora(tiny_sd15, pair_manifest, tmp_
     assert main([*common, "--lora", lora, "--out", str(tmp_path / "tuned")]) == 0
     base = torch.tensor(list(Image.open(tmp_path / "base/00000.png").getdata()), dtype=torch.float32)
     tuned = torch.tensor(list(Image.open(tmp_path / "tuned/00000.png").getdata()), dtype=torch.float32)
-    assert base.shape == tuned.shape and (tmp_path / "base/grid.png").is_file()
+    assert base.shape == tuned.shape and (tmp_path / "base_grid.png").is_file()  # the sheet is outside the media
+    assert not (tmp_path / "base/grid.png").exists()
     assert not torch.equal(base, tuned)  # same seed, the LoRA changed the sample

@@ -159,7 +159,7 @@ def test_cli_score_then_label_writes_a_train_manifest(candidates, tmp_path, caps
 
 
 def test_label_manifest_trains_with_mmalign_train(candidates, tiny_sd15, tmp_path):
-    from mmalign.rewards.cli import build_rewards
+    from mmalign.commands.score import build_rewards
     from mmalign.rewards.label import label_scores
     from mmalign.trainers import load_config
     from mmalign.trainers.loop import train

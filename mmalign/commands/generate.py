@@ -1,0 +1,238 @@
+"""``mmalign generate``: sample images or videos from a pipeline into a folder with a media manifest.
+
+Writes, into ``out``: one file per sample (``00000.png``, or ``00000.mp4`` for a video pipeline) and
+``manifest.jsonl`` (prompt, negative prompt, seed, guidance, steps, model, LoRA, path, kind, group; see
+``mmalign/data/manifest.py``). A contact sheet (first frame of each sample, titled with its prompt) goes *outside*
+the media folder, to ``<out>_grid.png`` by default, so ``score``/``label`` never see it as a candidate.
+
+Example::
+
+    mmalign generate --model stabilityai/stable-diffusion-xl-base-1.0 --prompts prompts.txt --n-per-prompt 4 \\
+        --device cuda --batch-size 4 --out outputs/candidates
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mmalign.commands.options import one_line_errors
+from mmalign.data.manifest import MANIFEST_NAME, MediaRecord, PromptSpec, read_prompts, write_manifest
+
+
+def generate(
+    model: str,
+    prompts: Sequence[str | PromptSpec],
+    out: str | Path,
+    *,
+    n_per_prompt: int = 1,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    fps: float = 8.0,
+    family: str = "auto",
+    lora: str | None = None,
+    negative_lora: str | None = None,
+    npo_alpha: float = 1.0,
+    npo_beta: float = 1.0,
+    grid: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 1,
+    cpu_offload: bool = False,
+    verbose: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Sample ``n_per_prompt`` candidates per prompt (seeds ``seed, seed+1, ...`` in order) and write the manifest.
+
+    Args:
+        model: Hub id or local pipeline directory (family detected from its model_index.json).
+        prompts: Prompt strings or :class:`PromptSpec` (with negative prompt and group).
+        out: Media folder (created).
+        n_per_prompt: Candidates per prompt.
+        seed: Seed of the first sample; sample ``i`` uses ``seed + i``.
+        steps: Sampler steps.
+        guidance: CFG scale.
+        height: Pixel height (None: the pipeline's default).
+        width: Pixel width (None: the pipeline's default).
+        num_frames: Frames per clip for video pipelines (None: the pipeline's default).
+        fps: Frame rate of written mp4 files.
+        family: Pipeline family or ``auto``.
+        lora: LoRA directory (``mmalign train``'s ``final/``).
+        negative_lora: Negative LoRA for NPO guidance.
+        npo_alpha: NPO weight offset alpha.
+        npo_beta: NPO weight offset beta.
+        grid: Contact-sheet path (default ``<out>_grid.png``, beside the folder).
+        device: See :mod:`mmalign.pipelines.runtime`.
+        dtype: See :mod:`mmalign.pipelines.runtime`.
+        batch_size: Samples per pipeline call.
+        cpu_offload: diffusers model CPU offload.
+        verbose: Library loading bars and warnings.
+        progress: Overall progress bar.
+
+    Returns:
+        The manifest path.
+    """
+    from mmalign.pipelines.runtime import VIDEO_FAMILIES, load_for_inference, sample
+    from mmalign.trainers.report import contact_sheet
+
+    specs = [p if isinstance(p, PromptSpec) else PromptSpec(str(p)) for p in prompts]
+    if not specs:
+        raise ValueError("generate: no prompts (give --prompt or --prompts FILE)")
+    if n_per_prompt < 1:
+        raise ValueError(f"--n-per-prompt {n_per_prompt} must be >= 1")
+    pipe, family, _ = load_for_inference(
+        model, family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, lora=lora, verbose=verbose
+    )
+    if negative_lora:
+        from mmalign.pipelines.npo import enable_npo_guidance
+
+        enable_npo_guidance(pipe, negative_lora, alpha=npo_alpha, beta=npo_beta)
+    jobs = [spec for spec in specs for _ in range(n_per_prompt)]
+    seeds = [seed + i for i in range(len(jobs))]
+    extra = {"num_frames": num_frames} if num_frames is not None else {}
+    media = sample(
+        pipe,
+        [j.prompt for j in jobs],
+        seeds,
+        negative_prompts=[j.negative_prompt for j in jobs],
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        progress=progress,
+        desc="generate",
+        **extra,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    is_video = media.dim() == 5 or family in VIDEO_FAMILIES
+    records = []
+    for i, (job, s) in enumerate(zip(jobs, seeds)):
+        path = out / (f"{i:05d}.mp4" if is_video else f"{i:05d}.png")
+        write_media(path, media[i], fps)
+        records.append(
+            MediaRecord(
+                path=str(path.resolve()),
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                seed=s,
+                guidance=guidance,
+                steps=steps,
+                model=str(model),
+                lora=lora,
+                kind="video" if is_video else "image",
+                group=job.group,
+                extra={"negative_lora": negative_lora} if negative_lora else {},
+            )
+        )
+    manifest = write_manifest(records, out / MANIFEST_NAME)
+    grid = Path(grid) if grid else out.parent / f"{out.name}_grid.png"
+    contact_sheet(media[:64], [j.prompt for j in jobs[:64]]).save(grid)
+    return manifest
+
+
+def write_media(path: Path, media: torch.Tensor, fps: float) -> Path:
+    """Save [3,H,W] as PNG or [T,3,H,W] as an H.264 mp4 (PyAV, ``mmalign/data/video.py``)."""
+    if media.dim() == 4:
+        from mmalign.data.video import write_video
+
+        return write_video(path, media, fps)
+    from torchvision.utils import save_image
+
+    save_image(media.float(), path)
+    return path
+
+
+def prompt_specs(prompt: list[str] | None, prompts_file: str | None) -> list[PromptSpec]:
+    """``--prompt`` values plus the rows of ``--prompts FILE``."""
+    specs = [PromptSpec(p) for p in prompt or []]
+    if prompts_file:
+        specs += read_prompts(prompts_file)
+    if not specs:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE (txt, JSONL or CSV)")
+    return specs
+
+
+@one_line_errors("generate")
+def run(args: argparse.Namespace) -> int:
+    from mmalign.commands.options import runtime_kwargs
+
+    specs = prompt_specs(args.prompt, args.prompts)
+    manifest = generate(
+        args.model,
+        specs,
+        args.out,
+        n_per_prompt=args.n_per_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        fps=args.fps,
+        family=args.family,
+        lora=args.lora,
+        negative_lora=args.negative_lora,
+        npo_alpha=args.npo_alpha,
+        npo_beta=args.npo_beta,
+        grid=args.grid,
+        **runtime_kwargs(args),
+    )
+    out = Path(args.out)
+    grid = args.grid or out.parent / f"{out.name}_grid.png"
+    print(
+        f"wrote {len(specs) * args.n_per_prompt} samples and {manifest.name} to {out}; contact sheet {grid}"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mmalign generate``."""
+    from mmalign.commands.options import add_runtime_args
+
+    p = subparsers.add_parser(
+        "generate",
+        help="sample images or videos from a pipeline into a folder + manifest.jsonl",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="hub id or local pipeline directory")
+    p.add_argument("--family", default="auto", help="pipeline family (default: from model_index.json)")
+    p.add_argument("--lora", help="LoRA directory from `mmalign train` (final/)")
+    p.add_argument("--negative-lora", help="negative LoRA for NPO guidance")
+    p.add_argument("--npo-alpha", type=float, default=1.0)
+    p.add_argument(
+        "--npo-beta",
+        type=float,
+        default=1.0,
+        help="negative = base + alpha (positive - base) + beta delta; alpha=beta=1 as the released scripts",
+    )
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument(
+        "--prompts",
+        help="prompt file: .txt (one per line), .jsonl or .csv (prompt[, negative_prompt, group])",
+    )
+    p.add_argument(
+        "--n-per-prompt", "--n", dest="n_per_prompt", type=int, default=1, help="candidates per prompt"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="frames per clip (video pipelines)")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of written mp4 files")
+    p.add_argument(
+        "--out", default="outputs/generate", help="media folder (manifest.jsonl is written inside)"
+    )
+    p.add_argument("--grid", help="contact sheet path (default: <out>_grid.png, outside the media folder)")
+    add_runtime_args(p)
+    p.set_defaults(func=run)

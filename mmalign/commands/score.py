@@ -1,0 +1,257 @@
+"""``mmalign score``: score generated media (a ``generate`` folder/manifest, any folder, or a pair manifest).
+
+Examples::
+
+    mmalign score outputs/candidates --reward pickscore --reward aesthetic --device cuda --out outputs/scores.jsonl
+    mmalign score pairs.jsonl --reward configs/rewards/hybrid_image.yaml --out pair_scores.csv
+
+A folder written by ``mmalign generate`` is read through its ``manifest.jsonl`` (prompts, groups). Media
+without a prompt are refused unless ``--allow-empty-prompt`` (a prompt-conditioned reward would silently score
+them against ""). Videos are decoded with ``mmalign/data/video.py`` (``--video-fps``/``--video-frames``
+sampling). Hybrid/ensemble rewards are normalised over the whole set or per prompt, never per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.commands.options import one_line_errors
+from mmalign.rewards import Reward, RewardSpec
+
+
+def parse_reward_args(items: list[str]) -> dict[str, Any]:
+    """``--reward-arg key=value`` pairs; values parsed as YAML (``scale=2`` -> 2, ``device=cuda`` -> "cuda")."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--reward-arg {item!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_rewards(
+    names: list[str],
+    reward_args: list[str] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Reward]:
+    """Rewards from ``--reward`` values: registry names, ``module:function`` paths or YAML/JSON spec files.
+
+    ``--reward-arg key=value`` (YAML values) go to every named (non-file) reward; ``device``/``dtype`` go to the
+    named rewards whose factory takes them (model rewards; rule rewards run wherever the media are).
+    """
+    from mmalign.rewards import _resolve, all_rewards
+    from mmalign.rewards.score import build_named_rewards, load_reward_config
+
+    kwargs = parse_reward_args(reward_args or [])
+    out: dict[str, Reward] = {}
+    specs = []
+    for name in names:
+        path = Path(name)
+        if path.suffix.lower() in (".yaml", ".yml", ".json"):
+            if not path.is_file():
+                raise ValueError(f"--reward {name}: reward spec file not found")
+            out.update(load_reward_config(path))
+            continue
+        spec_kwargs = dict(kwargs)
+        if device is not None or dtype is not None:
+            try:
+                params = inspect.signature(_resolve(all_rewards().get(name, name))).parameters
+            except (ValueError, TypeError):
+                params = {}
+            if device is not None and "device" in params:
+                spec_kwargs.setdefault("device", device)
+            if dtype is not None and dtype != "auto" and "dtype" in params:
+                from mmalign.pipelines.runtime import DTYPES
+
+                spec_kwargs.setdefault("dtype", DTYPES[dtype])
+        specs.append(RewardSpec(name=name, kwargs=spec_kwargs))
+    out.update(build_named_rewards(specs))
+    return out
+
+
+def media_loader(
+    video_fps: float | None = None, video_frames: int | None = None
+) -> Callable[[Path], tuple[torch.Tensor, float | None]]:
+    """``path -> (media, fps)``: images (and GIFs) with PIL, videos with ``mmalign.data.video.read_video`` sampling."""
+    from mmalign.data.manifest import VIDEO_EXTS
+    from mmalign.rewards.score import load_media
+
+    def load(path: Path) -> tuple[torch.Tensor, float | None]:
+        path = Path(path)
+        if path.suffix.lower() in VIDEO_EXTS - {".gif"}:
+            from mmalign.data.video import read_video
+
+            video = read_video(path, fps=video_fps, num_frames=video_frames)
+            return video.frames, video.fps
+        return load_media(path)
+
+    return load
+
+
+def check_prompts(items: list, allow_empty: bool) -> None:
+    """Refuse media without a prompt unless allowed (names the first few)."""
+    empty = [it.id for it in items if not str(it.prompt).strip()]
+    if empty and not allow_empty:
+        shown = ", ".join(map(str, empty[:3])) + (" ..." if len(empty) > 3 else "")
+        raise ValueError(
+            f"{len(empty)} of {len(items)} media have no prompt ({shown}); score a folder written by "
+            "`mmalign generate` (manifest.jsonl), a manifest with a prompt column, or pass "
+            "--allow-empty-prompt"
+        )
+
+
+def score(
+    source: str | Path,
+    rewards: list[str] | dict[str, Reward],
+    out: str | Path,
+    *,
+    reward_args: list[str] | None = None,
+    allow_empty_prompt: bool = False,
+    normalize_over: str | None = None,
+    video_fps: float | None = None,
+    video_frames: int | None = None,
+    resume: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 16,
+    verbose: bool = False,
+    progress: bool = True,
+    cpu_offload: bool = False,
+):
+    """Score a source with rewards into ``out`` (JSONL/CSV). Returns :class:`mmalign.rewards.score.ScoreSummary`.
+
+    Args:
+        source: A ``generate`` folder or ``manifest.jsonl``, any folder of media, or a pair manifest.
+        rewards: ``--reward`` values, or built rewards by column name.
+        out: Output file.
+        reward_args: ``key=value`` kwargs for named rewards.
+        allow_empty_prompt: Score media without a prompt.
+        normalize_over: ``prompt`` or ``set`` for hybrid/ensemble (default: the reward config's, else prompt).
+        video_fps: Resample videos to this rate before scoring.
+        video_frames: Keep this many frames per video.
+        resume: Keep rows already scored in ``out``.
+        device: Device of model rewards (default: cuda when present).
+        dtype: Their precision.
+        batch_size: Items decoded and scored together (never changes a score).
+        verbose: Library warnings.
+        progress: Progress bar.
+        cpu_offload: Unused (rewards are single models); accepted for a uniform signature.
+    """
+    from mmalign.pipelines.runtime import quiet_libraries
+    from mmalign.rewards.score import collect_items, score_items
+
+    items = collect_items(source)
+    if not items:
+        raise ValueError(f"{source}: no media found")
+    check_prompts(items, allow_empty_prompt)
+    if not isinstance(rewards, dict):
+        with quiet_libraries(not verbose):
+            rewards = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
+    return score_items(
+        items,
+        rewards,
+        out,
+        batch_size=batch_size,
+        resume=resume,
+        progress=progress,
+        loader=media_loader(video_fps, video_frames),
+        normalize_over=normalize_over,
+    )
+
+
+@one_line_errors("score")
+def run(args: argparse.Namespace) -> int:
+    from mmalign.commands.options import runtime_kwargs
+
+    summary = score(
+        args.source,
+        args.reward,
+        args.out,
+        reward_args=args.reward_arg,
+        allow_empty_prompt=args.allow_empty_prompt,
+        normalize_over=args.normalize_over,
+        video_fps=args.video_fps,
+        video_frames=args.video_frames,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        **runtime_kwargs(args),
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(summary.out),
+                "items": summary.total,
+                "scored": summary.scored,
+                "skipped_already_scored": summary.skipped,
+                "errors": summary.errors,
+            }
+        )
+    )
+    return 0
+
+
+def add_reward_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--reward",
+        action="append",
+        required=required,
+        default=None if required else [],
+        help="Registry name, package.module:function, or a YAML/JSON reward spec file. Repeatable.",
+    )
+    p.add_argument(
+        "--reward-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Keyword argument (YAML value) for the named rewards. Repeatable.",
+    )
+    p.add_argument("--allow-empty-prompt", action="store_true", help="Score media that have no prompt.")
+    p.add_argument(
+        "--normalize-over",
+        choices=["prompt", "set"],
+        default=None,
+        help="Hybrid/ensemble normalisation: within each prompt group or over the whole set "
+        "(default: the reward config's normalize_over, else prompt). Never per batch.",
+    )
+    p.add_argument("--video-fps", type=float, default=None, help="Resample videos to this frame rate.")
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=None,
+        help="Frames kept per video (uniform, or the first N at --video-fps).",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mmalign score``."""
+    from mmalign.commands.options import add_runtime_args
+
+    p = subparsers.add_parser(
+        "score",
+        help="Score a folder, manifest or pair dataset with rewards -> JSONL/CSV.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source", help="A `generate` folder or manifest.jsonl, a folder of media, or a pair manifest."
+    )
+    add_reward_args(p, required=True)
+    p.add_argument("--out", required=True, help="Output .jsonl or .csv (one row per item).")
+    p.add_argument(
+        "--no-resume", action="store_true", help="Rescore everything instead of skipping scored rows."
+    )
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    add_runtime_args(p, batch_size=16, offload=False)
+    p.set_defaults(func=run)

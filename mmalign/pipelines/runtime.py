@@ -1,0 +1,200 @@
+"""Where and in what precision a pipeline runs, and seeded batched sampling of images or videos.
+
+Every command that runs a model (``generate``, ``eval``, ``score``, ``label-video``, ``cache``) takes the same
+four options, resolved here: ``device`` (default ``cuda`` when present), ``dtype`` (default bf16 on CUDA, fp32
+on CPU), ``batch_size`` and ``cpu_offload`` (diffusers' ``enable_model_cpu_offload``: each model moves to the
+GPU only while it runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+VIDEO_FAMILIES = ("cogvideox", "wan", "toy_video")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; ``None``/``"auto"`` is ``cuda`` when available, else ``cpu``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` by name (fp32, bf16, fp16); ``None``/``"auto"`` is bf16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def place_pipeline(pipe: Any, device: torch.device, *, cpu_offload: bool = False) -> Any:
+    """Move a loaded pipeline to ``device``, or enable model CPU offload onto it."""
+    if cpu_offload:
+        if device.type == "cpu":
+            raise ValueError("--cpu-offload needs an accelerator device (--device cuda)")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def load_for_inference(
+    model: str,
+    *,
+    family: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cpu_offload: bool = False,
+    lora: str | None = None,
+    verbose: bool = False,
+) -> tuple[Any, str, torch.device]:
+    """``load_pipeline`` + LoRA + placement, with diffusers' loading bars and warnings off unless ``verbose``.
+
+    Returns:
+        (pipeline, family, device).
+    """
+    from mmalign.pipelines import load_pipeline
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    with quiet_libraries(not verbose):
+        pipe, family = load_pipeline(model, family=family, torch_dtype=torch_dtype)
+        if lora:
+            pipe.load_lora_weights(lora)
+    place_pipeline(pipe, dev, cpu_offload=cpu_offload)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, dev
+
+
+class quiet_libraries:
+    """Context manager: diffusers/transformers progress bars and info/warnings off while loading.
+
+    Args:
+        enabled: Off (everything shown) when False, as ``--verbose`` asks.
+        python_warnings: Also ignore Python ``FutureWarning``/``UserWarning`` (deprecation notices while loading).
+    """
+
+    def __init__(self, enabled: bool = True, python_warnings: bool = True):
+        self.enabled = enabled
+        self.python_warnings = python_warnings
+
+    def __enter__(self) -> quiet_libraries:
+        if self.enabled:
+            import warnings
+
+            import diffusers
+            import transformers
+
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            if self.python_warnings:
+                warnings.simplefilter("ignore", FutureWarning)  # e.g. diffusers' torch_dtype -> dtype rename
+                warnings.simplefilter("ignore", UserWarning)
+
+            self._levels = (
+                diffusers.utils.logging.get_verbosity(),
+                transformers.utils.logging.get_verbosity(),
+            )
+            diffusers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.set_verbosity_error()
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            import diffusers
+            import transformers
+
+            diffusers.utils.logging.set_verbosity(self._levels[0])
+            transformers.utils.logging.set_verbosity(self._levels[1])
+            diffusers.utils.logging.enable_progress_bar()
+            transformers.utils.logging.enable_progress_bar()
+            self._warnings.__exit__(*exc)
+
+
+@torch.no_grad()
+def sample(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    negative_prompts: Sequence[str] | None = None,
+    steps: int = 25,
+    guidance: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "sampling",
+    **pipe_kwargs: Any,
+) -> torch.Tensor:
+    """One image or clip per (prompt, seed); sample ``i`` depends only on its prompt and seed, not on the batch.
+
+    Each sample gets its own CPU ``torch.Generator`` (diffusers draws the initial noise on CPU and moves it), so
+    a seed gives the same noise on every device and batch size.
+
+    Args:
+        pipe: Any diffusers text-to-image or text-to-video pipeline (LoRA/adapters already loaded).
+        prompts: One prompt per sample.
+        seeds: One seed per sample.
+        negative_prompts: One per sample, or None.
+        steps: Sampler steps.
+        guidance: Classifier-free guidance scale.
+        height: Pixel height (None: the pipeline's default).
+        width: Pixel width (None: the pipeline's default).
+        batch_size: Samples per pipeline call.
+        progress: One overall tqdm bar (samples, not denoising steps).
+        desc: Bar label.
+        pipe_kwargs: Passed on (e.g. ``num_frames`` for a video pipeline).
+
+    Returns:
+        [N,3,H,W] images or [N,T,3,H,W] clips, float32 in [0, 1], on CPU.
+    """
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    out = []
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            kwargs = dict(pipe_kwargs)
+            if negative_prompts is not None and any(negative_prompts[i : i + batch_size]):
+                kwargs["negative_prompt"] = list(negative_prompts[i : i + batch_size])
+            if height is not None:
+                kwargs["height"] = height
+            if width is not None:
+                kwargs["width"] = width
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+            result = pipe(
+                list(prompts[i : i + batch_size]),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="pt",
+                **kwargs,
+            )
+            media = result.frames if hasattr(result, "frames") else result.images
+            out.append(torch.as_tensor(media).float().cpu())
+            bar.update(len(gens))
+    return torch.cat(out).clamp(0, 1)
