@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
 COMMAND_MODULES = ["mmalign.commands.train", "mmalign.commands.generate", "mmalign.commands.score",
@@ -18,10 +17,10 @@ COMMAND_MODULES = ["mmalign.commands.train", "mmalign.commands.generate", "mmali
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmalign import __version__
+    import mmalign
 
     parser = argparse.ArgumentParser(prog="mmalign", description="Preference-tune diffusers image and video models.")
-    parser.add_argument("--version", action="version", version=f"mmalign {__version__}")
+    parser.add_argument("--version", action="version", version=f"mmalign {mmalign.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for module in COMMAND_MODULES:

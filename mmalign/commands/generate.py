@@ -79,7 +79,8 @@ def generate(
     Returns:
         The manifest path.
     """
-    from mmalign.pipelines.runtime import VIDEO_FAMILIES, load_for_inference, sample
+    from mmalign.pipelines import get_family
+    from mmalign.pipelines.runtime import load_for_inference, sample
     from mmalign.trainers.report import contact_sheet
 
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(str(p)) for p in prompts]
@@ -113,7 +114,7 @@ def generate(
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    is_video = media.dim() == 5 or family in VIDEO_FAMILIES
+    is_video = media.dim() == 5 or get_family(family).video
     records = []
     for i, (job, s) in enumerate(zip(jobs, seeds)):
         path = out / (f"{i:05d}.mp4" if is_video else f"{i:05d}.png")

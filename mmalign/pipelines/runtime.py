@@ -21,7 +21,6 @@ DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-VIDEO_FAMILIES = ("cogvideox", "wan", "toy_video")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

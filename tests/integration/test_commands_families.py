@@ -91,7 +91,8 @@ def test_family_detection_for_every_family_and_hub_ids(tmp_path, monkeypatch):
 
     from mmalign.pipelines import FAMILIES, detect_family
 
-    for family, (cls_name, _) in FAMILIES.items():
+    for family, spec in FAMILIES.items():
+        cls_name = spec.pipeline_class_name
         d = tmp_path / family
         d.mkdir()
         (d / "model_index.json").write_text(json.dumps({"_class_name": cls_name}))
