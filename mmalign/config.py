@@ -81,12 +81,15 @@ class DataConfig:
     cache: bool = _f(True, "Encode VAE latents and text embeddings once into safetensors shards and train from them.")
     cache_dir: str | None = _f(None, "Cache directory; default <output_dir>/../.mmalign_cache next to the run (shared by runs).")
     cache_batch_size: int = _f(8, "Batch size of the one-off encoding pass that fills the cache.")
+    cache_build: str = _f("eager", "eager: encode every pair before step 1; lazy: encode each pair the first time a batch draws it (no up-front pass; later epochs and runs read it back).")
     cache_max_gb: float | None = _f(None, "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).")
     shuffle: bool = _f(True, "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).")
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "manifest", "pickapic"):
             raise ConfigError(f"data.format={self.format!r}: use auto, manifest or pickapic.")
+        if self.cache_build not in ("eager", "lazy"):
+            raise ConfigError(f"data.cache_build={self.cache_build!r}: use eager or lazy.")
         if self.on_bad_item not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_item={self.on_bad_item!r}: use error or skip.")
         if not 0.0 <= self.caption_dropout < 1.0:

@@ -81,9 +81,14 @@ class LatentCache:
         index = self.dir / "index.json"
         self.index: dict[str, dict[str, str]] = json.loads(index.read_text()) if index.exists() else {"pairs": {}, "text": {}, "bad": {}}
         self._handles: dict[str, Any] = {}
+        self._memory: dict[str, torch.Tensor] = {}  # lazily encoded entries not yet in a shard
+        self._queued: list[str] = []
+        self.lazy_shard_size = 256
 
     # ---- reading
     def _get(self, shard: str, name: str) -> torch.Tensor:
+        if shard == "<memory>":
+            return self._memory[name]
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._handles[shard].get_tensor(name)
@@ -124,7 +129,9 @@ class LatentCache:
 
     def _save_index(self) -> None:
         tmp = self.dir / ".index.json.tmp"
-        tmp.write_text(json.dumps(self.index))
+        persisted = {kind: ({k: v for k, v in entries.items() if v != "<memory>"} if isinstance(entries, dict) else entries)
+                     for kind, entries in self.index.items()}
+        tmp.write_text(json.dumps(persisted))
         os.replace(tmp, self.dir / "index.json")
 
     def build(self, records: Sequence[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
@@ -227,6 +234,41 @@ class LatentCache:
             keep, keys = [r for r, _ in keep_keys], [k for _, k in keep_keys]
         return keep, keys, skipped
 
+    # ---- lazy filling (data.cache_build=lazy): encode on first use, from the training process
+    def has_text(self, prompt: str) -> bool:
+        return short_hash(prompt) in self.index["text"]
+
+    def encode_missing_text(self, prompts: Sequence[str], adapter: Any, *, write: bool = True) -> None:
+        """Encode the prompts not in the cache yet and store them (one shard per call)."""
+        todo = sorted({p for p in prompts if not self.has_text(p)})
+        if not todo:
+            return
+        cond = adapter.encode_prompts(todo)
+        self.index["text_keys"] = sorted(cond)
+        tensors = {f"{short_hash(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(todo)}
+        if write:
+            self._write_shard("text", tensors, "text", [short_hash(p) for p in todo])
+        else:  # a non-writing process keeps them in memory
+            self._memory.update(tensors)
+            self.index["text"].update({short_hash(p): "<memory>" for p in todo})
+
+    def add_pair_moments(self, tensors: dict[str, torch.Tensor], keys: list[str], *, write: bool = True) -> None:
+        """Queue freshly encoded pairs (``<key>.w.mean`` ... as :meth:`build` writes them); a shard is written every
+        ``lazy_shard_size`` pairs. Until then they are served from memory; pairs still queued when the run ends are
+        encoded again by the next run (it is a cache)."""
+        self._memory.update(tensors)
+        for key in keys:
+            self.index["pairs"][key] = "<memory>"
+        if not write:
+            return
+        self._queued.extend(keys)
+        if len(self._queued) >= self.lazy_shard_size:
+            names = {k: v for k, v in self._memory.items() if k.split(".", 1)[0] in set(self._queued)}
+            queued, self._queued = self._queued, []
+            self._write_shard("latents", names, "pairs", queued)
+            for name in names:
+                self._memory.pop(name, None)
+
     def reload(self) -> None:
         """Re-read the index (after another process finished building)."""
         self.index = json.loads((self.dir / "index.json").read_text())
@@ -247,3 +289,44 @@ class CachedPairDataset(torch.utils.data.Dataset):
         item = self.cache.pair(self.keys[i], flip=flip)
         item.update(prompt=self.records[i].prompt, item_id=self.records[i].row)
         return item
+
+
+class LazyCachedPairDataset(torch.utils.data.Dataset):
+    """``data.cache_build=lazy``: no encoding pass before step 1. An item already in the cache is served from it
+    (posterior moments); any other is decoded to pixels here, in the DataLoader worker, and
+    :func:`mmalign.data.setup.prepare_lazy_batch` encodes it on the training device and adds it to the cache, so
+    later epochs and later runs read it back. Items are keyed by content hash as with :meth:`LatentCache.build`.
+    """
+
+    def __init__(self, records: Sequence[PairRecord], cache: LatentCache, *, resolution: int, random_flip: bool = True,
+                 random_crop: bool = False, joint_crop: bool = False, skip_bad: bool = False):
+        self.records, self.cache, self.resolution = records, cache, resolution
+        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = random_flip, random_crop, joint_crop, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        try:
+            key = pair_key(rec)
+            if self.cache.has_pair(key) and self.cache.index["pairs"][key] != "<memory>":
+                item = self.cache.pair(key, flip=flip)
+            else:
+                item = decode_pair(rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop)
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            return {"skipped": str(err)}
+        item.update(key=key, flip=flip, prompt=rec.prompt, item_id=rec.row)
+        return item
+
+
+def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Keep items as a list (a lazy batch mixes cached moments and fresh pixels); lists of prompt/id/metadata."""
+    skipped = [it["skipped"] for it in items if "skipped" in it]
+    items = [it for it in items if "skipped" not in it]
+    return {"skipped": skipped, "items": items, "prompt": [it["prompt"] for it in items],
+            "item_id": [it["item_id"] for it in items], "original_size": [it["original_size"] for it in items],
+            "crop_top_left": [it["crop_top_left"] for it in items]}

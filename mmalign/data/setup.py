@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mmalign.config import DataConfig
-from mmalign.data.cache import CachedPairDataset, LatentCache
+from mmalign.data.cache import CachedPairDataset, LatentCache, LazyCachedPairDataset, collate_items
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
 
 
@@ -71,6 +71,20 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
         return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device), counts)
 
     cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
+    if d.cache_build == "lazy":
+        from mmalign.data.cache import estimate_pair_bytes, format_bytes
+
+        need = len(records) * estimate_pair_bytes(dict(adapter.vae.config), res, d.random_flip)
+        if accelerator.is_main_process and progress:
+            print(f"latent cache (lazy: encoded on first use): up to {format_bytes(need)} for {len(records)} pairs in {cache.dir}")
+        if d.cache_max_gb is not None and need > d.cache_max_gb * 1024**3:
+            raise ValueError(f"the latent cache would grow to about {format_bytes(need)}, over data.cache_max_gb="
+                             f"{d.cache_max_gb:g}; raise it, set data.max_items, or use data.cache=false")
+        dataset = LazyCachedPairDataset(records, cache, resolution=res, random_flip=d.random_flip, random_crop=d.random_crop,
+                                        joint_crop=joint, skip_bad=skip)
+        write = bool(accelerator.is_main_process)
+        return TrainData(dataset, collate_items, lambda raw, device: prepare_lazy_batch(
+            raw, adapter, cache, d.caption_dropout, res, device, random_flip=d.random_flip, write=write), counts)
     kwargs = dict(resolution=res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint,
                   batch_size=d.cache_batch_size, skip_bad=skip, progress=progress,
                   max_bytes=None if d.cache_max_gb is None else d.cache_max_gb * 1024**3)
@@ -104,6 +118,45 @@ def prepare_pair_batch(raw: dict, adapter: Any, cache: LatentCache | None, capti
         rows = [cache.text(p) for p in prompts]
         cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         mean_w, std_w, mean_l, std_l = (raw[k].to(device) for k in ("mean_w", "std_w", "mean_l", "std_l"))
+    latents_w = adapter.latents_from_moments(mean_w, std_w)
+    latents_l = adapter.latents_from_moments(mean_l, std_l)
+    cond.update(adapter.extra_conditioning(raw, resolution))
+    return {"latents_w": latents_w, "latents_l": latents_l, "cond": {k: v.to(device) for k, v in cond.items()},
+            "prompts": prompts, "item_id": raw.get("item_id", [])}
+
+
+def prepare_lazy_batch(raw: dict, adapter: Any, cache: LatentCache, caption_dropout: float, resolution: int,
+                       device: torch.device, *, random_flip: bool = True, write: bool = True) -> dict:
+    """A ``data.cache_build=lazy`` batch -> model inputs, encoding (and caching) what the cache does not hold yet.
+
+    Items that arrive as pixels are encoded here on ``device`` (both flips when flipping is on, as the eager build
+    stores them) and added to the cache; prompts missing from the text cache are encoded and added too. Random
+    numbers are drawn in the same order as :func:`prepare_pair_batch` (caption dropout, then the winner's and
+    the loser's posterior samples), so a lazy batch equals the eager-cache batch of the same items and seed.
+    Only the process with ``write`` stores shards.
+    """
+    items = raw["items"]
+    prompts = drop_captions(raw["prompt"], caption_dropout)
+    cache.encode_missing_text(prompts, adapter, write=write)
+    rows = [cache.text(p) for p in prompts]
+    cond = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    fresh = [it for it in items if "pixels_w" in it and not cache.has_pair(it["key"])]
+    if fresh:
+        n = len(fresh)
+        pix = torch.cat([torch.stack([it["pixels_w"] for it in fresh]), torch.stack([it["pixels_l"] for it in fresh])])
+        tensors: dict[str, torch.Tensor] = {}
+        for suffix, x in ({"": pix, "f": pix.flip(-1)} if random_flip else {"": pix}).items():
+            mean, std = adapter.latent_moments(x.to(device))
+            mean, std = mean.detach().cpu(), std.detach().cpu()
+            for i, it in enumerate(fresh):
+                k = it["key"]
+                tensors[f"{k}.w{suffix}.mean"], tensors[f"{k}.w{suffix}.std"] = mean[i], std[i]
+                tensors[f"{k}.l{suffix}.mean"], tensors[f"{k}.l{suffix}.std"] = mean[n + i], std[n + i]
+        for it in fresh:
+            tensors[f"{it['key']}.meta"] = torch.tensor([*it["original_size"], *it["crop_top_left"]], dtype=torch.int64)
+        cache.add_pair_moments(tensors, list(dict.fromkeys(it["key"] for it in fresh)), write=write)
+    moments = [it if "mean_w" in it else cache.pair(it["key"], flip=it["flip"]) for it in items]
+    mean_w, std_w, mean_l, std_l = (torch.stack([m[k] for m in moments]).to(device) for k in ("mean_w", "std_w", "mean_l", "std_l"))
     latents_w = adapter.latents_from_moments(mean_w, std_w)
     latents_l = adapter.latents_from_moments(mean_l, std_l)
     cond.update(adapter.extra_conditioning(raw, resolution))
