@@ -159,6 +159,8 @@ def prepare_lazy_batch(raw: dict, adapter: Any, cache: LatentCache, caption_drop
     mean_w, std_w, mean_l, std_l = (torch.stack([m[k] for m in moments]).to(device) for k in ("mean_w", "std_w", "mean_l", "std_l"))
     latents_w = adapter.latents_from_moments(mean_w, std_w)
     latents_l = adapter.latents_from_moments(mean_l, std_l)
-    cond.update(adapter.extra_conditioning(raw, resolution))
+    # SDXL micro-conditioning from the cache entry (a flipped item's crop is mirrored there, as in the eager path)
+    meta = {"original_size": [m["original_size"] for m in moments], "crop_top_left": [m["crop_top_left"] for m in moments]}
+    cond.update(adapter.extra_conditioning(meta, resolution))
     return {"latents_w": latents_w, "latents_l": latents_l, "cond": {k: v.to(device) for k, v in cond.items()},
             "prompts": prompts, "item_id": raw.get("item_id", [])}

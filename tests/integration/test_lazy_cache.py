@@ -77,3 +77,28 @@ def test_training_with_a_lazy_cache(tiny_sd15, pair_manifest, tmp_path):
     )
     assert result.summary["steps"] == 2 and math.isfinite(result.summary["final_metrics"]["loss"])
     assert list((tmp_path / "cache").rglob("text-*.safetensors"))  # prompts were encoded on first use
+
+
+def test_lazy_sdxl_flips_match_the_eager_cache(tiny_sdxl, pair_manifest, tmp_path):
+    from mmalign.pipelines import load_pipeline, make_adapter
+
+    pipe, family = load_pipeline(str(tiny_sdxl))
+    adapter = make_adapter(pipe, family)
+    records, _ = load_pairs(pair_manifest)
+    cpu, fp = torch.device("cpu"), {"resolution": 16}
+    eager = LatentCache(tmp_path / "eager", fp)
+    kept, keys, _ = eager.build(
+        records, adapter, resolution=16, random_flip=True, joint_crop=True, progress=False, log=lambda _: None
+    )
+    torch.manual_seed(1)  # the same flip draws for both datasets
+    eager_items = [CachedPairDataset(kept, keys, eager, random_flip=True)[i] for i in range(4)]
+    torch.manual_seed(1)
+    lazy = LatentCache(tmp_path / "lazy", fp)
+    lazy_items = [LazyCachedPairDataset(records, lazy, resolution=16, joint_crop=True)[i] for i in range(4)]
+    assert [it["flip"] for it in lazy_items].count(True) not in (0, 4)  # both orientations are exercised
+    torch.manual_seed(0)
+    expected = prepare_pair_batch(collate_pairs(eager_items), adapter, eager, 0.0, 16, cpu)
+    torch.manual_seed(0)
+    got = prepare_lazy_batch(collate_items(lazy_items), adapter, lazy, 0.0, 16, cpu)
+    torch.testing.assert_close(got["latents_w"], expected["latents_w"])
+    torch.testing.assert_close(got["cond"]["time_ids"], expected["cond"]["time_ids"])  # mirrored crops agree
