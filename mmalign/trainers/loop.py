@@ -22,7 +22,7 @@ import torch
 
 from mmalign.config import ConfigError, RunConfig, save_config, to_dict
 from mmalign.data.seeded import SeededItems
-from mmalign.pipelines import load_pipeline, make_adapter
+from mmalign.pipelines import is_video, load_pipeline, make_adapter
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -46,6 +46,7 @@ from mmalign.trainers.checkpoint import (
     write_json,
 )
 from mmalign.trainers.common import TrainModels
+from mmalign.trainers.report import log_validation, write_training_curves
 
 
 @dataclass
@@ -324,6 +325,8 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     step, epoch, done = pos.step, pos.epoch, pos.batch
     skipped: list[str] = list(run.data.skipped)
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc=method.name, disable=not (t_cfg.progress and accelerator.is_local_main_process))
+    if t_cfg.validation_every and step == 0 and accelerator.is_main_process:
+        _validate(run, 0)  # the base, to compare every later grid with
     t0, last_metrics = time.perf_counter(), {}
     with StopOnSignal() as stop:
         while step < t_cfg.max_steps:
@@ -359,8 +362,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                         f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {saved}; "
                         "continue with train.resume=latest", 128 + signum)
                 if t_cfg.validation_every and step % t_cfg.validation_every == 0 and accelerator.is_main_process:
-                    write_validation_grid(run.pipe, accelerator.unwrap_model(run.denoiser), run.adapter, t_cfg,
-                                          run.out / "validation" / f"step-{step:06d}.png")
+                    _validate(run, step)
                 if step >= t_cfg.max_steps:
                     break
             else:
@@ -433,6 +435,9 @@ def _finish(run: _Run, start: _Position, end: _Position, seconds: float, last_me
     if accelerator.is_main_process:
         summary["export"] = str(export(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final"))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        history = [json.loads(line) for line in (run.out / "history.jsonl").read_text().splitlines() if line.strip()] \
+            if (run.out / "history.jsonl").is_file() else []
+        write_training_curves(history, run.out / "training_curves.png")
         if skipped:
             accelerator.print(f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)")
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
@@ -519,11 +524,15 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
     return out_dir
 
 
-@torch.no_grad()
-def write_validation_grid(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg: Any, path: Path) -> Path:
-    """Sample the fixed validation prompts with a fixed seed and save them as one PNG grid."""
-    from torchvision.utils import save_image
+def _validate(run: _Run, step: int) -> None:
+    media = sample_validation(run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train)
+    log_validation(run.accelerator, media, list(run.cfg.train.validation_prompts), step,
+                   run.out / "validation" / f"step-{step:06d}.png")
 
+
+@torch.no_grad()
+def sample_validation(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg: Any) -> torch.Tensor:
+    """The fixed validation prompts sampled with a fixed seed: images [N,3,H,W] or clips [N,T,3,H,W] in [0, 1]."""
     was_training = denoiser.training
     denoiser.eval()
     setattr(pipe, adapter.denoiser_name, denoiser)
@@ -532,10 +541,4 @@ def write_validation_grid(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_
     out = pipe(list(t_cfg.validation_prompts), num_inference_steps=t_cfg.validation_steps,
                guidance_scale=t_cfg.validation_guidance, generator=generator, output_type="pt")
     denoiser.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(out, "frames"):  # video pipelines: [B,T,3,H,W] -> one row of frames per prompt
-        frames = torch.as_tensor(out.frames).float().cpu()
-        save_image(frames.flatten(0, 1), path, nrow=frames.shape[1])
-    else:
-        save_image(out.images.float().cpu(), path, nrow=min(len(out.images), 4))
-    return path
+    return torch.as_tensor(out.frames if is_video(adapter) else out.images).float().cpu()

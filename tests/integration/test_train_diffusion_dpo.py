@@ -183,6 +183,8 @@ def test_validation_grid_is_written(tiny_sd15, pair_manifest, tmp_path):
                    "train.validation_prompts=[a red square, a blue circle]", "train.validation_steps=2"))
     grid = Image.open(tmp_path / "run/validation/step-000002.png")
     assert grid.size[0] > 16 and grid.size[1] >= 16
+    assert (tmp_path / "run/validation/step-000000.png").is_file()  # the base, before any step
+    assert Image.open(tmp_path / "run/training_curves.png").size[0] > 100
 
 
 @pytest.mark.parametrize("options", [
