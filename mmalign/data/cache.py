@@ -163,9 +163,10 @@ class LatentCache:
                     raise DataError(self.index["bad"][key])
                 skipped.append(self.index["bad"][key])
                 continue
-            # Keep only what training reads (prompt, row): image bytes of Arrow-backed records are re-read from
-            # the memory-mapped table when encoded, so memory does not grow with the number of pairs.
-            keep.append(PairRecord(rec.prompt, "", "", rec.row, rec.label_0, rec.user_id))
+            # Keep what training reads (prompt, row) and file paths (small), not image bytes: those of Arrow-backed
+            # records are re-read from the memory-mapped table when encoded, so memory does not grow with the pairs.
+            keep.append(PairRecord(rec.prompt, *(src if isinstance(src, str) else "" for src in (rec.chosen, rec.rejected)),
+                                   rec.row, rec.label_0, rec.user_id))
             keys.append(key)
             if not self.has_pair(key):
                 todo.append((key, idx))
