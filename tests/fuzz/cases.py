@@ -760,6 +760,7 @@ def score_case(rng: random.Random, i: int) -> Case:
     report = None
     for k in range(3):
         files[f"media/ok{k}.png"] = png(seed=k)
+    files["media/prompt.txt"] = b"a red square\n"  # score refuses media without a prompt
     source = "{dir}/media"
     if kind in ("folder_item", "manifest_item"):
         media = bad_media(rng)
@@ -832,7 +833,7 @@ def score_case(rng: random.Random, i: int) -> Case:
             name, expect, report = "m.csv", "accept", 0
             content = ("path,prompt\n" + "".join(f"{r['path']},{r['prompt']}\n" for r in rows)).encode()
         elif variant == "empty":
-            content, expect, report = b"", "accept", 0
+            content = b""  # no media: nothing to score is an error
         elif variant == "null_path":
             rows[0]["path"] = None
         elif variant == "dir_source_missing":

@@ -244,6 +244,7 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
                 "brightness",
                 "--reward-arg",
                 "scale=abc",
+                "--allow-empty-prompt",
                 "--out",
                 str(tmp_path / "o.jsonl"),
                 "--quiet",

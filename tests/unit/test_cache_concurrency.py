@@ -25,6 +25,8 @@ WORKER = textwrap.dedent("""
     root, images, worker, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 
     class SlowAdapter:  # stands in for a VAE/text encoder; the sleep makes the writers interleave
+        vae = type("Vae", (), {"config": {"latent_channels": 1, "block_out_channels": [1, 1, 1]}})()
+
         def latent_moments(self, x):
             time.sleep(0.005)
             return x[:, :1, :2, :2] * 0 + x.mean(), x[:, :1, :2, :2] * 0 + 1
@@ -50,7 +52,7 @@ WORKER = textwrap.dedent("""
     inv.build([(k, lambda: (torch.zeros(1, 2, 2), {"c": torch.zeros(1)})) for k in keys],
               lambda x0, c: type("I", (), {"latents": x0[:, None].repeat(1, 2, 1, 1, 1)})(), batch_size=1,
               shard_size=1, progress=False)
-    print(" ".join(keys))
+    print("KEYS " + " ".join(keys))
 """)
 
 
@@ -75,7 +77,13 @@ def test_concurrent_builders_lose_no_index_entry(tmp_path, workers):
     ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    expected = {k for out, _ in outs for k in out.split()}
+    expected = {
+        k
+        for out, _ in outs
+        for line in out.splitlines()
+        if line.startswith("KEYS ")
+        for k in line.split()[1:]
+    }
     assert len(expected) == 5 + workers * 5  # 5 shared pairs + 5 own pairs per worker
 
     (latent_dir,) = [d for d in (tmp_path / "cache").iterdir() if d.is_dir() and d.name != "inversion"]
