@@ -1,7 +1,12 @@
 """``mmalign`` command line: train | validate | ls | cp | generate | score | label | eval | toy | quickstart.
 
-Each subcommand is a function taking the parsed arguments and returning an exit code. Configs errors,
-data errors and training errors print one clear line and exit 2 instead of a traceback.
+Each subcommand is a function taking the parsed arguments and returning an exit code. Exit codes:
+
+- 0: done;
+- 2: the input was wrong (config, override, data, media, model path, a missing optional dependency): one line
+  naming the file, key, row or pip extra;
+- 3: the run failed for another reason: one line with the error and the path of a log file holding the
+  traceback (``$MMALIGN_LOG_DIR``, default ``<tmp>/mmalign-logs``); training stopped by a NaN loss also exits 3.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
 COMMAND_MODULES = ["mmalign.commands.train", "mmalign.commands.generate", "mmalign.commands.score",
@@ -28,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException, limit: int = 600) -> str:
+    """The error's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def write_crash_log(command: str, argv: list[str]) -> Path:
+    """Write the current exception's traceback (and the command line) to a new log file; return its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    root = Path(os.environ.get("MMALIGN_LOG_DIR") or Path(tempfile.gettempdir()) / "mmalign-logs")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"mmalign-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"argv: {argv!r}\n\n{traceback.format_exc()}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmalign.config import ConfigError
     from mmalign.data.images import DataError
@@ -35,15 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, DataError) as err:
-        print(f"mmalign {args.command}: error: {err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:  # the user's input: one line naming the file, key or row
+        print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
         code = 2
-    except Exception as err:
+    except ImportError as err:  # an optional dependency the config asks for (the message names the pip extra)
+        print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        code = 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:
         from mmalign.trainers.loop import TrainingError
 
-        if not isinstance(err, TrainingError):
-            raise
-        print(f"mmalign {args.command}: training stopped: {err}", file=sys.stderr)
+        if isinstance(err, TrainingError):
+            print(f"mmalign {args.command}: training stopped: {_one_line(err)}", file=sys.stderr)
+        else:
+            try:
+                where = f"traceback in {write_crash_log(args.command, sys.argv if argv is None else argv)}"
+            except OSError as log_err:
+                where = f"could not write a log: {log_err}"
+            print(f"mmalign {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
+                  file=sys.stderr)
         code = 3
     if __name__ == "__main__" or argv is None:
         sys.exit(code)

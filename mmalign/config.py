@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -28,26 +30,93 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key and how to fix it."""
 
 
+# Limits on what a config may hold, so a hostile or broken file fails fast instead of exhausting memory.
+MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (a 300-byte "billion laughs" file is 1e9)
+MAX_STRING = 4096  # longest string value (PATH_MAX on Linux)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 4, 4, 2
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages: never walks more than a few levels/items of a value."""
+    return _REPR.repr(value)
+
+
+def clip(text: Any, limit: int = 200) -> str:
+    """``str(text)`` cut to ``limit`` characters (file names and reasons in one-line errors)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_name = clip
+
+
+_CHECKS = ("ge", "gt", "le", "lt", "choices", "multiple_of", "nonempty")
+
+
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help string (mutable defaults go through ``default_factory``)."""
+    """A dataclass field with a help string (mutable defaults go through ``default_factory``).
+
+    Range checks ride along in the metadata and run in :func:`check_fields`: ``ge``/``gt``/``le``/``lt``
+    (numbers), ``choices`` (allowed values), ``multiple_of`` (ints), ``nonempty`` (strings and lists).
+    """
+    meta = {"help": help, **{k: kwargs.pop(k) for k in _CHECKS if k in kwargs}}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kwargs)
+    return field(default=default, metadata=meta, **kwargs)
+
+
+def check_fields(cfg: Any, section: str) -> None:
+    """Apply every field's declared range (see :func:`_f`); raises :class:`ConfigError` naming ``section.key``."""
+    for f in dataclasses.fields(cfg):
+        value, meta, key = getattr(cfg, f.name), f.metadata, f"{section}.{f.name}"
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{key}={short(value)}: choose from {', '.join(map(str, meta['choices']))}")
+        if meta.get("nonempty") and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
+            raise ConfigError(f"{key} must not be empty")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            bounds = [("ge", value >= meta.get("ge", value)), ("gt", "gt" not in meta or value > meta["gt"]),
+                      ("le", value <= meta.get("le", value)), ("lt", "lt" not in meta or value < meta["lt"])]
+            for name, ok in bounds:
+                if not ok:
+                    raise ConfigError(f"{key}={value} must be {_RANGE_WORDS[name]} {meta[name]}{_range_hint(meta)}")
+            if "multiple_of" in meta and value % meta["multiple_of"]:
+                raise ConfigError(f"{key}={value} must be a multiple of {meta['multiple_of']}")
+
+
+_RANGE_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _interval(meta: dict) -> str:
+    lo = f"[{meta['ge']}" if "ge" in meta else (f"({meta['gt']}" if "gt" in meta else "(-inf")
+    hi = f"{meta['le']}]" if "le" in meta else (f"{meta['lt']})" if "lt" in meta else "inf)")
+    return f"{lo}, {hi}"
+
+
+def _range_hint(meta: dict) -> str:
+    return f" (allowed: {_interval(meta)})"
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5", "Hub id or local directory of a diffusers pipeline.")
+    pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5", "Hub id or local directory of a diffusers pipeline.", nonempty=True)
     family: str = _f("auto", "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, cogvideox, wan, toy_video).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")
     vae: str | None = _f(None, "Replacement VAE (hub id or path), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
-    resolution: int = _f(512, "Training resolution in pixels (square); SDXL uses 1024.")
+    resolution: int = _f(512, "Training resolution in pixels (square); SDXL uses 1024.", ge=8, le=8192)
     trust_remote_code: bool = _f(False, "Allow custom code from the model repository. Off unless you trust it.")
     adapter_options: dict = _f({}, "Family-specific adapter options, e.g. {timestep_sampling: logit_normal} for wan (the DenseDPO paper's rectified-flow timesteps).")
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         if self.resolution % 8:
             raise ConfigError(f"model.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8).")
 
@@ -55,87 +124,92 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = _f(True, "Train LoRA adapters through peft (reference = adapters disabled). false = full fine-tuning.")
-    rank: int = _f(8, "LoRA rank r.")
-    alpha: float | None = _f(None, "LoRA alpha; defaults to the rank (scale 1), as diffusers' DPO scripts do.")
-    dropout: float = _f(0.0, "LoRA dropout.")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet/transformer modules that get adapters.")
-    init: str = _f("gaussian", "peft init_lora_weights: gaussian (B=0, model equals reference at step 0) or default.")
+    rank: int = _f(8, "LoRA rank r.", le=4096)
+    alpha: float | None = _f(None, "LoRA alpha; defaults to the rank (scale 1), as diffusers' DPO scripts do.", gt=0)
+    dropout: float = _f(0.0, "LoRA dropout.", ge=0, lt=1)
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet/transformer modules that get adapters.", nonempty=True)
+    init: str = _f("gaussian", "peft init_lora_weights: gaussian (B=0, model equals reference at step 0) or default.",
+                   choices=("gaussian", "default"))
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"lora.rank={self.rank} must be >= 1 (set lora.enabled=false for full fine-tuning).")
+        check_fields(self, "lora")
 
 
 @dataclass
 class DataConfig:
     source: str = _f("", "Pair data: a JSONL/CSV manifest, a parquet file or folder (Pick-a-Pic v2 layout), or a datasets directory.")
     format: str = _f("auto", "auto | manifest | pickapic.")
-    split: str = _f("train", "Split to read from a datasets directory.")
+    split: str = _f("train", "Split to read from a datasets directory.", nonempty=True)
     keep_ties: bool = _f(False, "Keep label_0 == 0.5 pairs (image_0 treated as chosen). The papers drop them (~12% of Pick-a-Pic).")
     on_bad_item: str = _f("error", "What a corrupt or missing image does: error (stop, naming row and file) or skip (counted, reported).")
     random_flip: bool = _f(True, "Random horizontal flip, as the reference code (per image for SD1.5, jointly for SDXL).")
     random_crop: bool = _f(False, "Random instead of centre crop.")
     caption_dropout: float = _f(0.2, "Probability of replacing the prompt with '' (SF: --proportion_empty_prompts 0.2).")
-    max_items: int | None = _f(None, "Use at most this many pairs (debugging).")
-    num_workers: int = _f(0, "DataLoader worker processes.")
+    max_items: int | None = _f(None, "Use at most this many pairs (debugging).", ge=1)
+    num_workers: int = _f(0, "DataLoader worker processes.", ge=0, le=64)
     cache: bool = _f(True, "Encode VAE latents and text embeddings once into safetensors shards and train from them.")
     cache_dir: str | None = _f(None, "Cache directory; default <output_dir>/../.mmalign_cache next to the run (shared by runs).")
-    cache_batch_size: int = _f(8, "Batch size of the one-off encoding pass that fills the cache.")
+    cache_batch_size: int = _f(8, "Batch size of the one-off encoding pass that fills the cache.", ge=1, le=4096)
     cache_build: str = _f("eager", "eager: encode every pair before step 1; lazy: encode each pair the first time a batch draws it (no up-front pass; later epochs and runs read it back).")
-    cache_max_gb: float | None = _f(None, "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).")
+    cache_max_gb: float | None = _f(None, "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).", gt=0)
     shuffle: bool = _f(True, "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).")
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         if self.format not in ("auto", "manifest", "pickapic"):
-            raise ConfigError(f"data.format={self.format!r}: use auto, manifest or pickapic.")
+            raise ConfigError(f"data.format={short(self.format)}: use auto, manifest or pickapic.")
         if self.cache_build not in ("eager", "lazy"):
-            raise ConfigError(f"data.cache_build={self.cache_build!r}: use eager or lazy.")
+            raise ConfigError(f"data.cache_build={short(self.cache_build)}: use eager or lazy.")
         if self.on_bad_item not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_item={self.on_bad_item!r}: use error or skip.")
+            raise ConfigError(f"data.on_bad_item={short(self.on_bad_item)}: use error or skip.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout={self.caption_dropout} must be in [0, 1).")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("outputs/run", "Where checkpoints, logs, validation grids and the final export go.")
-    max_steps: int = _f(2000, "Optimizer steps.")
-    batch_size: int = _f(1, "Pairs per device per micro-step.")
-    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.")
-    learning_rate: float = _f(1e-8, "Base learning rate (multiplied by the global batch when scale_lr is true).")
+    output_dir: str = _f("outputs/run", "Where checkpoints, logs, validation grids and the final export go.", nonempty=True)
+    max_steps: int = _f(2000, "Optimizer steps.", ge=1, le=10**9)
+    batch_size: int = _f(1, "Pairs per device per micro-step.", ge=1, le=65536)
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.", ge=1, le=65536)
+    learning_rate: float = _f(1e-8, "Base learning rate (multiplied by the global batch when scale_lr is true).", ge=0)
     scale_lr: bool = _f(True, "lr = learning_rate x batch_size x accumulation x processes (SF launchers: 1e-8 x 2048).")
-    lr_scheduler: str = _f("constant_with_warmup", "Any diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine ...")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
+    lr_scheduler: str = _f("constant_with_warmup", "A diffusers get_scheduler name.",
+                       choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    warmup_steps: int = _f(0, "Linear warmup steps.", ge=0, le=10**9)
     optimizer: str = _f("adamw", "adamw | adafactor | adamw8bit (needs the [bnb] extra).")
-    weight_decay: float = _f(1e-2, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    weight_decay: float = _f(1e-2, "AdamW weight decay.", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate). Frozen parts are cast to this dtype.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
-    seed: int = _f(0, "Seed for data order, noise and timesteps.")
-    checkpoint_every: int = _f(500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).")
-    checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed after a new one is safely written).")
+    seed: int = _f(0, "Seed for data order, noise and timesteps.", ge=0, le=2**32 - 1)
+    checkpoint_every: int = _f(500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).", ge=0)
+    checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed after a new one is safely written).", ge=1)
     resume: str | None = _f(None, "latest, or a checkpoint directory, to continue a run.")
     overwrite: bool = _f(False, "Start a new run in a non-empty output_dir (its old checkpoints are never resumed or rotated).")
-    log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    log_every: int = _f(1, "Log metrics every N optimizer steps.", ge=1)
     report_to: str = _f("tensorboard", "tensorboard | wandb | none.")
-    validation_every: int = _f(0, "Sample validation_prompts every N steps into a PNG grid (0 disables).")
+    validation_every: int = _f(0, "Sample validation_prompts every N steps into a PNG grid (0 disables).", ge=0)
     validation_prompts: list[str] = _f([], "Fixed prompts for validation grids.")
-    validation_steps: int = _f(25, "Sampling steps for validation images.")
+    validation_steps: int = _f(25, "Sampling steps for validation images.", ge=1, le=1000)
     validation_guidance: float = _f(5.0, "CFG scale for validation images.")
-    validation_seed: int = _f(0, "Seed for validation images (same images every time).")
+    validation_seed: int = _f(0, "Seed for validation images (same images every time).", ge=0, le=2**63 - 1)
     progress: bool = _f(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16.")
+            raise ConfigError(f"train.mixed_precision={short(self.mixed_precision)}: use no, fp16 or bf16.")
         if self.optimizer not in ("adamw", "adafactor", "adamw8bit"):
-            raise ConfigError(f"train.optimizer={self.optimizer!r}: use adamw, adafactor or adamw8bit.")
+            raise ConfigError(f"train.optimizer={short(self.optimizer)}: use adamw, adafactor or adamw8bit.")
         if self.report_to not in ("tensorboard", "wandb", "none"):
-            raise ConfigError(f"train.report_to={self.report_to!r}: use tensorboard, wandb or none.")
+            raise ConfigError(f"train.report_to={short(self.report_to)}: use tensorboard, wandb or none.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -187,41 +261,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {short(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short(value)}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {short(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str) and len(value) < 64:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {short(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {short(value)}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if isinstance(value, str) and len(value) > MAX_STRING:
+                raise ConfigError(f"{key}: a string of {len(value)} characters; the limit is {MAX_STRING}")
+            if isinstance(value, str) and "\x00" in value:
+                raise ConfigError(f"{key}: the value contains a NUL character")
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {short(value)}")
     return value
 
 
@@ -230,20 +313,22 @@ def from_dict(cls: type, data: dict | None, prefix: str = "", method_configs: Ma
 
     ``method_configs`` (method name -> config class) is needed for a :class:`RunConfig`'s ``method`` section.
     """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {short(data)}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(key, names)}")
+        dotted = f"{prefix}{short(key) if not isinstance(key, str) else key}"
+        if not isinstance(key, str) or key not in names:
+            raise ConfigError(f"unknown config key '{short(dotted) if len(dotted) > 80 else dotted}'{_closest(str(key)[:80], names)}")
         tp = hints[key]
         if cls is RunConfig and key == "method":
             kwargs[key] = _method_from_dict(value, dotted, method_configs)
         elif dataclasses.is_dataclass(tp):
             if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a mapping of {tp.__name__} keys, got {value!r}")
+                raise ConfigError(f"{dotted}: expected a mapping of {tp.__name__} keys, got {short(value)}")
             kwargs[key] = from_dict(tp, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, tp, dotted)
@@ -262,11 +347,12 @@ def _method_from_dict(value: Any, key: str, method_configs: Mapping[str, type] |
         raise TypeError("a RunConfig's method section needs method_configs: use mmalign.trainers.load_config, "
                         "or pass method_configs=mmalign.trainers.METHOD_CONFIGS")
     if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping with a name (e.g. name: diffusion_dpo), got {type(value).__name__}")
+        raise ConfigError(f"{key}: expected a mapping with a name (e.g. name: diffusion_dpo), got {short(value)}")
     value = dict(value or {})
     name = value.get("name", "diffusion_dpo")
-    if name not in method_configs:
-        raise ConfigError(f"{key}.name={name!r} is not a method{_closest(str(name), method_configs)}; known: {', '.join(method_configs)}")
+    if not isinstance(name, str) or name not in method_configs:
+        raise ConfigError(f"{key}.name={short(name)} is not a method{_closest(str(name), method_configs)}; "
+                          f"known: {', '.join(method_configs)}")
     return from_dict(method_configs[name], value, f"{key}.")
 
 
@@ -277,6 +363,8 @@ def to_dict(cfg: Any) -> Any:
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override key {short(dotted)} is not a dotted key such as train.max_steps")
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
@@ -293,20 +381,76 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=100)")
+            raise ConfigError(f"override {short(item)} is not key=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as err:
+            raise ConfigError(f"override {short(item)}: the value is not valid YAML ({_first_line(err)})") from None
+        check_size(value, f"override {short(key)}")
+        parsed.append((key.strip(), value))
     return parsed
 
 
-def load_yaml(path: str | Path) -> dict:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return clip(text[0]) if text else type(err).__name__
+
+
+def check_size(value: Any, where: str, limit: int = MAX_CONFIG_NODES) -> None:
+    """Raise if ``value`` expands (YAML aliases repeat shared nodes) to more than ``limit`` values.
+
+    Walks at most ``limit`` nodes, so a "billion laughs" file is rejected in milliseconds instead of
+    being expanded by a later ``repr``, copy or dump.
+    """
+    budget, stack = limit, [value]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where}: expands to more than {limit} values (YAML anchors/aliases?); "
+                              "write the config out without aliases")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Parse a small YAML/JSON file safely: a regular file, at most ``max_bytes``, UTF-8, bounded expansion.
+
+    Raises:
+        ConfigError: naming the file, for anything that is not such a file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not path.exists():
+            raise ConfigError(f"{what} not found: {_name(path)}")
+        if not path.is_file():
+            raise ConfigError(f"{_name(path)}: the {what} is not a regular file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ConfigError(f"{_name(path)}: the {what} is {size} bytes; the limit is {max_bytes}")
+        with path.open("rb") as fh:
+            raw = fh.read(max_bytes + 1)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{_name(path)}: the {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{_name(path)}: cannot read the {what}: {err.strerror or err}") from None
+    if "\x00" in text:
+        raise ConfigError(f"{_name(path)}: the {what} contains NUL bytes (a binary file?)")
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"{_name(path)}: not valid YAML: {_first_line(err)}") from None
+    check_size(data, str(path))
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, method, data, lora, train)")
     return data
@@ -325,8 +469,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     try:
         return from_dict(RunConfig, tree, method_configs=method_configs)
     except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
+        where = f"{_name(path)}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path or 'overrides'}: nested too deeply") from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
@@ -340,5 +486,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         )
-        rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+        text = f.metadata.get("help", "")
+        if any(k in f.metadata for k in ("ge", "gt", "le", "lt")):
+            text += f" Allowed: {_interval(f.metadata)}."
+        elif "choices" in f.metadata:
+            text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+        rows.append((f"{prefix}{f.name}", default, text))
     return rows

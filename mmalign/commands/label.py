@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmalign.commands.options import one_line_errors
+from mmalign.commands.options import finite_float, one_line_errors
 
 
 def label(
@@ -45,10 +45,14 @@ def label(
     Returns:
         :class:`mmalign.rewards.label.LabelSummary`.
     """
+    from mmalign.commands.options import check_out, check_table
     from mmalign.commands.score import build_rewards, score
     from mmalign.rewards.label import label_scores
 
     out = Path(out)
+    check_out(out)
+    if scores is not None:
+        check_table(scores, must_exist=True)
     if scores is None:
         if not source or not rewards:
             raise ValueError("give --scores FILE, or a SOURCE folder/manifest with --reward")
@@ -133,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "curriculum: margin pairs ordered easy-to-hard (Curry-DPO; train with data.shuffle=false).",
     )
     p.add_argument(
-        "--margin", type=float, default=0.0, help="Pairs whose score gap is not above this are ties."
+        "--margin", type=finite_float, default=0.0, help="Pairs whose score gap is not above this are ties."
     )
     p.add_argument("--out", required=True, help="Output pair manifest (.jsonl) for `mmalign train`.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")

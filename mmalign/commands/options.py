@@ -16,7 +16,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, batch_size: int = 1, of
         help="model precision (default: bf16 on CUDA, fp32 on CPU)",
     )
     group.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"samples per model call (default {batch_size})"
+        "--batch-size", type=positive_int, default=batch_size, help=f"samples per model call (default {batch_size})"
     )
     if offload:
         group.add_argument(
@@ -51,9 +51,57 @@ def one_line_errors(command: str):
                 return run(args)
             except (ValueError, KeyError, FileNotFoundError) as err:
                 message = err.args[0] if isinstance(err, KeyError) and err.args else err
-                print(f"mmalign {command}: error: {message}", file=sys.stderr)
+                text = " ".join(str(message).split())
+                print(f"mmalign {command}: error: {text[:600] + '...' if len(text) > 600 else text}", file=sys.stderr)
                 return 2
 
         return inner
 
     return wrap
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:50]!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:50]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{value} is not finite")
+    return value
+
+
+def check_table(path, *, must_exist: bool = False) -> None:
+    """A manifest or scores file must be a regular file (not a FIFO or ``/dev/zero``) of at most 1 GiB.
+
+    Folders and (unless ``must_exist``) missing paths pass: the caller reports those.
+    """
+    from pathlib import Path
+
+    from mmalign.limits import check_media_file
+
+    path = Path(path)
+    if not must_exist and (path.is_dir() or not path.exists()):
+        return
+    check_media_file(path, max_bytes=1 << 30)
+
+
+def check_out(path) -> None:
+    """``--out`` must not be a directory."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path}: is a directory; give a file")

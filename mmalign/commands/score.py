@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmalign.commands.options import one_line_errors
+from mmalign.commands.options import check_out, check_table, one_line_errors
 from mmalign.rewards import Reward, RewardSpec
 
 
@@ -30,12 +30,18 @@ def parse_reward_args(items: list[str]) -> dict[str, Any]:
     """``--reward-arg key=value`` pairs; values parsed as YAML (``scale=2`` -> 2, ``device=cuda`` -> "cuda")."""
     import yaml
 
+    from mmalign.config import check_size
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--reward-arg {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
+            raise ValueError(f"--reward-arg {item[:100]!r}: expected key=value")
+        try:
+            out[key] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ValueError(f"--reward-arg {item[:100]!r}: the value is not valid YAML ({type(e).__name__})") from None
+        check_size(out[key], f"--reward-arg {key[:100]!r}")
     return out
 
 
@@ -51,6 +57,7 @@ def build_rewards(
     ``--reward-arg key=value`` (YAML values) go to every named (non-file) reward; ``device``/``dtype`` go to the
     named rewards whose factory takes them (model rewards; rule rewards run wherever the media are).
     """
+    from mmalign.config import read_yaml
     from mmalign.rewards import _resolve, all_rewards
     from mmalign.rewards.score import build_named_rewards, load_reward_config
 
@@ -60,9 +67,13 @@ def build_rewards(
     for name in names:
         path = Path(name)
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
-            if not path.is_file():
+            if not path.exists():
                 raise ValueError(f"--reward {name}: reward spec file not found")
-            out.update(load_reward_config(path))
+            read_yaml(path, "reward spec file")  # a small regular UTF-8 file without alias bombs, or ConfigError
+            try:
+                out.update(load_reward_config(path))
+            except (TypeError, AttributeError, RecursionError) as e:  # a spec file of the wrong shape
+                raise ValueError(f"{path}: not a reward spec file ({type(e).__name__}: {str(e)[:200]})") from None
             continue
         spec_kwargs = dict(kwargs)
         if device is not None or dtype is not None:
@@ -77,8 +88,16 @@ def build_rewards(
 
                 spec_kwargs.setdefault("dtype", DTYPES[dtype])
         specs.append(RewardSpec(name=name, kwargs=spec_kwargs))
-    out.update(build_named_rewards(specs))
+    try:
+        out.update(build_named_rewards(specs))
+    except TypeError as e:  # a --reward-arg the factory does not take, or of the wrong type
+        raise ValueError(f"--reward {', '.join(s.name for s in specs)}: {str(e)[:300]} (check --reward-arg)") from None
     return out
+
+
+def reward_failures(rewards: dict[str, Reward]) -> dict[str, dict[str, int]]:
+    """Per reward, the requests scored NaN by reason (the HTTP judge counts them), for the run summary."""
+    return {name: dict(f) for name, reward in rewards.items() if (f := getattr(reward, "failures", None))}
 
 
 def media_loader(
@@ -152,6 +171,8 @@ def score(
     from mmalign.pipelines.runtime import quiet_libraries
     from mmalign.rewards.score import collect_items, score_items
 
+    check_table(source)
+    check_out(out)
     items = collect_items(source)
     if not items:
         raise ValueError(f"{source}: no media found")
@@ -159,16 +180,21 @@ def score(
     if not isinstance(rewards, dict):
         with quiet_libraries(not verbose):
             rewards = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
-    return score_items(
-        items,
-        rewards,
-        out,
-        batch_size=batch_size,
-        resume=resume,
-        progress=progress,
-        loader=media_loader(video_fps, video_frames),
-        normalize_over=normalize_over,
-    )
+    try:
+        summary = score_items(
+            items,
+            rewards,
+            out,
+            batch_size=batch_size,
+            resume=resume,
+            progress=progress,
+            loader=media_loader(video_fps, video_frames),
+            normalize_over=normalize_over,
+        )
+    except TypeError as e:  # a reward given arguments of the wrong type fails on the first batch
+        raise ValueError(f"a reward failed ({type(e).__name__}: {str(e)[:300]}); check --reward / --reward-arg") from None
+    summary.reward_failures = reward_failures(rewards)
+    return summary
 
 
 @one_line_errors("score")
@@ -196,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
                 "scored": summary.scored,
                 "skipped_already_scored": summary.skipped,
                 "errors": summary.errors,
+                "reward_failures": getattr(summary, "reward_failures", {}),
             }
         )
     )

@@ -75,10 +75,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mmalign.config import to_dict
+    from mmalign.config import ConfigError, short, to_dict
+    from mmalign.pipelines import FAMILIES
     from mmalign.trainers import load_config
 
     cfg = load_config(resolve_recipe(args.config), args.overrides)
+    if cfg.model.family != "auto" and cfg.model.family not in FAMILIES:
+        raise ConfigError(f"{args.config}: model.family={short(cfg.model.family)}: use auto or one of {', '.join(FAMILIES)}")
     if args.print:
         import yaml
 
@@ -115,9 +118,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def print_keys(method: str) -> int:
     """Every config key with its default and help string (the method section for ``method``)."""
-    from mmalign.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, describe
-    from mmalign.trainers import get_method
+    from mmalign.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig, describe, short
+    from mmalign.trainers import METHODS, get_method
 
+    if method not in METHODS:
+        raise ConfigError(f"ls --keys {short(method)}: not a method; known: {', '.join(METHODS)}")
     sections = [("model", ModelConfig), ("method", get_method(method).config_cls), ("data", DataConfig),
                 ("lora", LoraConfig), ("train", TrainConfig)]
     for section, cls in sections:

@@ -6,7 +6,8 @@ tensors) and training reads them back: no VAE or text-encoder pass per step. The
 by a fingerprint of (model, VAE, family, resolution, crop mode); items are keyed by a hash of the image
 bytes, prompts by a hash of the text, so runs over overlapping data share work. Shards are written to a
 temporary name and renamed, and the index is rewritten atomically after each shard, so an interrupted
-build resumes where it stopped.
+build resumes where it stopped. Shard names are unique per writer and index updates are merged under a file
+lock (:mod:`mmalign.data.index_file`), so concurrent runs sharing the cache lose none of each other's entries.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmalign.data.images import DataError, mirror_crop
+from mmalign.data.index_file import merge_update, read_index, unique_name, write_atomic
 from mmalign.data.pairs import PairRecord, decode_pair
+from mmalign.limits import MediaError, file_digest
 from mmalign.utils import short_hash
 
 CACHE_VERSION = 1
@@ -54,18 +57,37 @@ def format_bytes(n: float) -> str:
 
 
 def pair_key(rec: PairRecord) -> str:
-    """Content hash of both images (a missing file raises, naming the row)."""
+    """Content hash of both images (a missing, irregular or oversized file raises, naming the row).
+
+    Files are hashed in blocks after :func:`mmalign.limits.check_media_file`: a FIFO or ``/dev/zero`` is
+    refused instead of read forever.
+    """
     parts = []
     for which in ("chosen", "rejected"):
         src = getattr(rec, which)
         if isinstance(src, bytes):
-            parts.append(src)
+            parts.append(short_hash(src))
         else:
             try:
-                parts.append(Path(src).read_bytes())
-            except OSError as err:
-                raise DataError(f"{rec.where(which)}: cannot read file: {err}") from err
-    return short_hash(short_hash(parts[0]) + short_hash(parts[1]))
+                parts.append(file_digest(src).hex()[:20])  # == short_hash(the file bytes): old cache keys stay valid
+            except MediaError as err:
+                raise DataError(f"{rec.where(which)}: {err}") from None
+    return short_hash(parts[0] + parts[1])
+
+
+def _empty_index() -> dict[str, Any]:
+    return {"pairs": {}, "text": {}, "bad": {}}
+
+
+def _merge_index(on_disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """Union of two indexes: every entry either run wrote (both point at complete shards)."""
+    merged = dict(on_disk)
+    for kind, entries in mine.items():
+        if isinstance(entries, dict):
+            merged[kind] = {**on_disk.get(kind, {}), **entries}
+        elif entries:  # e.g. text_keys: the same for every run of one fingerprint
+            merged[kind] = entries
+    return merged
 
 
 class LatentCache:
@@ -77,9 +99,8 @@ class LatentCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "fingerprint.json"
         if not meta.exists():
-            meta.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
-        index = self.dir / "index.json"
-        self.index: dict[str, dict[str, str]] = json.loads(index.read_text()) if index.exists() else {"pairs": {}, "text": {}, "bad": {}}
+            write_atomic(meta, json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
+        self.index: dict[str, Any] = read_index(self.dir / "index.json", _empty_index)
         self._handles: dict[str, Any] = {}
         self._memory: dict[str, torch.Tensor] = {}  # lazily encoded entries not yet in a shard
         self._queued: list[str] = []
@@ -118,8 +139,7 @@ class LatentCache:
 
     # ---- writing
     def _write_shard(self, prefix: str, tensors: dict[str, torch.Tensor], kind: str, keys: list[str]) -> None:
-        n = len(list(self.dir.glob(f"{prefix}-*.safetensors")))
-        shard = f"{prefix}-{n:05d}.safetensors"
+        shard = unique_name(prefix)  # never the name another run sharing this cache picks
         tmp = self.dir / f".{shard}.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.dir / shard)
@@ -128,11 +148,21 @@ class LatentCache:
         self._save_index()
 
     def _save_index(self) -> None:
-        tmp = self.dir / ".index.json.tmp"
+        """Merge this run's entries into the index on disk under a file lock (concurrent runs lose nothing).
+
+        Entries held only in memory (``<memory>``, the lazy cache) are not written; other runs' entries are
+        picked up, this run's own entries win.
+        """
         persisted = {kind: ({k: v for k, v in entries.items() if v != "<memory>"} if isinstance(entries, dict) else entries)
                      for kind, entries in self.index.items()}
-        tmp.write_text(json.dumps(persisted))
-        os.replace(tmp, self.dir / "index.json")
+        merged = merge_update(self.dir / "index.json", persisted, _merge_index, _empty_index)
+        for kind, entries in merged.items():
+            if isinstance(entries, dict):
+                mine = self.index.setdefault(kind, {})
+                for key, value in entries.items():
+                    mine.setdefault(key, value)
+            else:
+                self.index.setdefault(kind, entries)
 
     def build(self, records: Sequence[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
               random_crop: bool = False, joint_crop: bool = False, batch_size: int = 8, skip_bad: bool = False,
@@ -272,7 +302,7 @@ class LatentCache:
 
     def reload(self) -> None:
         """Re-read the index (after another process finished building)."""
-        self.index = json.loads((self.dir / "index.json").read_text())
+        self.index = read_index(self.dir / "index.json", _empty_index)
         self._handles.clear()
 
 

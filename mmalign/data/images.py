@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from mmalign import limits
+from mmalign.limits import MediaError
 
 
 class DataError(ValueError):
@@ -14,21 +16,20 @@ class DataError(ValueError):
 
 
 def open_image(source: str | Path | bytes, *, where: str) -> Image.Image:
-    """Decode an image from a path or raw bytes into RGB; errors name ``where`` (row and file)."""
+    """Decode an image from a path or raw bytes into RGB; errors name ``where`` (row and file).
+
+    Only regular files within :mod:`mmalign.limits` (bytes, declared pixels) are decoded; anything else,
+    a decompression bomb included, is a :class:`DataError` (a counted bad item under ``on_bad_item=skip``).
+    """
     try:
-        if isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise DataError(f"{where}: file not found: {path}")
-            img = Image.open(path)
+        img = limits.open_image(source if isinstance(source, (bytes, bytearray)) else Path(source), where)
         img.load()
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{where}: cannot decode image: {err}") from err
-    return img.convert("RGB")
+        return img.convert("RGB")
+    except MediaError as err:
+        raise DataError(f"{where}: {str(err).removeprefix(where + ': ')}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError,
+            Image.DecompressionBombError) as err:
+        raise DataError(f"{where}: cannot decode image: {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def resize_crop(img: Image.Image, resolution: int, *, random_crop: bool = False,

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmalign.data.index_file import merge_update, read_index, unique_name, write_atomic
 from mmalign.utils import short_hash
 
 INVERSION_CACHE_VERSION = 1
@@ -74,8 +75,7 @@ class InversionCache:
 
     def reload(self) -> None:
         """Re-read the index (after another process finished building)."""
-        index = self.dir / "index.json"
-        self.index = json.loads(index.read_text()) if index.exists() else {}
+        self.index = read_index(self.dir / "index.json", dict)
         self._handles.clear()
 
     def __contains__(self, key: str) -> bool:
@@ -109,17 +109,15 @@ class InversionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "fingerprint.json"
         if not meta.exists():
-            meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True, default=str))
-        n = len(list(self.dir.glob("inv-*.safetensors")))
-        shard = f"inv-{n:05d}.safetensors"
+            write_atomic(meta, json.dumps(self.fingerprint, indent=1, sort_keys=True, default=str))
+        shard = unique_name("inv")  # never the name a concurrent run sharing this cache picks
         tmp = self.dir / f".{shard}.tmp"
         save_file({k: v.detach().to("cpu", self.dtype).contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.dir / shard)
         for key in keys:
             self.index[key] = shard
-        tmp_index = self.dir / ".index.json.tmp"
-        tmp_index.write_text(json.dumps(self.index))
-        os.replace(tmp_index, self.dir / "index.json")
+        # merged with what concurrent runs wrote, under a file lock
+        self.index = merge_update(self.dir / "index.json", self.index, lambda disk, mine: {**disk, **mine}, dict)
 
     def build(self, items: Iterable[tuple[str, Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]]],
               invert: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any], *, batch_size: int = 8,

@@ -49,12 +49,18 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
             return value["bytes"]
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
+        if isinstance(value, (dict, list, bool)):
+            raise DataError(f"{where}: column '{key}' must be a file path, got {type(value).__name__}")
         p = Path(str(value))
         return str(p if p.is_absolute() or base is None else base / p)
 
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with prompt/chosen/rejected columns, got {type(row).__name__}")
     prompt = row.get("prompt", row.get("caption"))
     if prompt is None:
-        raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(row)}")
+        raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(map(str, row))[:20]}")
+    if isinstance(prompt, (dict, list, bytes)):
+        raise DataError(f"{where}: the prompt must be text, got {type(prompt).__name__}")
     user_id = row.get("user_id")
     if "chosen" in row or "rejected" in row:
         return PairRecord(str(prompt), path("chosen"), path("rejected"), where, 1.0, user_id)
@@ -79,6 +85,18 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
 
 
 def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a JSONL/CSV manifest; a file that is not UTF-8 text or not a regular file is a DataError."""
+    try:
+        if not path.is_file():
+            raise DataError(f"{path}: the manifest is not a regular file")
+        yield from _iter_manifest_rows(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: the manifest is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a valid CSV manifest: {err}") from None
+
+
+def _iter_manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
     if path.suffix == ".csv":
         with path.open(newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh), start=2):  # header is line 1
@@ -90,8 +108,8 @@ def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{i}: not valid JSON: {err}") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise DataError(f"{path}:{i}: not valid JSON: {str(err)[:200]}") from None
             yield f"{path}:{i}", row
 
 
@@ -197,6 +215,8 @@ def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train"
     hub = isinstance(source, str) and is_hub_id(source)
     if not hub and not path.exists():
         raise DataError(f"data.source not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise DataError(f"data.source {path}: not a regular file or folder (a device, FIFO or socket)")
     if format == "auto":
         format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
     if format == "pickapic":

@@ -33,6 +33,15 @@ class PromptRecord:
 
 def load_prompts(source: str | Path, *, need_images: bool = False, max_items: int | None = None) -> list[PromptRecord]:
     """Read prompts (and, with ``need_images``, image paths) from a .txt file or a JSONL/CSV manifest."""
+    try:
+        return _load_prompts(source, need_images=need_images, max_items=max_items)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise DataError(f"{source}: not a valid CSV manifest: {err}") from None
+
+
+def _load_prompts(source: str | Path, *, need_images: bool, max_items: int | None) -> list[PromptRecord]:
     path = Path(source)
     if not str(source):
         raise DataError("data.source is empty: point it at a prompts .txt file or a JSONL/CSV manifest with a prompt column")
@@ -48,6 +57,8 @@ def load_prompts(source: str | Path, *, need_images: bool = False, max_items: in
                 records.append(PromptRecord(line.strip(), f"{path}:{i}"))
     elif path.suffix in (".jsonl", ".json", ".csv"):
         for where, row in _rows(path):
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with a prompt column, got {type(row).__name__}")
             prompt = row.get("prompt", row.get("caption"))
             if prompt is None:
                 raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(row)}")
@@ -78,8 +89,8 @@ def _rows(path: Path):
             continue
         try:
             yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{i}: not valid JSON: {err}") from err
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise DataError(f"{path}:{i}: not valid JSON: {str(err)[:200]}") from None
 
 
 class PromptDataset(torch.utils.data.Dataset):

@@ -39,6 +39,7 @@ import torch
 
 from mmalign.data.images import DataError
 from mmalign.data.pairs import collate_pairs
+from mmalign.limits import MediaError, file_digest
 from mmalign.utils import short_hash
 
 # --------------------------------------------------------------------------------------------------
@@ -284,15 +285,15 @@ class VideoLatentCache:
         parts = []
         for key in ("video_0", "video_1"):
             try:
-                parts.append(short_hash(Path(getattr(rec, key)).read_bytes()))
-            except OSError as err:
-                raise DataError(f"{rec.row} ({key}): cannot read file: {err}") from err
+                parts.append(file_digest(getattr(rec, key)).hex()[:20])  # == short_hash(the bytes), read in blocks
+            except MediaError as err:
+                raise DataError(f"{rec.row} ({key}): {err}") from None
         return short_hash("".join(parts) + json.dumps([rec.labels, rec.segment_seconds, rec.label]))
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.dir / f".{name}.tmp"
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"  # per process: concurrent runs may encode the same item
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.dir / name)
 

@@ -11,6 +11,7 @@ import torch
 
 from mmalign.config import DataConfig
 from mmalign.data.cache import CachedPairDataset, LatentCache, LazyCachedPairDataset, collate_items
+from mmalign.data.images import DataError
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
 
 
@@ -95,7 +96,7 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
         cache.reload()
         records_ok, keys, skipped = cache.build(records, adapter, **kwargs, is_main_process=False)
     if not records_ok:
-        raise ValueError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
+        raise DataError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
     counts = {**counts, "pairs": len(records_ok), "skipped": len(skipped)}
     dataset = CachedPairDataset(records_ok, keys, cache, random_flip=d.random_flip)
     return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, cache, d.caption_dropout, res, device),

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from mmalign.data.images import DataError
+from mmalign.limits import MAX_VIDEO_PIXELS, MediaError, check_media_file, check_pixels
 
 BACKENDS = ("decord", "pyav", "torchcodec")
 _MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec"}
@@ -98,6 +99,9 @@ def _decode_decord(path: Path) -> tuple[torch.Tensor, float]:
     import decord
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    if len(reader):
+        height, width = reader[0].shape[:2]
+        check_pixels(width, height, str(path), frames=len(reader))
     frames = reader.get_batch(list(range(len(reader)))).asnumpy()
     return torch.from_numpy(frames), float(reader.get_avg_fps())
 
@@ -107,7 +111,12 @@ def _decode_pyav(path: Path) -> tuple[torch.Tensor, float]:
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+        frames, pixels = [], 0
+        for f in container.decode(stream):  # stop at the pixel limit instead of decoding an endless stream
+            pixels += f.width * f.height
+            if pixels > MAX_VIDEO_PIXELS:
+                check_pixels(f.width, f.height, str(path), frames=len(frames) + 1)
+            frames.append(torch.from_numpy(f.to_ndarray(format="rgb24")))
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not frames:
         raise ValueError("no decodable video frames")
@@ -118,6 +127,8 @@ def _decode_torchcodec(path: Path) -> tuple[torch.Tensor, float]:
     from torchcodec.decoders import VideoDecoder
 
     decoder = VideoDecoder(str(path), dimension_order="NHWC")
+    meta = decoder.metadata
+    check_pixels(meta.width or 1, meta.height or 1, str(path), frames=meta.num_frames or 1)
     frames = decoder.get_frames_in_range(0, decoder.metadata.num_frames).data
     return frames, float(decoder.metadata.average_fps)
 
@@ -143,14 +154,18 @@ def read_video(path: str | Path, fps: float | None = None, num_frames: int | Non
     """
     path = Path(path)
     candidates = [pick_backend(backend)] if backend is not None else available_backends() or [pick_backend(None)]
-    if not path.is_file():
-        raise DataError(f"{path}: video file not found")
+    try:
+        check_media_file(path)
+    except MediaError as err:
+        raise DataError(str(err)) from None
     errors = []
     for name in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
         try:
             frames, native_fps = _DECODERS[name](path)
             backend = name
             break
+        except MediaError as err:  # over the pixel limit: no other backend would do better
+            raise DataError(str(err)) from None
         except Exception as err:  # each library raises its own error types for corrupt files
             errors.append(f"{name}: {err}")
     else:

@@ -62,7 +62,8 @@ def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | N
     """``_class_name`` of the pipeline's ``model_index.json`` (local directory or hub id)."""
     index = Path(pretrained) / "model_index.json"
     if index.is_file():
-        return json.loads(index.read_text()).get("_class_name")
+        meta = json.loads(index.read_text())
+        return meta.get("_class_name") if isinstance(meta, dict) else None
     from diffusers import DiffusionPipeline
 
     try:
@@ -112,12 +113,40 @@ def get_family(name: str) -> Family:
 
 def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None = None, variant: str | None = None,
                   vae: str | None = None, torch_dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, str]:
-    """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family)."""
+    """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family).
+
+    Raises:
+        ConfigError: one line naming ``pretrained`` when it is missing (locally, or offline and not in the hub
+            cache), incomplete or not a pipeline mmalign knows.
+    """
+    from mmalign.config import clip
+
+    try:
+        return _load_pipeline(pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:  # hub/offline/missing files, bad model_index.json
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
+                          f"{clip(reason)}") from err
+
+
+def _load_pipeline(pretrained: str, family: str, revision: str | None, variant: str | None, vae: str | None,
+                   torch_dtype: Any, trust_remote_code: bool) -> tuple[Any, str]:
     import diffusers
 
     pretrained = resolve_pretrained(pretrained)
     if family == "auto":
         family = detect_family(pretrained, revision)
+    else:  # a family that contradicts model_index.json (an SD1.5 pipeline trained as SDXL) would run silently
+        try:
+            class_name = pipeline_class_name(pretrained, revision)
+        except (OSError, ValueError):
+            class_name = None
+        expected = get_family(family).pipeline_class_name
+        if family_of_class(class_name) is not None and class_name != expected:
+            raise ConfigError(f"model.family={family} expects a {expected} but {pretrained} is a {class_name} "
+                              f"(family {family_of_class(class_name)}); set model.family=auto or the matching family")
     spec = get_family(family)
     cls = getattr(diffusers, spec.pipeline_class) if isinstance(spec.pipeline_class, str) else spec.pipeline_class
     kwargs: dict[str, Any] = {"revision": revision, "variant": variant}

@@ -9,9 +9,11 @@ return the probability of each option normalised over the options, [N, K]. Two b
 - :class:`OpenAIJudgeBackend`: an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, sglang, OpenAI)
   asked for one token with ``top_logprobs``; falls back to the answer text when the server gives no
   logprobs. The API key is read from an environment variable at request time and never logged or stored.
-  Timeouts, retries with exponential backoff on 429/5xx/connection errors, bounded concurrency.
+  Timeouts, retries with exponential backoff on 429/5xx/connection errors, bounded concurrency. Redirects
+  are never followed (the key would travel to wherever the ``Location`` points); error bodies are redacted.
 
-A request the backend cannot parse yields NaN (mask it; flow_grpo silently scores such samples 0).
+A request that fails or whose reply cannot be read yields NaN (mask it; flow_grpo silently scores such
+samples 0), and its reason is counted in ``backend.failures`` (``mmalign score`` prints the counts).
 
 Pairwise: the pair is asked in both orders; the order-swapped answer is mapped back, and the verdict is
 +1 (first better), -1 (second better), or 0 (tie) when the two orders disagree or a margin is not met
@@ -21,13 +23,18 @@ Pairwise: the pair is asked in both orders; the order-swapped answer is mapped b
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import json
+import logging
 import math
 import os
 import random
+import re
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +144,11 @@ class VLMJudge:
     tie_margin: float = 0.0
     accepts_fps: bool = field(default=True, repr=False)
 
+    @property
+    def failures(self) -> collections.Counter | None:
+        """Requests scored NaN, by reason (the HTTP backend counts them; None for a local model)."""
+        return getattr(self.backend, "failures", None)
+
     def _frames(self, item: torch.Tensor, fps: float | None) -> list[Any]:
         if item.ndim == 3:
             return to_pil(item.unsqueeze(0))
@@ -235,6 +247,35 @@ class TransformersJudgeBackend:
         return torch.stack(rows)
 
 
+logger = logging.getLogger(__name__)
+
+MAX_REPLY_BYTES = 16 << 20  # a one-token chat completion is a few KB
+
+
+class JudgeFailure(Exception):
+    """One judge request that produced no score: ``reason`` is the short kind that is counted."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+        return None  # urllib then raises HTTPError(3xx): nothing is re-sent, to any host
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+_SECRETS = re.compile(r"(Bearer\s+)\S+|\bsk-[A-Za-z0-9_\-]{8,}", re.IGNORECASE)
+
+
+def _redact(text: str, key: str | None) -> str:
+    """``text`` with the API key, any bearer token and any ``sk-...`` key replaced by ``***``."""
+    if key:
+        text = text.replace(key, "***")
+    return _SECRETS.sub(lambda m: (m.group(1) or "") + "***", text)
+
+
 @dataclass
 class OpenAIJudgeBackend:
     """An OpenAI-compatible chat-completions endpoint asked for one token with top logprobs.
@@ -261,6 +302,8 @@ class OpenAIJudgeBackend:
     max_concurrency: int = 8
     top_logprobs: int = 20
     max_side: int = 512
+    failures: collections.Counter = field(default_factory=collections.Counter, repr=False, compare=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def _encode(self, image: Any) -> str:
         image = image.copy()
@@ -269,7 +312,8 @@ class OpenAIJudgeBackend:
         image.save(buf, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, payload: dict[str, Any]) -> Any:
+        """POST with retries; the parsed JSON reply. Raises :class:`JudgeFailure` (redacted) otherwise."""
         url = self.base_url.rstrip("/") + "/chat/completions"
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -280,19 +324,34 @@ class OpenAIJudgeBackend:
         for attempt in range(self.max_retries + 1):
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read().decode())
+                with _OPENER.open(req, timeout=self.timeout) as resp:
+                    body = resp.read(MAX_REPLY_BYTES + 1)
+                break
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:  # never follow: the request (and its key) would go to the Location
+                    where = urllib.parse.urlsplit(e.headers.get("Location") or "").netloc or "elsewhere"
+                    raise JudgeFailure(f"redirect refused (HTTP {e.code})",
+                                       f"judge endpoint {url} redirected to {_redact(where, key)}; set base_url to the "
+                                       "final address (redirects are not followed, so the API key stays put)") from None
                 if e.code not in (408, 429, 500, 502, 503, 504):
-                    body = e.read()[:300].decode(errors="replace")
-                    raise RuntimeError(f"judge endpoint {url} answered HTTP {e.code}: {body}") from None
+                    text = _redact(e.read(300).decode(errors="replace"), key)
+                    raise JudgeFailure(f"HTTP {e.code}", f"judge endpoint {url} answered HTTP {e.code}: {text}") from None
                 last = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                last = f"{type(e).__name__}: {_redact(str(getattr(e, 'reason', e)), key)}"
             if attempt < self.max_retries:
                 delay = self.backoff * 2**attempt
                 time.sleep(delay + random.uniform(0, 0.1 * delay))
-        raise RuntimeError(f"judge endpoint {url} failed after {self.max_retries + 1} tries (last: {last})")
+        else:
+            raise JudgeFailure(f"failed after retries ({last.split(':')[0]})",
+                               f"judge endpoint {url} failed after {self.max_retries + 1} tries (last: {last})")
+        if len(body) > MAX_REPLY_BYTES:
+            raise JudgeFailure("reply too large", f"judge endpoint {url} sent more than {MAX_REPLY_BYTES} bytes")
+        try:
+            return json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise JudgeFailure("reply is not JSON", f"judge endpoint {url}: reply is not JSON: "
+                               f"{_redact(body[:120].decode(errors='replace'), key)}") from None
 
     def _one(self, request: JudgeRequest, options: Sequence[str]) -> list[float]:
         images, text = request
@@ -300,7 +359,24 @@ class OpenAIJudgeBackend:
                    {"type": "text", "text": text}]
         payload = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
                    "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
-        return parse_option_probs(self._post(payload), options)
+        try:
+            reply = self._post(payload)
+            if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
+                raise JudgeFailure("reply has no choices", "judge reply has no `choices` list")
+            probs = parse_option_probs(reply, options)
+            if any(math.isnan(p) for p in probs):
+                raise JudgeFailure("no answer option in reply", f"judge reply names none of {list(options)}")
+            return probs
+        except JudgeFailure as failure:
+            self._count(failure)
+            return [math.nan] * len(options)
+
+    def _count(self, failure: JudgeFailure) -> None:
+        with self._lock:
+            first = failure.reason not in self.failures
+            self.failures[failure.reason] += 1
+        if first:  # one warning per kind of failure, not one per request
+            logger.warning("judge request scored NaN: %s", failure.detail)
 
     def option_probs(self, requests: Sequence[JudgeRequest], options: Sequence[str]) -> torch.Tensor:
         """[N, K] option probabilities from the first answer token's top logprobs (NaN row if unreadable)."""
@@ -315,12 +391,16 @@ def parse_option_probs(response: dict[str, Any], options: Sequence[str]) -> list
     Returns:
         K floats summing to 1, or K NaNs when no option can be read.
     """
+    try:
+        return _parse_option_probs(response, options)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):  # a malformed reply
+        return [math.nan] * len(options)
+
+
+def _parse_option_probs(response: dict[str, Any], options: Sequence[str]) -> list[float]:
     keys = [o.strip().lower() for o in options]
     mass = [0.0] * len(options)
-    try:
-        choice = response["choices"][0]
-    except (KeyError, IndexError, TypeError):
-        return [math.nan] * len(options)
+    choice = response["choices"][0]
     content = ((choice.get("logprobs") or {}).get("content") or [])
     if content:
         first = content[0]
@@ -336,7 +416,7 @@ def parse_option_probs(response: dict[str, Any], options: Sequence[str]) -> list
                 mass[i] = 1.0
                 break
     total = sum(mass)
-    return [m / total for m in mass] if total > 0 else [math.nan] * len(options)
+    return [m / total for m in mass] if 0 < total < math.inf else [math.nan] * len(options)
 
 
 def vlm_judge(

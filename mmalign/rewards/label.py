@@ -114,6 +114,10 @@ def candidates_from_scores(
     Raises:
         ValueError: when one group holds different prompts (its candidates would not be comparable).
     """
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"score row {bad + 1}: expected an object with prompt, path and score columns, got "
+                         f"{type(rows[bad]).__name__}")
     if rows and not any(key in r for r in rows):
         columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
         raise ValueError(f"score column {key!r} not found; columns: {columns}")
@@ -164,13 +168,18 @@ def label_scores(scores: str | Path, out: str | Path, *, key: str | None = None,
     """
     scores = Path(scores)
     rows = read_table(scores)
+    if any(not isinstance(r, dict) for r in rows):
+        raise ValueError(f"{scores}: every row must be an object with prompt, path and score columns")
     if key is None:
-        columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"} - set(MANIFEST_KEYS))
+        columns = sorted({k for r in rows if isinstance(r, dict) for k in r} - {"id", "prompt", "path", "error"} - set(MANIFEST_KEYS))
         top = [c for c in columns if "." not in c]
         if len(top) != 1:
             raise ValueError(f"{scores} has score columns {top}: pick one with --key")
         key = top[0]
-    groups, unscored, prompts = candidates_from_scores(rows, key, scores.parent)
+    try:
+        groups, unscored, prompts = candidates_from_scores(rows, key, scores.parent)
+    except ValueError as err:
+        raise ValueError(f"{scores}: {err}") from None
     pairs, summary = make_pairs(groups, strategy, margin, prompts)
     summary.unscored = unscored
     write_manifest(pairs, out)

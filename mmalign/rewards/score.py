@@ -70,15 +70,16 @@ def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
         ValueError: naming the file, when it is missing or cannot be decoded.
     """
     import numpy as np
-    from PIL import Image, ImageSequence, UnidentifiedImageError
+    from PIL import ImageSequence
+
+    from mmalign.limits import MAX_VIDEO_PIXELS, check_media_file, check_pixels, open_image
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    check_media_file(path)  # MediaError (a ValueError) for a missing, irregular, empty or oversized file
     ext = path.suffix.lower()
     try:
         if ext == ".gif":
-            with Image.open(path) as im:
+            with open_image(path) as im:  # declared size x frames checked before decoding
                 frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
                 duration_ms = im.info.get("duration") or 0
             arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
@@ -91,23 +92,29 @@ def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
             with av.open(str(path)) as container:
                 stream = container.streams.video[0]
                 fps = float(stream.average_rate) if stream.average_rate else None
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+                frames, pixels = [], 0
+                for f in container.decode(stream):  # stop at the pixel limit, not at the end of an endless stream
+                    pixels += f.width * f.height
+                    if pixels > MAX_VIDEO_PIXELS:
+                        check_pixels(f.width, f.height, str(path), frames=len(frames) + 1)
+                    frames.append(f.to_ndarray(format="rgb24"))
             if not frames:
                 raise ValueError(f"{path}: no video frames")
             return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0, fps
-        with Image.open(path) as im:
+        with open_image(path) as im:
             arr = np.asarray(im.convert("RGB"))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, None
     except ValueError:
         raise
-    except (OSError, UnidentifiedImageError, Exception) as e:  # decoders raise many types on corrupt data
-        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
+    except Exception as e:  # decoders raise many types on corrupt data (OSError, SyntaxError, EOFError, ...)
+        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _prompt_for(path: Path) -> str:
     for candidate in (path.with_suffix(".txt"), path.parent / "prompt.txt"):
-        if candidate.is_file():
-            return candidate.read_text().strip()
+        if candidate.is_file():  # a regular file (not a FIFO or device); the first 64 KB at most
+            with candidate.open("rb") as fh:
+                return fh.read(1 << 16).decode("utf-8", errors="replace").strip()
     return ""
 
 
@@ -144,6 +151,8 @@ def collect_items(source: str | Path) -> list[Item]:
         raise ValueError(f"{source}: a manifest must be .jsonl or .csv (or pass a folder)")
     items = []
     for i, row in enumerate(read_table(source)):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source} row {i + 1}: expected an object with media and prompt columns, got {type(row).__name__}")
         prompt = str(row.get("prompt", row.get("caption", "")) or "")
         if "chosen" in row and "rejected" in row:
             paths = {"chosen": source.parent / str(row["chosen"]), "rejected": source.parent / str(row["rejected"])}
@@ -351,16 +360,17 @@ def score_items(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[tuple[str, str], dict[str, Any]] = {}  # keyed by (media id, prompt): one image, two prompts = two rows
     if resume:
         for source in (out, partial):
             if source.is_file():
                 for row in read_table(source) if source == out else _read_jsonl(source):
-                    done[str(row.get("id"))] = row
+                    if isinstance(row, dict):
+                        done[_row_key(row)] = row
     else:
         partial.unlink(missing_ok=True)
     names = _done_columns(rewards)
-    todo = [it for it in items if not (str(it.id) in done and _row_done(done[str(it.id)], names, list(it.paths)))]
+    todo = [it for it in items if not (_item_key(it) in done and _row_done(done[_item_key(it)], names, list(it.paths)))]
     summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out)
     out_dir = out.parent.resolve()
     with partial.open("a") as part, tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar:
@@ -368,7 +378,7 @@ def score_items(
             chunk = todo[start : start + batch_size]
             rows = _score_chunk(chunk, rewards, out_dir, loader)
             for row in rows:
-                done[row["id"]] = row
+                done[_row_key(row)] = row
                 summary.errors += bool(row.get("error"))
                 part.write(json.dumps(row) + "\n")
             part.flush()
@@ -377,7 +387,7 @@ def score_items(
             bar.update(len(chunk))
             if on_batch is not None:
                 on_batch(b + 1)
-    final = [done[str(it.id)] for it in items if str(it.id) in done]
+    final = [done[_item_key(it)] for it in items if _item_key(it) in done]
     combine_rows(final, rewards, normalize_over)
     _mark_agreement(final, rewards)
     write_rows(out, final)
@@ -437,6 +447,14 @@ def _mark_agreement(rows: list[dict[str, Any]], rewards: dict[str, Reward]) -> N
             c, r = row.get(f"chosen.{name}"), row.get(f"rejected.{name}")
             if isinstance(c, (int, float)) and isinstance(r, (int, float)):
                 row[f"{name}.agrees"] = c > r
+
+
+def _item_key(item: Item) -> tuple[str, str]:
+    return str(item.id), str(item.prompt)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("id")), str(row.get("prompt") or "")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmalign.config import ConfigError, _f
+from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.data.segments import STRADDLE
 from mmalign.losses.dense_dpo import dense_dpo_loss, video_dpo_loss
 from mmalign.trainers.common import TrainModels, frame_errors, noised_pairs, repeat_cond
@@ -25,21 +25,22 @@ LOSSES = ("dense", "vanilla")
 @dataclass
 class DenseDPOConfig:
     name: str = _f("dense_dpo", "Method name.")
-    beta: float = _f(500.0, "KL strength; per latent frame z_f = -(beta/2) l_f (dtheta_0,f - dtheta_1,f). Paper: 500, constant.")
+    beta: float = _f(500.0, "KL strength; per latent frame z_f = -(beta/2) l_f (dtheta_0,f - dtheta_1,f). Paper: 500, constant.", gt=0)
     loss: str = _f("dense", "dense (per-latent-frame labels, ties masked) | vanilla (whole-clip DPO on the majority label).")
-    segment_seconds: float = _f(1.0, "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).")
+    segment_seconds: float = _f(1.0, "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).", le=3600)
     min_non_tie: float = _f(0.2, "DenseDPO trains only on clips with more than this fraction of non-tie segments.")
     straddle: str = _f("majority", "A latent frame covering two segments: majority (the label of a strict majority of its frames, 2-2 splits tie) | tie (DESIGN §3; ties ~40% of a causal VAE's latents at 1 s segments) | agree (kept if its segments agree).")
-    num_frames: int | None = _f(None, "Frames per clip fed to the VAE (CogVideoX/Wan: 4k+1, e.g. 49 or 81); None = every sampled frame.")
-    fps: float | None = _f(None, "Resample clips to this frame rate before taking num_frames (Wan 16, CogVideoX 8); None = native.")
-    height: int | None = _f(None, "Frame height in pixels; None = model.resolution.")
-    width: int | None = _f(None, "Frame width in pixels; None = model.resolution (Wan 2.1: 480x832).")
+    num_frames: int | None = _f(None, "Frames per clip fed to the VAE (CogVideoX/Wan: 4k+1, e.g. 49 or 81); None = every sampled frame.", ge=1, le=4096)
+    fps: float | None = _f(None, "Resample clips to this frame rate before taking num_frames (Wan 16, CogVideoX 8); None = native.", gt=0, le=1000)
+    height: int | None = _f(None, "Frame height in pixels; None = model.resolution.", ge=8, le=8192)
+    width: int | None = _f(None, "Frame width in pixels; None = model.resolution (Wan 2.1: 480x832).", ge=8, le=8192)
     independent_noise: bool = _f(False, "Separate noise per clip. The paper shares one noise (App. E) and notes shared seeds worsen App. B's effect.")
     video_backend: str | None = _f(None, "decord | pyav | torchcodec; None = first installed.")
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         if self.loss not in LOSSES:
-            raise ConfigError(f"method.loss={self.loss!r}: choose from {LOSSES}")
+            raise ConfigError(f"method.loss={short(self.loss)}: choose from {LOSSES}")
         if self.beta <= 0:
             raise ConfigError(f"method.beta={self.beta} must be > 0 (paper: 500)")
         if self.segment_seconds <= 0:
@@ -47,9 +48,9 @@ class DenseDPOConfig:
         if not 0 <= self.min_non_tie < 1:
             raise ConfigError(f"method.min_non_tie={self.min_non_tie} must be in [0, 1) (paper: 0.2)")
         if self.straddle not in STRADDLE:
-            raise ConfigError(f"method.straddle={self.straddle!r}: use one of {STRADDLE}")
+            raise ConfigError(f"method.straddle={short(self.straddle)}: use one of {STRADDLE}")
         if self.video_backend not in (None, "decord", "pyav", "torchcodec"):
-            raise ConfigError(f"method.video_backend={self.video_backend!r}: use decord, pyav, torchcodec or leave it unset")
+            raise ConfigError(f"method.video_backend={short(self.video_backend)}: use decord, pyav, torchcodec or leave it unset")
         for key in ("height", "width"):
             value = getattr(self, key)
             if value is not None and value % 8:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmalign.config import ConfigError, _f
+from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.data.inversion_cache import DTYPES
 from mmalign.losses.diffusion_dpo import LOSS_TYPES, diffusion_dpo_loss
 from mmalign.losses.inversion_dpo import implied_noise, trajectory_dpo_loss, trajectory_weights
@@ -34,10 +34,10 @@ UNCOND = ("zeros", "empty_prompt")
 class InversionDPOConfig:
     name: str = _f("inversion_dpo", "Method name.")
     mode: str = _f("inverted_noise", "inverted_noise (InPO-style: Diffusion-DPO with the inversion's implied noise; non-zero gradient at init) | trajectory (the released code's loss; zero gradient while policy == reference).")
-    beta: float = _f(2000.0, "KL strength. inverted_noise: canonical Diffusion-DPO beta, z = -(beta/2)(delta_w - delta_l). trajectory: z = sign*(beta/2)(D_w - D_l)/N. Released launcher: 2000.")
+    beta: float = _f(2000.0, "KL strength. inverted_noise: canonical Diffusion-DPO beta, z = -(beta/2)(delta_w - delta_l). trajectory: z = sign*(beta/2)(D_w - D_l)/N. Released launcher: 2000.", gt=0)
     num_inversion_steps: int = _f(80, "N, steps of the DDIM inversion grid (released launcher: 80 -> t = 0, 12, ..., 948; InPO: 10).")
     timestep_spacing: str = _f("leading", "Grid spacing as DDIMInverseScheduler: leading | trailing.")
-    steps_offset: int = _f(0, "Grid offset (the released code's DDIMScheduler: 0).")
+    steps_offset: int = _f(0, "Grid offset (the released code's DDIMScheduler: 0).", ge=0, lt=1000)
     set_alpha_to_one: bool = _f(False, "Start level of the inversion: 1 (clean), or alphas_cumprod[0] as the released code (false).")
     inversion_guidance: float = _f(2.0, "CFG scale of the inverter (and of the policy in trajectory mode). Released code: 2.")
     uncond: str = _f("zeros", "Unconditional branch of the CFG: zeros (all-zero text embeddings, the released code) | empty_prompt.")
@@ -45,32 +45,33 @@ class InversionDPOConfig:
     reference_eps: str = _f("live", "trajectory mode: where eps_ref comes from. live: the reference re-run at the K points in the same batch as the policy (exactly equal to the policy at LoRA init, same precision); cached: the inverter's eps stored in the cache (no reference forward, twice the cache, differs from a live forward by float rounding).")
     sign: int = _f(1, "trajectory mode: logit sign; +1 the released code (winner pushed off the reference trajectory), -1 the likelihood derivation.")
     loss_type: str = _f("sigmoid", "inverted_noise mode: sigmoid | hinge | ipo (as diffusion_dpo).")
-    sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.")
+    sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.", ge=0)
     cache_inversions: bool = _f(True, "Invert every image once into the inversion cache (needs data.cache=true); false = invert with the reference every step.")
     cache_dtype: str = _f("float32", "Storage dtype of cached trajectories: float32 | float16 | bfloat16 (half the disk).")
-    inversion_batch_size: int = _f(8, "Images per batch of the one-off inversion pass.")
+    inversion_batch_size: int = _f(8, "Images per batch of the one-off inversion pass.", ge=1, le=4096)
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         if self.mode not in MODES:
-            raise ConfigError(f"method.mode={self.mode!r}: choose from {MODES}")
+            raise ConfigError(f"method.mode={short(self.mode)}: choose from {MODES}")
         if self.beta <= 0:
             raise ConfigError(f"method.beta={self.beta} must be > 0 (released code: 2000)")
         if not 1 <= self.num_inversion_steps <= 1000:
             raise ConfigError(f"method.num_inversion_steps={self.num_inversion_steps} must be in [1, 1000] (paper: 80)")
         if self.timestep_spacing not in ("leading", "trailing"):
-            raise ConfigError(f"method.timestep_spacing={self.timestep_spacing!r}: use leading or trailing")
+            raise ConfigError(f"method.timestep_spacing={short(self.timestep_spacing)}: use leading or trailing")
         if self.uncond not in UNCOND:
-            raise ConfigError(f"method.uncond={self.uncond!r}: choose from {UNCOND}")
+            raise ConfigError(f"method.uncond={short(self.uncond)}: choose from {UNCOND}")
         if not 1 <= self.trajectory_steps <= self.num_inversion_steps:
             raise ConfigError(f"method.trajectory_steps={self.trajectory_steps} must be in [1, method.num_inversion_steps={self.num_inversion_steps}]")
         if self.reference_eps not in ("live", "cached"):
-            raise ConfigError(f"method.reference_eps={self.reference_eps!r}: use live or cached")
+            raise ConfigError(f"method.reference_eps={short(self.reference_eps)}: use live or cached")
         if self.sign not in (1, -1):
             raise ConfigError(f"method.sign={self.sign}: use 1 (released code) or -1 (likelihood derivation)")
         if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"method.loss_type={self.loss_type!r}: choose from {LOSS_TYPES}")
+            raise ConfigError(f"method.loss_type={short(self.loss_type)}: choose from {LOSS_TYPES}")
         if self.cache_dtype not in DTYPES:
-            raise ConfigError(f"method.cache_dtype={self.cache_dtype!r}: choose from {tuple(DTYPES)}")
+            raise ConfigError(f"method.cache_dtype={short(self.cache_dtype)}: choose from {tuple(DTYPES)}")
         if self.inversion_batch_size < 1:
             raise ConfigError("method.inversion_batch_size must be >= 1")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmalign.config import ConfigError, _f
+from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.losses.self_npo import renoise, self_npo_loss
 from mmalign.pipelines.base import guided_output, x0_and_eps
 from mmalign.trainers.common import TrainModels
@@ -48,17 +48,18 @@ class SelfNPOConfig:
     name: str = _f("self_npo", "Method name.")
     start: str = _f("noise", "noise: roll out from x_T (paper, needs prompts only) | real: from a noised real latent (released code; data needs an image column).")
     teacher_steps: int = _f(5, "K: DDIM steps the teacher takes before the target is read (paper and code: 5).")
-    grid_steps: int = _f(25, "DDIM grid size (code: 25 -> timesteps 39, 79, ..., 999). start=real walks down this grid; start=noise draws t from it.")
+    grid_steps: int = _f(25, "DDIM grid size (code: 25 -> timesteps 39, 79, ..., 999). start=real walks down this grid; start=noise draws t from it.", le=1000)
     teacher_guidance: float = _f(-1.0, "w in cond + w (cond - uncond): -1 = unconditional (SD1.5 code), -5 = anti-guided (SDXL code), 0 = conditional.")
     null_condition: str = _f("empty", "The teacher's unconditional input: empty (embedding of '') | zeros (zero embeddings, SDXL code).")
     ema_decay: float = _f(0.999, "EMA decay of the teacher toward the student per step (code: 0.999); 1.0 = fixed teacher = the reference.")
     huber_c: float = _f(1e-3, "pseudo-Huber c of the x0-space loss (code: 1e-3).")
 
     def __post_init__(self) -> None:
+        check_fields(self, "method")
         if self.start not in STARTS:
-            raise ConfigError(f"method.start={self.start!r}: choose from {STARTS}")
+            raise ConfigError(f"method.start={short(self.start)}: choose from {STARTS}")
         if self.null_condition not in NULL_CONDITIONS:
-            raise ConfigError(f"method.null_condition={self.null_condition!r}: choose from {NULL_CONDITIONS}")
+            raise ConfigError(f"method.null_condition={short(self.null_condition)}: choose from {NULL_CONDITIONS}")
         if self.grid_steps < 2:
             raise ConfigError(f"method.grid_steps={self.grid_steps} must be >= 2 (code: 25)")
         if not 1 <= self.teacher_steps < self.grid_steps:

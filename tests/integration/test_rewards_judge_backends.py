@@ -120,8 +120,8 @@ def test_http_judge_gives_up_with_a_clear_error(monkeypatch):
     with FakeJudgeServer(fail_first=100) as server:
         judge = get_reward("vlm_judge", backend="openai", base_url=server.url, max_retries=1)
         judge.backend.backoff = 0.01
-        with pytest.raises(RuntimeError, match="failed after 2 tries.*HTTP 503"):
-            judge(torch.rand(1, 3, 8, 8), ["a"])
+        assert torch.isnan(judge(torch.rand(1, 3, 8, 8), ["a"])).all()  # NaN, counted, not a crash
+        assert judge.failures == {"failed after retries (HTTP 503)": 1}
         assert server.auth_headers == [None, None]  # no key in the environment: no header
 
 
@@ -135,8 +135,8 @@ def test_http_judge_timeout_is_retried_then_reported(monkeypatch):
         judge = get_reward("vlm_judge", backend="openai",
                            base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", timeout=0.2, max_retries=1)
         judge.backend.backoff = 0.01
-        with pytest.raises(RuntimeError, match="failed after 2 tries"):
-            judge(torch.rand(1, 3, 8, 8), ["a"])
+        assert torch.isnan(judge(torch.rand(1, 3, 8, 8), ["a"])).all()
+        assert list(judge.failures) == ["failed after retries (TimeoutError)"]
     finally:
         listener.close()
 

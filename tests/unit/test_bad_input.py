@@ -1,0 +1,311 @@
+"""Bad input never crashes or hangs: configs, media, manifests and the CLI's exit codes (issue 14, item 5),
+and score rows keyed by (media, prompt) (item 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmalign.cli import main
+from mmalign.config import ConfigError
+from mmalign.trainers import load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+from cases import billion_laughs, bomb_png  # noqa: E402
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize(
+    "key", ["model.pretrained", "train.validation_prompts", "lora.target_modules", "train.max_steps"]
+)
+def test_billion_laughs_yaml_fails_fast(tmp_path, key):
+    cfg = write(tmp_path / "bomb.yaml", billion_laughs(key))
+    assert len(cfg.read_bytes()) < 400
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        load_config(cfg)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.num_workers=65", "data.num_workers=65 must be <= 64"),
+        ("data.num_workers=1e30", "data.num_workers: expected an integer"),
+        ("train.log_every=0", "train.log_every=0 must be >= 1"),
+        ("train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
+        ("train.adam_beta2=1", "train.adam_beta2=1.0 must be < 1"),
+        ("train.seed=-1", "train.seed=-1 must be >= 0"),
+        ("train.checkpoints_total_limit=-1", "train.checkpoints_total_limit=-1 must be >= 1"),
+        ("data.caption_dropout=1.5", "data.caption_dropout=1.5 must be in [0, 1)"),
+        ("model.resolution=100000", "model.resolution=100000 must be <= 8192"),
+        ("lora.dropout=-0.1", "lora.dropout=-0.1 must be >= 0"),
+        ("train.lr_scheduler=cosinus", "train.lr_scheduler='cosinus': choose from constant"),
+        ("method.beta=.inf", "method.beta: expected a finite number"),
+        ("train.output_dir=", "train.output_dir must not be empty"),
+    ],
+)
+def test_every_range_is_checked_at_validate_time(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "method, override",
+    [
+        ("self_npo", "method.ema_decay=1.5"),
+        ("self_npo", "method.grid_steps=5000"),
+        ("inversion_dpo", "method.steps_offset=-1"),
+        ("inversion_dpo", "method.inversion_batch_size=0"),
+        ("dense_dpo", "method.fps=0"),
+        ("dense_dpo", "method.num_frames=0"),
+        ("dense_dpo", "method.height=7"),
+    ],
+)
+def test_method_configs_are_range_checked(method, override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [f"method.name={method}", override])
+
+
+def test_error_messages_truncate_long_values(tmp_path):
+    long = "x" * 4000
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"train.optimizer={long}"])
+    assert len(str(err.value)) < 300 and "..." in str(err.value)
+    with pytest.raises(ConfigError, match="the limit is 4096") as err:
+        load_config(None, ["train.output_dir=" + "y" * 10000])
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"method: 5\n", "method: expected a mapping"),
+        (b"train: [1, 2]\n", "train: expected a mapping"),
+        (b"- a\n- b\n", "the top level must be a mapping"),
+        (b"train:\n\tmax_steps: 3\n", "not valid YAML"),
+        ("train:\n  output_dir: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+        (b"train: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
+        (b"train:\n  validation_prompts: " + b"[" * 50000 + b"]" * 50000 + b"\n", "not valid YAML"),
+        (b"model: {pretrained: x}\x00\x00", "NUL bytes"),
+    ],
+    ids=["method-scalar", "section-list", "top-list", "tabs", "latin1", "python-tag", "deep", "nul"],
+)
+def test_malformed_files_are_one_config_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path / "c.yaml", text))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.max_steps",
+        "=5",
+        "train..max_steps=3",
+        "train.max_steps=[1,",
+        "train=5",
+        "train.max_steps=!!python/name:os.system",
+    ],
+)
+def test_malformed_overrides_are_one_config_error(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_config_paths_that_are_not_regular_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for path in ["/dev/zero", tmp_path / "fifo.yaml", tmp_path]:
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load_config(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# media
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "dir.png").mkdir()
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    write(
+        tmp_path / "bomb.png", bomb_png(100_000, 100_000)
+    )  # PIL itself refuses this at open (> 2x its limit)
+    write(tmp_path / "bomb2.png", bomb_png(9_000, 9_000))  # 81 M pixels: under PIL's limit, over ours
+    write(tmp_path / "empty.png", b"")
+    return {name: tmp_path / f"{name}.png" for name in ("fifo", "dir", "zero", "bomb", "bomb2", "empty")}
+
+
+def test_bomb_png_is_what_it_claims():
+    data = bomb_png(100, 50)
+    ihdr = data.index(b"IHDR")
+    assert struct.unpack(">II", data[ihdr + 4 : ihdr + 12]) == (100, 50)
+    assert (
+        zlib.crc32(data[ihdr : ihdr + 17]) & 0xFFFFFFFF == struct.unpack(">I", data[ihdr + 17 : ihdr + 21])[0]
+    )
+
+
+def test_images_open_only_regular_files_within_limits(bad_files):
+    from mmalign.data.images import DataError, open_image
+
+    expected = {
+        "fifo": "not a regular file",
+        "dir": "a directory",
+        "zero": "not a regular file",
+        "bomb": "pixels",
+        "bomb2": "over the limit",
+        "empty": "empty file",
+    }
+    for name, path in bad_files.items():
+        start = time.monotonic()
+        with pytest.raises(DataError, match=expected[name]):
+            open_image(str(path), where=f"row {name}")
+        assert time.monotonic() - start < 2
+    with pytest.raises(DataError, match="pixels"):
+        open_image(bomb_png(9_000, 9_000), where="bytes")  # Pick-a-Pic style bytes too
+
+
+def test_skip_mode_counts_bombs_and_fifos_as_bad_items(bad_files, tmp_path):
+    from mmalign.data.pairs import PairDataset, PairRecord
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(good)
+    records = [
+        PairRecord("p", str(good), str(path), f"m.jsonl:{i}") for i, path in enumerate(bad_files.values())
+    ]
+    items = [PairDataset(records, 8, skip_bad=True)[i] for i in range(len(records))]
+    assert all("skipped" in it for it in items)
+
+
+def test_cache_key_never_reads_fifos_or_devices(bad_files, tmp_path):
+    from mmalign.data.cache import pair_key
+    from mmalign.data.images import DataError
+    from mmalign.data.pairs import PairRecord
+
+    for name in ("fifo", "zero", "dir"):
+        with pytest.raises(DataError, match="m.jsonl:1"):
+            pair_key(PairRecord("p", str(bad_files[name]), str(bad_files[name]), "m.jsonl:1"))
+
+
+def test_video_reader_refuses_devices(bad_files):
+    from mmalign.data.images import DataError
+    from mmalign.data.video import available_backends, read_video
+
+    if not available_backends():
+        pytest.skip("no video backend")
+    for name in ("fifo", "zero", "dir", "empty"):
+        with pytest.raises(DataError):
+            read_video(bad_files[name])
+
+
+def test_score_loading_refuses_bad_media_and_counts_it(bad_files, tmp_path):
+    from mmalign.rewards import get_reward
+    from mmalign.rewards.score import Item, load_media, read_table, score_items
+
+    for path in bad_files.values():
+        with pytest.raises(ValueError):
+            load_media(path)
+    items = [Item(name, "a red square", {"media": path}) for name, path in bad_files.items()]
+    summary = score_items(items, {"c": get_reward("color_match")}, tmp_path / "s.jsonl", progress=False)
+    assert summary.errors == len(bad_files) == len(read_table(tmp_path / "s.jsonl"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI: one line and exit 2 for the user's mistakes, exit 3 with a log for the rest
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    runs = [
+        (["ls", "--keys", "nonsense"], "not a method"),
+        (
+            [
+                "score",
+                str(tmp_path),
+                "--reward",
+                "brightness",
+                "--reward-arg",
+                "scale=abc",
+                "--allow-empty-prompt",
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--quiet",
+            ],
+            "unexpected keyword argument 'scale'",
+        ),
+        (["validate", str(write(tmp_path / "m.yaml", b"method: [1]\n"))], "method: expected a mapping"),
+        (["validate", "/dev/zero"], "not a regular file"),
+    ]
+    for argv, message in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_model_is_one_config_error(tmp_path):
+    from mmalign.pipelines import load_pipeline
+
+    for name in [str(tmp_path / "no-model"), "someone/not-in-the-offline-cache"]:
+        with pytest.raises(ConfigError, match="cannot load the diffusers pipeline"):
+            load_pipeline(name)
+
+
+def test_internal_errors_exit_3_with_a_log(tmp_path, monkeypatch, capsys):
+    import mmalign.cli as cli
+    import mmalign.commands.train as train_commands
+
+    def boom(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setenv("MMALIGN_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(train_commands, "cmd_validate", boom)
+    assert cli.main(["validate", "x.yaml"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "mmalign validate: internal error: RuntimeError: something inside broke (traceback in "
+    )
+    log = Path(err.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert (
+        log.is_file() and "Traceback (most recent call last)" in log.read_text() and "boom" in log.read_text()
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# item 6: one image scored with two prompts is two rows
+
+
+def test_score_rows_are_keyed_by_media_and_prompt(tmp_path):
+    from mmalign.rewards import get_reward
+    from mmalign.rewards.score import collect_items, read_table, score_items
+
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[..., 0] = 220
+    Image.fromarray(arr).save(tmp_path / "red.png")
+    rows = [{"path": "red.png", "prompt": "a red square"}, {"path": "red.png", "prompt": "a blue square"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "s.jsonl"
+    reward = {"c": get_reward("color_match")}
+    summary = score_items(collect_items(tmp_path / "m.jsonl"), reward, out, progress=False)
+    scored = read_table(out)
+    assert summary.scored == 2 and [r["prompt"] for r in scored] == ["a red square", "a blue square"]
+    assert scored[0]["c"] > scored[1]["c"]  # each row scored with its own prompt
+    again = score_items(collect_items(tmp_path / "m.jsonl"), reward, out, progress=False)  # resume: both done
+    assert again.skipped == 2 and again.scored == 0 and read_table(out) == scored
