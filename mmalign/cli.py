@@ -19,7 +19,7 @@ from pathlib import Path
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
 COMMAND_MODULES = ["mmalign.commands.train", "mmalign.commands.generate", "mmalign.commands.score",
                    "mmalign.commands.label", "mmalign.commands.eval", "mmalign.commands.label_video",
-                   "mmalign.commands.cache", "mmalign.toy.cli", "mmalign.commands.annotate"]
+                   "mmalign.commands.cache", "mmalign.toy.cli", "mmalign.commands.annotate", "mmalign.commands.personalize"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,10 @@ def generate(
     cpu_offload: bool = False,
     verbose: bool = False,
     progress: bool = True,
+    user_adapter: str | None = None,
+    user_shots: str | None = None,
+    user: str | None = None,
+    user_scale: float = 1.0,
 ) -> Path:
     """Sample ``n_per_prompt`` candidates per prompt (seeds ``seed, seed+1, ...`` in order) and write the manifest.
 
@@ -75,6 +79,10 @@ def generate(
         cpu_offload: diffusers model CPU offload.
         verbose: Library loading bars and warnings.
         progress: Overall progress bar.
+        user_adapter: a personal_dpo ``final/`` folder: condition on a person (one sample per pipeline call).
+        user_shots: that person's choices (pair manifest), embedded by the adapter's encoder.
+        user: ``USERS.safetensors:ID`` of a known person, or the row filter of ``user_shots``.
+        user_scale: strength of the user path (0 = the base model).
 
     Returns:
         The manifest path.
@@ -98,6 +106,14 @@ def generate(
     jobs = [spec for spec in specs for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(jobs))]
     extra = {"num_frames": num_frames} if num_frames is not None else {}
+    if user_shots or user:
+        from types import SimpleNamespace
+
+        from mmalign.commands.personalize import user_pipeline_kwargs
+
+        who = SimpleNamespace(user_adapter=user_adapter, user_shots=user_shots, user=user, user_scale=user_scale)
+        extra.update(user_pipeline_kwargs(pipe, who, guidance=guidance > 1))
+        batch_size = 1  # the embeds are one person's for one prompt; diffusers does not repeat them per batch
     media = sample(
         pipe,
         [j.prompt for j in jobs],
@@ -185,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
         npo_alpha=args.npo_alpha,
         npo_beta=args.npo_beta,
         grid=args.grid,
+        user_adapter=args.user_adapter,
+        user_shots=args.user_shots,
+        user=args.user,
+        user_scale=args.user_scale,
         **runtime_kwargs(args),
     )
     out = Path(args.out)
@@ -235,5 +255,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", default="outputs/generate", help="media folder (manifest.jsonl is written inside)"
     )
     p.add_argument("--grid", help="contact sheet path (default: <out>_grid.png, outside the media folder)")
+    from mmalign.commands.personalize import add_generate_user_args
+
+    add_generate_user_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)

@@ -78,13 +78,14 @@ def label(
 @one_line_errors("label")
 def run(args: argparse.Namespace) -> int:
     from mmalign.commands.options import runtime_kwargs
+    from mmalign.commands.score import user_reward_args
 
     summary = label(
         args.out,
         scores=args.scores,
         source=args.source,
         rewards=args.reward,
-        reward_args=args.reward_arg,
+        reward_args=args.reward_arg + user_reward_args(args),
         key=args.key,
         strategy=args.strategy,
         margin=args.margin,
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **runtime_kwargs(args),
     )
+    out = Path(args.out)
+    if args.user and out.is_file():  # one person's pairs: tag them for `personalize embed` / personal_dpo
+        rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        out.write_text("".join(json.dumps({**r, "user": args.user}) + "\n" for r in rows))
     print(
         json.dumps(
             {

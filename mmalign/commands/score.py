@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         args.source,
         args.reward,
         args.out,
-        reward_args=args.reward_arg,
+        reward_args=args.reward_arg + user_reward_args(args),
         allow_empty_prompt=args.allow_empty_prompt,
         normalize_over=args.normalize_over,
         video_fps=args.video_fps,
@@ -229,7 +229,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# per-user rewards that take --user / --user-shots (`pal` is registered through the entry-point group)
+PERSONAL_REWARDS = ("pal", "mmalign.personalize.pal:pal_reward")
+
+
+def user_reward_args(args: argparse.Namespace) -> list[str]:
+    """``--user`` / ``--user-shots`` as ``key=value`` reward args of the per-user ``pal`` reward."""
+    extra = [f"user={args.user}"] if getattr(args, "user", None) else []
+    extra += [f"user_shots={args.user_shots}"] if getattr(args, "user_shots", None) else []
+    if extra and (not args.reward or any(r not in PERSONAL_REWARDS for r in args.reward)):
+        raise ValueError("--user/--user-shots choose the person for the per-user reward: use --reward pal alone")
+    return extra
+
+
 def add_reward_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--user", help="person for the per-user `pal` reward: a user id its head was trained on "
+                                  "(with --user-shots: that user's rows); --reward-arg head=DIR names the head")
+    p.add_argument("--user-shots", help="a new person's choices (pair manifest) to fit the `pal` reward on")
     p.add_argument(
         "--reward",
         action="append",

@@ -86,8 +86,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from mmalign.trainers import get_method
+    from mmalign.trainers.loop import trains_what
+
     print(f"{args.config}: OK ({cfg.method.name}, model {cfg.model.pretrained}, "
-          f"{'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tune'}, {cfg.train.max_steps} steps)")
+          f"{trains_what(cfg, get_method(cfg.method.name))}, {cfg.train.max_steps} steps)")
     return 0
 
 
@@ -101,6 +104,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("methods:")
     for name, method in METHODS.items():
         print(f"  {name:16s} {method.summary}")
+    from mmalign.personalize.encoders import ENCODER_SUMMARIES
+
+    print("user encoders (mmalign personalize embed --encoder):")
+    for name, summary in ENCODER_SUMMARIES.items():
+        print(f"  {name:16s} {summary}")
     print("pipeline families:")
     for name, spec in FAMILIES.items():
         print(f"  {name:16s} {spec.pipeline_class_name} ({spec.noise_process}{', video' if spec.video else ''})")

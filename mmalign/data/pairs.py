@@ -61,7 +61,7 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
         raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(map(str, row))[:20]}")
     if isinstance(prompt, (dict, list, bytes)):
         raise DataError(f"{where}: the prompt must be text, got {type(prompt).__name__}")
-    user_id = row.get("user_id")
+    user_id = row.get("user_id", row.get("user"))  # Pick-a-Pic: user_id; our manifests: user
     if "chosen" in row or "rejected" in row:
         return PairRecord(str(prompt), path("chosen"), path("rejected"), where, 1.0, user_id)
     img0_key = "image_0" if "image_0" in row else "jpg_0"

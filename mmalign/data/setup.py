@@ -51,7 +51,7 @@ def drop_captions(prompts: list[str], p: float) -> list[str]:
 
 
 def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution: int, cache_dir: Path,
-                    model_id: dict[str, Any], progress: bool = True) -> TrainData:
+                    model_id: dict[str, Any], progress: bool = True, keep: Callable[[Any], bool] | None = None) -> TrainData:
     """Image preference pairs, from the latent/text cache when ``data.cache`` is on.
 
     Args:
@@ -62,9 +62,14 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
         cache_dir: where the latent/text cache lives (:func:`cache_root`).
         model_id: :func:`model_fingerprint` of the encoders.
         progress: show a progress bar while the cache fills.
+        keep: only records it accepts (e.g. personal_dpo: pairs whose user has a vector).
     """
     d, res = data, resolution
     records, counts = load_pairs(d.source, format=d.format, split=d.split, keep_ties=d.keep_ties, max_items=d.max_items)
+    if keep is not None:
+        records = [r for r in records if keep(r)]
+        if not records:
+            raise DataError(f"{d.source}: no pair passes this method's filter (e.g. no pair's user has a vector)")
     skip = d.on_bad_item == "skip"
     joint = adapter.micro_conditioning
     if not d.cache:

@@ -33,6 +33,14 @@ def clip_hidden_states(tokenizer: Any, text_encoder: Any, prompts: list[str], la
     return hidden, out
 
 
+def user_conditioning(cond: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, Any]:
+    """``cond["image_embeds"]`` [B, D] (a user vector, :mod:`mmalign.personalize.attention`) -> the UNet's
+    ``added_cond_kwargs`` entry for its IP-Adapter projection; empty when there is none."""
+    if "image_embeds" not in cond:
+        return {}
+    return {"image_embeds": [cond["image_embeds"].to(dtype)[:, None, :]]}
+
+
 @dataclass
 class SD15Adapter:
     """Adapter for StableDiffusionPipeline checkpoints (SD1.5, SD2.x, and the toy pipeline)."""
@@ -79,7 +87,9 @@ class SD15Adapter:
 
     def predict(self, denoiser, xt, t, cond):
         dtype = next(p.dtype for p in denoiser.parameters())
-        return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype)).sample
+        added = user_conditioning(cond, dtype)
+        return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                        added_cond_kwargs=added or None).sample
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)

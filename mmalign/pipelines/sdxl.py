@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, training_scheduler, uniform_timesteps
-from mmalign.pipelines.sd15 import clip_hidden_states, scale_latents, vae_moments
+from mmalign.pipelines.sd15 import clip_hidden_states, scale_latents, user_conditioning, vae_moments
 
 
 def sdxl_time_ids(original_sizes, crops_top_left, target_size: tuple[int, int]) -> torch.Tensor:
@@ -73,7 +73,8 @@ class SDXLAdapter:
 
     def predict(self, denoiser, xt, t, cond):
         dtype = next(p.dtype for p in denoiser.parameters())
-        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(xt.device, dtype)}
+        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(xt.device, dtype),
+                 **user_conditioning(cond, dtype)}
         return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                         added_cond_kwargs=added).sample
 

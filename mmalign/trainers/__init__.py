@@ -13,6 +13,13 @@
 - ``noise_processes``: the pipeline noise processes it supports (methods built on ``alphas_cumprod`` -- DDIM
   inversion, DDIM teachers -- need "ddpm"); checked at config validation (:func:`load_config`).
 
+- ``add_trainable`` (optional): ``(denoiser, run_cfg) -> None`` adding the method's own modules to the frozen
+  denoiser and marking which of their weights train (personal_dpo's user path). The loop then makes no
+  full-fine-tune copy: only those weights (plus a LoRA when ``lora.enabled``) train, and ``compute_loss`` reaches
+  the reference by switching its own path off;
+- ``export`` (optional): ``(pipe, denoiser, denoiser_name, run_cfg, out_dir) -> Path`` replacing the loop's
+  LoRA/full export (personal_dpo writes an IP-Adapter-format user adapter).
+
 :func:`load_config` is :func:`mmalign.config.load_config` given these method configs, plus the method/family
 compatibility check.
 """
@@ -28,7 +35,7 @@ from typing import Any
 from mmalign import config as _config
 from mmalign.config import ConfigError, RunConfig
 from mmalign.pipelines import FAMILIES, family_of_class
-from mmalign.trainers import data, dense_dpo, diffusion_dpo, inversion_dpo, self_npo
+from mmalign.trainers import data, dense_dpo, diffusion_dpo, inversion_dpo, personal_dpo, self_npo
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class Method:
     needs_reference: Callable[[Any], bool] = lambda cfg: True
     noise_processes: tuple[str, ...] = ("ddpm", "flow")
     why_ddpm: str = ""  # the sentence saying why a "ddpm"-only method cannot train a flow model
+    add_trainable: Callable[..., Any] | None = None
+    export: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -66,6 +75,12 @@ METHODS: dict[str, Method] = {
     "dense_dpo": Method(
         "dense_dpo", dense_dpo.DenseDPOConfig, dense_dpo.compute_loss, data.video_pairs,
         "DenseDPO (Wu et al. 2025): video pairs with per-segment labels mapped to latent frames, ties masked; vanilla whole-clip video DPO via loss=vanilla.",
+    ),
+    "personal_dpo": Method(
+        "personal_dpo", personal_dpo.PersonalDPOConfig, personal_dpo.compute_loss, data.user_pairs,
+        "PPD (Dang et al. 2025): user-conditioned Diffusion-DPO; user vector -> IP-Adapter-style decoupled cross-attention, only K'/V' + projection (+ optional LoRA) train.",
+        add_trainable=personal_dpo.add_trainable,
+        export=personal_dpo.export,
     ),
 }
 

@@ -13,6 +13,7 @@ from mmalign.data.images import DataError
 from mmalign.data.inversion_pairs import InversionSpec, inversion_pair_data
 from mmalign.data.prompts import prompt_data
 from mmalign.data.setup import TrainData, cache_root, image_pair_data, model_fingerprint
+from mmalign.data.users import personal_pair_data
 from mmalign.data.video_pairs import video_pair_data
 
 
@@ -53,6 +54,12 @@ def prompts(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
     data = prompt_data(adapter, accelerator, cfg.data, resolution=cfg.model.resolution, need_images=need_images,
                        **_common(cfg, adapter))
     return enough_for_a_batch(data, cfg, "prompts")
+
+
+def user_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
+    """Image pairs with each pair's user vector (personal_dpo)."""
+    return personal_pair_data(adapter, accelerator, cfg.data, cfg.method.user_vectors, resolution=cfg.model.resolution,
+                              **_common(cfg, adapter))
 
 
 def video_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:

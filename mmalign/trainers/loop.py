@@ -89,6 +89,14 @@ def add_lora(denoiser: torch.nn.Module, lora: Any) -> None:
     ))
 
 
+def trains_what(cfg: RunConfig, method: Any) -> str:
+    """"LoRA r=8", "full fine-tune", or a method's own path ("own modules + LoRA r=8") for messages."""
+    lora = f"LoRA r={cfg.lora.rank}" if cfg.lora.enabled else ""
+    if method.add_trainable is not None:
+        return f"{method.name}'s own trainable modules" + (f" + {lora}" if lora else "")
+    return lora or "full fine-tune"
+
+
 def build_optimizer(params: list[torch.nn.Parameter], train: Any, lr: float) -> torch.optim.Optimizer:
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
@@ -245,10 +253,14 @@ def _setup_data(run: _Run) -> None:
 
 
 def _setup_trainable(run: _Run, keep_initial: bool) -> None:
-    """LoRA adapters (the reference is the same network with them off) or the whole denoiser plus a frozen copy."""
+    """LoRA adapters (the reference is the same network with them off) or the whole denoiser plus a frozen copy;
+    a method's own trainable modules (``Method.add_trainable``, e.g. personal_dpo's user path) with or without LoRA."""
     cfg, accelerator, denoiser = run.cfg, run.accelerator, run.denoiser
     if cfg.lora.enabled:
         add_lora(denoiser, cfg.lora)
+    if run.method.add_trainable is not None:  # after peft, which freezes every non-LoRA weight
+        run.method.add_trainable(denoiser, cfg)
+    if cfg.lora.enabled or run.method.add_trainable is not None:
         for p in denoiser.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights stay fp32 under fp16/bf16 autocast
@@ -318,7 +330,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     accelerator.print(
         f"{method.name} on {run.family} ({cfg.model.pretrained}): {len(run.data.dataset)} items, "
         f"{sum(p.numel() for p in run.params):,} trainable params "
-        f"({'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tune'}), global batch {run.global_batch}, lr {run.lr:.3g}"
+        f"({trains_what(cfg, run.method)}), global batch {run.global_batch}, lr {run.lr:.3g}"
     )
     if accelerator.is_main_process and t_cfg.report_to != "none":
         accelerator.init_trackers("mmalign", config={k: v for k, v in _flat_config(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -433,7 +445,8 @@ def _finish(run: _Run, start: _Position, end: _Position, seconds: float, last_me
         "final_metrics": last_metrics, "data": run.data.counts, "skipped_items": skipped, "checkpoint": str(final_ckpt),
     }
     if accelerator.is_main_process:
-        summary["export"] = str(export(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final"))
+        exporter = run.method.export or export  # a method may write its own artefact (personal_dpo: a user adapter)
+        summary["export"] = str(exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final"))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         history = [json.loads(line) for line in (run.out / "history.jsonl").read_text().splitlines() if line.strip()] \
             if (run.out / "history.jsonl").is_file() else []
