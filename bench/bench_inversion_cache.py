@@ -29,7 +29,9 @@ from mmalign.trainers.loop import train  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--grid", type=int, default=80, help="DDIM inversion grid (paper: 80)")
     parser.add_argument("--guidance", type=float, default=2.0, help="inverter CFG (paper: 2)")
     parser.add_argument("--steps", type=int, default=12)
@@ -39,10 +41,23 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     build_tiny_sd15(tmp / "model")
     manifest = write_pair_images(tmp / "pairs", n=args.pairs)
-    base = [f"model.pretrained={tmp / 'model'}", "model.resolution=16", f"data.source={manifest}", "train.batch_size=2",
-            "train.report_to=none", "train.progress=false", "train.checkpoint_every=0", "train.scale_lr=false",
-            "train.learning_rate=1e-4", f"train.max_steps={args.steps}"]
-    inversion = ["method.name=inversion_dpo", f"method.num_inversion_steps={args.grid}", f"method.inversion_guidance={args.guidance}"]
+    base = [
+        f"model.pretrained={tmp / 'model'}",
+        "model.resolution=16",
+        f"data.source={manifest}",
+        "train.batch_size=2",
+        "train.report_to=none",
+        "train.progress=false",
+        "train.checkpoint_every=0",
+        "train.scale_lr=false",
+        "train.learning_rate=1e-4",
+        f"train.max_steps={args.steps}",
+    ]
+    inversion = [
+        "method.name=inversion_dpo",
+        f"method.num_inversion_steps={args.grid}",
+        f"method.inversion_guidance={args.guidance}",
+    ]
     runs = [
         ("warm-up (not reported)", []),
         ("diffusion_dpo", []),
@@ -51,15 +66,27 @@ def main() -> None:
     ]
     rows = {}
     for i, (name, extra) in enumerate(runs):
-        cfg = load_config(None, [*base, *extra, f"train.output_dir={tmp}/{i}/run", f"data.cache_dir={tmp}/{i}/cache"])
+        cfg = load_config(
+            None, [*base, *extra, f"train.output_dir={tmp}/{i}/run", f"data.cache_dir={tmp}/{i}/cache"]
+        )
         summary = train(cfg).summary
         if i:
-            rows[name] = {"s_per_step": round(summary["seconds"] / summary["steps"], 4),
-                          "inversions_built": summary["data"].get("inversions_built")}
+            rows[name] = {
+                "s_per_step": round(summary["seconds"] / summary["steps"], 4),
+                "inversions_built": summary["data"].get("inversions_built"),
+            }
             print(json.dumps({"run": name, **rows[name]}), flush=True)
     on, off = (rows[f"inversion_dpo inverted_noise, cache {x}"]["s_per_step"] for x in ("on", "off"))
-    print(json.dumps({"cache_speedup": round(off / on, 2), "grid": args.grid, "guidance": args.guidance,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "cache_speedup": round(off / on, 2),
+                "grid": args.grid,
+                "guidance": args.guidance,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def build(arch: str, device: torch.device, dtype: torch.dtype):
         tokenizer = open_clip.get_tokenizer(arch)
     model = model.to(device, dtype).eval().requires_grad_(False)
     enc_img, enc_txt = _open_clip_encoders(model, tokenizer, device)
-    reward = ClipSimilarityReward(enc_img, enc_txt, transform_from_open_clip(model), 1.0, False, device, dtype)
+    reward = ClipSimilarityReward(
+        enc_img, enc_txt, transform_from_open_clip(model), 1.0, False, device, dtype
+    )
     pil_tf = open_clip.image_transform(model.visual.image_size, is_train=False)
     return model, tokenizer, reward, pil_tf
 
@@ -51,7 +53,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def pil_loop(model, tokenizer, pil_tf, images: torch.Tensor, prompts: list[str], device, dtype) -> torch.Tensor:
+def pil_loop(
+    model, tokenizer, pil_tf, images: torch.Tensor, prompts: list[str], device, dtype
+) -> torch.Tensor:
     """Per image: tensor -> PIL -> open_clip PIL transform -> model; text encoded once per prompt."""
     from mmalign.rewards.judge import to_pil
 
@@ -68,7 +72,9 @@ def pil_loop(model, tokenizer, pil_tf, images: torch.Tensor, prompts: list[str],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="small", help="small, or an open_clip model name (ViT-H-14)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -88,8 +94,12 @@ def main() -> None:
 
     def tensor_path() -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([reward(images[i : i + args.batch_size].to(device), prompts[i : i + args.batch_size])
-                              for i in range(0, args.n, args.batch_size)])
+            return torch.cat(
+                [
+                    reward(images[i : i + args.batch_size].to(device), prompts[i : i + args.batch_size])
+                    for i in range(0, args.n, args.batch_size)
+                ]
+            )
 
     def timed(fn):
         fn_out = fn()  # warm-up (allocations, kernels)
@@ -105,11 +115,20 @@ def main() -> None:
     t_tensor, s_tensor = timed(tensor_path)
     t_pil, s_pil = timed(lambda: pil_loop(model, tokenizer, pil_tf, images, prompts, device, dtype))
     result = {
-        "arch": args.arch, "params_M": round(params / 1e6, 1), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "dtype": args.dtype, "n": args.n, "batch_size": args.batch_size,
-        "image_size": args.size, "tensor_images_per_s": round(args.n / t_tensor, 2),
-        "pil_loop_images_per_s": round(args.n / t_pil, 2), "speedup_tensor_over_pil": round(t_pil / t_tensor, 2),
+        "arch": args.arch,
+        "params_M": round(params / 1e6, 1),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "image_size": args.size,
+        "tensor_images_per_s": round(args.n / t_tensor, 2),
+        "pil_loop_images_per_s": round(args.n / t_pil, 2),
+        "speedup_tensor_over_pil": round(t_pil / t_tensor, 2),
         "max_abs_score_diff": round(float((s_tensor.cpu() - s_pil.cpu()).abs().max()), 4),
     }
     print(json.dumps(result))

@@ -40,34 +40,95 @@ WORDS = "a photo of red green blue yellow circle square triangle cat dog on the 
 
 # Architectures (random weights): the real SDXL / SD1.5 shapes, and small ones that fit a CPU benchmark.
 PRESETS = {
-    "tiny": dict(family="sd15", res=32, unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                 attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16),
-                 vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16),
-                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
-    "sd15-small": dict(family="sd15", res=128, unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=1,
-                       cross_attention_dim=256, attention_head_dim=8,
-                       down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32),
-                       vae=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32),
-                       text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4)),
-    "sdxl-small": dict(family="sdxl", res=64, unet=dict(
-        block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4),
-        cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16),
+    "tiny": dict(
+        family="sd15",
+        res=32,
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=16,
+        ),
+        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    ),
+    "sd15-small": dict(
+        family="sd15",
+        res=128,
+        unet=dict(
+            block_out_channels=(64, 128, 256, 256),
+            layers_per_block=1,
+            cross_attention_dim=256,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32),
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4),
+    ),
+    "sdxl-small": dict(
+        family="sdxl",
+        res=64,
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=64,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=16,
+        ),
         vae=dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)),
-    "sdxl": dict(family="sdxl", res=1024, unet=dict(
-        block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, scaling_factor=0.13025),
+        text2=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
+        ),
+    ),
+    "sdxl": dict(
+        family="sdxl",
+        res=1024,
+        unet=dict(
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            sample_size=128,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            scaling_factor=0.13025,
+        ),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        text2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280)),
+        text2=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+        ),
+    ),
 }
 
 
@@ -85,26 +146,57 @@ def build_pipeline(preset: dict, device: str, dtype: torch.dtype, tmp: Path):
     n_vae = len(preset["vae"]["block_out_channels"])
     torch.manual_seed(0)
     with torch.device(device):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n_vae,
-                            up_block_types=("UpDecoderBlock2D",) * n_vae, **preset["vae"])
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * n_vae,
+            up_block_types=("UpDecoderBlock2D",) * n_vae,
+            **preset["vae"],
+        )
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **preset["unet"])
 
         def text(cfg, cls):
-            return cls(CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2,
-                                      eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1, **cfg))
+            return cls(
+                CLIPTextConfig(
+                    vocab_size=len(tok),
+                    max_position_embeddings=77,
+                    bos_token_id=len(tok) - 2,
+                    eos_token_id=len(tok) - 1,
+                    pad_token_id=len(tok) - 1,
+                    **cfg,
+                )
+            )
 
         te = text(preset["text"], CLIPTextModel)
         te2 = text(preset["text2"], CLIPTextModelWithProjection) if "text2" in preset else None
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False
+    )
     for module in (te, te2, unet):
         if module is not None:
             module.to(dtype)
     if preset["family"] == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                         unet=unet, scheduler=sched)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te,
+            text_encoder_2=te2,
+            tokenizer=tok,
+            tokenizer_2=tok,
+            unet=unet,
+            scheduler=sched,
+        )
     else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     return pipe
 
 
@@ -118,7 +210,15 @@ def write_pairs(root: Path, n: int, res: int) -> Path:
         for side in ("w", "l"):
             img = rng.integers(0, 255, (res, res + res // 4, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / f"{i}_{side}.png")
-        rows.append(json.dumps({"prompt": f"a photo of {WORDS[3 + i % 4]} {WORDS[7 + i % 3]}", "chosen": f"{i}_w.png", "rejected": f"{i}_l.png"}))
+        rows.append(
+            json.dumps(
+                {
+                    "prompt": f"a photo of {WORDS[3 + i % 4]} {WORDS[7 + i % 3]}",
+                    "chosen": f"{i}_w.png",
+                    "rejected": f"{i}_l.png",
+                }
+            )
+        )
     (root / "pairs.jsonl").write_text("\n".join(rows) + "\n")
     return root / "pairs.jsonl"
 
@@ -150,8 +250,15 @@ def run(args) -> list[dict]:
 
         t0 = time.perf_counter()
         cache = LatentCache(tmp / "cache", {"bench": args.preset, "res": res})
-        records_c, keys, _ = cache.build(records, adapter, resolution=res, random_flip=True, joint_crop=joint,
-                                         batch_size=args.batch, progress=False)
+        records_c, keys, _ = cache.build(
+            records,
+            adapter,
+            resolution=res,
+            random_flip=True,
+            joint_crop=joint,
+            batch_size=args.batch,
+            progress=False,
+        )
         sync(device)
         cache_build_s = time.perf_counter() - t0
         datasets = {
@@ -160,7 +267,9 @@ def run(args) -> list[dict]:
         }
         for mode in args.modes:
             ds = datasets[mode]
-            loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False)
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
+            )
             c = cache if mode == "cached" else None
             times = []
             if device.type == "cuda":
@@ -180,9 +289,18 @@ def run(args) -> list[dict]:
             if args.profile and mode == "cached":
                 profile_steps(loader, adapter, c, res, device, dtype, models, opt)
             step_s = sum(times) / len(times)
-            row = {"preset": args.preset, "mode": mode, "device": device_name(device), "dtype": args.dtype, "resolution": res,
-                   "pairs_per_step": args.batch, "steps": len(times), "seconds_per_step": round(step_s, 4),
-                   "steps_per_s": round(1 / step_s, 3), "pairs_per_s": round(args.batch / step_s, 3)}
+            row = {
+                "preset": args.preset,
+                "mode": mode,
+                "device": device_name(device),
+                "dtype": args.dtype,
+                "resolution": res,
+                "pairs_per_step": args.batch,
+                "steps": len(times),
+                "seconds_per_step": round(step_s, 4),
+                "steps_per_s": round(1 / step_s, 3),
+                "pairs_per_s": round(args.batch / step_s, 3),
+            }
             if device.type == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if mode == "cached":
@@ -227,7 +345,9 @@ def device_name(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -237,7 +357,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of 2 cached steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table of 2 cached steps"
+    )
     parser.add_argument("--modes", nargs="+", default=["uncached", "cached"], choices=["uncached", "cached"])
     run(parser.parse_args())
 

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["dense_dpo"]:  # toy videos: its own protocol, bench/efficacy_dense_dpo.py
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("efficacy_dense_dpo", Path(__file__).with_name("efficacy_dense_dpo.py"))
+        spec = importlib.util.spec_from_file_location(
+            "efficacy_dense_dpo", Path(__file__).with_name("efficacy_dense_dpo.py")
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.main(argv[1:])

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds-per-prompt", type=int, default=opts.eval_seeds_per_prompt)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--methods", default="self_npo,diffusion_npo")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
+    )
     args = parser.parse_args(argv)
     if args.guidance <= 1:
         parser.error("--guidance must be > 1: NPO guidance replaces the unconditional branch of CFG")
@@ -77,7 +79,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     eval_p = [p for p in eval_prompts for _ in range(args.seeds_per_prompt)]
     eval_s = [EVAL_SEED_BASE + i for i in range(len(eval_p))]
     base = load_toy_pipeline(args.model)
-    common = [f"model.pretrained={args.model}", f"model.resolution={args.size}", "train.progress=false", *args.overrides]
+    common = [
+        f"model.pretrained={args.model}",
+        f"model.resolution={args.size}",
+        "train.progress=false",
+        *args.overrides,
+    ]
     rows = []
     for method in args.methods.split(","):
         t0 = time.time()
@@ -94,7 +101,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             cand_p = [p for p in train_prompts for _ in range(args.candidates)]
             cand_s = [TRAIN_SEED_BASE + i for i in range(len(cand_p))]
             log(f"{method}: sampling and scoring {len(cand_p)} candidates at CFG {args.guidance}")
-            images = generate(base, cand_p, cand_s, guidance_scale=args.guidance, steps=args.steps, size=args.size)
+            images = generate(
+                base, cand_p, cand_s, guidance_scale=args.guidance, steps=args.steps, size=args.size
+            )
             scores = training_reward()(images, cand_p).float().cpu()
             (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
             paths = []
@@ -110,28 +119,51 @@ def run(args: argparse.Namespace) -> list[dict]:
             label_seconds = time.time() - t0
         else:
             raise ValueError(f"unknown method {method!r}: self_npo or diffusion_npo")
-        cfg = load_config(ROOT / "configs" / "toy" / f"{method}.yaml",
-                          [*common, f"data.source={source}", f"train.output_dir={run_dir / 'run'}", "train.overwrite=true"])
+        cfg = load_config(
+            ROOT / "configs" / "toy" / f"{method}.yaml",
+            [*common, f"data.source={source}", f"train.output_dir={run_dir / 'run'}", "train.overwrite=true"],
+        )
         log(f"{method}: training on {n_data} {'prompts' if method == 'self_npo' else 'pairs'}")
         summary = train(cfg).summary
         guided = npo_guided_pipeline(base, summary["export"])
         torch.manual_seed(0)
-        metrics = evaluate_models(guided, base, eval_p, eval_s, eval_rewards(), run_dir / "eval", guidance_scale=args.guidance,
-                                  steps=args.steps, size=args.size, label_a=f"{method}-guided", label_b="CFG", log=log)
+        metrics = evaluate_models(
+            guided,
+            base,
+            eval_p,
+            eval_s,
+            eval_rewards(),
+            run_dir / "eval",
+            guidance_scale=args.guidance,
+            steps=args.steps,
+            size=args.size,
+            label_a=f"{method}-guided",
+            label_b="CFG",
+            log=log,
+        )
         from mmalign.pipelines.npo import disable_npo_guidance
 
         disable_npo_guidance(guided)
-        rows.append({
-            "method": method, "labels_used": method != "self_npo", "data_items": n_data,
-            "win_rate": round(metrics["win_rate"], 4), "win_rate_ci": [round(x, 4) for x in metrics["win_rate_ci"]],
-            "n": metrics["n"], "guidance": args.guidance, "sample_steps": args.steps, "train_steps": summary["steps"],
-            "train_seconds": round(summary["seconds"], 1), "label_seconds": round(label_seconds, 1),
-            "mean_reward_guided": round(metrics["mean_reward_a"]["training_reward"], 4),
-            "mean_reward_cfg": round(metrics["mean_reward_b"]["training_reward"], 4),
-            "color_correct_guided": round(metrics["mean_reward_a"]["toy_color_correct"], 4),
-            "color_correct_cfg": round(metrics["mean_reward_b"]["toy_color_correct"], 4),
-            "total_seconds": round(time.time() - t0, 1),
-        })
+        rows.append(
+            {
+                "method": method,
+                "labels_used": method != "self_npo",
+                "data_items": n_data,
+                "win_rate": round(metrics["win_rate"], 4),
+                "win_rate_ci": [round(x, 4) for x in metrics["win_rate_ci"]],
+                "n": metrics["n"],
+                "guidance": args.guidance,
+                "sample_steps": args.steps,
+                "train_steps": summary["steps"],
+                "train_seconds": round(summary["seconds"], 1),
+                "label_seconds": round(label_seconds, 1),
+                "mean_reward_guided": round(metrics["mean_reward_a"]["training_reward"], 4),
+                "mean_reward_cfg": round(metrics["mean_reward_b"]["training_reward"], 4),
+                "color_correct_guided": round(metrics["mean_reward_a"]["toy_color_correct"], 4),
+                "color_correct_cfg": round(metrics["mean_reward_b"]["toy_color_correct"], 4),
+                "total_seconds": round(time.time() - t0, 1),
+            }
+        )
     (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 

@@ -17,15 +17,26 @@ import sys
 from pathlib import Path
 
 # Subcommand modules, each exposing register(subparsers). Explicit, in the order `--help` lists them.
-COMMAND_MODULES = ["mmalign.commands.train", "mmalign.commands.generate", "mmalign.commands.score",
-                   "mmalign.commands.label", "mmalign.commands.eval", "mmalign.commands.label_video",
-                   "mmalign.commands.cache", "mmalign.toy.cli", "mmalign.commands.annotate", "mmalign.commands.personalize"]
+COMMAND_MODULES = [
+    "mmalign.commands.train",
+    "mmalign.commands.generate",
+    "mmalign.commands.score",
+    "mmalign.commands.label",
+    "mmalign.commands.eval",
+    "mmalign.commands.label_video",
+    "mmalign.commands.cache",
+    "mmalign.toy.cli",
+    "mmalign.commands.annotate",
+    "mmalign.commands.personalize",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     import mmalign
 
-    parser = argparse.ArgumentParser(prog="mmalign", description="Preference-tune diffusers image and video models.")
+    parser = argparse.ArgumentParser(
+        prog="mmalign", description="Preference-tune diffusers image and video models."
+    )
     parser.add_argument("--version", action="version", version=f"mmalign {mmalign.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -79,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"traceback in {write_crash_log(args.command, sys.argv if argv is None else argv)}"
             except OSError as log_err:
                 where = f"could not write a log: {log_err}"
-            print(f"mmalign {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
-                  file=sys.stderr)
+            print(
+                f"mmalign {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
+                file=sys.stderr,
+            )
         code = 3
     if __name__ == "__main__" or argv is None:
         sys.exit(code)

@@ -79,14 +79,24 @@ def check_fields(cfg: Any, section: str) -> None:
             raise ConfigError(f"{key}={value} must be a finite number")
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{key}={short(value)}: choose from {', '.join(map(str, meta['choices']))}")
-        if meta.get("nonempty") and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
+        if (
+            meta.get("nonempty")
+            and isinstance(value, (str, list))
+            and not (value.strip() if isinstance(value, str) else value)
+        ):
             raise ConfigError(f"{key} must not be empty")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            bounds = [("ge", value >= meta.get("ge", value)), ("gt", "gt" not in meta or value > meta["gt"]),
-                      ("le", value <= meta.get("le", value)), ("lt", "lt" not in meta or value < meta["lt"])]
+            bounds = [
+                ("ge", value >= meta.get("ge", value)),
+                ("gt", "gt" not in meta or value > meta["gt"]),
+                ("le", value <= meta.get("le", value)),
+                ("lt", "lt" not in meta or value < meta["lt"]),
+            ]
             for name, ok in bounds:
                 if not ok:
-                    raise ConfigError(f"{key}={value} must be {_RANGE_WORDS[name]} {meta[name]}{_range_hint(meta)}")
+                    raise ConfigError(
+                        f"{key}={value} must be {_RANGE_WORDS[name]} {meta[name]}{_range_hint(meta)}"
+                    )
             if "multiple_of" in meta and value % meta["multiple_of"]:
                 raise ConfigError(f"{key}={value} must be a multiple of {meta['multiple_of']}")
 
@@ -106,55 +116,111 @@ def _range_hint(meta: dict) -> str:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5", "Hub id or local directory of a diffusers pipeline.", nonempty=True)
-    family: str = _f("auto", "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, cogvideox, wan, toy_video).")
+    pretrained: str = _f(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "Hub id or local directory of a diffusers pipeline.",
+        nonempty=True,
+    )
+    family: str = _f(
+        "auto",
+        "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, cogvideox, wan, toy_video).",
+    )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")
-    vae: str | None = _f(None, "Replacement VAE (hub id or path), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
+    vae: str | None = _f(
+        None, "Replacement VAE (hub id or path), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16."
+    )
     resolution: int = _f(512, "Training resolution in pixels (square); SDXL uses 1024.", ge=8, le=8192)
-    trust_remote_code: bool = _f(False, "Allow custom code from the model repository. Off unless you trust it.")
-    adapter_options: dict = _f({}, "Family-specific adapter options, e.g. {timestep_sampling: logit_normal} for wan (the DenseDPO paper's rectified-flow timesteps).")
+    trust_remote_code: bool = _f(
+        False, "Allow custom code from the model repository. Off unless you trust it."
+    )
+    adapter_options: dict = _f(
+        {},
+        "Family-specific adapter options, e.g. {timestep_sampling: logit_normal} for wan (the DenseDPO paper's rectified-flow timesteps).",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
         if self.resolution % 8:
-            raise ConfigError(f"model.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8).")
+            raise ConfigError(
+                f"model.resolution={self.resolution} must be a multiple of 8 (the VAE downsamples by 8)."
+            )
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = _f(True, "Train LoRA adapters through peft (reference = adapters disabled). false = full fine-tuning.")
+    enabled: bool = _f(
+        True, "Train LoRA adapters through peft (reference = adapters disabled). false = full fine-tuning."
+    )
     rank: int = _f(8, "LoRA rank r.", le=4096)
-    alpha: float | None = _f(None, "LoRA alpha; defaults to the rank (scale 1), as diffusers' DPO scripts do.", gt=0)
+    alpha: float | None = _f(
+        None, "LoRA alpha; defaults to the rank (scale 1), as diffusers' DPO scripts do.", gt=0
+    )
     dropout: float = _f(0.0, "LoRA dropout.", ge=0, lt=1)
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet/transformer modules that get adapters.", nonempty=True)
-    init: str = _f("gaussian", "peft init_lora_weights: gaussian (B=0, model equals reference at step 0) or default.",
-                   choices=("gaussian", "default"))
+    target_modules: list[str] = _f(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet/transformer modules that get adapters.", nonempty=True
+    )
+    init: str = _f(
+        "gaussian",
+        "peft init_lora_weights: gaussian (B=0, model equals reference at step 0) or default.",
+        choices=("gaussian", "default"),
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ConfigError(f"lora.rank={self.rank} must be >= 1 (set lora.enabled=false for full fine-tuning).")
+            raise ConfigError(
+                f"lora.rank={self.rank} must be >= 1 (set lora.enabled=false for full fine-tuning)."
+            )
         check_fields(self, "lora")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("", "Pair data: a JSONL/CSV manifest, a parquet file or folder (Pick-a-Pic v2 layout), or a datasets directory.")
+    source: str = _f(
+        "",
+        "Pair data: a JSONL/CSV manifest, a parquet file or folder (Pick-a-Pic v2 layout), or a datasets directory.",
+    )
     format: str = _f("auto", "auto | manifest | pickapic.")
     split: str = _f("train", "Split to read from a datasets directory.", nonempty=True)
-    keep_ties: bool = _f(False, "Keep label_0 == 0.5 pairs (image_0 treated as chosen). The papers drop them (~12% of Pick-a-Pic).")
-    on_bad_item: str = _f("error", "What a corrupt or missing image does: error (stop, naming row and file) or skip (counted, reported).")
-    random_flip: bool = _f(True, "Random horizontal flip, as the reference code (per image for SD1.5, jointly for SDXL).")
+    keep_ties: bool = _f(
+        False,
+        "Keep label_0 == 0.5 pairs (image_0 treated as chosen). The papers drop them (~12% of Pick-a-Pic).",
+    )
+    on_bad_item: str = _f(
+        "error",
+        "What a corrupt or missing image does: error (stop, naming row and file) or skip (counted, reported).",
+    )
+    random_flip: bool = _f(
+        True, "Random horizontal flip, as the reference code (per image for SD1.5, jointly for SDXL)."
+    )
     random_crop: bool = _f(False, "Random instead of centre crop.")
-    caption_dropout: float = _f(0.2, "Probability of replacing the prompt with '' (SF: --proportion_empty_prompts 0.2).")
+    caption_dropout: float = _f(
+        0.2, "Probability of replacing the prompt with '' (SF: --proportion_empty_prompts 0.2)."
+    )
     max_items: int | None = _f(None, "Use at most this many pairs (debugging).", ge=1)
     num_workers: int = _f(0, "DataLoader worker processes.", ge=0, le=64)
-    cache: bool = _f(True, "Encode VAE latents and text embeddings once into safetensors shards and train from them.")
-    cache_dir: str | None = _f(None, "Cache directory; default <output_dir>/../.mmalign_cache next to the run (shared by runs).")
-    cache_batch_size: int = _f(8, "Batch size of the one-off encoding pass that fills the cache.", ge=1, le=4096)
-    cache_build: str = _f("eager", "eager: encode every pair before step 1; lazy: encode each pair the first time a batch draws it (no up-front pass; later epochs and runs read it back).")
-    cache_max_gb: float | None = _f(None, "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).", gt=0)
-    shuffle: bool = _f(True, "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).")
+    cache: bool = _f(
+        True, "Encode VAE latents and text embeddings once into safetensors shards and train from them."
+    )
+    cache_dir: str | None = _f(
+        None, "Cache directory; default <output_dir>/../.mmalign_cache next to the run (shared by runs)."
+    )
+    cache_batch_size: int = _f(
+        8, "Batch size of the one-off encoding pass that fills the cache.", ge=1, le=4096
+    )
+    cache_build: str = _f(
+        "eager",
+        "eager: encode every pair before step 1; lazy: encode each pair the first time a batch draws it (no up-front pass; later epochs and runs read it back).",
+    )
+    cache_max_gb: float | None = _f(
+        None,
+        "Refuse to build a latent cache estimated above this many GB (the estimate is printed before building; SDXL 1024 px is ~2.1 MB per pair).",
+        gt=0,
+    )
+    shuffle: bool = _f(
+        True,
+        "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
@@ -170,14 +236,30 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("outputs/run", "Where checkpoints, logs, validation grids and the final export go.", nonempty=True)
+    output_dir: str = _f(
+        "outputs/run", "Where checkpoints, logs, validation grids and the final export go.", nonempty=True
+    )
     max_steps: int = _f(2000, "Optimizer steps.", ge=1, le=10**9)
     batch_size: int = _f(1, "Pairs per device per micro-step.", ge=1, le=65536)
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.", ge=1, le=65536)
-    learning_rate: float = _f(1e-8, "Base learning rate (multiplied by the global batch when scale_lr is true).", ge=0)
-    scale_lr: bool = _f(True, "lr = learning_rate x batch_size x accumulation x processes (SF launchers: 1e-8 x 2048).")
-    lr_scheduler: str = _f("constant_with_warmup", "A diffusers get_scheduler name.",
-                       choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    learning_rate: float = _f(
+        1e-8, "Base learning rate (multiplied by the global batch when scale_lr is true).", ge=0
+    )
+    scale_lr: bool = _f(
+        True, "lr = learning_rate x batch_size x accumulation x processes (SF launchers: 1e-8 x 2048)."
+    )
+    lr_scheduler: str = _f(
+        "constant_with_warmup",
+        "A diffusers get_scheduler name.",
+        choices=(
+            "constant",
+            "constant_with_warmup",
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+        ),
+    )
     warmup_steps: int = _f(0, "Linear warmup steps.", ge=0, le=10**9)
     optimizer: str = _f("adamw", "adamw | adafactor | adamw8bit (needs the [bnb] extra).")
     weight_decay: float = _f(1e-2, "AdamW weight decay.", ge=0)
@@ -189,13 +271,21 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     seed: int = _f(0, "Seed for data order, noise and timesteps.", ge=0, le=2**32 - 1)
-    checkpoint_every: int = _f(500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).", ge=0)
-    checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed after a new one is safely written).", ge=1)
+    checkpoint_every: int = _f(
+        500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).", ge=0
+    )
+    checkpoints_total_limit: int | None = _f(
+        3, "Keep at most this many checkpoints (oldest removed after a new one is safely written).", ge=1
+    )
     resume: str | None = _f(None, "latest, or a checkpoint directory, to continue a run.")
-    overwrite: bool = _f(False, "Start a new run in a non-empty output_dir (its old checkpoints are never resumed or rotated).")
+    overwrite: bool = _f(
+        False, "Start a new run in a non-empty output_dir (its old checkpoints are never resumed or rotated)."
+    )
     log_every: int = _f(1, "Log metrics every N optimizer steps.", ge=1)
     report_to: str = _f("tensorboard", "tensorboard | wandb | none.")
-    validation_every: int = _f(0, "Sample validation_prompts every N steps into a PNG grid (0 disables).", ge=0)
+    validation_every: int = _f(
+        0, "Sample validation_prompts every N steps into a PNG grid (0 disables).", ge=0
+    )
     validation_prompts: list[str] = _f([], "Fixed prompts for validation grids.")
     validation_steps: int = _f(25, "Sampling steps for validation images.", ge=1, le=1000)
     validation_guidance: float = _f(5.0, "CFG scale for validation images.")
@@ -211,13 +301,21 @@ class TrainConfig:
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"train.report_to={short(self.report_to)}: use tensorboard, wandb or none.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1.")
+            raise ConfigError(
+                "train.max_steps, train.batch_size and train.gradient_accumulation_steps must be >= 1."
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError(f"train.checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (or null to keep every checkpoint).")
+            raise ConfigError(
+                f"train.checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (or null to keep every checkpoint)."
+            )
         if self.overwrite and self.resume:
-            raise ConfigError("train.overwrite=true starts a new run and train.resume continues one: set only one of them.")
+            raise ConfigError(
+                "train.overwrite=true starts a new run and train.resume continues one: set only one of them."
+            )
         if self.validation_every and not self.validation_prompts:
-            raise ConfigError("train.validation_every is set but train.validation_prompts is empty: add prompts or set it to 0.")
+            raise ConfigError(
+                "train.validation_every is set but train.validation_prompts is empty: add prompts or set it to 0."
+            )
 
 
 @dataclass
@@ -225,7 +323,9 @@ class RunConfig:
     """A whole recipe: which model, which method, which data, how to train."""
 
     model: ModelConfig = _f(None, "The pipeline to tune.")
-    method: Any = _f(None, "The method and its hyper-parameters; `name` picks the trainer (see `mmalign ls`).")
+    method: Any = _f(
+        None, "The method and its hyper-parameters; `name` picks the trainer (see `mmalign ls`)."
+    )
     data: DataConfig = _f(None, "Preference data.")
     lora: LoraConfig = _f(None, "LoRA settings (lora.enabled=false for full fine-tuning).")
     train: TrainConfig = _f(None, "Optimisation, precision, checkpoints and logging.")
@@ -308,7 +408,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict | None, prefix: str = "", method_configs: Mapping[str, type] | None = None) -> Any:
+def from_dict(
+    cls: type, data: dict | None, prefix: str = "", method_configs: Mapping[str, type] | None = None
+) -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys raise naming the closest valid key.
 
     ``method_configs`` (method name -> config class) is needed for a :class:`RunConfig`'s ``method`` section.
@@ -322,7 +424,9 @@ def from_dict(cls: type, data: dict | None, prefix: str = "", method_configs: Ma
     for key, value in data.items():
         dotted = f"{prefix}{short(key) if not isinstance(key, str) else key}"
         if not isinstance(key, str) or key not in names:
-            raise ConfigError(f"unknown config key '{short(dotted) if len(dotted) > 80 else dotted}'{_closest(str(key)[:80], names)}")
+            raise ConfigError(
+                f"unknown config key '{short(dotted) if len(dotted) > 80 else dotted}'{_closest(str(key)[:80], names)}"
+            )
         tp = hints[key]
         if cls is RunConfig and key == "method":
             kwargs[key] = _method_from_dict(value, dotted, method_configs)
@@ -344,15 +448,21 @@ def from_dict(cls: type, data: dict | None, prefix: str = "", method_configs: Ma
 
 def _method_from_dict(value: Any, key: str, method_configs: Mapping[str, type] | None) -> Any:
     if method_configs is None:
-        raise TypeError("a RunConfig's method section needs method_configs: use mmalign.trainers.load_config, "
-                        "or pass method_configs=mmalign.trainers.METHOD_CONFIGS")
+        raise TypeError(
+            "a RunConfig's method section needs method_configs: use mmalign.trainers.load_config, "
+            "or pass method_configs=mmalign.trainers.METHOD_CONFIGS"
+        )
     if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping with a name (e.g. name: diffusion_dpo), got {short(value)}")
+        raise ConfigError(
+            f"{key}: expected a mapping with a name (e.g. name: diffusion_dpo), got {short(value)}"
+        )
     value = dict(value or {})
     name = value.get("name", "diffusion_dpo")
     if not isinstance(name, str) or name not in method_configs:
-        raise ConfigError(f"{key}.name={short(name)} is not a method{_closest(str(name), method_configs)}; "
-                          f"known: {', '.join(method_configs)}")
+        raise ConfigError(
+            f"{key}.name={short(name)} is not a method{_closest(str(name), method_configs)}; "
+            f"known: {', '.join(method_configs)}"
+        )
     return from_dict(method_configs[name], value, f"{key}.")
 
 
@@ -386,7 +496,9 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as err:
-            raise ConfigError(f"override {short(item)}: the value is not valid YAML ({_first_line(err)})") from None
+            raise ConfigError(
+                f"override {short(item)}: the value is not valid YAML ({_first_line(err)})"
+            ) from None
         check_size(value, f"override {short(key)}")
         parsed.append((key.strip(), value))
     return parsed
@@ -408,8 +520,10 @@ def check_size(value: Any, where: str, limit: int = MAX_CONFIG_NODES) -> None:
         node = stack.pop()
         budget -= 1
         if budget < 0:
-            raise ConfigError(f"{where}: expands to more than {limit} values (YAML anchors/aliases?); "
-                              "write the config out without aliases")
+            raise ConfigError(
+                f"{where}: expands to more than {limit} values (YAML anchors/aliases?); "
+                "write the config out without aliases"
+            )
         if isinstance(node, dict):
             stack.extend(node.keys())
             stack.extend(node.values())
@@ -436,7 +550,9 @@ def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = MAX_
             raw = fh.read(max_bytes + 1)
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{_name(path)}: the {what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise ConfigError(
+            f"{_name(path)}: the {what} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{_name(path)}: cannot read the {what}: {err.strerror or err}") from None
     if "\x00" in text:
@@ -452,12 +568,18 @@ def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = MAX_
 def load_yaml(path: str | Path) -> dict:
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, method, data, lora, train)")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model, method, data, lora, train)"
+        )
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
-                method_configs: Mapping[str, type] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    method_configs: Mapping[str, type] | None = None,
+) -> RunConfig:
     """Load a recipe and apply ``key=value`` overrides; raises :class:`ConfigError` naming the bad key.
 
     ``method_configs`` maps method names to their config classes (this module knows no method); most callers
@@ -483,8 +605,10 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(dotted key, default, help) for every field of ``cls``, for `mmalign validate --help-keys` and docs."""
     rows = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         text = f.metadata.get("help", "")
         if any(k in f.metadata for k in ("ge", "gt", "le", "lt")):

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 
-def expand_like(coef: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def expand_like(
+    coef: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Per-sample coefficients [B] (or a scalar) -> [B, 1, ..., 1] on ``like``'s device, broadcastable against
     ``like`` [B, ...], in ``dtype`` (default: ``like``'s dtype)."""
     coef = torch.as_tensor(coef, device=like.device).to(dtype or like.dtype)

@@ -46,11 +46,17 @@ def write_pair_images(root: Path, n: int = 4, size: int = 20) -> Path:
         for name, rgb in colours.items():
             arr = np.full((size, size + 4, 3), 128, np.uint8)
             top, left = rng.integers(0, size // 2, 2)
-            arr[top:top + size // 2, left:left + size // 2] = rgb
+            arr[top : top + size // 2, left : left + size // 2] = rgb
             p = root / f"img{i}_{name}.png"
             Image.fromarray(arr).save(p)
             paths.append(p.name)
-        rows.append({"prompt": "a red square" if i % 2 == 0 else "a photo of a red square", "chosen": paths[0], "rejected": paths[1]})
+        rows.append(
+            {
+                "prompt": "a red square" if i % 2 == 0 else "a photo of a red square",
+                "chosen": paths[0],
+                "rejected": paths[1],
+            }
+        )
     manifest = root / "pairs.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
@@ -70,8 +76,12 @@ def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
     for name, param in result.denoiser.named_parameters():
         if param.requires_grad:
             trainable += 1
-            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), f"{name} did not change"
+            assert not torch.equal(param.detach().cpu(), result.initial_trainable[name]), (
+                f"{name} did not change"
+            )
         else:
             frozen += 1
-            assert torch.equal(param.detach().cpu(), pretrained[name.replace(".base_layer", "")]), f"frozen {name} changed"
+            assert torch.equal(param.detach().cpu(), pretrained[name.replace(".base_layer", "")]), (
+                f"frozen {name} changed"
+            )
     return trainable, frozen

@@ -35,11 +35,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not cfg.data.cache:
         raise ConfigError(f"{args.config}: data.cache is false; nothing to cache (set data.cache=true)")
     if args.inversion and cfg.method.name != "inversion_dpo":
-        raise ConfigError(f"{args.config}: --inversion needs method.name=inversion_dpo (got {cfg.method.name})")
+        raise ConfigError(
+            f"{args.config}: --inversion needs method.name=inversion_dpo (got {cfg.method.name})"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     m = cfg.model
-    pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 trust_remote_code=m.trust_remote_code)
+    pipe, family = load_pipeline(
+        m.pretrained,
+        family=m.family,
+        revision=m.revision,
+        variant=m.variant,
+        vae=m.vae,
+        trust_remote_code=m.trust_remote_code,
+    )
     pipe.to(device)
     adapter = make_adapter(pipe, family, **m.adapter_options)
     getattr(pipe, adapter.denoiser_name).requires_grad_(False)
@@ -47,8 +55,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         build = method_data.inversion_pairs
     else:
         build = method_data.image_pairs
-        if get_method(cfg.method.name).build_data not in (method_data.image_pairs, method_data.inversion_pairs):
-            raise ConfigError(f"{args.config}: method {cfg.method.name} does not train from the image-pair cache")
+        if get_method(cfg.method.name).build_data not in (
+            method_data.image_pairs,
+            method_data.inversion_pairs,
+        ):
+            raise ConfigError(
+                f"{args.config}: method {cfg.method.name} does not train from the image-pair cache"
+            )
     data = build(cfg, adapter, SingleProcess(device))
     print(json.dumps({"config": args.config, "inversion": args.inversion, **data.counts}))
     return 0
@@ -56,9 +69,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``cache`` to ``mmalign``'s subparsers."""
-    p = subparsers.add_parser("cache", help="encode latents/text embeddings (and, with --inversion, DDIM inversions) ahead of training")
+    p = subparsers.add_parser(
+        "cache",
+        help="encode latents/text embeddings (and, with --inversion, DDIM inversions) ahead of training",
+    )
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="e.g. data.source=/data/pickapic_v2 method.num_inversion_steps=80")
-    p.add_argument("--inversion", action="store_true", help="also invert every image into the inversion cache (method inversion_dpo)")
+    p.add_argument(
+        "overrides", nargs="*", help="e.g. data.source=/data/pickapic_v2 method.num_inversion_steps=80"
+    )
+    p.add_argument(
+        "--inversion",
+        action="store_true",
+        help="also invert every image into the inversion cache (method inversion_dpo)",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=cmd_cache)

@@ -111,7 +111,9 @@ def generate(
 
         from mmalign.commands.personalize import user_pipeline_kwargs
 
-        who = SimpleNamespace(user_adapter=user_adapter, user_shots=user_shots, user=user, user_scale=user_scale)
+        who = SimpleNamespace(
+            user_adapter=user_adapter, user_shots=user_shots, user=user, user_scale=user_scale
+        )
         extra.update(user_pipeline_kwargs(pipe, who, guidance=guidance > 1))
         batch_size = 1  # the embeds are one person's for one prompt; diffusers does not repeat them per batch
     media = sample(

@@ -16,7 +16,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, batch_size: int = 1, of
         help="model precision (default: bf16 on CUDA, fp32 on CPU)",
     )
     group.add_argument(
-        "--batch-size", type=positive_int, default=batch_size, help=f"samples per model call (default {batch_size})"
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help=f"samples per model call (default {batch_size})",
     )
     if offload:
         group.add_argument(
@@ -52,7 +55,10 @@ def one_line_errors(command: str):
             except (ValueError, KeyError, FileNotFoundError) as err:
                 message = err.args[0] if isinstance(err, KeyError) and err.args else err
                 text = " ".join(str(message).split())
-                print(f"mmalign {command}: error: {text[:600] + '...' if len(text) > 600 else text}", file=sys.stderr)
+                print(
+                    f"mmalign {command}: error: {text[:600] + '...' if len(text) > 600 else text}",
+                    file=sys.stderr,
+                )
                 return 2
 
         return inner

@@ -40,7 +40,9 @@ def parse_reward_args(items: list[str]) -> dict[str, Any]:
         try:
             out[key] = yaml.safe_load(value)
         except (yaml.YAMLError, RecursionError) as e:
-            raise ValueError(f"--reward-arg {item[:100]!r}: the value is not valid YAML ({type(e).__name__})") from None
+            raise ValueError(
+                f"--reward-arg {item[:100]!r}: the value is not valid YAML ({type(e).__name__})"
+            ) from None
         check_size(out[key], f"--reward-arg {key[:100]!r}")
     return out
 
@@ -69,11 +71,15 @@ def build_rewards(
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
             if not path.exists():
                 raise ValueError(f"--reward {name}: reward spec file not found")
-            read_yaml(path, "reward spec file")  # a small regular UTF-8 file without alias bombs, or ConfigError
+            read_yaml(
+                path, "reward spec file"
+            )  # a small regular UTF-8 file without alias bombs, or ConfigError
             try:
                 out.update(load_reward_config(path))
             except (TypeError, AttributeError, RecursionError) as e:  # a spec file of the wrong shape
-                raise ValueError(f"{path}: not a reward spec file ({type(e).__name__}: {str(e)[:200]})") from None
+                raise ValueError(
+                    f"{path}: not a reward spec file ({type(e).__name__}: {str(e)[:200]})"
+                ) from None
             continue
         spec_kwargs = dict(kwargs)
         if device is not None or dtype is not None:
@@ -91,7 +97,9 @@ def build_rewards(
     try:
         out.update(build_named_rewards(specs))
     except TypeError as e:  # a --reward-arg the factory does not take, or of the wrong type
-        raise ValueError(f"--reward {', '.join(s.name for s in specs)}: {str(e)[:300]} (check --reward-arg)") from None
+        raise ValueError(
+            f"--reward {', '.join(s.name for s in specs)}: {str(e)[:300]} (check --reward-arg)"
+        ) from None
     return out
 
 
@@ -192,7 +200,9 @@ def score(
             normalize_over=normalize_over,
         )
     except TypeError as e:  # a reward given arguments of the wrong type fails on the first batch
-        raise ValueError(f"a reward failed ({type(e).__name__}: {str(e)[:300]}); check --reward / --reward-arg") from None
+        raise ValueError(
+            f"a reward failed ({type(e).__name__}: {str(e)[:300]}); check --reward / --reward-arg"
+        ) from None
     summary.reward_failures = reward_failures(rewards)
     return summary
 
@@ -238,13 +248,18 @@ def user_reward_args(args: argparse.Namespace) -> list[str]:
     extra = [f"user={args.user}"] if getattr(args, "user", None) else []
     extra += [f"user_shots={args.user_shots}"] if getattr(args, "user_shots", None) else []
     if extra and (not args.reward or any(r not in PERSONAL_REWARDS for r in args.reward)):
-        raise ValueError("--user/--user-shots choose the person for the per-user reward: use --reward pal alone")
+        raise ValueError(
+            "--user/--user-shots choose the person for the per-user reward: use --reward pal alone"
+        )
     return extra
 
 
 def add_reward_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("--user", help="person for the per-user `pal` reward: a user id its head was trained on "
-                                  "(with --user-shots: that user's rows); --reward-arg head=DIR names the head")
+    p.add_argument(
+        "--user",
+        help="person for the per-user `pal` reward: a user id its head was trained on "
+        "(with --user-shots: that user's rows); --reward-arg head=DIR names the head",
+    )
     p.add_argument("--user-shots", help="a new person's choices (pair manifest) to fit the `pal` reward on")
     p.add_argument(
         "--reward",

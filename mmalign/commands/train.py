@@ -25,7 +25,7 @@ def resolve_recipe(path: str) -> str:
     """``path`` if it exists, else the shipped recipe of that name (``toy/quickstart``, ``configs/toy/quickstart.yaml``)."""
     if Path(path).exists():
         return path
-    name = path[len("configs/"):] if path.startswith("configs/") else path
+    name = path[len("configs/") :] if path.startswith("configs/") else path
     for candidate in (name, name + ".yaml"):
         if (configs_root() / candidate).is_file():
             return str(configs_root() / candidate)
@@ -39,9 +39,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(resolve_recipe(args.config), args.overrides)
     try:
-        with quiet_libraries(not args.verbose, python_warnings=False):  # no library loading bars unless --verbose
+        with quiet_libraries(
+            not args.verbose, python_warnings=False
+        ):  # no library loading bars unless --verbose
             train(cfg)
-    except TrainingStopped as stop:  # a signal: the checkpoint is saved; 128 + signal number, as a shell reports
+    except (
+        TrainingStopped
+    ) as stop:  # a signal: the checkpoint is saved; 128 + signal number, as a shell reports
         print(f"mmalign train: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it is a TrainingStopped)
@@ -58,7 +62,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
     root = configs_root()
     name = args.recipe if args.recipe.endswith((".yaml", ".yml")) else args.recipe + ".yaml"
-    name = name[len("configs/"):] if name.startswith("configs/") else name
+    name = name[len("configs/") :] if name.startswith("configs/") else name
     source = root / name
     if not source.is_file():
         names = [p.relative_to(root).as_posix() for p in shipped_configs()]
@@ -81,7 +85,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(resolve_recipe(args.config), args.overrides)
     if cfg.model.family != "auto" and cfg.model.family not in FAMILIES:
-        raise ConfigError(f"{args.config}: model.family={short(cfg.model.family)}: use auto or one of {', '.join(FAMILIES)}")
+        raise ConfigError(
+            f"{args.config}: model.family={short(cfg.model.family)}: use auto or one of {', '.join(FAMILIES)}"
+        )
     if args.print:
         import yaml
 
@@ -89,8 +95,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mmalign.trainers import get_method
     from mmalign.trainers.loop import trains_what
 
-    print(f"{args.config}: OK ({cfg.method.name}, model {cfg.model.pretrained}, "
-          f"{trains_what(cfg, get_method(cfg.method.name))}, {cfg.train.max_steps} steps)")
+    print(
+        f"{args.config}: OK ({cfg.method.name}, model {cfg.model.pretrained}, "
+        f"{trains_what(cfg, get_method(cfg.method.name))}, {cfg.train.max_steps} steps)"
+    )
     return 0
 
 
@@ -111,7 +119,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"  {name:16s} {summary}")
     print("pipeline families:")
     for name, spec in FAMILIES.items():
-        print(f"  {name:16s} {spec.pipeline_class_name} ({spec.noise_process}{', video' if spec.video else ''})")
+        print(
+            f"  {name:16s} {spec.pipeline_class_name} ({spec.noise_process}{', video' if spec.video else ''})"
+        )
     from mmalign.rewards import describe_rewards
 
     print("rewards:")
@@ -131,8 +141,13 @@ def print_keys(method: str) -> int:
 
     if method not in METHODS:
         raise ConfigError(f"ls --keys {short(method)}: not a method; known: {', '.join(METHODS)}")
-    sections = [("model", ModelConfig), ("method", get_method(method).config_cls), ("data", DataConfig),
-                ("lora", LoraConfig), ("train", TrainConfig)]
+    sections = [
+        ("model", ModelConfig),
+        ("method", get_method(method).config_cls),
+        ("data", DataConfig),
+        ("lora", LoraConfig),
+        ("train", TrainConfig),
+    ]
     for section, cls in sections:
         print(f"{section}:")
         for key, default, help_text in describe(cls, f"{section}."):
@@ -154,12 +169,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("ls", help="list methods, pipeline families, rewards and shipped configs")
-    p.add_argument("--keys", metavar="METHOD", nargs="?", const="diffusion_dpo",
-                   help="instead, list every config key with default and help (method section of METHOD)")
+    p.add_argument(
+        "--keys",
+        metavar="METHOD",
+        nargs="?",
+        const="diffusion_dpo",
+        help="instead, list every config key with default and help (method section of METHOD)",
+    )
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("cp", help="copy a shipped recipe to edit it, e.g. `mmalign cp sdxl/diffusion_dpo_lora.yaml my.yaml`")
-    p.add_argument("recipe", help="recipe as `mmalign ls` prints it (configs/toy/quickstart.yaml, toy/quickstart.yaml or toy/quickstart)")
+    p = sub.add_parser(
+        "cp", help="copy a shipped recipe to edit it, e.g. `mmalign cp sdxl/diffusion_dpo_lora.yaml my.yaml`"
+    )
+    p.add_argument(
+        "recipe",
+        help="recipe as `mmalign ls` prints it (configs/toy/quickstart.yaml, toy/quickstart.yaml or toy/quickstart)",
+    )
     p.add_argument("dest", help="destination file or directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_cp)

@@ -69,7 +69,9 @@ def pair_key(rec: PairRecord) -> str:
             parts.append(short_hash(src))
         else:
             try:
-                parts.append(file_digest(src).hex()[:20])  # == short_hash(the file bytes): old cache keys stay valid
+                parts.append(
+                    file_digest(src).hex()[:20]
+                )  # == short_hash(the file bytes): old cache keys stay valid
             except MediaError as err:
                 raise DataError(f"{rec.where(which)}: {err}") from None
     return short_hash(parts[0] + parts[1])
@@ -123,8 +125,10 @@ class LatentCache:
         meta = self._get(shard, f"{key}.meta").tolist()
         original, crop = (int(meta[0]), int(meta[1])), (int(meta[2]), int(meta[3]))
         return {
-            "mean_w": self._get(shard, f"{key}.w{f}.mean"), "std_w": self._get(shard, f"{key}.w{f}.std"),
-            "mean_l": self._get(shard, f"{key}.l{f}.mean"), "std_l": self._get(shard, f"{key}.l{f}.std"),
+            "mean_w": self._get(shard, f"{key}.w{f}.mean"),
+            "std_w": self._get(shard, f"{key}.w{f}.std"),
+            "mean_l": self._get(shard, f"{key}.l{f}.mean"),
+            "std_l": self._get(shard, f"{key}.l{f}.std"),
             "original_size": original,
             "crop_top_left": mirror_crop(original, crop, self.fingerprint["resolution"]) if flip else crop,
         }
@@ -153,8 +157,14 @@ class LatentCache:
         Entries held only in memory (``<memory>``, the lazy cache) are not written; other runs' entries are
         picked up, this run's own entries win.
         """
-        persisted = {kind: ({k: v for k, v in entries.items() if v != "<memory>"} if isinstance(entries, dict) else entries)
-                     for kind, entries in self.index.items()}
+        persisted = {
+            kind: (
+                {k: v for k, v in entries.items() if v != "<memory>"}
+                if isinstance(entries, dict)
+                else entries
+            )
+            for kind, entries in self.index.items()
+        }
         merged = merge_update(self.dir / "index.json", persisted, _merge_index, _empty_index)
         for kind, entries in merged.items():
             if isinstance(entries, dict):
@@ -164,11 +174,24 @@ class LatentCache:
             else:
                 self.index.setdefault(kind, entries)
 
-    def build(self, records: Sequence[PairRecord], adapter: Any, *, resolution: int, random_flip: bool,
-              random_crop: bool = False, joint_crop: bool = False, batch_size: int = 8, skip_bad: bool = False,
-              prompts_extra: tuple[str, ...] = ("",), progress: bool = True, shard_size: int = 256,
-              is_main_process: bool = True, max_bytes: float | None = None,
-              log: Any = print) -> tuple[list[PairRecord], list[str], list[str]]:
+    def build(
+        self,
+        records: Sequence[PairRecord],
+        adapter: Any,
+        *,
+        resolution: int,
+        random_flip: bool,
+        random_crop: bool = False,
+        joint_crop: bool = False,
+        batch_size: int = 8,
+        skip_bad: bool = False,
+        prompts_extra: tuple[str, ...] = ("",),
+        progress: bool = True,
+        shard_size: int = 256,
+        is_main_process: bool = True,
+        max_bytes: float | None = None,
+        log: Any = print,
+    ) -> tuple[list[PairRecord], list[str], list[str]]:
         """Encode whatever is missing. Returns (usable records, their keys, skipped-item messages).
 
         With ``skip_bad`` a corrupt or missing image drops its pair (the message names row and file);
@@ -195,36 +218,58 @@ class LatentCache:
                 continue
             # Keep what training reads (prompt, row) and file paths (small), not image bytes: those of Arrow-backed
             # records are re-read from the memory-mapped table when encoded, so memory does not grow with the pairs.
-            keep.append(PairRecord(rec.prompt, *(src if isinstance(src, str) else "" for src in (rec.chosen, rec.rejected)),
-                                   rec.row, rec.label_0, rec.user_id))
+            keep.append(
+                PairRecord(
+                    rec.prompt,
+                    *(src if isinstance(src, str) else "" for src in (rec.chosen, rec.rejected)),
+                    rec.row,
+                    rec.label_0,
+                    rec.user_id,
+                )
+            )
             keys.append(key)
             if not self.has_pair(key):
                 todo.append((key, idx))
         if todo and is_main_process:
             need = len(todo) * estimate_pair_bytes(dict(adapter.vae.config), resolution, random_flip)
             where = self.dir
-            log(f"latent cache: {len(todo)} of {len(keep)} pairs to encode, about {format_bytes(need)} in {where}")
+            log(
+                f"latent cache: {len(todo)} of {len(keep)} pairs to encode, about {format_bytes(need)} in {where}"
+            )
             if max_bytes is not None and need > max_bytes:
-                raise DataError(f"the latent cache would need about {format_bytes(need)} for {len(todo)} pairs, over "
-                                f"data.cache_max_gb={max_bytes / 1024**3:g}; raise it, set data.max_items, or train "
-                                "uncached with data.cache=false")
+                raise DataError(
+                    f"the latent cache would need about {format_bytes(need)} for {len(todo)} pairs, over "
+                    f"data.cache_max_gb={max_bytes / 1024**3:g}; raise it, set data.max_items, or train "
+                    "uncached with data.cache=false"
+                )
         prompts = sorted({r.prompt for r in keep} | set(prompts_extra))
         text_todo = [p for p in prompts if short_hash(p) not in self.index["text"]]
         if not is_main_process:
             return keep, keys, skipped
 
-        bar = tqdm(total=len(todo) + len(text_todo), desc="caching latents/embeddings", disable=not progress or not (todo or text_todo))
+        bar = tqdm(
+            total=len(todo) + len(text_todo),
+            desc="caching latents/embeddings",
+            disable=not progress or not (todo or text_todo),
+        )
         gen = torch.Generator().manual_seed(0)  # random crops are drawn once per item, reproducibly
         pending: dict[str, torch.Tensor] = {}
         pending_keys: list[str] = []
         bad_keys: set[str] = set()
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             decoded = []
             for key, idx in chunk:
                 rec = records[idx]
                 try:
-                    decoded.append((key, decode_pair(rec, resolution, random_crop=random_crop, joint_crop=joint_crop, generator=gen)))
+                    decoded.append(
+                        (
+                            key,
+                            decode_pair(
+                                rec, resolution, random_crop=random_crop, joint_crop=joint_crop, generator=gen
+                            ),
+                        )
+                    )
                 except DataError as err:
                     if not skip_bad:
                         raise
@@ -232,16 +277,26 @@ class LatentCache:
                     bad_keys.add(key)
                     skipped.append(str(err))
             if decoded:
-                pix = torch.cat([torch.stack([d["pixels_w"] for _, d in decoded]), torch.stack([d["pixels_l"] for _, d in decoded])])
+                pix = torch.cat(
+                    [
+                        torch.stack([d["pixels_w"] for _, d in decoded]),
+                        torch.stack([d["pixels_l"] for _, d in decoded]),
+                    ]
+                )
                 variants = {"": pix, "f": pix.flip(-1)} if random_flip else {"": pix}
                 for suffix, x in variants.items():
                     mean, std = adapter.latent_moments(x)
                     n = len(decoded)
                     for i, (key, _) in enumerate(decoded):
                         pending[f"{key}.w{suffix}.mean"], pending[f"{key}.w{suffix}.std"] = mean[i], std[i]
-                        pending[f"{key}.l{suffix}.mean"], pending[f"{key}.l{suffix}.std"] = mean[n + i], std[n + i]
+                        pending[f"{key}.l{suffix}.mean"], pending[f"{key}.l{suffix}.std"] = (
+                            mean[n + i],
+                            std[n + i],
+                        )
                 for key, d in decoded:
-                    pending[f"{key}.meta"] = torch.tensor([*d["original_size"], *d["crop_top_left"]], dtype=torch.int64)
+                    pending[f"{key}.meta"] = torch.tensor(
+                        [*d["original_size"], *d["crop_top_left"]], dtype=torch.int64
+                    )
                     pending_keys.append(key)
             bar.update(len(chunk))
             if len(pending_keys) >= shard_size:
@@ -253,10 +308,14 @@ class LatentCache:
             self._save_index()
 
         for start in range(0, len(text_todo), max(batch_size, 32)):
-            chunk = text_todo[start:start + max(batch_size, 32)]
+            chunk = text_todo[start : start + max(batch_size, 32)]
             cond = adapter.encode_prompts(chunk)
             self.index["text_keys"] = sorted(cond)
-            tensors = {f"{short_hash(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(chunk)}
+            tensors = {
+                f"{short_hash(p)}.{name}": value[i]
+                for name, value in cond.items()
+                for i, p in enumerate(chunk)
+            }
             self._write_shard("text", tensors, "text", [short_hash(p) for p in chunk])
             bar.update(len(chunk))
         bar.close()
@@ -276,14 +335,18 @@ class LatentCache:
             return
         cond = adapter.encode_prompts(todo)
         self.index["text_keys"] = sorted(cond)
-        tensors = {f"{short_hash(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(todo)}
+        tensors = {
+            f"{short_hash(p)}.{name}": value[i] for name, value in cond.items() for i, p in enumerate(todo)
+        }
         if write:
             self._write_shard("text", tensors, "text", [short_hash(p) for p in todo])
         else:  # a non-writing process keeps them in memory
             self._memory.update(tensors)
             self.index["text"].update({short_hash(p): "<memory>" for p in todo})
 
-    def add_pair_moments(self, tensors: dict[str, torch.Tensor], keys: list[str], *, write: bool = True) -> None:
+    def add_pair_moments(
+        self, tensors: dict[str, torch.Tensor], keys: list[str], *, write: bool = True
+    ) -> None:
         """Queue freshly encoded pairs (``<key>.w.mean`` ... as :meth:`build` writes them); a shard is written every
         ``lazy_shard_size`` pairs. Until then they are served from memory; pairs still queued when the run ends are
         encoded again by the next run (it is a cache)."""
@@ -309,7 +372,9 @@ class LatentCache:
 class CachedPairDataset(torch.utils.data.Dataset):
     """Pairs served from the cache: posterior moments (a flip drawn per item), prompt and SDXL metadata."""
 
-    def __init__(self, records: list[PairRecord], keys: list[str], cache: LatentCache, *, random_flip: bool = True):
+    def __init__(
+        self, records: list[PairRecord], keys: list[str], cache: LatentCache, *, random_flip: bool = True
+    ):
         self.records, self.keys, self.cache, self.random_flip = records, keys, cache, random_flip
 
     def __len__(self) -> int:
@@ -329,10 +394,24 @@ class LazyCachedPairDataset(torch.utils.data.Dataset):
     later epochs and later runs read it back. Items are keyed by content hash as with :meth:`LatentCache.build`.
     """
 
-    def __init__(self, records: Sequence[PairRecord], cache: LatentCache, *, resolution: int, random_flip: bool = True,
-                 random_crop: bool = False, joint_crop: bool = False, skip_bad: bool = False):
+    def __init__(
+        self,
+        records: Sequence[PairRecord],
+        cache: LatentCache,
+        *,
+        resolution: int,
+        random_flip: bool = True,
+        random_crop: bool = False,
+        joint_crop: bool = False,
+        skip_bad: bool = False,
+    ):
         self.records, self.cache, self.resolution = records, cache, resolution
-        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = random_flip, random_crop, joint_crop, skip_bad
+        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = (
+            random_flip,
+            random_crop,
+            joint_crop,
+            skip_bad,
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -345,7 +424,9 @@ class LazyCachedPairDataset(torch.utils.data.Dataset):
             if self.cache.has_pair(key) and self.cache.index["pairs"][key] != "<memory>":
                 item = self.cache.pair(key, flip=flip)
             else:
-                item = decode_pair(rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop)
+                item = decode_pair(
+                    rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop
+                )
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -358,6 +439,11 @@ def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Keep items as a list (a lazy batch mixes cached moments and fresh pixels); lists of prompt/id/metadata."""
     skipped = [it["skipped"] for it in items if "skipped" in it]
     items = [it for it in items if "skipped" not in it]
-    return {"skipped": skipped, "items": items, "prompt": [it["prompt"] for it in items],
-            "item_id": [it["item_id"] for it in items], "original_size": [it["original_size"] for it in items],
-            "crop_top_left": [it["crop_top_left"] for it in items]}
+    return {
+        "skipped": skipped,
+        "items": items,
+        "prompt": [it["prompt"] for it in items],
+        "item_id": [it["item_id"] for it in items],
+        "original_size": [it["original_size"] for it in items],
+        "crop_top_left": [it["crop_top_left"] for it in items],
+    }

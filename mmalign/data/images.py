@@ -27,13 +27,21 @@ def open_image(source: str | Path | bytes, *, where: str) -> Image.Image:
         return img.convert("RGB")
     except MediaError as err:
         raise DataError(f"{where}: {str(err).removeprefix(where + ': ')}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError,
-            Image.DecompressionBombError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        MemoryError,
+        Image.DecompressionBombError,
+    ) as err:
         raise DataError(f"{where}: cannot decode image: {type(err).__name__}: {str(err)[:200]}") from None
 
 
-def resize_crop(img: Image.Image, resolution: int, *, random_crop: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def resize_crop(
+    img: Image.Image, resolution: int, *, random_crop: bool = False, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize the short side to ``resolution`` (bilinear), crop a square, return pixels in [-1, 1].
 
     Returns:
@@ -51,11 +59,13 @@ def resize_crop(img: Image.Image, resolution: int, *, random_crop: bool = False,
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
     else:
         top, left = (h - resolution) // 2, (w - resolution) // 2
-    x = x[:, top:top + resolution, left:left + resolution]
+    x = x[:, top : top + resolution, left : left + resolution]
     return x.float().div(127.5).sub(1.0), original, (top, left)
 
 
-def mirror_crop(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> tuple[int, int]:
+def mirror_crop(
+    original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int
+) -> tuple[int, int]:
     """The crop's (top, left) after a horizontal flip of the resized image (SDXL's add_time_ids of a flipped item).
 
     :func:`resize_crop` resizes the short side to ``resolution`` as torchvision does (long side

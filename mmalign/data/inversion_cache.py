@@ -117,11 +117,19 @@ class InversionCache:
         for key in keys:
             self.index[key] = shard
         # merged with what concurrent runs wrote, under a file lock
-        self.index = merge_update(self.dir / "index.json", self.index, lambda disk, mine: {**disk, **mine}, dict)
+        self.index = merge_update(
+            self.dir / "index.json", self.index, lambda disk, mine: {**disk, **mine}, dict
+        )
 
-    def build(self, items: Iterable[tuple[str, Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]]],
-              invert: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any], *, batch_size: int = 8,
-              shard_size: int = 256, progress: bool = True) -> int:
+    def build(
+        self,
+        items: Iterable[tuple[str, Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]]],
+        invert: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any],
+        *,
+        batch_size: int = 8,
+        shard_size: int = 256,
+        progress: bool = True,
+    ) -> int:
         """Invert every item not yet cached. Returns how many were inverted (0 on a warm cache).
 
         Args:
@@ -142,7 +150,7 @@ class InversionCache:
         pending: dict[str, torch.Tensor] = {}
         pending_keys: list[str] = []
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             loaded = [load() for _, load in chunk]
             x0 = torch.stack([x for x, _ in loaded])
             cond = {k: torch.stack([c[k] for _, c in loaded]) for k in loaded[0][1]}

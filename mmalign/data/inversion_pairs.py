@@ -40,11 +40,14 @@ class InversionSpec:
     inversion_batch_size: int = 8
 
 
-
 def method_grid(spec: InversionSpec, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps [N], levels [N+1]) of the spec's inversion grid."""
-    grid = inversion_timesteps(adapter.scheduler.config.num_train_timesteps, spec.num_inversion_steps,
-                               spacing=spec.timestep_spacing, steps_offset=spec.steps_offset)
+    grid = inversion_timesteps(
+        adapter.scheduler.config.num_train_timesteps,
+        spec.num_inversion_steps,
+        spacing=spec.timestep_spacing,
+        steps_offset=spec.steps_offset,
+    )
     return grid, grid_alphas(adapter.scheduler, grid, set_alpha_to_one=spec.set_alpha_to_one)
 
 
@@ -52,49 +55,90 @@ def inverter_of(adapter: Any) -> torch.nn.Module:
     """The frozen reference network (the data is built before any LoRA is attached)."""
     pipe = getattr(adapter, "pipeline", None)
     if pipe is None or getattr(pipe, adapter.denoiser_name, None) is None:
-        raise ValueError(f"{type(adapter).__name__} exposes no pipeline.{adapter.denoiser_name}; inversion needs the reference network")
+        raise ValueError(
+            f"{type(adapter).__name__} exposes no pipeline.{adapter.denoiser_name}; inversion needs the reference network"
+        )
     return getattr(pipe, adapter.denoiser_name)
 
 
-def inversion_fingerprint(spec: InversionSpec, model_id: dict[str, Any], adapter: Any, denoiser: torch.nn.Module) -> dict[str, Any]:
-    return {"inverter": model_id["model"], "revision": model_id["revision"], "variant": model_id["variant"],
-            "weights": module_fingerprint(denoiser),
-            "family": adapter.family, "num_steps": spec.num_inversion_steps, "spacing": spec.timestep_spacing,
-            "steps_offset": spec.steps_offset, "set_alpha_to_one": spec.set_alpha_to_one, "guidance": spec.inversion_guidance,
-            "uncond": spec.uncond, "dtype": spec.cache_dtype, "store_eps": spec.mode == "trajectory" and spec.reference_eps == "cached",
-            "prediction_type": adapter.scheduler.config.prediction_type,
-            "alphas_cumprod": float(adapter.scheduler.alphas_cumprod.double().sum())}
+def inversion_fingerprint(
+    spec: InversionSpec, model_id: dict[str, Any], adapter: Any, denoiser: torch.nn.Module
+) -> dict[str, Any]:
+    return {
+        "inverter": model_id["model"],
+        "revision": model_id["revision"],
+        "variant": model_id["variant"],
+        "weights": module_fingerprint(denoiser),
+        "family": adapter.family,
+        "num_steps": spec.num_inversion_steps,
+        "spacing": spec.timestep_spacing,
+        "steps_offset": spec.steps_offset,
+        "set_alpha_to_one": spec.set_alpha_to_one,
+        "guidance": spec.inversion_guidance,
+        "uncond": spec.uncond,
+        "dtype": spec.cache_dtype,
+        "store_eps": spec.mode == "trajectory" and spec.reference_eps == "cached",
+        "prediction_type": adapter.scheduler.config.prediction_type,
+        "alphas_cumprod": float(adapter.scheduler.alphas_cumprod.double().sum()),
+    }
 
 
-def _one_cond(latent_cache: LatentCache, adapter: Any, prompt: str, meta: dict, resolution: int) -> dict[str, torch.Tensor]:
+def _one_cond(
+    latent_cache: LatentCache, adapter: Any, prompt: str, meta: dict, resolution: int
+) -> dict[str, torch.Tensor]:
     cond = dict(latent_cache.text(prompt))
-    extra = adapter.extra_conditioning({"original_size": [meta["original_size"]], "crop_top_left": [meta["crop_top_left"]]}, resolution)
+    extra = adapter.extra_conditioning(
+        {"original_size": [meta["original_size"]], "crop_top_left": [meta["crop_top_left"]]}, resolution
+    )
     cond.update({k: v[0] for k, v in extra.items()})
     return cond
 
 
-def _load_entry(latent_cache: LatentCache, adapter: Any, pair_key: str, which: str, flip: bool, prompt: str,
-                resolution: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _load_entry(
+    latent_cache: LatentCache,
+    adapter: Any,
+    pair_key: str,
+    which: str,
+    flip: bool,
+    prompt: str,
+    resolution: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     item = latent_cache.pair(pair_key, flip=flip)
     mean = item[f"mean_{which}"].float()
     x0 = adapter.latents_from_moments(mean[None], torch.zeros_like(mean[None]))[0]  # posterior mean, scaled
     return x0, _one_cond(latent_cache, adapter, prompt, item, resolution)
 
 
-def make_uncond(spec: InversionSpec, cond: dict[str, torch.Tensor], empty: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+def make_uncond(
+    spec: InversionSpec, cond: dict[str, torch.Tensor], empty: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
     """Unconditional branch for a batch of ``cond``: zeros, or the empty prompt's embedding (micro-conditioning kept)."""
     if spec.inversion_guidance == 1.0:
         return None
     if spec.uncond == "zeros" or empty is None:
         return zero_conditioning(cond)
     b = next(iter(cond.values())).shape[0]
-    out = {k: v.to(cond[k].device).reshape(1, *cond[k].shape[1:]).expand(b, *cond[k].shape[1:]) for k, v in empty.items() if k in cond}
+    out = {
+        k: v.to(cond[k].device).reshape(1, *cond[k].shape[1:]).expand(b, *cond[k].shape[1:])
+        for k, v in empty.items()
+        if k in cond
+    }
     return {**cond, **out}
 
 
-def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset, adapter: Any, denoiser: torch.nn.Module,
-                          spec: InversionSpec, *, resolution: int, flips: tuple[bool, ...], device: Any,
-                          autocast: Any = None, progress: bool = True) -> int:
+def build_inversion_cache(
+    inv_cache: InversionCache,
+    dataset: CachedPairDataset,
+    adapter: Any,
+    denoiser: torch.nn.Module,
+    spec: InversionSpec,
+    *,
+    resolution: int,
+    flips: tuple[bool, ...],
+    device: Any,
+    autocast: Any = None,
+    progress: bool = True,
+) -> int:
     """Invert every (pair, winner/loser, flip) of ``dataset`` missing from ``inv_cache``; returns how many.
 
     Runs in the inverter's own dtype without autocast (unless ``autocast`` is given), so the cache holds the same
@@ -112,7 +156,9 @@ def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset,
             for which in ("w", "l"):
                 key = entry_key(cached[f"mean_{which}"], rec.prompt)
                 if key not in items:
-                    items[key] = partial(_load_entry, latent_cache, adapter, pk, which, flip, rec.prompt, resolution)
+                    items[key] = partial(
+                        _load_entry, latent_cache, adapter, pk, which, flip, rec.prompt, resolution
+                    )
     items = list(items.items())
     if all(key in inv_cache for key, _ in items):
         return 0
@@ -123,9 +169,16 @@ def build_inversion_cache(inv_cache: InversionCache, dataset: CachedPairDataset,
         cond = {k: v.to(device) for k, v in cond.items()}
         with autocast() if autocast is not None else contextlib.nullcontext():
             # module attribute lookup: tests count inverter calls by patching inversion.ddim_invert
-            return inversion.ddim_invert(adapter, denoiser, x0.to(device), cond, timesteps=grid,
-                                         guidance_scale=spec.inversion_guidance, uncond=make_uncond(spec, cond, empty),
-                                         set_alpha_to_one=spec.set_alpha_to_one)
+            return inversion.ddim_invert(
+                adapter,
+                denoiser,
+                x0.to(device),
+                cond,
+                timesteps=grid,
+                guidance_scale=spec.inversion_guidance,
+                uncond=make_uncond(spec, cond, empty),
+                set_alpha_to_one=spec.set_alpha_to_one,
+            )
 
     try:
         return inv_cache.build(items, invert, batch_size=spec.inversion_batch_size, progress=progress)
@@ -142,8 +195,16 @@ class InversionPairDataset(torch.utils.data.Dataset):
     reference eps ``ref_eps_w``/``ref_eps_l`` [K,C,H,W].
     """
 
-    def __init__(self, base: CachedPairDataset, inv_cache: InversionCache, *, mode: str, num_steps: int, trajectory_steps: int,
-                 random_flip: bool):
+    def __init__(
+        self,
+        base: CachedPairDataset,
+        inv_cache: InversionCache,
+        *,
+        mode: str,
+        num_steps: int,
+        trajectory_steps: int,
+        random_flip: bool,
+    ):
         self.base, self.inv, self.mode = base, inv_cache, mode
         self.with_eps = inv_cache.store_eps
         self.num_steps, self.k, self.random_flip = num_steps, trajectory_steps, random_flip
@@ -174,8 +235,17 @@ class InversionPairDataset(torch.utils.data.Dataset):
         return item
 
 
-def inversion_pair_data(adapter: Any, accelerator: Any, data: DataConfig, spec: InversionSpec, *, resolution: int,
-                        cache_dir: Path, model_id: dict[str, Any], progress: bool = True) -> TrainData:
+def inversion_pair_data(
+    adapter: Any,
+    accelerator: Any,
+    data: DataConfig,
+    spec: InversionSpec,
+    *,
+    resolution: int,
+    cache_dir: Path,
+    model_id: dict[str, Any],
+    progress: bool = True,
+) -> TrainData:
     """Pairs from the latent/text cache with their cached inversions (built here on first use).
 
     Without ``data.cache`` or with ``spec.cache_inversions=False`` the pairs come without inversions and
@@ -183,33 +253,68 @@ def inversion_pair_data(adapter: Any, accelerator: Any, data: DataConfig, spec: 
     :func:`mmalign.data.setup.image_pair_data`.
     """
     d, res = data, resolution
-    base = image_pair_data(adapter, accelerator, data, resolution=res, cache_dir=cache_dir, model_id=model_id,
-                           progress=progress)
+    base = image_pair_data(
+        adapter, accelerator, data, resolution=res, cache_dir=cache_dir, model_id=model_id, progress=progress
+    )
     latent_cache = getattr(base.dataset, "cache", None)
     grid, alphas = method_grid(spec, adapter)
-    prep = partial(prepare_inversion_batch, adapter=adapter, latent_cache=latent_cache, spec=spec,
-                   caption_dropout=d.caption_dropout, resolution=res, grid=grid, alphas=alphas)
+    prep = partial(
+        prepare_inversion_batch,
+        adapter=adapter,
+        latent_cache=latent_cache,
+        spec=spec,
+        caption_dropout=d.caption_dropout,
+        resolution=res,
+        grid=grid,
+        alphas=alphas,
+    )
     if latent_cache is None or not spec.cache_inversions:
-        return TrainData(base.dataset, base.collate, prep, {**base.counts, "inversions_built": 0}, base.skipped)
+        return TrainData(
+            base.dataset, base.collate, prep, {**base.counts, "inversions_built": 0}, base.skipped
+        )
 
     denoiser = inverter_of(adapter)
     inv_cache = InversionCache(latent_cache.dir, inversion_fingerprint(spec, model_id, adapter, denoiser))
     flips = (False, True) if d.random_flip else (False,)
     built = 0
     if accelerator.is_main_process:
-        built = build_inversion_cache(inv_cache, base.dataset, adapter, denoiser, spec, resolution=res, flips=flips,
-                                      device=accelerator.device, progress=progress)
+        built = build_inversion_cache(
+            inv_cache,
+            base.dataset,
+            adapter,
+            denoiser,
+            spec,
+            resolution=res,
+            flips=flips,
+            device=accelerator.device,
+            progress=progress,
+        )
     accelerator.wait_for_everyone()
     inv_cache.reload()
-    dataset = InversionPairDataset(base.dataset, inv_cache, mode=spec.mode, num_steps=spec.num_inversion_steps,
-                                   trajectory_steps=spec.trajectory_steps, random_flip=d.random_flip)
+    dataset = InversionPairDataset(
+        base.dataset,
+        inv_cache,
+        mode=spec.mode,
+        num_steps=spec.num_inversion_steps,
+        trajectory_steps=spec.trajectory_steps,
+        random_flip=d.random_flip,
+    )
     counts = {**base.counts, "inversions_built": built, "inversions_cached": len(inv_cache)}
     return TrainData(dataset, base.collate, prep, counts, base.skipped)
 
 
-def prepare_inversion_batch(raw: dict, device: torch.device, *, adapter: Any, latent_cache: LatentCache | None,
-                            spec: InversionSpec, caption_dropout: float, resolution: int, grid: torch.Tensor,
-                            alphas: torch.Tensor) -> dict:
+def prepare_inversion_batch(
+    raw: dict,
+    device: torch.device,
+    *,
+    adapter: Any,
+    latent_cache: LatentCache | None,
+    spec: InversionSpec,
+    caption_dropout: float,
+    resolution: int,
+    grid: torch.Tensor,
+    alphas: torch.Tensor,
+) -> dict:
     """Raw batch -> posterior-mean latents, conditioning (caption-dropped for the DPO forwards, the real prompts
     for inversion/trajectory), the grid, and whatever cached inversion slices the batch carries."""
     prompts = list(raw["prompt"])
@@ -221,6 +326,7 @@ def prepare_inversion_batch(raw: dict, device: torch.device, *, adapter: Any, la
         mean_w, _ = adapter.latent_moments(raw["pixels_w"].to(device))
         mean_l, _ = adapter.latent_moments(raw["pixels_l"].to(device))
     else:
+
         def texts(ps):
             rows = [latent_cache.text(p) for p in ps]
             return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -236,8 +342,13 @@ def prepare_inversion_batch(raw: dict, device: torch.device, *, adapter: Any, la
     batch = {
         "latents_w": adapter.latents_from_moments(mean_w, torch.zeros_like(mean_w)),
         "latents_l": adapter.latents_from_moments(mean_l, torch.zeros_like(mean_l)),
-        "cond": cond, "inv_cond": inv_cond, "inv_uncond": make_uncond(spec, inv_cond, empty),
-        "grid": grid, "alphas": alphas, "prompts": dropped, "item_id": raw.get("item_id", []),
+        "cond": cond,
+        "inv_cond": inv_cond,
+        "inv_uncond": make_uncond(spec, inv_cond, empty),
+        "grid": grid,
+        "alphas": alphas,
+        "prompts": dropped,
+        "item_id": raw.get("item_id", []),
     }
     for key in ("step", "xt_w", "xt_l", "steps", "from_clean", "x_in_w", "x_in_l", "ref_eps_w", "ref_eps_l"):
         if key in raw:

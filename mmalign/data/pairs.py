@@ -55,10 +55,14 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
         return str(p if p.is_absolute() or base is None else base / p)
 
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with prompt/chosen/rejected columns, got {type(row).__name__}")
+        raise DataError(
+            f"{where}: expected an object with prompt/chosen/rejected columns, got {type(row).__name__}"
+        )
     prompt = row.get("prompt", row.get("caption"))
     if prompt is None:
-        raise DataError(f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(map(str, row))[:20]}")
+        raise DataError(
+            f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(map(str, row))[:20]}"
+        )
     if isinstance(prompt, (dict, list, bytes)):
         raise DataError(f"{where}: the prompt must be text, got {type(prompt).__name__}")
     user_id = row.get("user_id", row.get("user"))  # Pick-a-Pic: user_id; our manifests: user
@@ -91,7 +95,9 @@ def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
             raise DataError(f"{path}: the manifest is not a regular file")
         yield from _iter_manifest_rows(path)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: the manifest is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(
+            f"{path}: the manifest is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     except csv.Error as err:
         raise DataError(f"{path}: not a valid CSV manifest: {err}") from None
 
@@ -116,7 +122,12 @@ def _iter_manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def is_hub_id(source: str) -> bool:
     """``owner/name`` (optionally with ``:config``) that is not a local path: a hub dataset id."""
     parts = str(source).split(":")[0].split("/")
-    return len(parts) == 2 and all(parts) and not Path(source).exists() and not str(source).startswith((".", "/"))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not Path(source).exists()
+        and not str(source).startswith((".", "/"))
+    )
 
 
 def open_pickapic(source: str | Path, split: str = "train"):
@@ -130,8 +141,10 @@ def open_pickapic(source: str | Path, split: str = "train"):
         try:
             return datasets.load_dataset(name, config or None, split=split)
         except Exception as err:  # network, auth, unknown split: many types
-            raise DataError(f"data.source={source}: cannot load the hub dataset (split {split!r}): "
-                            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+            raise DataError(
+                f"data.source={source}: cannot load the hub dataset (split {split!r}): "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            ) from None
     path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
@@ -173,13 +186,25 @@ class ArrowPairRecords(Sequence):
         if len(bad):
             raise DataError(f"{where}[{int(bad[0])}]: label_0={labels[bad[0]]} must be 0, 0.5 or 1")
         keep = np.arange(len(labels)) if keep_ties else np.flatnonzero(labels != 0.5)
-        self.counts = {"rows": len(labels), "ties_dropped": int(len(labels) - len(keep)) if not keep_ties else 0}
+        self.counts = {
+            "rows": len(labels),
+            "ties_dropped": int(len(labels) - len(keep)) if not keep_ties else 0,
+        }
         if max_items is not None:
             keep = keep[:max_items]
         self.index = keep.astype(np.int64)
         self.where = where
-        self.columns = [c for c in (prompt, "jpg_0" if "jpg_0" in columns else "image_0",
-                                    "jpg_1" if "jpg_1" in columns else "image_1", "label_0", "user_id") if c in columns]
+        self.columns = [
+            c
+            for c in (
+                prompt,
+                "jpg_0" if "jpg_0" in columns else "image_0",
+                "jpg_1" if "jpg_1" in columns else "image_1",
+                "label_0",
+                "user_id",
+            )
+            if c in columns
+        ]
         import datasets
 
         ds = ds.select_columns(self.columns)
@@ -201,8 +226,14 @@ class ArrowPairRecords(Sequence):
         return rec
 
 
-def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train", keep_ties: bool = False,
-               max_items: int | None = None) -> tuple[Sequence[PairRecord], dict[str, int]]:
+def load_pairs(
+    source: str | Path,
+    *,
+    format: str = "auto",
+    split: str = "train",
+    keep_ties: bool = False,
+    max_items: int | None = None,
+) -> tuple[Sequence[PairRecord], dict[str, int]]:
     """Read pair records from a manifest, Pick-a-Pic-style data or a hub dataset id.
 
     Returns:
@@ -210,7 +241,9 @@ def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train"
         ``{"rows": n, "ties_dropped": n}``.
     """
     if not str(source):
-        raise DataError("data.source is empty: point it at a manifest (.jsonl/.csv), Pick-a-Pic parquet data or a hub id")
+        raise DataError(
+            "data.source is empty: point it at a manifest (.jsonl/.csv), Pick-a-Pic parquet data or a hub id"
+        )
     path = Path(source)
     hub = isinstance(source, str) and is_hub_id(source)
     if not hub and not path.exists():
@@ -220,10 +253,14 @@ def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train"
     if format == "auto":
         format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
     if format == "pickapic":
-        records = ArrowPairRecords(open_pickapic(source, split), str(source), keep_ties=keep_ties, max_items=max_items)
+        records = ArrowPairRecords(
+            open_pickapic(source, split), str(source), keep_ties=keep_ties, max_items=max_items
+        )
         if not len(records):
-            raise DataError(f"{source}: no usable pairs ({records.counts['rows']} rows, "
-                            f"{records.counts['ties_dropped']} ties dropped)")
+            raise DataError(
+                f"{source}: no usable pairs ({records.counts['rows']} rows, "
+                f"{records.counts['ties_dropped']} ties dropped)"
+            )
         return records, dict(records.counts)
     out, counts = [], {"rows": 0, "ties_dropped": 0}
     for where, row in _iter_manifest(path):
@@ -236,12 +273,20 @@ def load_pairs(source: str | Path, *, format: str = "auto", split: str = "train"
         if max_items is not None and len(out) >= max_items:
             break
     if not out:
-        raise DataError(f"{path}: no usable pairs ({counts['rows']} rows, {counts['ties_dropped']} ties dropped)")
+        raise DataError(
+            f"{path}: no usable pairs ({counts['rows']} rows, {counts['ties_dropped']} ties dropped)"
+        )
     return out, counts
 
 
-def decode_pair(rec: PairRecord, resolution: int, *, random_crop: bool = False, joint_crop: bool = False,
-                generator: torch.Generator | None = None) -> dict[str, Any]:
+def decode_pair(
+    rec: PairRecord,
+    resolution: int,
+    *,
+    random_crop: bool = False,
+    joint_crop: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
     """Decode and transform both images of a pair: pixels [3,R,R] in [-1, 1] plus SDXL crop metadata.
 
     ``joint_crop`` (SDXL, as diffusers) first resizes the rejected image to the chosen one's size so both
@@ -262,10 +307,23 @@ def decode_pair(rec: PairRecord, resolution: int, *, random_crop: bool = False, 
 class PairDataset(torch.utils.data.Dataset):
     """Decodes pairs on the fly (the uncached path). A bad item raises, or yields ``None`` when skipping."""
 
-    def __init__(self, records: Sequence[PairRecord], resolution: int, *, random_flip: bool = True,
-                 random_crop: bool = False, joint_crop: bool = False, skip_bad: bool = False):
+    def __init__(
+        self,
+        records: Sequence[PairRecord],
+        resolution: int,
+        *,
+        random_flip: bool = True,
+        random_crop: bool = False,
+        joint_crop: bool = False,
+        skip_bad: bool = False,
+    ):
         self.records, self.resolution = records, resolution
-        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = random_flip, random_crop, joint_crop, skip_bad
+        self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = (
+            random_flip,
+            random_crop,
+            joint_crop,
+            skip_bad,
+        )
 
     def __len__(self) -> int:
         return len(self.records)

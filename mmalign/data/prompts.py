@@ -31,7 +31,9 @@ class PromptRecord:
     image: str | None = None
 
 
-def load_prompts(source: str | Path, *, need_images: bool = False, max_items: int | None = None) -> list[PromptRecord]:
+def load_prompts(
+    source: str | Path, *, need_images: bool = False, max_items: int | None = None
+) -> list[PromptRecord]:
     """Read prompts (and, with ``need_images``, image paths) from a .txt file or a JSONL/CSV manifest."""
     try:
         return _load_prompts(source, need_images=need_images, max_items=max_items)
@@ -44,14 +46,18 @@ def load_prompts(source: str | Path, *, need_images: bool = False, max_items: in
 def _load_prompts(source: str | Path, *, need_images: bool, max_items: int | None) -> list[PromptRecord]:
     path = Path(source)
     if not str(source):
-        raise DataError("data.source is empty: point it at a prompts .txt file or a JSONL/CSV manifest with a prompt column")
+        raise DataError(
+            "data.source is empty: point it at a prompts .txt file or a JSONL/CSV manifest with a prompt column"
+        )
     if not path.is_file():
         raise DataError(f"data.source not found: {path}")
     records: list[PromptRecord] = []
     if path.suffix == ".txt":
         if need_images:
-            raise DataError(f"{path}: a .txt prompt list has no images; method.start=real needs a JSONL/CSV manifest "
-                            "with prompt and image columns (or use method.start=noise)")
+            raise DataError(
+                f"{path}: a .txt prompt list has no images; method.start=real needs a JSONL/CSV manifest "
+                "with prompt and image columns (or use method.start=noise)"
+            )
         for i, line in enumerate(path.read_text().splitlines(), start=1):
             if line.strip() and not line.lstrip().startswith("#"):
                 records.append(PromptRecord(line.strip(), f"{path}:{i}"))
@@ -66,11 +72,15 @@ def _load_prompts(source: str | Path, *, need_images: bool, max_items: int | Non
             if need_images:
                 value = row.get("image")
                 if not value:
-                    raise DataError(f"{where}: missing column 'image' (method.start=real needs one real image per prompt)")
+                    raise DataError(
+                        f"{where}: missing column 'image' (method.start=real needs one real image per prompt)"
+                    )
                 image = str(Path(value) if Path(value).is_absolute() else path.parent / value)
             records.append(PromptRecord(str(prompt), where, image))
     else:
-        raise DataError(f"{path}: unknown prompt source type; use .txt (one prompt per line) or a .jsonl/.csv manifest")
+        raise DataError(
+            f"{path}: unknown prompt source type; use .txt (one prompt per line) or a .jsonl/.csv manifest"
+        )
     if max_items is not None:
         records = records[:max_items]
     if not records:
@@ -96,7 +106,12 @@ def _rows(path: Path):
 class PromptDataset(torch.utils.data.Dataset):
     """Items ``{prompt, item_id, original_size, crop_top_left}`` plus ``mean``/``std`` moments when images are used."""
 
-    def __init__(self, records: list[PromptRecord], resolution: int, moments: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        records: list[PromptRecord],
+        resolution: int,
+        moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         self.records, self.resolution, self.moments = records, resolution, moments
 
     def __len__(self) -> int:
@@ -104,8 +119,12 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
-        item: dict[str, Any] = {"prompt": rec.prompt, "item_id": rec.row, "original_size": (self.resolution,) * 2,
-                                "crop_top_left": (0, 0)}
+        item: dict[str, Any] = {
+            "prompt": rec.prompt,
+            "item_id": rec.row,
+            "original_size": (self.resolution,) * 2,
+            "crop_top_left": (0, 0),
+        }
         if self.moments is not None:
             item["mean"], item["std"] = self.moments[0][i], self.moments[1][i]
         return item
@@ -120,13 +139,19 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_image_moments(records: list[PromptRecord], adapter: Any, resolution: int, batch_size: int = 8
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_image_moments(
+    records: list[PromptRecord], adapter: Any, resolution: int, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std [N,C,h,w] of each record's image (centre crop), on CPU."""
     means, stds = [], []
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        pix = torch.stack([resize_crop(open_image(r.image, where=f"{r.row} (image: {r.image})"), resolution)[0] for r in chunk])
+        chunk = records[start : start + batch_size]
+        pix = torch.stack(
+            [
+                resize_crop(open_image(r.image, where=f"{r.row} (image: {r.image})"), resolution)[0]
+                for r in chunk
+            ]
+        )
         mean, std = adapter.latent_moments(pix)
         means.append(mean.float().cpu())
         stds.append(std.float().cpu())
@@ -141,8 +166,17 @@ def latent_shape(adapter: Any, resolution: int) -> tuple[int, int, int]:
     return int(denoiser.config.in_channels), resolution // factor, resolution // factor
 
 
-def prompt_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution: int, cache_dir: Path,
-                model_id: dict[str, Any], need_images: bool = False, progress: bool = True) -> TrainData:
+def prompt_data(
+    adapter: Any,
+    accelerator: Any,
+    data: DataConfig,
+    *,
+    resolution: int,
+    cache_dir: Path,
+    model_id: dict[str, Any],
+    need_images: bool = False,
+    progress: bool = True,
+) -> TrainData:
     """Prompt-only data (real images too with ``need_images``, e.g. Self-NPO's ``start=real``).
 
     Batches from ``prepare``: ``cond`` and ``uncond`` (conditioning of the prompts and of ``""``, [B,...] each),
@@ -157,10 +191,14 @@ def prompt_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution:
     if d.cache:
         from mmalign.data.cache import LatentCache
 
-        cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
+        cache = LatentCache(
+            cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop)
+        )
         prompts = tuple(sorted({r.prompt for r in records} | {""}))
         if accelerator.is_main_process:
-            cache.build([], adapter, resolution=res, random_flip=False, prompts_extra=prompts, progress=progress)
+            cache.build(
+                [], adapter, resolution=res, random_flip=False, prompts_extra=prompts, progress=progress
+            )
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             cache.reload()
@@ -176,8 +214,13 @@ def prompt_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution:
         extra = adapter.extra_conditioning(raw, res)
         cond = {**encode(prompts), **extra}
         uncond = {**encode([""] * len(prompts)), **extra}
-        batch = {"cond": {k: v.to(device) for k, v in cond.items()}, "uncond": {k: v.to(device) for k, v in uncond.items()},
-                 "latent_shape": shape, "prompts": prompts, "item_id": raw.get("item_id", [])}
+        batch = {
+            "cond": {k: v.to(device) for k, v in cond.items()},
+            "uncond": {k: v.to(device) for k, v in uncond.items()},
+            "latent_shape": shape,
+            "prompts": prompts,
+            "item_id": raw.get("item_id", []),
+        }
         if "mean" in raw:
             batch["latents"] = adapter.latents_from_moments(raw["mean"].to(device), raw["std"].to(device))
         return batch

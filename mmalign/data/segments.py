@@ -53,8 +53,9 @@ def num_segments(duration: float, segment_seconds: float = 1.0) -> int:
     return max(1, round(duration / segment_seconds + 1e-9))
 
 
-def frame_segments(timestamps: torch.Tensor | Sequence[float], segment_seconds: float = 1.0,
-                   duration: float | None = None) -> torch.Tensor:
+def frame_segments(
+    timestamps: torch.Tensor | Sequence[float], segment_seconds: float = 1.0, duration: float | None = None
+) -> torch.Tensor:
     """Segment index of every frame, [N] long.
 
     Args:
@@ -78,7 +79,9 @@ def latent_frame_groups(num_frames: int, compression: int, causal: bool = True) 
         return [range(f, f + 1) for f in range(num_frames)]
     if causal:
         n_lat = 1 + (num_frames - 1) // compression
-        return [range(0, 1)] + [range(compression * (j - 1) + 1, compression * j + 1) for j in range(1, n_lat)]
+        return [range(0, 1)] + [
+            range(compression * (j - 1) + 1, compression * j + 1) for j in range(1, n_lat)
+        ]
     n_lat = num_frames // compression
     return [range(compression * j, compression * (j + 1)) for j in range(n_lat)]
 
@@ -86,8 +89,13 @@ def latent_frame_groups(num_frames: int, compression: int, causal: bool = True) 
 STRADDLE = ("majority", "tie", "agree")
 
 
-def latent_labels(segment_labels: torch.Tensor | Sequence[int], frame_segment: torch.Tensor, compression: int = 1,
-                  causal: bool = True, straddle: str = "majority") -> torch.Tensor:
+def latent_labels(
+    segment_labels: torch.Tensor | Sequence[int],
+    frame_segment: torch.Tensor,
+    compression: int = 1,
+    causal: bool = True,
+    straddle: str = "majority",
+) -> torch.Tensor:
     """Per-latent-frame labels [T_lat] from per-segment labels [S] and each frame's segment [N].
 
     Args:
@@ -103,7 +111,9 @@ def latent_labels(segment_labels: torch.Tensor | Sequence[int], frame_segment: t
     seg = torch.as_tensor(segment_labels, dtype=torch.long).flatten()
     frame_segment = torch.as_tensor(frame_segment, dtype=torch.long).flatten()
     if int(frame_segment.max()) >= seg.numel():
-        raise ValueError(f"frames reach segment {int(frame_segment.max())} but only {seg.numel()} segment labels were given")
+        raise ValueError(
+            f"frames reach segment {int(frame_segment.max())} but only {seg.numel()} segment labels were given"
+        )
     out = []
     for frames in latent_frame_groups(frame_segment.numel(), compression, causal):
         frame_labels = seg[frame_segment[list(frames)]]
@@ -128,7 +138,9 @@ def clip_label(segment_labels: torch.Tensor | Sequence[int]) -> int:
 
 def non_tie_fraction(segment_labels: torch.Tensor | Sequence[int]) -> float:
     lab = torch.as_tensor(segment_labels)
-    return int((lab != 0).sum()) / lab.numel() if lab.numel() else 0.0  # exact: 1 of 5 is 0.2, not 0.2000000030
+    return (
+        int((lab != 0).sum()) / lab.numel() if lab.numel() else 0.0
+    )  # exact: 1 of 5 is 0.2, not 0.2000000030
 
 
 def labels_from_scores(scores_0: torch.Tensor, scores_1: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -170,13 +182,17 @@ class VideoPairRecord:
 def _record(row: dict, where: str, base: Path) -> VideoPairRecord:
     missing = [k for k in ("prompt", "video_0", "video_1", "labels") if row.get(k) in (None, "")]
     if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; a video pair row needs prompt, video_0, video_1, labels")
+        raise DataError(
+            f"{where}: missing column(s) {missing}; a video pair row needs prompt, video_0, video_1, labels"
+        )
     labels = row["labels"]
     if isinstance(labels, str):
         try:
             labels = json.loads(labels)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: labels={row['labels']!r} is not a JSON list such as [1, 0, -1]") from err
+            raise DataError(
+                f"{where}: labels={row['labels']!r} is not a JSON list such as [1, 0, -1]"
+            ) from err
     if not isinstance(labels, list) or not labels or any(v not in (-1, 0, 1) for v in labels):
         raise DataError(f"{where}: labels must be a non-empty list of +1 / 0 / -1, got {row['labels']!r}")
 
@@ -188,10 +204,21 @@ def _record(row: dict, where: str, base: Path) -> VideoPairRecord:
     label = row.get("label")
     if label not in (None, "") and int(label) not in (-1, 0, 1):
         raise DataError(f"{where}: label={label!r} must be +1, 0 or -1")
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "video_0", "video_1", "labels", "segment_seconds", "label")}
-    return VideoPairRecord(str(row["prompt"]), path("video_0"), path("video_1"), [int(v) for v in labels], where,
-                           float(seg) if seg not in (None, "") else None,
-                           int(label) if label not in (None, "") else None, extra)
+    extra = {
+        k: v
+        for k, v in row.items()
+        if k not in ("prompt", "video_0", "video_1", "labels", "segment_seconds", "label")
+    }
+    return VideoPairRecord(
+        str(row["prompt"]),
+        path("video_0"),
+        path("video_1"),
+        [int(v) for v in labels],
+        where,
+        float(seg) if seg not in (None, "") else None,
+        int(label) if label not in (None, "") else None,
+        extra,
+    )
 
 
 def load_video_pairs(source: str | Path, max_items: int | None = None) -> list[VideoPairRecord]:
@@ -232,12 +259,22 @@ def fit_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     size = [max(height, round(h * scale)), max(width, round(w * scale))]
     x = resize(frames, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
-    return x[..., top:top + height, left:left + width].mul(2).sub(1)
+    return x[..., top : top + height, left : left + width].mul(2).sub(1)
 
 
-def decode_video_pair(rec: VideoPairRecord, *, height: int, width: int, fps: float | None, num_frames: int | None,
-                      segment_seconds: float, compression: int, causal: bool, straddle: str = "majority",
-                      backend: str | None = None) -> dict[str, Any]:
+def decode_video_pair(
+    rec: VideoPairRecord,
+    *,
+    height: int,
+    width: int,
+    fps: float | None,
+    num_frames: int | None,
+    segment_seconds: float,
+    compression: int,
+    causal: bool,
+    straddle: str = "majority",
+    backend: str | None = None,
+) -> dict[str, Any]:
     """Both clips as pixels [T,3,H,W] in [-1,1] plus latent-frame labels [T_lat] and the clip label."""
     from mmalign.data.video import read_video
 
@@ -248,19 +285,27 @@ def decode_video_pair(rec: VideoPairRecord, *, height: int, width: int, fps: flo
         except DataError as err:
             raise DataError(f"{rec.row} ({key}): {err}") from err
     if clips[0].frames.shape[0] != clips[1].frames.shape[0]:
-        raise DataError(f"{rec.row}: the two videos give {clips[0].frames.shape[0]} and {clips[1].frames.shape[0]} frames; "
-                        "a pair must have the same length (set method.num_frames)")
+        raise DataError(
+            f"{rec.row}: the two videos give {clips[0].frames.shape[0]} and {clips[1].frames.shape[0]} frames; "
+            "a pair must have the same length (set method.num_frames)"
+        )
     seg_s = rec.segment_seconds or segment_seconds
     n_total = clips[0].frames.shape[0]
     duration = n_total / clips[0].fps
     frame_seg = frame_segments(clips[0].timestamps - clips[0].timestamps[0], seg_s, duration)
     expected = num_segments(duration, seg_s)
     if len(rec.labels) < int(frame_seg.max()) + 1:
-        raise DataError(f"{rec.row}: {len(rec.labels)} segment labels but the clip ({duration:.2f} s, "
-                        f"{seg_s} s segments) has {expected} segments")
+        raise DataError(
+            f"{rec.row}: {len(rec.labels)} segment labels but the clip ({duration:.2f} s, "
+            f"{seg_s} s segments) has {expected} segments"
+        )
     lat = latent_labels(rec.labels, frame_seg, compression, causal, straddle)
-    return {"pixels_0": fit_frames(clips[0].frames, height, width), "pixels_1": fit_frames(clips[1].frames, height, width),
-            "labels": lat, "clip_label": rec.clip_label}
+    return {
+        "pixels_0": fit_frames(clips[0].frames, height, width),
+        "pixels_1": fit_frames(clips[1].frames, height, width),
+        "labels": lat,
+        "clip_label": rec.clip_label,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,13 +324,17 @@ class VideoLatentCache:
         blob = json.dumps(fingerprint, sort_keys=True, default=str)
         self.dir = Path(root) / f"video-{short_hash(blob)}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
+        (self.dir / "fingerprint.json").write_text(
+            json.dumps(fingerprint, indent=1, sort_keys=True, default=str)
+        )
 
     def item_key(self, rec: VideoPairRecord) -> str:
         parts = []
         for key in ("video_0", "video_1"):
             try:
-                parts.append(file_digest(getattr(rec, key)).hex()[:20])  # == short_hash(the bytes), read in blocks
+                parts.append(
+                    file_digest(getattr(rec, key)).hex()[:20]
+                )  # == short_hash(the bytes), read in blocks
             except MediaError as err:
                 raise DataError(f"{rec.row} ({key}): {err}") from None
         return short_hash("".join(parts) + json.dumps([rec.labels, rec.segment_seconds, rec.label]))
@@ -315,9 +364,17 @@ class VideoLatentCache:
     def text_name(self, prompt: str) -> str:
         return f"text-{short_hash(prompt)}.safetensors"
 
-    def build(self, records: list[VideoPairRecord], adapter: Any, decode_kwargs: dict[str, Any], *, random_flip: bool,
-              skip_bad: bool, prompts_extra: tuple[str, ...] = ("",), progress: bool = True
-              ) -> tuple[list[VideoPairRecord], list[str], list[str]]:
+    def build(
+        self,
+        records: list[VideoPairRecord],
+        adapter: Any,
+        decode_kwargs: dict[str, Any],
+        *,
+        random_flip: bool,
+        skip_bad: bool,
+        prompts_extra: tuple[str, ...] = ("",),
+        progress: bool = True,
+    ) -> tuple[list[VideoPairRecord], list[str], list[str]]:
         """Encode what is missing. Returns (usable records, their item file names, skipped-item messages)."""
         from tqdm.auto import tqdm
 
@@ -331,11 +388,19 @@ class VideoLatentCache:
                     tensors = {"labels": item["labels"], "clip_label": torch.tensor(item["clip_label"])}
                     for suffix, x in ({"": pix, "f": pix.flip(-1)} if random_flip else {"": pix}).items():
                         mean, std = adapter.latent_moments(x)
-                        tensors.update({f"mean_0{suffix}": mean[0], f"std_0{suffix}": std[0],
-                                        f"mean_1{suffix}": mean[1], f"std_1{suffix}": std[1]})
+                        tensors.update(
+                            {
+                                f"mean_0{suffix}": mean[0],
+                                f"std_0{suffix}": std[0],
+                                f"mean_1{suffix}": mean[1],
+                                f"std_1{suffix}": std[1],
+                            }
+                        )
                     if tensors["labels"].numel() != mean.shape[2]:
-                        raise DataError(f"{rec.row}: {tensors['labels'].numel()} latent labels for {mean.shape[2]} latent "
-                                        f"frames; the VAE's temporal compression is not what the adapter reports")
+                        raise DataError(
+                            f"{rec.row}: {tensors['labels'].numel()} latent labels for {mean.shape[2]} latent "
+                            f"frames; the VAE's temporal compression is not what the adapter reports"
+                        )
                     self._save(name, tensors)
             except DataError as err:
                 if not skip_bad:
@@ -347,7 +412,7 @@ class VideoLatentCache:
         todo = sorted({r.prompt for r in keep} | set(prompts_extra))
         todo = [p for p in todo if not self.has(self.text_name(p))]
         for start in range(0, len(todo), 32):
-            chunk = todo[start:start + 32]
+            chunk = todo[start : start + 32]
             cond = adapter.encode_prompts(chunk)
             for i, p in enumerate(chunk):
                 self._save(self.text_name(p), {k: v[i] for k, v in cond.items()})
@@ -357,7 +422,9 @@ class VideoLatentCache:
 class CachedVideoPairDataset(torch.utils.data.Dataset):
     """Video pairs served from :class:`VideoLatentCache` (a horizontal flip drawn per item when cached)."""
 
-    def __init__(self, records: list[VideoPairRecord], names: list[str], cache: VideoLatentCache, *, random_flip: bool):
+    def __init__(
+        self, records: list[VideoPairRecord], names: list[str], cache: VideoLatentCache, *, random_flip: bool
+    ):
         self.records, self.names, self.cache, self.random_flip = records, names, cache, random_flip
 
     def __len__(self) -> int:
@@ -367,18 +434,33 @@ class CachedVideoPairDataset(torch.utils.data.Dataset):
         data = self.cache.load(self.names[i])
         f = "f" if self.random_flip and bool(torch.rand(()) < 0.5) else ""
         item = {k: data[f"{k}{f}"] for k in ("mean_0", "std_0", "mean_1", "std_1")}
-        item.update(labels=data["labels"], clip_label=data["clip_label"], prompt=self.records[i].prompt,
-                    item_id=self.records[i].row)
+        item.update(
+            labels=data["labels"],
+            clip_label=data["clip_label"],
+            prompt=self.records[i].prompt,
+            item_id=self.records[i].row,
+        )
         return item
-
 
 
 class VideoPairDataset(torch.utils.data.Dataset):
     """Uncached video pairs (``data.cache=false``): decoded per item, encoded by the trainer each step."""
 
-    def __init__(self, records: list[VideoPairRecord], decode_kwargs: dict[str, Any], *, random_flip: bool, skip_bad: bool,
-                 min_non_tie: float | None = None):
-        self.records, self.decode_kwargs, self.random_flip, self.skip_bad = records, decode_kwargs, random_flip, skip_bad
+    def __init__(
+        self,
+        records: list[VideoPairRecord],
+        decode_kwargs: dict[str, Any],
+        *,
+        random_flip: bool,
+        skip_bad: bool,
+        min_non_tie: float | None = None,
+    ):
+        self.records, self.decode_kwargs, self.random_flip, self.skip_bad = (
+            records,
+            decode_kwargs,
+            random_flip,
+            skip_bad,
+        )
         self.min_non_tie = min_non_tie
 
     def __len__(self) -> int:
@@ -393,8 +475,10 @@ class VideoPairDataset(torch.utils.data.Dataset):
                 raise
             return {"skipped": str(err)}
         if self.min_non_tie is not None and non_tie_fraction(item["labels"]) <= self.min_non_tie:
-            return {"skipped": f"{rec.row}: {non_tie_fraction(item['labels']):.0%} of its latent frames carry a label "
-                               f"(DenseDPO needs more than {self.min_non_tie:.0%})"}
+            return {
+                "skipped": f"{rec.row}: {non_tie_fraction(item['labels']):.0%} of its latent frames carry a label "
+                f"(DenseDPO needs more than {self.min_non_tie:.0%})"
+            }
         if self.random_flip and bool(torch.rand(()) < 0.5):
             item["pixels_0"], item["pixels_1"] = item["pixels_0"].flip(-1), item["pixels_1"].flip(-1)
         item["clip_label"] = torch.tensor(item["clip_label"])

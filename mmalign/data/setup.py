@@ -31,15 +31,34 @@ def cache_root(cache_dir: str | None, output_dir: str | Path) -> Path:
     return Path(cache_dir) if cache_dir else Path(output_dir).parent / ".mmalign_cache"
 
 
-def model_fingerprint(adapter: Any, *, pretrained: str, revision: str | None = None, variant: str | None = None,
-                      vae: str | None = None) -> dict[str, Any]:
+def model_fingerprint(
+    adapter: Any,
+    *,
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+) -> dict[str, Any]:
     """What identifies the encoders a cache entry came from (the model, its VAE config, the family)."""
-    return {"model": pretrained, "revision": revision, "variant": variant, "vae": vae, "family": adapter.family,
-            "vae_config": dict(adapter.vae.config)}
+    return {
+        "model": pretrained,
+        "revision": revision,
+        "variant": variant,
+        "vae": vae,
+        "family": adapter.family,
+        "vae_config": dict(adapter.vae.config),
+    }
 
 
-def image_cache_fingerprint(model_id: dict[str, Any], adapter: Any, *, resolution: int, random_crop: bool) -> dict[str, Any]:
-    return {**model_id, "resolution": resolution, "random_crop": random_crop, "joint_crop": adapter.micro_conditioning}
+def image_cache_fingerprint(
+    model_id: dict[str, Any], adapter: Any, *, resolution: int, random_crop: bool
+) -> dict[str, Any]:
+    return {
+        **model_id,
+        "resolution": resolution,
+        "random_crop": random_crop,
+        "joint_crop": adapter.micro_conditioning,
+    }
 
 
 def drop_captions(prompts: list[str], p: float) -> list[str]:
@@ -50,8 +69,17 @@ def drop_captions(prompts: list[str], p: float) -> list[str]:
     return [q if k else "" for q, k in zip(prompts, keep.tolist())]
 
 
-def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolution: int, cache_dir: Path,
-                    model_id: dict[str, Any], progress: bool = True, keep: Callable[[Any], bool] | None = None) -> TrainData:
+def image_pair_data(
+    adapter: Any,
+    accelerator: Any,
+    data: DataConfig,
+    *,
+    resolution: int,
+    cache_dir: Path,
+    model_id: dict[str, Any],
+    progress: bool = True,
+    keep: Callable[[Any], bool] | None = None,
+) -> TrainData:
     """Image preference pairs, from the latent/text cache when ``data.cache`` is on.
 
     Args:
@@ -65,35 +93,77 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
         keep: only records it accepts (e.g. personal_dpo: pairs whose user has a vector).
     """
     d, res = data, resolution
-    records, counts = load_pairs(d.source, format=d.format, split=d.split, keep_ties=d.keep_ties, max_items=d.max_items)
+    records, counts = load_pairs(
+        d.source, format=d.format, split=d.split, keep_ties=d.keep_ties, max_items=d.max_items
+    )
     if keep is not None:
         records = [r for r in records if keep(r)]
         if not records:
-            raise DataError(f"{d.source}: no pair passes this method's filter (e.g. no pair's user has a vector)")
+            raise DataError(
+                f"{d.source}: no pair passes this method's filter (e.g. no pair's user has a vector)"
+            )
     skip = d.on_bad_item == "skip"
     joint = adapter.micro_conditioning
     if not d.cache:
-        dataset = PairDataset(records, res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint, skip_bad=skip)
-        return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device), counts)
+        dataset = PairDataset(
+            records,
+            res,
+            random_flip=d.random_flip,
+            random_crop=d.random_crop,
+            joint_crop=joint,
+            skip_bad=skip,
+        )
+        return TrainData(
+            dataset,
+            collate_pairs,
+            lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device),
+            counts,
+        )
 
-    cache = LatentCache(cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop))
+    cache = LatentCache(
+        cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop)
+    )
     if d.cache_build == "lazy":
         from mmalign.data.cache import estimate_pair_bytes, format_bytes
 
         need = len(records) * estimate_pair_bytes(dict(adapter.vae.config), res, d.random_flip)
         if accelerator.is_main_process and progress:
-            print(f"latent cache (lazy: encoded on first use): up to {format_bytes(need)} for {len(records)} pairs in {cache.dir}")
+            print(
+                f"latent cache (lazy: encoded on first use): up to {format_bytes(need)} for {len(records)} pairs in {cache.dir}"
+            )
         if d.cache_max_gb is not None and need > d.cache_max_gb * 1024**3:
-            raise ValueError(f"the latent cache would grow to about {format_bytes(need)}, over data.cache_max_gb="
-                             f"{d.cache_max_gb:g}; raise it, set data.max_items, or use data.cache=false")
-        dataset = LazyCachedPairDataset(records, cache, resolution=res, random_flip=d.random_flip, random_crop=d.random_crop,
-                                        joint_crop=joint, skip_bad=skip)
+            raise ValueError(
+                f"the latent cache would grow to about {format_bytes(need)}, over data.cache_max_gb="
+                f"{d.cache_max_gb:g}; raise it, set data.max_items, or use data.cache=false"
+            )
+        dataset = LazyCachedPairDataset(
+            records,
+            cache,
+            resolution=res,
+            random_flip=d.random_flip,
+            random_crop=d.random_crop,
+            joint_crop=joint,
+            skip_bad=skip,
+        )
         write = bool(accelerator.is_main_process)
-        return TrainData(dataset, collate_items, lambda raw, device: prepare_lazy_batch(
-            raw, adapter, cache, d.caption_dropout, res, device, random_flip=d.random_flip, write=write), counts)
-    kwargs = dict(resolution=res, random_flip=d.random_flip, random_crop=d.random_crop, joint_crop=joint,
-                  batch_size=d.cache_batch_size, skip_bad=skip, progress=progress,
-                  max_bytes=None if d.cache_max_gb is None else d.cache_max_gb * 1024**3)
+        return TrainData(
+            dataset,
+            collate_items,
+            lambda raw, device: prepare_lazy_batch(
+                raw, adapter, cache, d.caption_dropout, res, device, random_flip=d.random_flip, write=write
+            ),
+            counts,
+        )
+    kwargs = dict(
+        resolution=res,
+        random_flip=d.random_flip,
+        random_crop=d.random_crop,
+        joint_crop=joint,
+        batch_size=d.cache_batch_size,
+        skip_bad=skip,
+        progress=progress,
+        max_bytes=None if d.cache_max_gb is None else d.cache_max_gb * 1024**3,
+    )
     if accelerator.is_main_process:
         records_ok, keys, skipped = cache.build(records, adapter, **kwargs)
     accelerator.wait_for_everyone()
@@ -104,12 +174,23 @@ def image_pair_data(adapter: Any, accelerator: Any, data: DataConfig, *, resolut
         raise DataError(f"{d.source}: every pair was skipped as unreadable; first problem: {skipped[:1]}")
     counts = {**counts, "pairs": len(records_ok), "skipped": len(skipped)}
     dataset = CachedPairDataset(records_ok, keys, cache, random_flip=d.random_flip)
-    return TrainData(dataset, collate_pairs, lambda raw, device: prepare_pair_batch(raw, adapter, cache, d.caption_dropout, res, device),
-                     counts, skipped)
+    return TrainData(
+        dataset,
+        collate_pairs,
+        lambda raw, device: prepare_pair_batch(raw, adapter, cache, d.caption_dropout, res, device),
+        counts,
+        skipped,
+    )
 
 
-def prepare_pair_batch(raw: dict, adapter: Any, cache: LatentCache | None, caption_dropout: float, resolution: int,
-                       device: torch.device) -> dict:
+def prepare_pair_batch(
+    raw: dict,
+    adapter: Any,
+    cache: LatentCache | None,
+    caption_dropout: float,
+    resolution: int,
+    device: torch.device,
+) -> dict:
     """Raw pair batch (pixels or cached moments) -> ``latents_w``, ``latents_l``, ``cond`` on ``device``.
 
     The cached and uncached paths draw random numbers in the same order (caption dropout, then the winner's
@@ -127,12 +208,26 @@ def prepare_pair_batch(raw: dict, adapter: Any, cache: LatentCache | None, capti
     latents_w = adapter.latents_from_moments(mean_w, std_w)
     latents_l = adapter.latents_from_moments(mean_l, std_l)
     cond.update(adapter.extra_conditioning(raw, resolution))
-    return {"latents_w": latents_w, "latents_l": latents_l, "cond": {k: v.to(device) for k, v in cond.items()},
-            "prompts": prompts, "item_id": raw.get("item_id", [])}
+    return {
+        "latents_w": latents_w,
+        "latents_l": latents_l,
+        "cond": {k: v.to(device) for k, v in cond.items()},
+        "prompts": prompts,
+        "item_id": raw.get("item_id", []),
+    }
 
 
-def prepare_lazy_batch(raw: dict, adapter: Any, cache: LatentCache, caption_dropout: float, resolution: int,
-                       device: torch.device, *, random_flip: bool = True, write: bool = True) -> dict:
+def prepare_lazy_batch(
+    raw: dict,
+    adapter: Any,
+    cache: LatentCache,
+    caption_dropout: float,
+    resolution: int,
+    device: torch.device,
+    *,
+    random_flip: bool = True,
+    write: bool = True,
+) -> dict:
     """A ``data.cache_build=lazy`` batch -> model inputs, encoding (and caching) what the cache does not hold yet.
 
     Items that arrive as pixels are encoded here on ``device`` (both flips when flipping is on, as the eager build
@@ -149,7 +244,9 @@ def prepare_lazy_batch(raw: dict, adapter: Any, cache: LatentCache, caption_drop
     fresh = [it for it in items if "pixels_w" in it and not cache.has_pair(it["key"])]
     if fresh:
         n = len(fresh)
-        pix = torch.cat([torch.stack([it["pixels_w"] for it in fresh]), torch.stack([it["pixels_l"] for it in fresh])])
+        pix = torch.cat(
+            [torch.stack([it["pixels_w"] for it in fresh]), torch.stack([it["pixels_l"] for it in fresh])]
+        )
         tensors: dict[str, torch.Tensor] = {}
         for suffix, x in ({"": pix, "f": pix.flip(-1)} if random_flip else {"": pix}).items():
             mean, std = adapter.latent_moments(x.to(device))
@@ -159,14 +256,26 @@ def prepare_lazy_batch(raw: dict, adapter: Any, cache: LatentCache, caption_drop
                 tensors[f"{k}.w{suffix}.mean"], tensors[f"{k}.w{suffix}.std"] = mean[i], std[i]
                 tensors[f"{k}.l{suffix}.mean"], tensors[f"{k}.l{suffix}.std"] = mean[n + i], std[n + i]
         for it in fresh:
-            tensors[f"{it['key']}.meta"] = torch.tensor([*it["original_size"], *it["crop_top_left"]], dtype=torch.int64)
+            tensors[f"{it['key']}.meta"] = torch.tensor(
+                [*it["original_size"], *it["crop_top_left"]], dtype=torch.int64
+            )
         cache.add_pair_moments(tensors, list(dict.fromkeys(it["key"] for it in fresh)), write=write)
     moments = [it if "mean_w" in it else cache.pair(it["key"], flip=it["flip"]) for it in items]
-    mean_w, std_w, mean_l, std_l = (torch.stack([m[k] for m in moments]).to(device) for k in ("mean_w", "std_w", "mean_l", "std_l"))
+    mean_w, std_w, mean_l, std_l = (
+        torch.stack([m[k] for m in moments]).to(device) for k in ("mean_w", "std_w", "mean_l", "std_l")
+    )
     latents_w = adapter.latents_from_moments(mean_w, std_w)
     latents_l = adapter.latents_from_moments(mean_l, std_l)
     # SDXL micro-conditioning from the cache entry (a flipped item's crop is mirrored there, as in the eager path)
-    meta = {"original_size": [m["original_size"] for m in moments], "crop_top_left": [m["crop_top_left"] for m in moments]}
+    meta = {
+        "original_size": [m["original_size"] for m in moments],
+        "crop_top_left": [m["crop_top_left"] for m in moments],
+    }
     cond.update(adapter.extra_conditioning(meta, resolution))
-    return {"latents_w": latents_w, "latents_l": latents_l, "cond": {k: v.to(device) for k, v in cond.items()},
-            "prompts": prompts, "item_id": raw.get("item_id", [])}
+    return {
+        "latents_w": latents_w,
+        "latents_l": latents_l,
+        "cond": {k: v.to(device) for k, v in cond.items()},
+        "prompts": prompts,
+        "item_id": raw.get("item_id", []),
+    }

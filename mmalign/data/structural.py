@@ -24,8 +24,18 @@ from mmalign.data.segments import frame_segments, labels_from_scores, num_segmen
 
 
 @torch.no_grad()
-def denoise_from(adapter: Any, pipe: Any, x0: torch.Tensor, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
-                 *, eta: float, noise: torch.Tensor, steps: int = 20, guidance: float = 1.0) -> torch.Tensor:
+def denoise_from(
+    adapter: Any,
+    pipe: Any,
+    x0: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+    *,
+    eta: float,
+    noise: torch.Tensor,
+    steps: int = 20,
+    guidance: float = 1.0,
+) -> torch.Tensor:
     """SDEdit-style: noise latents ``x0`` [B,C,T,h,w] to level ``eta`` with ``noise`` and denoise with the pipeline's sampler."""
     sched = copy.deepcopy(pipe.scheduler)
     sched.set_timesteps(steps, device=x0.device)
@@ -37,7 +47,7 @@ def denoise_from(adapter: Any, pipe: Any, x0: torch.Tensor, cond: dict[str, torc
         x = (1 - sigma) * x0 + sigma * noise
     else:
         start = min(len(timesteps) - 1, round((1 - eta) * len(timesteps)))
-        x = sched.add_noise(x0, noise, timesteps[start:start + 1].repeat(x0.shape[0]))
+        x = sched.add_noise(x0, noise, timesteps[start : start + 1].repeat(x0.shape[0]))
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start * getattr(sched, "order", 1))
     denoiser = getattr(pipe, adapter.denoiser_name)
@@ -53,9 +63,17 @@ def denoise_from(adapter: Any, pipe: Any, x0: torch.Tensor, cond: dict[str, torc
 
 
 @torch.no_grad()
-def structural_pairs(adapter: Any, pipe: Any, videos: torch.Tensor, prompts: Sequence[str], *, seed: int,
-                     eta_range: tuple[float, float] = (0.65, 0.8), steps: int = 20, guidance: float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def structural_pairs(
+    adapter: Any,
+    pipe: Any,
+    videos: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    eta_range: tuple[float, float] = (0.65, 0.8),
+    steps: int = 20,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Two clips per ground-truth clip sharing its motion.
 
     Args:
@@ -78,11 +96,24 @@ def structural_pairs(adapter: Any, pipe: Any, videos: torch.Tensor, prompts: Seq
     for which in range(2):
         clips = []
         for i, eta in enumerate(etas):
-            noise = torch.randn(x0[i:i + 1].shape, generator=torch.Generator().manual_seed(seed * 1000 + 2 * i + which))
-            one = {k: v[i:i + 1] for k, v in cond.items()}
-            un = {k: v[i:i + 1] for k, v in uncond.items()}
-            clips.append(denoise_from(adapter, pipe, x0[i:i + 1], one, un, eta=eta, noise=noise.to(x0.device),
-                                      steps=steps, guidance=guidance))
+            noise = torch.randn(
+                x0[i : i + 1].shape, generator=torch.Generator().manual_seed(seed * 1000 + 2 * i + which)
+            )
+            one = {k: v[i : i + 1] for k, v in cond.items()}
+            un = {k: v[i : i + 1] for k, v in uncond.items()}
+            clips.append(
+                denoise_from(
+                    adapter,
+                    pipe,
+                    x0[i : i + 1],
+                    one,
+                    un,
+                    eta=eta,
+                    noise=noise.to(x0.device),
+                    steps=steps,
+                    guidance=guidance,
+                )
+            )
         outs.append(adapter.decode_latents(torch.cat(clips)))
     return outs[0], outs[1], etas
 
@@ -90,12 +121,22 @@ def structural_pairs(adapter: Any, pipe: Any, videos: torch.Tensor, prompts: Seq
 def segment_slices(num_frames: int, fps: float, segment_seconds: float = 1.0) -> list[list[int]]:
     """Frame indices of each segment (:func:`~mmalign.data.segments.frame_segments` rule)."""
     seg = frame_segments(torch.arange(num_frames) / fps, segment_seconds, duration=num_frames / fps)
-    return [torch.nonzero(seg == s).flatten().tolist() for s in range(num_segments(num_frames / fps, segment_seconds))]
+    return [
+        torch.nonzero(seg == s).flatten().tolist()
+        for s in range(num_segments(num_frames / fps, segment_seconds))
+    ]
 
 
-def reward_segment_labels(reward: Callable[..., torch.Tensor], video_0: torch.Tensor, video_1: torch.Tensor,
-                          prompts: Sequence[str], *, fps: float, segment_seconds: float = 1.0, margin: float = 0.0
-                          ) -> torch.Tensor:
+def reward_segment_labels(
+    reward: Callable[..., torch.Tensor],
+    video_0: torch.Tensor,
+    video_1: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    fps: float,
+    segment_seconds: float = 1.0,
+    margin: float = 0.0,
+) -> torch.Tensor:
     """Labels [B,S] from a reward called on each segment of each clip (``reward(media [B,t,3,H,W], prompts) -> [B]``)."""
     cols_0, cols_1 = [], []
     for idx in segment_slices(video_0.shape[1], fps, segment_seconds):

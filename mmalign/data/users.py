@@ -158,8 +158,17 @@ class UserPairDataset(torch.utils.data.Dataset):
         return item
 
 
-def personal_pair_data(adapter: Any, accelerator: Any, data: Any, user_vectors: str, *, resolution: int,
-                       cache_dir: Any, model_id: dict[str, Any], progress: bool = True):
+def personal_pair_data(
+    adapter: Any,
+    accelerator: Any,
+    data: Any,
+    user_vectors: str,
+    *,
+    resolution: int,
+    cache_dir: Any,
+    model_id: dict[str, Any],
+    progress: bool = True,
+):
     """Image pairs (as ``diffusion_dpo``) whose users have vectors in ``user_vectors``; batches carry
     ``cond["image_embeds"]`` [B, D]. Pairs of users without a vector are counted and dropped.
 
@@ -182,8 +191,16 @@ def personal_pair_data(adapter: Any, accelerator: Any, data: Any, user_vectors: 
             f"{missing_user[0].row}: no 'user' (or 'user_id') value; personal_dpo needs one per pair"
         )
     unknown = {str(r.user_id) for r in records} - set(vectors)
-    data = image_pair_data(adapter, accelerator, d, resolution=resolution, cache_dir=cache_dir, model_id=model_id,
-                           progress=progress, keep=lambda rec: str(rec.user_id) in vectors)
+    data = image_pair_data(
+        adapter,
+        accelerator,
+        d,
+        resolution=resolution,
+        cache_dir=cache_dir,
+        model_id=model_id,
+        progress=progress,
+        keep=lambda rec: str(rec.user_id) in vectors,
+    )
     base_records = data.dataset.records
     data.dataset = UserPairDataset(data.dataset, base_records, vectors)
     prepare = data.prepare

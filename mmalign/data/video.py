@@ -49,8 +49,10 @@ def pick_backend(backend: str | None = None) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"unknown video backend {backend!r}; choose from {BACKENDS}")
         if importlib.util.find_spec(_MODULES[backend]) is None:
-            raise ImportError(f"video backend {backend!r} is not installed: pip install 'mmalign[video]' "
-                              f"(decord, av) or pip install {_MODULES[backend]}")
+            raise ImportError(
+                f"video backend {backend!r} is not installed: pip install 'mmalign[video]' "
+                f"(decord, av) or pip install {_MODULES[backend]}"
+            )
         return backend
     found = available_backends()
     if not found:
@@ -58,8 +60,9 @@ def pick_backend(backend: str | None = None) -> str:
     return found[0]
 
 
-def sample_indices(n_total: int, native_fps: float, *, fps: float | None = None,
-                   num_frames: int | None = None) -> tuple[list[int], float]:
+def sample_indices(
+    n_total: int, native_fps: float, *, fps: float | None = None, num_frames: int | None = None
+) -> tuple[list[int], float]:
     """Frame indices to keep and the fps of the kept frames.
 
     Args:
@@ -81,7 +84,9 @@ def sample_indices(n_total: int, native_fps: float, *, fps: float | None = None,
         idx = [min(n_total - 1, math.floor(k * native_fps / fps + 1e-6)) for k in range(ticks)]
         if num_frames is not None:
             if num_frames > len(idx):
-                raise ValueError(f"asked for {num_frames} frames at {fps} fps but the clip gives only {len(idx)}")
+                raise ValueError(
+                    f"asked for {num_frames} frames at {fps} fps but the clip gives only {len(idx)}"
+                )
             idx = idx[:num_frames]
         return idx, float(fps)
     if num_frames is not None:
@@ -136,8 +141,9 @@ def _decode_torchcodec(path: Path) -> tuple[torch.Tensor, float]:
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav, "torchcodec": _decode_torchcodec}
 
 
-def read_video(path: str | Path, fps: float | None = None, num_frames: int | None = None,
-               backend: str | None = None) -> Video:
+def read_video(
+    path: str | Path, fps: float | None = None, num_frames: int | None = None, backend: str | None = None
+) -> Video:
     """Decode a video file into frames.
 
     Args:
@@ -153,13 +159,17 @@ def read_video(path: str | Path, fps: float | None = None, num_frames: int | Non
         DataError: the file is missing, unreadable or has too few frames (the message names it).
     """
     path = Path(path)
-    candidates = [pick_backend(backend)] if backend is not None else available_backends() or [pick_backend(None)]
+    candidates = (
+        [pick_backend(backend)] if backend is not None else available_backends() or [pick_backend(None)]
+    )
     try:
         check_media_file(path)
     except MediaError as err:
         raise DataError(str(err)) from None
     errors = []
-    for name in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
+    for (
+        name
+    ) in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
         try:
             frames, native_fps = _DECODERS[name](path)
             backend = name
@@ -197,7 +207,11 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float, *, crf: int 
     if frames.dtype != torch.uint8:
         frames = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     h, w = frames.shape[-2:]
-    frames = torch.nn.functional.pad(frames, (0, w % 2, 0, h % 2), mode="replicate") if (h % 2 or w % 2) else frames
+    frames = (
+        torch.nn.functional.pad(frames, (0, w % 2, 0, h % 2), mode="replicate")
+        if (h % 2 or w % 2)
+        else frames
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from fractions import Fraction

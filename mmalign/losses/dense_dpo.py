@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from mmalign.losses.diffusion_dpo import preference_metrics
 
 
-def _oriented(label: torch.Tensor, err_0: torch.Tensor, err_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _oriented(
+    label: torch.Tensor, err_0: torch.Tensor, err_1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(preferred, dispreferred) errors: label +1 -> video 0 preferred, -1 -> video 1."""
     first = label > 0
     return torch.where(first, err_0, err_1), torch.where(first, err_1, err_0)
@@ -51,7 +53,9 @@ def dense_dpo_loss(
         preferred/dispreferred video of each frame, plus ``non_tie_frac``.
     """
     if labels.shape != model_err_0.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must match the per-frame errors {tuple(model_err_0.shape)} ([B,T])")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match the per-frame errors {tuple(model_err_0.shape)} ([B,T])"
+        )
     labels = labels.to(model_err_0.dtype)
     z = -(beta / 2.0) * labels * ((model_err_0 - ref_err_0) - (model_err_1 - ref_err_1))
     keep = labels != 0
@@ -63,8 +67,11 @@ def dense_dpo_loss(
         lab = labels[keep]
         m_w, m_l = _oriented(lab, model_err_0[keep], model_err_1[keep])
         r_w, r_l = _oriented(lab, ref_err_0[keep], ref_err_1[keep])
-        metrics = preference_metrics(z[keep], m_w, m_l, r_w, r_l) if n > 0 else {
-            k: torch.zeros((), device=z.device) for k in preference_metrics(z[:0], *([z[:0]] * 4))}
+        metrics = (
+            preference_metrics(z[keep], m_w, m_l, r_w, r_l)
+            if n > 0
+            else {k: torch.zeros((), device=z.device) for k in preference_metrics(z[:0], *([z[:0]] * 4))}
+        )
         metrics["non_tie_frac"] = keep.float().mean()
     return loss, metrics
 

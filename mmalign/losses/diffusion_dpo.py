@@ -38,7 +38,9 @@ def preference_metrics(
         }
 
 
-def f_divergence_reward(delta: torch.Tensor, *, kappa: float, divergence: str, alpha: float = 0.5) -> torch.Tensor:
+def f_divergence_reward(
+    delta: torch.Tensor, *, kappa: float, divergence: str, alpha: float = 0.5
+) -> torch.Tensor:
     """``f'(u)`` of f-DPO (Wang et al. 2023, arXiv 2309.16240) transferred to diffusion, with ``log u = -kappa * delta``.
 
     ``delta`` = policy error - reference error. reverse_kl ``log u`` (Diffusion-DPO), forward_kl ``-1/u``,

@@ -20,8 +20,14 @@ import torch
 from mmalign.utils import expand_like
 
 
-def renoise(x_t: torch.Tensor, alpha_t: torch.Tensor | float, sigma_t: torch.Tensor | float,
-            alpha_s: torch.Tensor | float, sigma_s: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+def renoise(
+    x_t: torch.Tensor,
+    alpha_t: torch.Tensor | float,
+    sigma_t: torch.Tensor | float,
+    alpha_s: torch.Tensor | float,
+    sigma_s: torch.Tensor | float,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Forward-diffuse ``x_t`` from level t to a higher level s (s > t).
 
     ``x_s = (alpha_s/alpha_t) x_t + sqrt(sigma_s^2 - sigma_t^2 alpha_s^2/alpha_t^2) noise``. If
@@ -40,9 +46,14 @@ def renoise(x_t: torch.Tensor, alpha_t: torch.Tensor | float, sigma_t: torch.Ten
     """
     x_t = x_t.float()
     ratio = expand_like(alpha_s, x_t, torch.float32) / expand_like(alpha_t, x_t, torch.float32)
-    var = expand_like(sigma_s, x_t, torch.float32) ** 2 - expand_like(sigma_t, x_t, torch.float32) ** 2 * ratio**2
+    var = (
+        expand_like(sigma_s, x_t, torch.float32) ** 2
+        - expand_like(sigma_t, x_t, torch.float32) ** 2 * ratio**2
+    )
     if (var < -1e-6).any():
-        raise ValueError("renoise needs s noisier than t (sigma_s/alpha_s >= sigma_t/alpha_t for every sample)")
+        raise ValueError(
+            "renoise needs s noisier than t (sigma_s/alpha_s >= sigma_t/alpha_t for every sample)"
+        )
     return ratio * x_t + var.clamp_min(0).sqrt() * noise.float()
 
 
@@ -57,8 +68,9 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> t
     return ((d.pow(2) + c * c).sqrt() - c).flatten(1).mean(1)
 
 
-def self_npo_loss(x0_student: torch.Tensor, x0_target: torch.Tensor, *, huber_c: float = 1e-3
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def self_npo_loss(
+    x0_student: torch.Tensor, x0_target: torch.Tensor, *, huber_c: float = 1e-3
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Self-NPO student loss: pseudo-Huber between the student's x0 estimate at (x_s, s) and the teacher's at x_t.
 
     Args:

@@ -69,8 +69,10 @@ def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | N
     try:
         return DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
     except Exception as err:  # hub errors come in many types (offline, not found, gated)
-        raise ValueError(f"{pretrained}: not a local pipeline directory, and its model_index.json could not be "
-                         f"read from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"{pretrained}: not a local pipeline directory, and its model_index.json could not be "
+            f"read from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
 
 
 def family_of_class(class_name: str | None) -> str | None:
@@ -111,8 +113,16 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None = None, variant: str | None = None,
-                  vae: str | None = None, torch_dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, str]:
+def load_pipeline(
+    pretrained: str,
+    *,
+    family: str = "auto",
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+    torch_dtype: Any = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, str]:
     """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family).
 
     Raises:
@@ -125,14 +135,28 @@ def load_pipeline(pretrained: str, *, family: str = "auto", revision: str | None
         return _load_pipeline(pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code)
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as err:  # hub/offline/missing files, bad model_index.json
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as err:  # hub/offline/missing files, bad model_index.json
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
-                          f"{clip(reason)}") from err
+        raise ConfigError(
+            f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
+            f"{clip(reason)}"
+        ) from err
 
 
-def _load_pipeline(pretrained: str, family: str, revision: str | None, variant: str | None, vae: str | None,
-                   torch_dtype: Any, trust_remote_code: bool) -> tuple[Any, str]:
+def _load_pipeline(
+    pretrained: str,
+    family: str,
+    revision: str | None,
+    variant: str | None,
+    vae: str | None,
+    torch_dtype: Any,
+    trust_remote_code: bool,
+) -> tuple[Any, str]:
     import diffusers
 
     pretrained = resolve_pretrained(pretrained)
@@ -145,10 +169,16 @@ def _load_pipeline(pretrained: str, family: str, revision: str | None, variant: 
             class_name = None
         expected = get_family(family).pipeline_class_name
         if family_of_class(class_name) is not None and class_name != expected:
-            raise ConfigError(f"model.family={family} expects a {expected} but {pretrained} is a {class_name} "
-                              f"(family {family_of_class(class_name)}); set model.family=auto or the matching family")
+            raise ConfigError(
+                f"model.family={family} expects a {expected} but {pretrained} is a {class_name} "
+                f"(family {family_of_class(class_name)}); set model.family=auto or the matching family"
+            )
     spec = get_family(family)
-    cls = getattr(diffusers, spec.pipeline_class) if isinstance(spec.pipeline_class, str) else spec.pipeline_class
+    cls = (
+        getattr(diffusers, spec.pipeline_class)
+        if isinstance(spec.pipeline_class, str)
+        else spec.pipeline_class
+    )
     kwargs: dict[str, Any] = {"revision": revision, "variant": variant}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
@@ -171,10 +201,26 @@ def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:
         valid = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed)
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ConfigError(f"model.adapter_options {unknown} are not options of the {family} adapter; valid: {valid}")
+            raise ConfigError(
+                f"model.adapter_options {unknown} are not options of the {family} adapter; valid: {valid}"
+            )
     return cls(pipeline, **options)
 
 
-__all__ = ["FAMILIES", "Family", "NoiseProcess", "PipelineAdapter", "VideoAdapter", "detect_family", "family_of_class",
-           "get_family", "is_video", "load_pipeline", "make_adapter", "per_frame_mse", "per_sample_mse",
-           "pipeline_class_name", "resolve_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "NoiseProcess",
+    "PipelineAdapter",
+    "VideoAdapter",
+    "detect_family",
+    "family_of_class",
+    "get_family",
+    "is_video",
+    "load_pipeline",
+    "make_adapter",
+    "per_frame_mse",
+    "per_sample_mse",
+    "pipeline_class_name",
+    "resolve_pretrained",
+]

@@ -34,7 +34,9 @@ class PipelineAdapter(Protocol):
     family: str
     pipeline: Any  # the diffusers pipeline the adapter wraps
     denoiser_name: str  # pipeline attribute of the trained network: "unet" or "transformer"
-    noise_process: NoiseProcess  # "ddpm": x_t = sqrt(abar) x0 + sqrt(1-abar) eps, scheduler.alphas_cumprod exists
+    noise_process: (
+        NoiseProcess  # "ddpm": x_t = sqrt(abar) x0 + sqrt(1-abar) eps, scheduler.alphas_cumprod exists
+    )
     #                              (eps/v/sample prediction); "flow": x_t = (1-sigma) x0 + sigma eps, t = 1000 sigma
     scheduler: Any  # the training noise scheduler; for "ddpm": alphas_cumprod, config.prediction_type
     vae: Any  # the autoencoder (kept in fp32 by the loop)
@@ -51,8 +53,9 @@ class PipelineAdapter(Protocol):
     def latent_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled; what the latent cache stores."""
 
-    def latents_from_moments(self, mean: torch.Tensor, std: torch.Tensor,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+    def latents_from_moments(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """A posterior sample, scaled (and shifted/normalised) as the family's denoiser expects."""
 
     def encode_media(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -67,10 +70,14 @@ class PipelineAdapter(Protocol):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the denoiser is trained to predict (from the scheduler's prediction type, or noise - x0 for flow)."""
 
-    def predict(self, denoiser: torch.nn.Module, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(
+        self, denoiser: torch.nn.Module, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Run the denoiser on noisy latents with the conditioning of :meth:`encode_prompts`."""
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(
+        self, n: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         """Training timesteps [n]."""
 
 
@@ -120,11 +127,14 @@ def ddpm_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.
         return expand_like(abar.sqrt(), x0) * noise - expand_like((1 - abar).sqrt(), x0) * x0
     if kind == "sample":
         return x0
-    raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config (epsilon, v_prediction, sample)")
+    raise ValueError(
+        f"unsupported prediction_type {kind!r} in the scheduler config (epsilon, v_prediction, sample)"
+    )
 
 
-def x0_and_eps(output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def x0_and_eps(
+    output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoiser output at a latent ``x`` of level ``abar`` [B] -> (x0_hat, eps), for any prediction type.
 
     The split of diffusers' DDIM schedulers: epsilon: x0 = (x - sqrt(1-abar) out) / sqrt(abar);
@@ -140,9 +150,15 @@ def x0_and_eps(output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, predic
     raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction)")
 
 
-def guided_output(adapter: PipelineAdapter, denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                  cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, guidance_scale: float
-                  ) -> torch.Tensor:
+def guided_output(
+    adapter: PipelineAdapter,
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+    guidance_scale: float,
+) -> torch.Tensor:
     """Classifier-free guidance in diffusers' convention, ``u + g (c - u)``, as one batched call of [2B].
 
     ``g = 1`` runs the conditional branch alone and ``g = 0`` the unconditional one alone (one pass of [B]).
@@ -158,7 +174,9 @@ def guided_output(adapter: PipelineAdapter, denoiser: torch.nn.Module, x: torch.
     return u + guidance_scale * (c - u)
 
 
-def uniform_timesteps(scheduler: Any, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def uniform_timesteps(
+    scheduler: Any, n: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """t ~ U{0, ..., T-1}, as every Diffusion-DPO implementation draws them."""
     num = scheduler.config.num_train_timesteps
     return torch.randint(0, num, (n,), generator=generator, device="cpu").to(device)
@@ -172,6 +190,15 @@ def training_scheduler(scheduler_config: dict) -> Any:
     """
     from diffusers import DDPMScheduler
 
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+        "timestep_spacing",
+        "steps_offset",
+    )
     return DDPMScheduler.from_config({k: v for k, v in dict(scheduler_config).items() if k in keys})

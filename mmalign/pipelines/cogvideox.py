@@ -44,9 +44,12 @@ class CogVideoXAdapter:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        embeds, _ = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                max_sequence_length=self.max_text_len,
-                                                device=self.pipeline.text_encoder.device)
+        embeds, _ = self.pipeline.encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_text_len,
+            device=self.pipeline.text_encoder.device,
+        )
         return {"encoder_hidden_states": embeds}
 
     @torch.no_grad()
@@ -67,10 +70,15 @@ class CogVideoXAdapter:
         p_t = self.pipeline.transformer.config.get("patch_size_t")
         if p_t and latent_frames % p_t:
             c = self.temporal_compression
-            ok = [f for f in range(frames - 2 * c * p_t, frames + 2 * c * p_t) if f > 0 and (f - 1) % c == 0
-                  and ((f - 1) // c + 1) % p_t == 0]
-            raise ConfigError(f"CogVideoX 1.5 (transformer patch_size_t={p_t}) needs a multiple of {p_t} latent frames; "
-                              f"{frames} frames give {latent_frames}: set method.num_frames to one of {ok[:4]}")
+            ok = [
+                f
+                for f in range(frames - 2 * c * p_t, frames + 2 * c * p_t)
+                if f > 0 and (f - 1) % c == 0 and ((f - 1) // c + 1) % p_t == 0
+            ]
+            raise ConfigError(
+                f"CogVideoX 1.5 (transformer patch_size_t={p_t}) needs a multiple of {p_t} latent frames; "
+                f"{frames} frames give {latent_frames}: set method.num_frames to one of {ok[:4]}"
+            )
 
     def latents_from_moments(self, mean, std, generator=None) -> torch.Tensor:
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
@@ -101,9 +109,15 @@ class CogVideoXAdapter:
         rotary = None
         if self.pipeline.transformer.config.use_rotary_positional_embeddings:
             rotary = self.pipeline._prepare_rotary_positional_embeddings(
-                h * self.spatial_compression, w * self.spatial_compression, frames, xt.device)
-        out = denoiser(hidden_states=xt.permute(0, 2, 1, 3, 4).to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                       timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
+                h * self.spatial_compression, w * self.spatial_compression, frames, xt.device
+            )
+        out = denoiser(
+            hidden_states=xt.permute(0, 2, 1, 3, 4).to(dtype),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            timestep=t,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
         return out.permute(0, 2, 1, 3, 4)
 
     def sample_timesteps(self, n, generator, device):

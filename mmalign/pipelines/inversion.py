@@ -34,8 +34,9 @@ from mmalign.utils import expand_like
 NON_TEXT_KEYS = ("time_ids",)
 
 
-def inversion_timesteps(num_train_timesteps: int, num_steps: int, *, spacing: str = "leading",
-                        steps_offset: int = 0) -> torch.Tensor:
+def inversion_timesteps(
+    num_train_timesteps: int, num_steps: int, *, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
     """The ascending K-step grid ``t_1 < ... < t_K`` of diffusers' ``DDIMInverseScheduler.set_timesteps``.
 
     ``leading`` with offset 0 and K = 80 gives 0, 12, ..., 948 (the Inversion-DPO grid); ``trailing`` ends at
@@ -45,7 +46,9 @@ def inversion_timesteps(num_train_timesteps: int, num_steps: int, *, spacing: st
 
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps={num_steps} must be in [1, {num_train_timesteps}]")
-    sched = DDIMInverseScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset)
+    sched = DDIMInverseScheduler(
+        num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset
+    )
     sched.set_timesteps(num_steps)
     grid = sched.timesteps.long().clone()
     if grid.max() >= num_train_timesteps or grid.min() < 0:
@@ -65,7 +68,9 @@ def zero_conditioning(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v if k in NON_TEXT_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, x0_hat: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
+def ddim_step(
+    x: torch.Tensor, eps: torch.Tensor, x0_hat: torch.Tensor, abar_to: torch.Tensor
+) -> torch.Tensor:
     """DDIM (eta = 0) move of a latent to level ``abar_to`` [B]: ``sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps``."""
     a = expand_like(abar_to, x)
     return a.sqrt() * x0_hat + (1 - a).sqrt() * eps
@@ -93,9 +98,18 @@ class Inversion:
 
 
 @torch.no_grad()
-def ddim_invert(adapter: PipelineAdapter, denoiser: torch.nn.Module, x0: torch.Tensor, cond: dict[str, torch.Tensor], *,
-                timesteps: torch.Tensor, guidance_scale: float = 1.0, uncond: dict[str, torch.Tensor] | None = None,
-                set_alpha_to_one: bool = False, num_steps: int | None = None) -> Inversion:
+def ddim_invert(
+    adapter: PipelineAdapter,
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    *,
+    timesteps: torch.Tensor,
+    guidance_scale: float = 1.0,
+    uncond: dict[str, torch.Tensor] | None = None,
+    set_alpha_to_one: bool = False,
+    num_steps: int | None = None,
+) -> Inversion:
     """Invert clean latents ``x0`` [B, ...] along ``timesteps`` (ascending, from :func:`inversion_timesteps`).
 
     Args:
@@ -131,9 +145,18 @@ def ddim_invert(adapter: PipelineAdapter, denoiser: torch.nn.Module, x0: torch.T
 
 
 @torch.no_grad()
-def ddim_sample(adapter: PipelineAdapter, denoiser: torch.nn.Module, xk: torch.Tensor, cond: dict[str, torch.Tensor], *,
-                timesteps: torch.Tensor, guidance_scale: float = 1.0, uncond: dict[str, torch.Tensor] | None = None,
-                set_alpha_to_one: bool = False, from_step: int | None = None) -> torch.Tensor:
+def ddim_sample(
+    adapter: PipelineAdapter,
+    denoiser: torch.nn.Module,
+    xk: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    *,
+    timesteps: torch.Tensor,
+    guidance_scale: float = 1.0,
+    uncond: dict[str, torch.Tensor] | None = None,
+    set_alpha_to_one: bool = False,
+    from_step: int | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM sampling from ``x_k`` (level of grid step ``from_step``, default K) back to the clean level.
 
     Adapted from diffusers 0.42 DDIMScheduler.step (eta = 0): the prediction at ``(x_k, t_k)`` moves ``x_k`` to

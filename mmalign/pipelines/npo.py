@@ -65,9 +65,15 @@ class NPOGuidedDenoiser(torch.nn.Module):
             ``do_classifier_free_guidance``); when it is false every sample runs the positive model.
     """
 
-    def __init__(self, positive: torch.nn.Module, negative: torch.nn.Module | None = None, *,
-                 positive_adapters: dict[str, float] | None = None, negative_adapters: dict[str, float] | None = None,
-                 is_cfg_batch: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        positive: torch.nn.Module,
+        negative: torch.nn.Module | None = None,
+        *,
+        positive_adapters: dict[str, float] | None = None,
+        negative_adapters: dict[str, float] | None = None,
+        is_cfg_batch: Callable[[], bool] = lambda: True,
+    ):
         super().__init__()
         if negative is None and not negative_adapters:
             raise ValueError("NPOGuidedDenoiser needs separate negative weights or negative_adapters")
@@ -109,12 +115,16 @@ class NPOGuidedDenoiser(torch.nn.Module):
         if self.negative is None:
             self._use(self.positive_adapters)
 
-    def _run(self, net: torch.nn.Module, adapters: dict[str, float] | None, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _run(
+        self, net: torch.nn.Module, adapters: dict[str, float] | None, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
         if adapters is not None:
             self._use(adapters)
         return net(*args, **{**kwargs, "return_dict": False})[0]
 
-    def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, return_dict: bool = True, **kwargs: Any):
+    def forward(
+        self, sample: torch.Tensor, timestep: Any, *args: Any, return_dict: bool = True, **kwargs: Any
+    ):
         pos_adapters = self.positive_adapters if self.negative is None else None
         neg_adapters = self.negative_adapters if self.negative is None else None
         negative = self.negative if self.negative is not None else self.positive
@@ -125,7 +135,10 @@ class NPOGuidedDenoiser(torch.nn.Module):
                 n = sample.shape[0]
                 if n % 2:
                     raise ValueError(f"NPO guidance expects a [uncond; cond] batch of even size, got {n}")
-                halves = [([_split(a, n, h) for a in (sample, timestep, *args)], _split(kwargs, n, h)) for h in (0, 1)]
+                halves = [
+                    ([_split(a, n, h) for a in (sample, timestep, *args)], _split(kwargs, n, h))
+                    for h in (0, 1)
+                ]
                 out_neg = self._run(negative, neg_adapters, tuple(halves[0][0]), halves[0][1])
                 out_pos = self._run(self.positive, pos_adapters, tuple(halves[1][0]), halves[1][1])
                 out = torch.cat([out_neg, out_pos])
@@ -157,19 +170,28 @@ def _unet_dir(path: Path) -> Path | None:
     return None
 
 
-def merge_negative(base: torch.nn.Module, positive: torch.nn.Module, negative: torch.nn.Module, *, alpha: float,
-                   beta: float) -> torch.nn.Module:
+def merge_negative(
+    base: torch.nn.Module, positive: torch.nn.Module, negative: torch.nn.Module, *, alpha: float, beta: float
+) -> torch.nn.Module:
     """A copy of ``negative`` with weights ``base + alpha (positive - base) + beta (negative - base)``."""
     if alpha == 0 and beta == 1:
         return negative
     out = copy.deepcopy(negative)
     b, p, g = base.state_dict(), positive.state_dict(), negative.state_dict()
     if set(b) != set(g) or set(p) != set(g):
-        raise ValueError("separate negative weights must have the architecture of the positive and base denoisers "
-                         "(a positive LoRA must be fused and unloaded first: pipe.fuse_lora(); pipe.unload_lora_weights())")
+        raise ValueError(
+            "separate negative weights must have the architecture of the positive and base denoisers "
+            "(a positive LoRA must be fused and unloaded first: pipe.fuse_lora(); pipe.unload_lora_weights())"
+        )
     with torch.no_grad():
-        merged = {k: (b[k].float() + alpha * (p[k].float() - b[k].float()) + beta * (g[k].float() - b[k].float())).to(g[k].dtype)
-                  if g[k].is_floating_point() else g[k] for k in g}
+        merged = {
+            k: (
+                b[k].float() + alpha * (p[k].float() - b[k].float()) + beta * (g[k].float() - b[k].float())
+            ).to(g[k].dtype)
+            if g[k].is_floating_point()
+            else g[k]
+            for k in g
+        }
     out.load_state_dict(merged)
     return out
 
@@ -183,9 +205,15 @@ def _load_unet(source: str | Path | torch.nn.Module, like: torch.nn.Module) -> t
     return type(like).from_pretrained(unet_dir).to(like.device, like.dtype).eval()
 
 
-def enable_npo_guidance(pipe: Any, negative: str | Path | torch.nn.Module, *, alpha: float = 1.0, beta: float = 1.0,
-                        positive_adapters: dict[str, float] | None = None,
-                        base: str | Path | torch.nn.Module | None = None) -> NPOGuidedDenoiser:
+def enable_npo_guidance(
+    pipe: Any,
+    negative: str | Path | torch.nn.Module,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    positive_adapters: dict[str, float] | None = None,
+    base: str | Path | torch.nn.Module | None = None,
+) -> NPOGuidedDenoiser:
     """Route the unconditional half of ``pipe``'s CFG batch through the negative model. Returns the wrapper.
 
     Args:
@@ -204,18 +232,26 @@ def enable_npo_guidance(pipe: Any, negative: str | Path | torch.nn.Module, *, al
             pipeline without a CFG batch flag.
     """
     if beta == 0:
-        raise ValueError(f"npo beta=0 ignores the negative weights {negative} (negative = base + alpha (positive - base)); "
-                         "use beta=1 (the released setting) or turn NPO guidance off")
+        raise ValueError(
+            f"npo beta=0 ignores the negative weights {negative} (negative = base + alpha (positive - base)); "
+            "use beta=1 (the released setting) or turn NPO guidance off"
+        )
     if isinstance(getattr(pipe, "unet", None), NPOGuidedDenoiser):
-        raise ValueError("NPO guidance is already enabled on this pipeline; call disable_npo_guidance(pipe) first")
+        raise ValueError(
+            "NPO guidance is already enabled on this pipeline; call disable_npo_guidance(pipe) first"
+        )
     if getattr(pipe, "unet", None) is None or not hasattr(type(pipe), "do_classifier_free_guidance"):
-        raise ValueError(f"{type(pipe).__name__}: NPO guidance needs a pipeline with a `unet` and CFG batching "
-                         "(do_classifier_free_guidance), such as StableDiffusionPipeline or StableDiffusionXLPipeline")
+        raise ValueError(
+            f"{type(pipe).__name__}: NPO guidance needs a pipeline with a `unet` and CFG batching "
+            "(do_classifier_free_guidance), such as StableDiffusionPipeline or StableDiffusionXLPipeline"
+        )
     unet = pipe.unet
     lora = None if isinstance(negative, torch.nn.Module) else _lora_file(Path(negative))
     if lora is not None:
         if base is not None:
-            raise ValueError("base= applies to separate negative weights; a LoRA's base is the network it is loaded into")
+            raise ValueError(
+                "base= applies to separate negative weights; a LoRA's base is the network it is loaded into"
+            )
         if positive_adapters is None:
             active = unet.active_adapters() if getattr(unet, "peft_config", None) else []
             positive_adapters = dict.fromkeys(active, 1.0)
@@ -223,13 +259,17 @@ def enable_npo_guidance(pipe: Any, negative: str | Path | torch.nn.Module, *, al
             unet.delete_adapters(NEGATIVE_ADAPTER)
         unet.load_lora_adapter(str(lora), prefix="unet", adapter_name=NEGATIVE_ADAPTER)
         negative_adapters = {**{k: alpha * w for k, w in positive_adapters.items()}, NEGATIVE_ADAPTER: beta}
-        wrapper = NPOGuidedDenoiser(unet, positive_adapters=positive_adapters, negative_adapters=negative_adapters)
+        wrapper = NPOGuidedDenoiser(
+            unet, positive_adapters=positive_adapters, negative_adapters=negative_adapters
+        )
     else:
         if isinstance(negative, (str, Path)) and not Path(negative).exists():
             raise FileNotFoundError(f"negative weights not found: {negative}")
         if getattr(unet, "peft_config", None):
-            raise ValueError("separate negative weights with a positive LoRA loaded: fuse it first "
-                             "(pipe.fuse_lora(); pipe.unload_lora_weights()) or give the negative as a LoRA")
+            raise ValueError(
+                "separate negative weights with a positive LoRA loaded: fuse it first "
+                "(pipe.fuse_lora(); pipe.unload_lora_weights()) or give the negative as a LoRA"
+            )
         neg = _load_unet(negative, unet)
         base_net = unet if base is None else _load_unet(base, unet)
         wrapper = NPOGuidedDenoiser(unet, merge_negative(base_net, unet, neg, alpha=alpha, beta=beta).eval())
@@ -252,8 +292,9 @@ def disable_npo_guidance(pipe: Any) -> None:
     pipe.unet = unet
 
 
-def npo_guided_pipeline(pipe: Any, negative: str | Path | torch.nn.Module, *, alpha: float = 1.0, beta: float = 1.0,
-                        **kwargs: Any) -> Any:
+def npo_guided_pipeline(
+    pipe: Any, negative: str | Path | torch.nn.Module, *, alpha: float = 1.0, beta: float = 1.0, **kwargs: Any
+) -> Any:
     """A second pipeline sharing ``pipe``'s components, with NPO guidance on; ``pipe`` stays plain CFG.
 
     For guidance on/off comparisons (``mmalign eval``, ``bench/efficacy.py self_npo``): e.g.
@@ -261,8 +302,11 @@ def npo_guided_pipeline(pipe: Any, negative: str | Path | torch.nn.Module, *, al
     Note NPO guidance only acts when the pipeline runs CFG (guidance_scale > 1).
     """
     components = dict(pipe.components)
-    guided = type(pipe)(**components) if "requires_safety_checker" not in type(pipe).__init__.__code__.co_varnames \
+    guided = (
+        type(pipe)(**components)
+        if "requires_safety_checker" not in type(pipe).__init__.__code__.co_varnames
         else type(pipe)(**components, requires_safety_checker=False)
+    )
     guided.set_progress_bar_config(disable=True)
     enable_npo_guidance(guided, negative, alpha=alpha, beta=beta, **kwargs)
     return guided

@@ -16,7 +16,9 @@ def vae_moments(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return dist.mean.contiguous(), dist.std.contiguous()
 
 
-def scale_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def scale_latents(
+    vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample the posterior and apply the VAE's scaling (and shift) factor, as diffusers' training scripts do."""
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
     z = mean.float() + std.float() * eps
@@ -26,8 +28,13 @@ def scale_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: to
 
 def clip_hidden_states(tokenizer: Any, text_encoder: Any, prompts: list[str], layer: int | None = None):
     """Tokenise to the model's max length and run a CLIP text encoder; returns (hidden, output)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
     out = text_encoder(ids, output_hidden_states=layer is not None)
     hidden = out[0] if layer is None else out.hidden_states[layer]
     return hidden, out
@@ -88,8 +95,12 @@ class SD15Adapter:
     def predict(self, denoiser, xt, t, cond):
         dtype = next(p.dtype for p in denoiser.parameters())
         added = user_conditioning(cond, dtype)
-        return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                        added_cond_kwargs=added or None).sample
+        return denoiser(
+            xt.to(dtype),
+            t,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            added_cond_kwargs=added or None,
+        ).sample
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)

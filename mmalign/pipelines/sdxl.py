@@ -18,7 +18,10 @@ def sdxl_time_ids(original_sizes, crops_top_left, target_size: tuple[int, int]) 
     diffusers' SDXL DPO script records each image's real size and crop; Salesforce uses a constant
     (res, res, 0, 0, res, res). Both are this function with different inputs.
     """
-    rows = [[*map(float, o), *map(float, c), *map(float, target_size)] for o, c in zip(original_sizes, crops_top_left)]
+    rows = [
+        [*map(float, o), *map(float, c), *map(float, target_size)]
+        for o, c in zip(original_sizes, crops_top_left)
+    ]
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -36,7 +39,11 @@ class SDXLAdapter:
         p = self.pipeline
         self.scheduler = training_scheduler(p.scheduler.config)
         self.vae = p.vae
-        self.encoders = [(t, e) for t, e in ((p.tokenizer, p.text_encoder), (p.tokenizer_2, p.text_encoder_2)) if e is not None]
+        self.encoders = [
+            (t, e)
+            for t, e in ((p.tokenizer, p.text_encoder), (p.tokenizer_2, p.text_encoder_2))
+            if e is not None
+        ]
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -63,7 +70,11 @@ class SDXLAdapter:
 
     def extra_conditioning(self, meta: dict[str, Any], resolution: int) -> dict[str, torch.Tensor]:
         n = len(meta["original_size"])
-        return {"time_ids": sdxl_time_ids(meta["original_size"], meta["crop_top_left"], (resolution, resolution))[:n]}
+        return {
+            "time_ids": sdxl_time_ids(meta["original_size"], meta["crop_top_left"], (resolution, resolution))[
+                :n
+            ]
+        }
 
     def add_noise(self, x0, noise, t):
         return ddpm_add_noise(self.scheduler, x0, noise, t)
@@ -73,10 +84,17 @@ class SDXLAdapter:
 
     def predict(self, denoiser, xt, t, cond):
         dtype = next(p.dtype for p in denoiser.parameters())
-        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(xt.device, dtype),
-                 **user_conditioning(cond, dtype)}
-        return denoiser(xt.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                        added_cond_kwargs=added).sample
+        added = {
+            "text_embeds": cond["text_embeds"].to(dtype),
+            "time_ids": cond["time_ids"].to(xt.device, dtype),
+            **user_conditioning(cond, dtype),
+        }
+        return denoiser(
+            xt.to(dtype),
+            t,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            added_cond_kwargs=added,
+        ).sample
 
     def sample_timesteps(self, n, generator, device):
         return uniform_timesteps(self.scheduler, n, generator, device)

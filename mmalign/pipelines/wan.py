@@ -49,7 +49,9 @@ class WanAdapter:
         tok_max = getattr(self.pipeline.tokenizer, "model_max_length", self.max_text_len) or self.max_text_len
         self.max_text_len = min(self.max_text_len, int(tok_max))
         z = self.vae.config.z_dim
-        self.latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(
+            1, z, 1, 1, 1
+        )
         self.latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
 
     @property
@@ -58,9 +60,12 @@ class WanAdapter:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        embeds, _ = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                max_sequence_length=self.max_text_len,
-                                                device=self.pipeline.text_encoder.device)
+        embeds, _ = self.pipeline.encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_text_len,
+            device=self.pipeline.text_encoder.device,
+        )
         return {"encoder_hidden_states": embeds}
 
     @torch.no_grad()
@@ -96,8 +101,12 @@ class WanAdapter:
 
     def predict(self, denoiser, xt, t, cond):
         dtype = next(p.dtype for p in denoiser.parameters())
-        return denoiser(hidden_states=xt.to(dtype), timestep=t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                        return_dict=False)[0]
+        return denoiser(
+            hidden_states=xt.to(dtype),
+            timestep=t,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+            return_dict=False,
+        )[0]
 
     def sample_timesteps(self, n, generator, device):
         """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1)."""

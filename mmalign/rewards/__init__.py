@@ -104,8 +104,10 @@ def get_reward(name: str, **kwargs: Any) -> Reward:
 
     close = difflib.get_close_matches(name, registry, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise KeyError(f"unknown reward {name!r}.{hint} Registered: {', '.join(sorted(registry))}; "
-                   "or pass a 'package.module:function' path.")
+    raise KeyError(
+        f"unknown reward {name!r}.{hint} Registered: {', '.join(sorted(registry))}; "
+        "or pass a 'package.module:function' path."
+    )
 
 
 def list_rewards() -> list[str]:
@@ -147,9 +149,13 @@ class RewardSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"RewardSpec.name must be a registry name or 'module:function', got {self.name!r}")
+            raise ValueError(
+                f"RewardSpec.name must be a registry name or 'module:function', got {self.name!r}"
+            )
         if not isinstance(self.kwargs, dict):
-            raise ValueError(f"RewardSpec.kwargs for {self.name!r} must be a mapping, got {type(self.kwargs).__name__}")
+            raise ValueError(
+                f"RewardSpec.kwargs for {self.name!r} must be a mapping, got {type(self.kwargs).__name__}"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | str) -> RewardSpec:
@@ -161,7 +167,9 @@ class RewardSpec:
             raise ValueError(f"unknown reward spec key(s) {sorted(unknown)}; valid: name, weight, kwargs")
         if "name" not in data:
             raise ValueError(f"reward spec {dict(data)} has no 'name'")
-        return cls(name=data["name"], weight=float(data.get("weight", 1.0)), kwargs=dict(data.get("kwargs") or {}))
+        return cls(
+            name=data["name"], weight=float(data.get("weight", 1.0)), kwargs=dict(data.get("kwargs") or {})
+        )
 
     def build(self) -> Reward:
         """Instantiate the reward (``get_reward(name, **kwargs)``)."""

@@ -96,7 +96,9 @@ class ClipSimilarityReward:
         return (self.scale * cos).view(b, t).mean(1)
 
 
-def _load_hf_clip(model_id: str, processor_id: str | None, device: torch.device, dtype: torch.dtype, **load_kwargs):
+def _load_hf_clip(
+    model_id: str, processor_id: str | None, device: torch.device, dtype: torch.dtype, **load_kwargs
+):
     _require("transformers")
     from transformers import AutoModel, AutoProcessor
 
@@ -268,8 +270,14 @@ def aesthetic_mlp(input_size: int = 768) -> nn.Sequential:
     ``layers.`` (see :func:`aesthetic`).
     """
     return nn.Sequential(
-        nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        nn.Linear(input_size, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
     )
 
 

@@ -131,15 +131,23 @@ def make_normalizer(spec: str | Mapping[str, Any] | Normalizer | None) -> Normal
             raise ValueError(f"normalizer mapping {dict(spec)} must have name: affine (with scale, shift)")
         return Affine(float(kwargs.pop("scale", 1.0)), float(kwargs.pop("shift", 0.0)))
     table: dict[str, Callable[[], Normalizer]] = {
-        "zscore": lambda: zscore, "running_zscore": RunningZScore, "rank": lambda: rank,
-        "minmax": lambda: minmax, "none": lambda: identity, "affine": Affine,
+        "zscore": lambda: zscore,
+        "running_zscore": RunningZScore,
+        "rank": lambda: rank,
+        "minmax": lambda: minmax,
+        "none": lambda: identity,
+        "affine": Affine,
     }
     if spec not in table:
-        raise ValueError(f"unknown normalizer {spec!r}; use one of {sorted(table)} or {{name: affine, scale, shift}}")
+        raise ValueError(
+            f"unknown normalizer {spec!r}; use one of {sorted(table)} or {{name: affine, scale, shift}}"
+        )
     return table[spec]()
 
 
-def _call(reward: Callable[..., torch.Tensor], media: torch.Tensor, prompts: Sequence[str], fps: float | None):
+def _call(
+    reward: Callable[..., torch.Tensor], media: torch.Tensor, prompts: Sequence[str], fps: float | None
+):
     if fps is not None and getattr(reward, "accepts_fps", False):
         return reward(media, prompts, fps=fps)
     return reward(media, prompts)
@@ -229,7 +237,9 @@ class HybridReward:
     def __post_init__(self) -> None:
         _check_over(self.normalize_over)
 
-    def raw(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+    def raw(
+        self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Members' raw scores ``<name>/raw`` (and ``<name>/confidence``) on a batch; nothing normalised."""
         out: dict[str, torch.Tensor] = {}
         for m in self.members:
@@ -239,7 +249,9 @@ class HybridReward:
                 out[f"{m.name}/confidence"] = conf_fn(media, prompts).float()
         return out
 
-    def combine(self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+    def combine(
+        self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalise raw scores of a whole set (per group when given) and sum: ``<name>/norm`` and ``total``.
 
         Args:
@@ -255,12 +267,16 @@ class HybridReward:
             conf = raw.get(f"{m.name}/confidence")
             if conf is not None:
                 conf = conf.float().to(norm.device).view(-1, *([1] * (norm.ndim - 1)))
-                gate = (conf >= m.gate).float().expand_as(norm) if m.gate is not None else conf.expand_as(norm)
+                gate = (
+                    (conf >= m.gate).float().expand_as(norm) if m.gate is not None else conf.expand_as(norm)
+                )
             terms.append(m.weight * gate * norm)
         out["total"] = torch.stack(torch.broadcast_tensors(*_align(terms))).sum(0)
         return out
 
-    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+    def components(
+        self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Every member's raw, normalised (and confidence) scores plus ``total`` over these media; each [B] (or [B,S])."""
         groups = list(prompts) if self.normalize_over == "prompt" else None
         return self.combine(self.raw(media, prompts, fps), groups)
@@ -299,11 +315,15 @@ class EnsembleReward:
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
 
-    def raw(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+    def raw(
+        self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Members' raw scores ``<name>/raw`` on a batch; nothing normalised."""
         return {f"{name}/raw": _call(reward, media, prompts, fps).float() for name, reward, _ in self.members}
 
-    def combine(self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+    def combine(
+        self, raw: Mapping[str, torch.Tensor], groups: Sequence[Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalise a whole set's raw scores (per group when given), aggregate: ``disagreement`` and ``total``."""
         out: dict[str, torch.Tensor] = dict(raw)
         norms = []
@@ -323,7 +343,9 @@ class EnsembleReward:
         out["disagreement"], out["total"] = std, total
         return out
 
-    def components(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> dict[str, torch.Tensor]:
+    def components(
+        self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Members' raw and normalised scores, ``disagreement`` (std over members) and ``total`` over these media."""
         groups = list(prompts) if self.normalize_over == "prompt" else None
         return self.combine(self.raw(media, prompts, fps), groups)
@@ -346,12 +368,17 @@ def _check_member(spec: Mapping[str, Any] | str) -> dict[str, Any]:
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     unknown = set(spec) - _MEMBER_KEYS
     if unknown or "name" not in spec:
-        raise ValueError(f"member {spec}: needs 'name'; valid keys {sorted(_MEMBER_KEYS)}, unknown {sorted(unknown)}")
+        raise ValueError(
+            f"member {spec}: needs 'name'; valid keys {sorted(_MEMBER_KEYS)}, unknown {sorted(unknown)}"
+        )
     return spec
 
 
-def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping[str, Any] = "zscore",
-           normalize_over: str | None = None) -> HybridReward:
+def hybrid(
+    members: Sequence[Mapping[str, Any] | str],
+    normalizer: str | Mapping[str, Any] = "zscore",
+    normalize_over: str | None = None,
+) -> HybridReward:
     """Weighted sum of normalised rewards; a rule member may gate itself by its confidence.
 
     Args:
@@ -368,17 +395,25 @@ def hybrid(members: Sequence[Mapping[str, Any] | str], normalizer: str | Mapping
     comps = []
     for raw_spec in members:
         spec = _check_member(raw_spec)
-        comps.append(HybridComponent(
-            name=_member_name(spec, seen), reward=get_reward(spec["name"], **(spec.get("kwargs") or {})),
-            weight=float(spec.get("weight", 1.0)), normalizer=make_normalizer(spec.get("normalizer", normalizer)),
-            gate=spec.get("gate"), use_confidence=bool(spec.get("confidence", True)),
-        ))
+        comps.append(
+            HybridComponent(
+                name=_member_name(spec, seen),
+                reward=get_reward(spec["name"], **(spec.get("kwargs") or {})),
+                weight=float(spec.get("weight", 1.0)),
+                normalizer=make_normalizer(spec.get("normalizer", normalizer)),
+                gate=spec.get("gate"),
+                use_confidence=bool(spec.get("confidence", True)),
+            )
+        )
     return HybridReward(comps, normalize_over)
 
 
 def ensemble(
-    members: Sequence[Mapping[str, Any] | str], aggregate: str = "mean", lam: float = 1.0,
-    normalizer: str | Mapping[str, Any] = "zscore", normalize_over: str | None = None,
+    members: Sequence[Mapping[str, Any] | str],
+    aggregate: str = "mean",
+    lam: float = 1.0,
+    normalizer: str | Mapping[str, Any] = "zscore",
+    normalize_over: str | None = None,
 ) -> EnsembleReward:
     """Aggregate normalised rewards by mean | median | min | mean_minus_std and report their disagreement.
 
@@ -396,6 +431,11 @@ def ensemble(
     built = []
     for raw_spec in members:
         spec = _check_member(raw_spec)
-        built.append((_member_name(spec, seen), get_reward(spec["name"], **(spec.get("kwargs") or {})),
-                      make_normalizer(spec.get("normalizer", normalizer))))
+        built.append(
+            (
+                _member_name(spec, seen),
+                get_reward(spec["name"], **(spec.get("kwargs") or {})),
+                make_normalizer(spec.get("normalizer", normalizer)),
+            )
+        )
     return EnsembleReward(built, aggregate, lam, normalize_over)

@@ -47,11 +47,15 @@ JudgeRequest = tuple[list[Any], str]  # (PIL images, question text)
 
 POINTWISE_IMAGE = 'Does this image show "{prompt}"? Please answer Yes or No.'
 POINTWISE_VIDEO = 'Do these frames of a video show "{prompt}"? Please answer Yes or No.'
-PAIRWISE_IMAGE = ('Two images were generated for the prompt "{prompt}". Which one matches the prompt better '
-                  "and looks better, the first or the second? Please answer First or Second.")
-PAIRWISE_VIDEO = ('Two videos were generated for the prompt "{prompt}"; the first {n} frames are the first video, '
-                  "the next {n} the second. Which video is better, the first or the second? "
-                  "Please answer First or Second.")
+PAIRWISE_IMAGE = (
+    'Two images were generated for the prompt "{prompt}". Which one matches the prompt better '
+    "and looks better, the first or the second? Please answer First or Second."
+)
+PAIRWISE_VIDEO = (
+    'Two videos were generated for the prompt "{prompt}"; the first {n} frames are the first video, '
+    "the next {n} the second. Which video is better, the first or the second? "
+    "Please answer First or Second."
+)
 
 
 class JudgeBackend(Protocol):
@@ -90,12 +94,18 @@ def to_pil(frames: torch.Tensor) -> list[Any]:
     """[N,3,H,W] float in [0, 1] -> N RGB PIL images."""
     from PIL import Image
 
-    arr = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     return [Image.fromarray(a) for a in arr]
 
 
-def sample_frame_indices(n_frames: int, num_frames: int | None = None, sample_fps: float | None = None,
-                         video_fps: float | None = None) -> list[int]:
+def sample_frame_indices(
+    n_frames: int,
+    num_frames: int | None = None,
+    sample_fps: float | None = None,
+    video_fps: float | None = None,
+) -> list[int]:
     """Indices of frames to show the judge: ``num_frames`` evenly spaced, or every 1/sample_fps seconds.
 
     Args:
@@ -170,8 +180,9 @@ class VLMJudge:
         requests = [(self._frames(m, fps), template.format(prompt=p)) for m, p in zip(media, prompts)]
         return self.backend.option_probs(requests, self.yes_no)[:, 0].to(media.device)
 
-    def pair_probs(self, media_a: torch.Tensor, media_b: torch.Tensor, prompts: Sequence[str],
-                   fps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_probs(
+        self, media_a: torch.Tensor, media_b: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ask each pair in both orders. Returns (p_ab, p_ba), each [B, 2] over ("First", "Second")."""
         if media_a.shape[0] != media_b.shape[0] or media_a.shape[0] != len(prompts):
             raise ValueError("compare needs as many A items, B items and prompts")
@@ -184,13 +195,20 @@ class VLMJudge:
         probs = self.backend.option_probs(requests, self.first_second)
         return probs[0::2], probs[1::2]
 
-    def compare(self, media_a: torch.Tensor, media_b: torch.Tensor, prompts: Sequence[str],
-                fps: float | None = None) -> torch.Tensor:
+    def compare(
+        self, media_a: torch.Tensor, media_b: torch.Tensor, prompts: Sequence[str], fps: float | None = None
+    ) -> torch.Tensor:
         """Pairwise verdicts: [B] int64, +1 (A better), -1 (B better), 0 (tie / orders disagree)."""
         return pairwise_verdict(*self.pair_probs(media_a, media_b, prompts, fps), self.tie_margin)
 
-    def compare_segments(self, video_a: torch.Tensor, video_b: torch.Tensor, prompts: Sequence[str],
-                         segment_frames: int, fps: float | None = None) -> torch.Tensor:
+    def compare_segments(
+        self,
+        video_a: torch.Tensor,
+        video_b: torch.Tensor,
+        prompts: Sequence[str],
+        segment_frames: int,
+        fps: float | None = None,
+    ) -> torch.Tensor:
         """Per-segment verdicts for DenseDPO: [B, S] with S = ceil(T / segment_frames).
 
         Args:
@@ -201,8 +219,10 @@ class VLMJudge:
             fps: Clip frame rate.
         """
         t = video_a.shape[1]
-        cols = [self.compare(video_a[:, s : s + segment_frames], video_b[:, s : s + segment_frames], prompts, fps)
-                for s in range(0, t, segment_frames)]
+        cols = [
+            self.compare(video_a[:, s : s + segment_frames], video_b[:, s : s + segment_frames], prompts, fps)
+            for s in range(0, t, segment_frames)
+        ]
         return torch.stack(cols, 1)
 
 
@@ -238,7 +258,12 @@ class TransformersJudgeBackend:
         option_ids = [_option_token_ids(tok, o) for o in options]
         rows = []
         for images, text in requests:
-            messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]}]
+            messages = [
+                {
+                    "role": "user",
+                    "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}],
+                }
+            ]
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             inputs = self.processor(images=images, text=prompt, return_tensors="pt").to(self.device)
             logits = self.model(**inputs).logits[0, -1].float()
@@ -330,12 +355,16 @@ class OpenAIJudgeBackend:
             except urllib.error.HTTPError as e:
                 if 300 <= e.code < 400:  # never follow: the request (and its key) would go to the Location
                     where = urllib.parse.urlsplit(e.headers.get("Location") or "").netloc or "elsewhere"
-                    raise JudgeFailure(f"redirect refused (HTTP {e.code})",
-                                       f"judge endpoint {url} redirected to {_redact(where, key)}; set base_url to the "
-                                       "final address (redirects are not followed, so the API key stays put)") from None
+                    raise JudgeFailure(
+                        f"redirect refused (HTTP {e.code})",
+                        f"judge endpoint {url} redirected to {_redact(where, key)}; set base_url to the "
+                        "final address (redirects are not followed, so the API key stays put)",
+                    ) from None
                 if e.code not in (408, 429, 500, 502, 503, 504):
                     text = _redact(e.read(300).decode(errors="replace"), key)
-                    raise JudgeFailure(f"HTTP {e.code}", f"judge endpoint {url} answered HTTP {e.code}: {text}") from None
+                    raise JudgeFailure(
+                        f"HTTP {e.code}", f"judge endpoint {url} answered HTTP {e.code}: {text}"
+                    ) from None
                 last = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"{type(e).__name__}: {_redact(str(getattr(e, 'reason', e)), key)}"
@@ -343,25 +372,44 @@ class OpenAIJudgeBackend:
                 delay = self.backoff * 2**attempt
                 time.sleep(delay + random.uniform(0, 0.1 * delay))
         else:
-            raise JudgeFailure(f"failed after retries ({last.split(':')[0]})",
-                               f"judge endpoint {url} failed after {self.max_retries + 1} tries (last: {last})")
+            raise JudgeFailure(
+                f"failed after retries ({last.split(':')[0]})",
+                f"judge endpoint {url} failed after {self.max_retries + 1} tries (last: {last})",
+            )
         if len(body) > MAX_REPLY_BYTES:
-            raise JudgeFailure("reply too large", f"judge endpoint {url} sent more than {MAX_REPLY_BYTES} bytes")
+            raise JudgeFailure(
+                "reply too large", f"judge endpoint {url} sent more than {MAX_REPLY_BYTES} bytes"
+            )
         try:
             return json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise JudgeFailure("reply is not JSON", f"judge endpoint {url}: reply is not JSON: "
-                               f"{_redact(body[:120].decode(errors='replace'), key)}") from None
+            raise JudgeFailure(
+                "reply is not JSON",
+                f"judge endpoint {url}: reply is not JSON: "
+                f"{_redact(body[:120].decode(errors='replace'), key)}",
+            ) from None
 
     def _one(self, request: JudgeRequest, options: Sequence[str]) -> list[float]:
         images, text = request
-        content = [*({"type": "image_url", "image_url": {"url": self._encode(im)}} for im in images),
-                   {"type": "text", "text": text}]
-        payload = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
-                   "temperature": 0.0, "logprobs": True, "top_logprobs": self.top_logprobs}
+        content = [
+            *({"type": "image_url", "image_url": {"url": self._encode(im)}} for im in images),
+            {"type": "text", "text": text},
+        ]
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
         try:
             reply = self._post(payload)
-            if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
+            if (
+                not isinstance(reply, dict)
+                or not isinstance(reply.get("choices"), list)
+                or not reply["choices"]
+            ):
                 raise JudgeFailure("reply has no choices", "judge reply has no `choices` list")
             probs = parse_option_probs(reply, options)
             if any(math.isnan(p) for p in probs):
@@ -401,7 +449,7 @@ def _parse_option_probs(response: dict[str, Any], options: Sequence[str]) -> lis
     keys = [o.strip().lower() for o in options]
     mass = [0.0] * len(options)
     choice = response["choices"][0]
-    content = ((choice.get("logprobs") or {}).get("content") or [])
+    content = (choice.get("logprobs") or {}).get("content") or []
     if content:
         first = content[0]
         alternatives = first.get("top_logprobs") or [first]
@@ -459,8 +507,9 @@ def vlm_judge(
     if backend == "openai":
         if not base_url:
             raise ValueError("vlm_judge(backend='openai') needs base_url, e.g. http://localhost:8000/v1")
-        be: JudgeBackend = OpenAIJudgeBackend(base_url, model or "default", api_key_env, timeout, max_retries,
-                                              max_concurrency=max_concurrency)
+        be: JudgeBackend = OpenAIJudgeBackend(
+            base_url, model or "default", api_key_env, timeout, max_retries, max_concurrency=max_concurrency
+        )
     elif backend == "transformers":
         if not model:
             raise ValueError("vlm_judge(backend='transformers') needs model (a hub id or local directory)")

@@ -26,7 +26,17 @@ from typing import Any
 from mmalign.rewards.score import read_table, write_rows
 
 STRATEGIES = ("best_worst", "margin", "curriculum")
-MANIFEST_KEYS = ("negative_prompt", "seed", "guidance", "steps", "model", "lora", "kind", "group", "negative_lora")
+MANIFEST_KEYS = (
+    "negative_prompt",
+    "seed",
+    "guidance",
+    "steps",
+    "model",
+    "lora",
+    "kind",
+    "group",
+    "negative_lora",
+)
 
 
 @dataclass
@@ -49,7 +59,9 @@ class LabelSummary:
 
 
 def make_pairs(
-    candidates: dict[str, list[tuple[str, float]]], strategy: str = "best_worst", margin: float = 0.0,
+    candidates: dict[str, list[tuple[str, float]]],
+    strategy: str = "best_worst",
+    margin: float = 0.0,
     prompts: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], LabelSummary]:
     """Build preference pairs from scored candidates; a pair never crosses prompt groups.
@@ -116,8 +128,10 @@ def candidates_from_scores(
     """
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise ValueError(f"score row {bad + 1}: expected an object with prompt, path and score columns, got "
-                         f"{type(rows[bad]).__name__}")
+        raise ValueError(
+            f"score row {bad + 1}: expected an object with prompt, path and score columns, got "
+            f"{type(rows[bad]).__name__}"
+        )
     if rows and not any(key in r for r in rows):
         columns = sorted({k for r in rows for k in r} - {"id", "prompt", "path", "error"})
         raise ValueError(f"score column {key!r} not found; columns: {columns}")
@@ -135,8 +149,10 @@ def candidates_from_scores(
         prompt = str(r.get("prompt", ""))
         group = str(r.get("group") or prompt)
         if prompts.setdefault(group, prompt) != prompt:
-            raise ValueError(f"group {group!r} holds two prompts ({prompts[group]!r} and {prompt!r}); "
-                             "a group must be the candidates of one prompt")
+            raise ValueError(
+                f"group {group!r} holds two prompts ({prompts[group]!r} and {prompt!r}); "
+                "a group must be the candidates of one prompt"
+            )
         groups.setdefault(group, []).append((str(Path(base_dir) / str(r["path"])), value))
     return groups, unscored, {g: p for g, p in prompts.items() if g != p}
 
@@ -155,8 +171,14 @@ def write_manifest(pairs: Sequence[dict[str, Any]], out: str | Path) -> Path:
     return out
 
 
-def label_scores(scores: str | Path, out: str | Path, *, key: str | None = None, strategy: str = "best_worst",
-                 margin: float = 0.0) -> LabelSummary:
+def label_scores(
+    scores: str | Path,
+    out: str | Path,
+    *,
+    key: str | None = None,
+    strategy: str = "best_worst",
+    margin: float = 0.0,
+) -> LabelSummary:
     """Read a scores file, make pairs and write the manifest.
 
     Args:
@@ -171,7 +193,11 @@ def label_scores(scores: str | Path, out: str | Path, *, key: str | None = None,
     if any(not isinstance(r, dict) for r in rows):
         raise ValueError(f"{scores}: every row must be an object with prompt, path and score columns")
     if key is None:
-        columns = sorted({k for r in rows if isinstance(r, dict) for k in r} - {"id", "prompt", "path", "error"} - set(MANIFEST_KEYS))
+        columns = sorted(
+            {k for r in rows if isinstance(r, dict) for k in r}
+            - {"id", "prompt", "path", "error"}
+            - set(MANIFEST_KEYS)
+        )
         top = [c for c in columns if "." not in c]
         if len(top) != 1:
             raise ValueError(f"{scores} has score columns {top}: pick one with --key")

@@ -135,8 +135,11 @@ def transform_from_hf_processor(image_processor: Any) -> ImageTransform:
             f"processor resizes to {shortest} but crops {crop_side}; mmalign's tensor transform assumes equal sizes"
         )
     return ImageTransform(
-        size=int(shortest), resize_mode="shortest", mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)), crop_rounding="floor",
+        size=int(shortest),
+        resize_mode="shortest",
+        mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
+        crop_rounding="floor",
     )
 
 
@@ -151,9 +154,12 @@ def transform_from_open_clip(model: Any, resize_mode: str | None = None) -> Imag
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return ImageTransform(
-        size=int(size), resize_mode=resize_mode or cfg.get("resize_mode", "shortest"),
-        mean=tuple(cfg.get("mean", OPENAI_CLIP_MEAN)), std=tuple(cfg.get("std", OPENAI_CLIP_STD)),
-        crop_rounding="round", fill=float(cfg.get("fill_color", 0)) / 255.0,
+        size=int(size),
+        resize_mode=resize_mode or cfg.get("resize_mode", "shortest"),
+        mean=tuple(cfg.get("mean", OPENAI_CLIP_MEAN)),
+        std=tuple(cfg.get("std", OPENAI_CLIP_STD)),
+        crop_rounding="round",
+        fill=float(cfg.get("fill_color", 0)) / 255.0,
     )
 
 

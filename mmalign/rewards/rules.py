@@ -27,9 +27,18 @@ from mmalign.rewards.preprocess import video_to_frames
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601
 
 DEFAULT_COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
-    "orange": (1.0, 0.55, 0.0), "purple": (0.5, 0.0, 0.5), "pink": (1.0, 0.6, 0.8), "white": (1.0, 1.0, 1.0),
-    "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5), "cyan": (0.0, 1.0, 1.0),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 0.8, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "orange": (1.0, 0.55, 0.0),
+    "purple": (0.5, 0.0, 0.5),
+    "pink": (1.0, 0.6, 0.8),
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+    "gray": (0.5, 0.5, 0.5),
+    "grey": (0.5, 0.5, 0.5),
+    "cyan": (0.0, 1.0, 1.0),
     "brown": (0.55, 0.27, 0.07),
 }
 
@@ -79,8 +88,9 @@ def _contrast(frames: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(frames: torch.Tensor) -> torch.Tensor:
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=frames.device,
-                          dtype=frames.dtype).view(1, 1, 3, 3)
+    kernel = torch.tensor(
+        [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=frames.device, dtype=frames.dtype
+    ).view(1, 1, 3, 3)
     lap = F.conv2d(luma(frames).unsqueeze(1), kernel)
     return lap.flatten(1).var(1, unbiased=False)  # variance of the Laplacian
 
@@ -154,7 +164,9 @@ class ColorMatch:
         return torch.tensor([float(tg is not None) for tg in self._targets(prompts)], device=media.device)
 
 
-def color_match(target: Sequence[float] | None = None, colors: dict[str, Sequence[float]] | None = None) -> ColorMatch:
+def color_match(
+    target: Sequence[float] | None = None, colors: dict[str, Sequence[float]] | None = None
+) -> ColorMatch:
     """Closeness of the mean colour to the colour the prompt names (confidence 0 when it names none)."""
     palette = {k: tuple(v) for k, v in (colors or DEFAULT_COLORS).items()}
     return ColorMatch(palette, tuple(target) if target is not None else None)
@@ -218,7 +230,9 @@ def aspect_ratio(target: float = 1.0) -> ShapeRule:
     return ShapeRule(lambda h, w: math.exp(-abs(math.log((w / h) / target))))
 
 
-def _segments(n_frames: int, fps: float | None, segment_frames: int | None, segment_seconds: float | None) -> int:
+def _segments(
+    n_frames: int, fps: float | None, segment_frames: int | None, segment_seconds: float | None
+) -> int:
     """Frames per segment, or 0 for one score per clip."""
     if segment_frames:
         return int(segment_frames)
@@ -229,7 +243,9 @@ def _segments(n_frames: int, fps: float | None, segment_frames: int | None, segm
     return 0
 
 
-def _pool_segments(per_frame: torch.Tensor, frame_index: torch.Tensor, seg: int, n_frames: int) -> torch.Tensor:
+def _pool_segments(
+    per_frame: torch.Tensor, frame_index: torch.Tensor, seg: int, n_frames: int
+) -> torch.Tensor:
     """Average per-frame values [B,K] (K values located at frames ``frame_index``) into [B] or [B,S]."""
     if not seg:
         return per_frame.mean(1)
@@ -260,7 +276,9 @@ class TemporalRule:
     segment_seconds: float | None = None
     accepts_fps: bool = True
 
-    def __call__(self, media: torch.Tensor, prompts: Sequence[str] | None = None, fps: float | None = None) -> torch.Tensor:
+    def __call__(
+        self, media: torch.Tensor, prompts: Sequence[str] | None = None, fps: float | None = None
+    ) -> torch.Tensor:
         """Args: media [B,T,3,H,W] in [0, 1]; fps of the clip. Returns [B] or [B,S]."""
         if media.ndim != 5:
             raise ValueError(f"{self.kind} needs videos [B,T,3,H,W], got shape {tuple(media.shape)}")
@@ -278,14 +296,16 @@ class TemporalRule:
         return -_pool_segments(per, torch.arange(1, t - 1), seg, t)
 
 
-def flicker(fps: float | None = None, segment_frames: int | None = None,
-            segment_seconds: float | None = None) -> TemporalRule:
+def flicker(
+    fps: float | None = None, segment_frames: int | None = None, segment_seconds: float | None = None
+) -> TemporalRule:
     """Negative temporal flicker energy (mean |x[t+1] - 2x[t] + x[t-1]|), per clip or per segment."""
     return TemporalRule("flicker", fps, segment_frames, segment_seconds)
 
 
-def motion(fps: float | None = None, segment_frames: int | None = None,
-           segment_seconds: float | None = None) -> TemporalRule:
+def motion(
+    fps: float | None = None, segment_frames: int | None = None, segment_seconds: float | None = None
+) -> TemporalRule:
     """Motion magnitude (mean |x[t+1] - x[t]|), per clip or per segment."""
     return TemporalRule("motion", fps, segment_frames, segment_seconds)
 
@@ -307,7 +327,9 @@ class ClipTimingRule:
     fps: float | None = None
     accepts_fps: bool = True
 
-    def __call__(self, media: torch.Tensor, prompts: Sequence[str] | None = None, fps: float | None = None) -> torch.Tensor:
+    def __call__(
+        self, media: torch.Tensor, prompts: Sequence[str] | None = None, fps: float | None = None
+    ) -> torch.Tensor:
         """Args: media [B,T,3,H,W]; fps of the clip. Returns [B]."""
         if media.ndim != 5:
             raise ValueError(f"{self.kind} needs videos [B,T,3,H,W], got shape {tuple(media.shape)}")
@@ -321,7 +343,9 @@ class ClipTimingRule:
         return torch.full((media.shape[0],), value, device=media.device)
 
 
-def duration(target_seconds: float = 4.0, tolerance_seconds: float = 1.0, fps: float | None = None) -> ClipTimingRule:
+def duration(
+    target_seconds: float = 4.0, tolerance_seconds: float = 1.0, fps: float | None = None
+) -> ClipTimingRule:
     """``exp(-|T/fps - target_seconds| / tolerance_seconds)``: 1 at the target duration."""
     return ClipTimingRule("duration", target_seconds, tolerance_seconds, fps)
 

@@ -93,7 +93,9 @@ def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
                 stream = container.streams.video[0]
                 fps = float(stream.average_rate) if stream.average_rate else None
                 frames, pixels = [], 0
-                for f in container.decode(stream):  # stop at the pixel limit, not at the end of an endless stream
+                for f in container.decode(
+                    stream
+                ):  # stop at the pixel limit, not at the end of an endless stream
                     pixels += f.width * f.height
                     if pixels > MAX_VIDEO_PIXELS:
                         check_pixels(f.width, f.height, str(path), frames=len(frames) + 1)
@@ -143,7 +145,9 @@ def collect_items(source: str | Path) -> list[Item]:
     if source.is_dir() and (source / "manifest.jsonl").is_file():
         return collect_items(source / "manifest.jsonl")
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file())
+        files = sorted(
+            p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file()
+        )
         return [Item(p.relative_to(source).as_posix(), _prompt_for(p), {"media": p}) for p in files]
     if not source.is_file():
         raise ValueError(f"{source}: no such folder or manifest")
@@ -152,16 +156,23 @@ def collect_items(source: str | Path) -> list[Item]:
     items = []
     for i, row in enumerate(read_table(source)):
         if not isinstance(row, dict):
-            raise ValueError(f"{source} row {i + 1}: expected an object with media and prompt columns, got {type(row).__name__}")
+            raise ValueError(
+                f"{source} row {i + 1}: expected an object with media and prompt columns, got {type(row).__name__}"
+            )
         prompt = str(row.get("prompt", row.get("caption", "")) or "")
         if "chosen" in row and "rejected" in row:
-            paths = {"chosen": source.parent / str(row["chosen"]), "rejected": source.parent / str(row["rejected"])}
+            paths = {
+                "chosen": source.parent / str(row["chosen"]),
+                "rejected": source.parent / str(row["rejected"]),
+            }
             key = str(row.get("id", f"{row['chosen']}|{row['rejected']}"))
             skip = {"chosen", "rejected", "prompt", "caption", "id"}
         else:
             media_key = next((k for k in MEDIA_KEYS if row.get(k)), None)
             if media_key is None:
-                raise ValueError(f"{source} row {i + 1}: no media column (one of {MEDIA_KEYS}, or chosen/rejected)")
+                raise ValueError(
+                    f"{source} row {i + 1}: no media column (one of {MEDIA_KEYS}, or chosen/rejected)"
+                )
             paths = {"media": source.parent / str(row[media_key])}
             key = str(row.get("id", row[media_key]))
             skip = {media_key, "prompt", "caption", "id"}
@@ -196,12 +207,19 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
     normalizer = data.get("normalizer", "zscore")
     over = data.get("normalize_over")
     if over is not None and over not in comb.NORMALIZE_OVER:
-        raise ValueError(f"{path}: normalize_over={over!r}; use prompt (normalise within each prompt's candidates) or set")
+        raise ValueError(
+            f"{path}: normalize_over={over!r}; use prompt (normalise within each prompt's candidates) or set"
+        )
     if combine == "hybrid":
         reward: Reward = comb.hybrid(members, normalizer=normalizer, normalize_over=over)
     elif combine == "ensemble":
-        reward = comb.ensemble(members, aggregate=data.get("aggregate", "mean"), lam=float(data.get("lam", 1.0)),
-                               normalizer=normalizer, normalize_over=over)
+        reward = comb.ensemble(
+            members,
+            aggregate=data.get("aggregate", "mean"),
+            lam=float(data.get("lam", 1.0)),
+            normalizer=normalizer,
+            normalize_over=over,
+        )
     else:
         raise ValueError(f"{path}: combine={combine!r}; use hybrid or ensemble (or omit it)")
     return {str(data.get("name", combine)): reward}
@@ -227,7 +245,9 @@ def is_combined(reward: Reward) -> bool:
     return callable(getattr(reward, "raw", None)) and callable(getattr(reward, "combine", None))
 
 
-def _call_reward(reward: Reward, media: torch.Tensor, prompts: list[str], fps: float | None) -> dict[str, torch.Tensor]:
+def _call_reward(
+    reward: Reward, media: torch.Tensor, prompts: list[str], fps: float | None
+) -> dict[str, torch.Tensor]:
     """Columns of one reward on a batch: ``""`` (the score), or a hybrid/ensemble's raw member scores (``.<m>/raw``)."""
     takes_fps = fps is not None and getattr(reward, "accepts_fps", False)
     kwargs = {"fps": fps} if takes_fps else {}
@@ -244,8 +264,9 @@ def _jsonable(value: torch.Tensor) -> Any:
     return [_jsonable(v) for v in value]
 
 
-def score_batch(rewards: dict[str, Reward], media: list[torch.Tensor], prompts: list[str],
-                fps: list[float | None]) -> list[dict[str, Any]]:
+def score_batch(
+    rewards: dict[str, Reward], media: list[torch.Tensor], prompts: list[str], fps: list[float | None]
+) -> list[dict[str, Any]]:
     """Score loaded media, grouping items of equal shape and fps into one tensor batch.
 
     Returns:
@@ -275,7 +296,9 @@ def _atomic_write(path: Path, rows: list[dict[str, Any]]) -> None:
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 for r in rows:
-                    writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+                    writer.writerow(
+                        {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                    )
             else:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
@@ -360,7 +383,9 @@ def score_items(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    done: dict[tuple[str, str], dict[str, Any]] = {}  # keyed by (media id, prompt): one image, two prompts = two rows
+    done: dict[
+        tuple[str, str], dict[str, Any]
+    ] = {}  # keyed by (media id, prompt): one image, two prompts = two rows
     if resume:
         for source in (out, partial):
             if source.is_file():
@@ -370,10 +395,17 @@ def score_items(
     else:
         partial.unlink(missing_ok=True)
     names = _done_columns(rewards)
-    todo = [it for it in items if not (_item_key(it) in done and _row_done(done[_item_key(it)], names, list(it.paths)))]
+    todo = [
+        it
+        for it in items
+        if not (_item_key(it) in done and _row_done(done[_item_key(it)], names, list(it.paths)))
+    ]
     summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out)
     out_dir = out.parent.resolve()
-    with partial.open("a") as part, tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar:
+    with (
+        partial.open("a") as part,
+        tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar,
+    ):
         for b, start in enumerate(range(0, len(todo), batch_size)):
             chunk = todo[start : start + batch_size]
             rows = _score_chunk(chunk, rewards, out_dir, loader)
@@ -399,11 +431,15 @@ def _stack(values: list[Any], column: str) -> torch.Tensor:
     try:
         return torch.tensor(values, dtype=torch.float32)
     except (ValueError, TypeError):
-        raise ValueError(f"column {column!r}: per-segment scores of different lengths cannot be normalised together; "
-                         "score clips of one length per run") from None
+        raise ValueError(
+            f"column {column!r}: per-segment scores of different lengths cannot be normalised together; "
+            "score clips of one length per run"
+        ) from None
 
 
-def combine_rows(rows: list[dict[str, Any]], rewards: dict[str, Reward], normalize_over: str | None = None) -> None:
+def combine_rows(
+    rows: list[dict[str, Any]], rewards: dict[str, Reward], normalize_over: str | None = None
+) -> None:
     """Fill each hybrid/ensemble's total and normalised columns from the raw member scores of *all* rows.
 
     Args:
@@ -471,13 +507,19 @@ def _relpath(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base)).as_posix()
 
 
-def _score_chunk(chunk: list[Item], rewards: dict[str, Reward], out_dir: Path,
-                 loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media) -> list[dict[str, Any]]:
+def _score_chunk(
+    chunk: list[Item],
+    rewards: dict[str, Reward],
+    out_dir: Path,
+    loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     flat_media, flat_prompts, flat_fps, owner = [], [], [], []
     for k, item in enumerate(chunk):
         row: dict[str, Any] = {"id": str(item.id), "prompt": item.prompt}
-        row.update({("path" if side == "media" else side): _relpath(p, out_dir) for side, p in item.paths.items()})
+        row.update(
+            {("path" if side == "media" else side): _relpath(p, out_dir) for side, p in item.paths.items()}
+        )
         row.update(item.extra)
         loaded = []
         try:

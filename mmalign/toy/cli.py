@@ -78,7 +78,9 @@ def cmd_toy_sample(args: argparse.Namespace) -> int:
     captions = all_toy_prompts()
     prompts = [captions[i % len(captions)] for i in range(args.n)]
     seeds = [args.seed + i for i in range(args.n)]
-    images = generate(pipe, prompts, seeds, guidance_scale=args.guidance, steps=args.steps, progress="toy sample")
+    images = generate(
+        pipe, prompts, seeds, guidance_scale=args.guidance, steps=args.steps, progress="toy sample"
+    )
     stats = toy_stats(images, prompts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

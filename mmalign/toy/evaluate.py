@@ -190,14 +190,22 @@ def evaluate_models(
     scores = score_pair(rewards, images_a, images_b, prompts)
     metrics = compare_scores(scores, n_boot=n_boot)
     metrics.update(labels={"a": label_a, "b": label_b}, guidance_scale=guidance_scale, steps=steps)
-    write_eval_report(metrics, images_a, images_b, out_dir, label_a=label_a, label_b=label_b, prompts=prompts,
-                      scores=scores)
+    write_eval_report(
+        metrics, images_a, images_b, out_dir, label_a=label_a, label_b=label_b, prompts=prompts, scores=scores
+    )
     return metrics
 
 
 def write_eval_report(
-    metrics, images_a, images_b, out_dir: str | Path, *, label_a: str = "A", label_b: str = "B",
-    prompts: Sequence[str] = (), scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    metrics,
+    images_a,
+    images_b,
+    out_dir: str | Path,
+    *,
+    label_a: str = "A",
+    label_b: str = "B",
+    prompts: Sequence[str] = (),
+    scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     columns: int = 8,
 ):
     """``metrics.json``, ``table.md`` and ``grid.png`` into ``out_dir``.
@@ -219,6 +227,10 @@ def write_eval_report(
         a, b = scores[primary]
         short = primary if len(primary) <= 16 else primary[:15] + "."
         captions = [[f"{short} {float(x):.3f}" for x in b[:n]], [f"{short} {float(x):.3f}" for x in a[:n]]]
-    grid = labelled_grid([images_b[:n], images_a[:n]], row_names=[label_b, label_a],
-                         column_titles=list(prompts[:n]), captions=captions)
+    grid = labelled_grid(
+        [images_b[:n], images_a[:n]],
+        row_names=[label_b, label_a],
+        column_titles=list(prompts[:n]),
+        captions=captions,
+    )
     grid.save(out_dir / "grid.png")

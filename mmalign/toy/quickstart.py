@@ -281,8 +281,9 @@ def quickstart(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     image_grid(before[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "before.png")
     image_grid(after[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "after.png")
-    paired_grid(after, before, n=48, per_row=opts.eval_seeds_per_prompt, labels=("tuned", "base"),
-                prompts=eval_p).save(out / "before_after.png")
+    paired_grid(
+        after, before, n=48, per_row=opts.eval_seeds_per_prompt, labels=("tuned", "base"), prompts=eval_p
+    ).save(out / "before_after.png")
     write_report(out, metrics, markdown_table(metrics, "tuned", "base"), eval_prompts[:8], cfg)
     log(
         f"report: {out / 'report.md'}  (win rate {metrics['win_rate']:.3f}, 95% CI "

@@ -92,7 +92,9 @@ def mean_color_match(sigma: float = 0.2, min_pixels: float = 6.0) -> Reward:
         mass = w.sum(dim=(1, 2))
         mean = (images * w[:, None]).sum(dim=(2, 3)) / mass.clamp_min(1e-6)[:, None]
         target = _prompt_colors(prompts, t, images.device)
-        score = torch.exp(-((mean - target) ** 2).sum(dim=1) / (2 * sigma**2)) * (mass / min_pixels).clamp(max=1)
+        score = torch.exp(-((mean - target) ** 2).sum(dim=1) / (2 * sigma**2)) * (mass / min_pixels).clamp(
+            max=1
+        )
         return score.view(-1, t).mean(dim=1)
 
     return reward

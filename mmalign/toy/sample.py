@@ -69,8 +69,12 @@ def generate(
     from tqdm.auto import tqdm
 
     out = []
-    bar = tqdm(total=len(prompts), unit="sample", disable=not progress,
-               desc=progress if isinstance(progress, str) else "sampling")
+    bar = tqdm(
+        total=len(prompts),
+        unit="sample",
+        disable=not progress,
+        desc=progress if isinstance(progress, str) else "sampling",
+    )
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
         images = pipe(

@@ -14,7 +14,21 @@ import torch
 from mmalign.toy.render import TOY_WORDS
 from mmalign.toy.tokenizer import build_word_tokenizer
 
-TINY_WORDS = ["a", "an", "photo", "of", "red", "green", "blue", "yellow", "circle", "square", "triangle", "cat", "dog"]
+TINY_WORDS = [
+    "a",
+    "an",
+    "photo",
+    "of",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+]
 
 
 def _text_encoder(hidden: int, proj: int | None, vocab_size: int, seed: int, max_len: int):
@@ -22,9 +36,17 @@ def _text_encoder(hidden: int, proj: int | None, vocab_size: int, seed: int, max
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=max_len, projection_dim=proj or hidden,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_act="gelu",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_len,
+        projection_dim=proj or hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_act="gelu",
     )
     return (CLIPTextModelWithProjection if proj else CLIPTextModel)(config).eval()
 
@@ -34,13 +56,21 @@ def _vae(seed: int, latent_channels: int = 4, channels: tuple[int, ...] = (16, 3
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels, layers_per_block=1, norm_num_groups=8, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
     )
 
 
-def build_tiny_sd15(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8):
+def build_tiny_sd15(
+    out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8
+):
     """A StableDiffusionPipeline with a 2-layer CLIP text encoder, 2-level VAE (x2 down) and a tiny UNet.
 
     Returns the pipeline after saving it to ``out_dir``.
@@ -51,24 +81,44 @@ def build_tiny_sd15(out_dir: str | Path, *, seed: int = 0, prediction_type: str 
     tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
     )
     text_encoder = _text_encoder(16, None, len(tokenizer), seed + 1, tokenizer.model_max_length)
     pipe = StableDiffusionPipeline(
-        unet=unet, scheduler=scheduler, vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        scheduler=scheduler,
+        vae=_vae(seed + 2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
 
 
-def build_tiny_sdxl(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8):
+def build_tiny_sdxl(
+    out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8
+):
     """A StableDiffusionXLPipeline: two text encoders (the second with projection), text_time conditioning."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -76,21 +126,39 @@ def build_tiny_sdxl(out_dir: str | Path, *, seed: int = 0, prediction_type: str 
     tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 16,
-        cross_attention_dim=32, norm_num_groups=8,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32,
+        norm_num_groups=8,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
-        steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionXLPipeline(
-        unet=unet, scheduler=scheduler, vae=_vae(seed + 2),
+        unet=unet,
+        scheduler=scheduler,
+        vae=_vae(seed + 2),
         text_encoder=_text_encoder(16, None, len(tokenizer), seed + 1, tokenizer.model_max_length),
         text_encoder_2=_text_encoder(16, 16, len(tokenizer), seed + 3, tokenizer.model_max_length),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, force_zeros_for_empty_prompt=True,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
@@ -100,9 +168,17 @@ def build_tiny_sdxl(out_dir: str | Path, *, seed: int = 0, prediction_type: str 
 # video families
 
 
-def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None, unet: Any = None,
-                            seed: int = 0, prediction_type: str = "epsilon", tokenizer_dir: str | Path | None = None,
-                            motion_heads: int = 4) -> Any:
+def make_toy_video_pipeline(
+    *,
+    vae: Any = None,
+    text_encoder: Any = None,
+    tokenizer: Any = None,
+    unet: Any = None,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    tokenizer_dir: str | Path | None = None,
+    motion_heads: int = 4,
+) -> Any:
     """An AnimateDiffPipeline with random motion modules; pass the toy image model's parts to start from them.
 
     Missing parts are built tiny: a 2-level AutoencoderKL (x2 down), a 2-layer CLIPTextModel over the toy
@@ -112,7 +188,9 @@ def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokeni
 
     if tokenizer is None or text_encoder is None:
         if tokenizer_dir is None:
-            raise ValueError("pass tokenizer_dir (where the toy tokenizer files are written) or a tokenizer and text encoder")
+            raise ValueError(
+                "pass tokenizer_dir (where the toy tokenizer files are written) or a tokenizer and text encoder"
+            )
         tokenizer = build_word_tokenizer(TOY_WORDS, tokenizer_dir)
         text_encoder = _text_encoder(16, None, len(tokenizer), seed + 1, tokenizer.model_max_length)
     if vae is None:
@@ -120,19 +198,42 @@ def make_toy_video_pipeline(*, vae: Any = None, text_encoder: Any = None, tokeni
     if unet is None:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
-            layers_per_block=1, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_encoder.config.hidden_size,
-            attention_head_dim=8, norm_num_groups=8,
+            sample_size=8,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_encoder.config.hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=8,
         )
     torch.manual_seed(seed + 3)
-    motion = MotionAdapter(block_out_channels=tuple(unet.config.block_out_channels),
-                           motion_layers_per_block=unet.config.layers_per_block, motion_norm_num_groups=8,
-                           motion_num_attention_heads=motion_heads, motion_max_seq_length=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1)
-    return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=motion,
-                               scheduler=scheduler)
+    motion = MotionAdapter(
+        block_out_channels=tuple(unet.config.block_out_channels),
+        motion_layers_per_block=unet.config.layers_per_block,
+        motion_norm_num_groups=8,
+        motion_num_attention_heads=motion_heads,
+        motion_max_seq_length=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+        steps_offset=1,
+    )
+    return AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=motion,
+        scheduler=scheduler,
+    )
 
 
 def build_tiny_toy_video(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Any:
@@ -160,23 +261,60 @@ def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
     tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
     torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=32,
-        num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
         max_text_seq_length=16,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
-                                           num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
-    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", snr_shift_scale=3.0, beta_schedule="scaled_linear",
-                                       clip_sample=False, timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type="v_prediction",
+        snr_shift_scale=3.0,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
 
@@ -197,17 +335,43 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0) ->
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     torch.manual_seed(seed + 1)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
-        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1,
-                                               num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+    )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe

@@ -12,13 +12,44 @@ from pathlib import Path
 
 import torch
 
-TINY_WORDS = ["a", "an", "photo", "of", "red", "green", "blue", "yellow", "circle", "square", "triangle",
-              "cat", "dog", "yes", "no", "first", "second", "is", "the", "image", "does", "this", "show", "which"]
+TINY_WORDS = [
+    "a",
+    "an",
+    "photo",
+    "of",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+    "yes",
+    "no",
+    "first",
+    "second",
+    "is",
+    "the",
+    "image",
+    "does",
+    "this",
+    "show",
+    "which",
+]
 
 
 def build_tiny_hf_clip(
-    out_dir: str | Path, *, seed: int = 0, image_size: int = 32, hidden: int = 32, layers: int = 2,
-    projection_dim: int = 16, patch_size: int = 8, logit_scale: float | None = None,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    hidden: int = 32,
+    layers: int = 2,
+    projection_dim: int = 16,
+    patch_size: int = 8,
+    logit_scale: float | None = None,
 ) -> Path:
     """Save a transformers ``CLIPModel`` + ``CLIPProcessor`` (word-level tokenizer) to ``out_dir``.
 
@@ -43,11 +74,25 @@ def build_tiny_hf_clip(
     tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tokenizer", model_max_length=16)
     n = len(tokenizer)
     config = CLIPConfig(
-        text_config=dict(vocab_size=n, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1,
-                         pad_token_id=n - 1),
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=image_size, patch_size=patch_size),
+        text_config=dict(
+            vocab_size=n,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+        ),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
         projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
@@ -56,17 +101,26 @@ def build_tiny_hf_clip(
         with torch.no_grad():
             model.logit_scale.fill_(logit_scale)
     model.save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     return out_dir
 
 
-def tiny_open_clip_config(image_size: int = 32, width: int = 32, embed_dim: int = 16, layers: int = 1) -> dict:
+def tiny_open_clip_config(
+    image_size: int = 32, width: int = 32, embed_dim: int = 16, layers: int = 1
+) -> dict:
     """An open_clip model config of the ViT-H-14 family (ViT image tower, transformer text tower), tiny."""
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "head_width": 16, "patch_size": 8},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": 16,
+            "patch_size": 8,
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": width, "heads": 2, "layers": layers},
     }
 
@@ -148,31 +202,81 @@ def build_tiny_vlm(out_dir: str | Path, *, seed: int = 0, image_size: int = 32, 
 
     out_dir = Path(out_dir)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    words = sorted({w for w in TINY_WORDS} | {"Yes", "No", "First", "Second", "USER", "ASSISTANT", ":", "?", '"',
-                                               ".", ",", "or", "please", "answer", "Please", "Answer", "Does"})
+    words = sorted(
+        {w for w in TINY_WORDS}
+        | {
+            "Yes",
+            "No",
+            "First",
+            "Second",
+            "USER",
+            "ASSISTANT",
+            ":",
+            "?",
+            '"',
+            ".",
+            ",",
+            "or",
+            "please",
+            "answer",
+            "Please",
+            "Answer",
+            "Does",
+        }
+    )
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     patch = 8
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=image_size, patch_size=patch),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                max_position_embeddings=512, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
-                                eos_token_id=vocab["</s>"]),
-        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+        vision_config=CLIPVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+        ),
+        image_token_index=vocab["<image>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", chat_template=TINY_CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=TINY_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
     processor.save_pretrained(out_dir)
     return out_dir

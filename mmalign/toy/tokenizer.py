@@ -59,7 +59,9 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str | Path, model_max_le
     (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer(
-        str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=model_max_length,
+        str(out_dir / "vocab.json"),
+        str(out_dir / "merges.txt"),
+        model_max_length=model_max_length,
         pad_token=EOS,
     )
     tok.save_pretrained(out_dir)

@@ -243,8 +243,16 @@ def generate_videos(
     """
     from mmalign.toy.sample import generate
 
-    return generate(pipe, prompts, seeds, guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, size=size,
-                    num_frames=frames)
+    return generate(
+        pipe,
+        prompts,
+        seeds,
+        guidance_scale=guidance_scale,
+        steps=steps,
+        batch_size=batch_size,
+        size=size,
+        num_frames=frames,
+    )
 
 
 def flicker_stats(videos: torch.Tensor, *, segments: int = 4, threshold: float = 0.5) -> dict[str, float]:

@@ -55,17 +55,26 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "diffusion_dpo": Method(
-        "diffusion_dpo", diffusion_dpo.DiffusionDPOConfig, diffusion_dpo.compute_loss, data.image_pairs,
+        "diffusion_dpo",
+        diffusion_dpo.DiffusionDPOConfig,
+        diffusion_dpo.compute_loss,
+        data.image_pairs,
         "Diffusion-DPO (Wallace et al. 2023): preference pairs, shared noise and timestep; sigmoid/hinge/ipo, f-DPO, Diffusion-NPO via swap_pairs.",
     ),
     "inversion_dpo": Method(
-        "inversion_dpo", inversion_dpo.InversionDPOConfig, inversion_dpo.compute_loss, data.inversion_pairs,
+        "inversion_dpo",
+        inversion_dpo.InversionDPOConfig,
+        inversion_dpo.compute_loss,
+        data.inversion_pairs,
         "Inversion-DPO (Li et al. 2025): DDIM-inverted noising with cached inversions; inverted_noise (InPO-style) or trajectory (released code) mode.",
         noise_processes=("ddpm",),
         why_ddpm="its DDIM inversion and implied noise are defined on a DDPM schedule (alphas_cumprod)",
     ),
     "self_npo": Method(
-        "self_npo", self_npo.SelfNPOConfig, self_npo.compute_loss, data.prompts,
+        "self_npo",
+        self_npo.SelfNPOConfig,
+        self_npo.compute_loss,
+        data.prompts,
         "Self-NPO (Wang et al. 2025): data-free negative model for NPO guidance; EMA teacher, truncated DDIM, pseudo-Huber. Prompts only.",
         make_state=self_npo.make_state,
         needs_reference=lambda cfg: cfg.ema_decay >= 1.0,
@@ -73,11 +82,17 @@ METHODS: dict[str, Method] = {
         why_ddpm="its DDIM teacher rollout and re-noising use the DDPM schedule's alphas_cumprod",
     ),
     "dense_dpo": Method(
-        "dense_dpo", dense_dpo.DenseDPOConfig, dense_dpo.compute_loss, data.video_pairs,
+        "dense_dpo",
+        dense_dpo.DenseDPOConfig,
+        dense_dpo.compute_loss,
+        data.video_pairs,
         "DenseDPO (Wu et al. 2025): video pairs with per-segment labels mapped to latent frames, ties masked; vanilla whole-clip video DPO via loss=vanilla.",
     ),
     "personal_dpo": Method(
-        "personal_dpo", personal_dpo.PersonalDPOConfig, personal_dpo.compute_loss, data.user_pairs,
+        "personal_dpo",
+        personal_dpo.PersonalDPOConfig,
+        personal_dpo.compute_loss,
+        data.user_pairs,
         "PPD (Dang et al. 2025): user-conditioned Diffusion-DPO; user vector -> IP-Adapter-style decoupled cross-attention, only K'/V' + projection (+ optional LoRA) train.",
         add_trainable=personal_dpo.add_trainable,
         export=personal_dpo.export,
@@ -125,7 +140,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     family = _static_family(cfg)
     if family is not None:
         if family not in FAMILIES:
-            raise ConfigError(f"{path or 'config'}: model.family={family!r} is unknown; choose from {sorted(FAMILIES)} or auto")
+            raise ConfigError(
+                f"{path or 'config'}: model.family={family!r} is unknown; choose from {sorted(FAMILIES)} or auto"
+            )
         try:
             check_noise_process(cfg.method.name, family, FAMILIES[family].noise_process)
         except ConfigError as err:

@@ -35,8 +35,10 @@ class TrainModels:
                 return
             net = self.unwrap(self.denoiser)
             if not getattr(net, "_hf_peft_config_loaded", False):
-                raise RuntimeError("no reference: full fine-tuning keeps a frozen copy only for methods whose "
-                                   "Method.needs_reference(cfg) is true")
+                raise RuntimeError(
+                    "no reference: full fine-tuning keeps a frozen copy only for methods whose "
+                    "Method.needs_reference(cfg) is true"
+                )
             net.disable_adapters()
             try:
                 yield net
@@ -48,8 +50,15 @@ def repeat_cond(cond: dict[str, torch.Tensor], times: int = 2) -> dict[str, torc
     return {k: torch.cat([v] * times) for k, v in cond.items()}
 
 
-def noised_pairs(adapter: PipelineAdapter, x_w: torch.Tensor, x_l: torch.Tensor, *, independent_noise: bool = False,
-                 noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def noised_pairs(
+    adapter: PipelineAdapter,
+    x_w: torch.Tensor,
+    x_l: torch.Tensor,
+    *,
+    independent_noise: bool = False,
+    noise: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Winner and loser stacked on the batch dim, sharing one timestep and (by default) one noise draw.
 
     Returns ``x0, noise, t, xt, target``, each [2B, ...] with winners first. ``noise`` may be given (e.g. the
@@ -66,11 +75,22 @@ def noised_pairs(adapter: PipelineAdapter, x_w: torch.Tensor, x_l: torch.Tensor,
     if t is None:
         t = adapter.sample_timesteps(b, None, x0.device)
     t = t.repeat(2) if t.shape[0] == b else t
-    return {"x0": x0, "noise": noise, "t": t, "xt": adapter.add_noise(x0, noise, t), "target": adapter.target(x0, noise, t)}
+    return {
+        "x0": x0,
+        "noise": noise,
+        "t": t,
+        "xt": adapter.add_noise(x0, noise, t),
+        "target": adapter.target(x0, noise, t),
+    }
 
 
-def pair_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def pair_errors(
+    models: TrainModels,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Per-sample policy and reference errors on a stacked [2B] batch -> (m_w, m_l, r_w, r_l), each [B]."""
     adapter = models.adapter
     model_err = per_sample_mse(adapter.predict(models.denoiser, xt, t, cond), target)
@@ -81,8 +101,13 @@ def pair_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: di
     return m_w, m_l, r_w, r_l
 
 
-def frame_errors(models: TrainModels, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                 target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def frame_errors(
+    models: TrainModels,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Per-latent-frame policy and reference errors on a stacked [2B] batch -> (m_0, m_1, r_0, r_1), each [B,T]."""
     adapter = models.adapter
     model_err = per_frame_mse(adapter.predict(models.denoiser, xt, t, cond), target)

@@ -25,16 +25,47 @@ LOSSES = ("dense", "vanilla")
 @dataclass
 class DenseDPOConfig:
     name: str = _f("dense_dpo", "Method name.")
-    beta: float = _f(500.0, "KL strength; per latent frame z_f = -(beta/2) l_f (dtheta_0,f - dtheta_1,f). Paper: 500, constant.", gt=0)
-    loss: str = _f("dense", "dense (per-latent-frame labels, ties masked) | vanilla (whole-clip DPO on the majority label).")
-    segment_seconds: float = _f(1.0, "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).", le=3600)
-    min_non_tie: float = _f(0.2, "DenseDPO trains only on clips with more than this fraction of non-tie segments.")
-    straddle: str = _f("majority", "A latent frame covering two segments: majority (the label of a strict majority of its frames, 2-2 splits tie) | tie (DESIGN §3; ties ~40% of a causal VAE's latents at 1 s segments) | agree (kept if its segments agree).")
-    num_frames: int | None = _f(None, "Frames per clip fed to the VAE (CogVideoX/Wan: 4k+1, e.g. 49 or 81); None = every sampled frame.", ge=1, le=4096)
-    fps: float | None = _f(None, "Resample clips to this frame rate before taking num_frames (Wan 16, CogVideoX 8); None = native.", gt=0, le=1000)
+    beta: float = _f(
+        500.0,
+        "KL strength; per latent frame z_f = -(beta/2) l_f (dtheta_0,f - dtheta_1,f). Paper: 500, constant.",
+        gt=0,
+    )
+    loss: str = _f(
+        "dense",
+        "dense (per-latent-frame labels, ties masked) | vanilla (whole-clip DPO on the majority label).",
+    )
+    segment_seconds: float = _f(
+        1.0,
+        "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).",
+        le=3600,
+    )
+    min_non_tie: float = _f(
+        0.2, "DenseDPO trains only on clips with more than this fraction of non-tie segments."
+    )
+    straddle: str = _f(
+        "majority",
+        "A latent frame covering two segments: majority (the label of a strict majority of its frames, 2-2 splits tie) | tie (DESIGN §3; ties ~40% of a causal VAE's latents at 1 s segments) | agree (kept if its segments agree).",
+    )
+    num_frames: int | None = _f(
+        None,
+        "Frames per clip fed to the VAE (CogVideoX/Wan: 4k+1, e.g. 49 or 81); None = every sampled frame.",
+        ge=1,
+        le=4096,
+    )
+    fps: float | None = _f(
+        None,
+        "Resample clips to this frame rate before taking num_frames (Wan 16, CogVideoX 8); None = native.",
+        gt=0,
+        le=1000,
+    )
     height: int | None = _f(None, "Frame height in pixels; None = model.resolution.", ge=8, le=8192)
-    width: int | None = _f(None, "Frame width in pixels; None = model.resolution (Wan 2.1: 480x832).", ge=8, le=8192)
-    independent_noise: bool = _f(False, "Separate noise per clip. The paper shares one noise (App. E) and notes shared seeds worsen App. B's effect.")
+    width: int | None = _f(
+        None, "Frame width in pixels; None = model.resolution (Wan 2.1: 480x832).", ge=8, le=8192
+    )
+    independent_noise: bool = _f(
+        False,
+        "Separate noise per clip. The paper shares one noise (App. E) and notes shared seeds worsen App. B's effect.",
+    )
     video_backend: str | None = _f(None, "decord | pyav | torchcodec; None = first installed.")
 
     def __post_init__(self) -> None:
@@ -50,14 +81,20 @@ class DenseDPOConfig:
         if self.straddle not in STRADDLE:
             raise ConfigError(f"method.straddle={short(self.straddle)}: use one of {STRADDLE}")
         if self.video_backend not in (None, "decord", "pyav", "torchcodec"):
-            raise ConfigError(f"method.video_backend={short(self.video_backend)}: use decord, pyav, torchcodec or leave it unset")
+            raise ConfigError(
+                f"method.video_backend={short(self.video_backend)}: use decord, pyav, torchcodec or leave it unset"
+            )
         for key in ("height", "width"):
             value = getattr(self, key)
             if value is not None and value % 8:
-                raise ConfigError(f"method.{key}={value} must be a multiple of 8 (the video VAEs downsample by 8)")
+                raise ConfigError(
+                    f"method.{key}={value} must be a multiple of 8 (the video VAEs downsample by 8)"
+                )
 
 
-def compute_loss(batch: dict, models: TrainModels, cfg: DenseDPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(
+    batch: dict, models: TrainModels, cfg: DenseDPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One DenseDPO (or whole-clip video DPO) step on a batch of encoded video pairs.
 
     Args:
@@ -66,8 +103,12 @@ def compute_loss(batch: dict, models: TrainModels, cfg: DenseDPOConfig) -> tuple
         models: adapter, trained denoiser, reference access.
         cfg: the method config.
     """
-    pairs = noised_pairs(models.adapter, batch["latents_0"], batch["latents_1"], independent_noise=cfg.independent_noise)
-    m_0, m_1, r_0, r_1 = frame_errors(models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"])
+    pairs = noised_pairs(
+        models.adapter, batch["latents_0"], batch["latents_1"], independent_noise=cfg.independent_noise
+    )
+    m_0, m_1, r_0, r_1 = frame_errors(
+        models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"]
+    )
     if cfg.loss == "dense":
         loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta)
     else:

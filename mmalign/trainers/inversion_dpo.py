@@ -33,21 +33,51 @@ UNCOND = ("zeros", "empty_prompt")
 @dataclass
 class InversionDPOConfig:
     name: str = _f("inversion_dpo", "Method name.")
-    mode: str = _f("inverted_noise", "inverted_noise (InPO-style: Diffusion-DPO with the inversion's implied noise; non-zero gradient at init) | trajectory (the released code's loss; zero gradient while policy == reference).")
-    beta: float = _f(2000.0, "KL strength. inverted_noise: canonical Diffusion-DPO beta, z = -(beta/2)(delta_w - delta_l). trajectory: z = sign*(beta/2)(D_w - D_l)/N. Released launcher: 2000.", gt=0)
-    num_inversion_steps: int = _f(80, "N, steps of the DDIM inversion grid (released launcher: 80 -> t = 0, 12, ..., 948; InPO: 10).")
+    mode: str = _f(
+        "inverted_noise",
+        "inverted_noise (InPO-style: Diffusion-DPO with the inversion's implied noise; non-zero gradient at init) | trajectory (the released code's loss; zero gradient while policy == reference).",
+    )
+    beta: float = _f(
+        2000.0,
+        "KL strength. inverted_noise: canonical Diffusion-DPO beta, z = -(beta/2)(delta_w - delta_l). trajectory: z = sign*(beta/2)(D_w - D_l)/N. Released launcher: 2000.",
+        gt=0,
+    )
+    num_inversion_steps: int = _f(
+        80, "N, steps of the DDIM inversion grid (released launcher: 80 -> t = 0, 12, ..., 948; InPO: 10)."
+    )
     timestep_spacing: str = _f("leading", "Grid spacing as DDIMInverseScheduler: leading | trailing.")
     steps_offset: int = _f(0, "Grid offset (the released code's DDIMScheduler: 0).", ge=0, lt=1000)
-    set_alpha_to_one: bool = _f(False, "Start level of the inversion: 1 (clean), or alphas_cumprod[0] as the released code (false).")
-    inversion_guidance: float = _f(2.0, "CFG scale of the inverter (and of the policy in trajectory mode). Released code: 2.")
-    uncond: str = _f("zeros", "Unconditional branch of the CFG: zeros (all-zero text embeddings, the released code) | empty_prompt.")
-    trajectory_steps: int = _f(8, "trajectory mode: K of the N grid steps subsampled per pair and update (N = the released code, one graph of 4N forwards).")
-    reference_eps: str = _f("live", "trajectory mode: where eps_ref comes from. live: the reference re-run at the K points in the same batch as the policy (exactly equal to the policy at LoRA init, same precision); cached: the inverter's eps stored in the cache (no reference forward, twice the cache, differs from a live forward by float rounding).")
-    sign: int = _f(1, "trajectory mode: logit sign; +1 the released code (winner pushed off the reference trajectory), -1 the likelihood derivation.")
+    set_alpha_to_one: bool = _f(
+        False, "Start level of the inversion: 1 (clean), or alphas_cumprod[0] as the released code (false)."
+    )
+    inversion_guidance: float = _f(
+        2.0, "CFG scale of the inverter (and of the policy in trajectory mode). Released code: 2."
+    )
+    uncond: str = _f(
+        "zeros",
+        "Unconditional branch of the CFG: zeros (all-zero text embeddings, the released code) | empty_prompt.",
+    )
+    trajectory_steps: int = _f(
+        8,
+        "trajectory mode: K of the N grid steps subsampled per pair and update (N = the released code, one graph of 4N forwards).",
+    )
+    reference_eps: str = _f(
+        "live",
+        "trajectory mode: where eps_ref comes from. live: the reference re-run at the K points in the same batch as the policy (exactly equal to the policy at LoRA init, same precision); cached: the inverter's eps stored in the cache (no reference forward, twice the cache, differs from a live forward by float rounding).",
+    )
+    sign: int = _f(
+        1,
+        "trajectory mode: logit sign; +1 the released code (winner pushed off the reference trajectory), -1 the likelihood derivation.",
+    )
     loss_type: str = _f("sigmoid", "inverted_noise mode: sigmoid | hinge | ipo (as diffusion_dpo).")
     sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.", ge=0)
-    cache_inversions: bool = _f(True, "Invert every image once into the inversion cache (needs data.cache=true); false = invert with the reference every step.")
-    cache_dtype: str = _f("float32", "Storage dtype of cached trajectories: float32 | float16 | bfloat16 (half the disk).")
+    cache_inversions: bool = _f(
+        True,
+        "Invert every image once into the inversion cache (needs data.cache=true); false = invert with the reference every step.",
+    )
+    cache_dtype: str = _f(
+        "float32", "Storage dtype of cached trajectories: float32 | float16 | bfloat16 (half the disk)."
+    )
     inversion_batch_size: int = _f(8, "Images per batch of the one-off inversion pass.", ge=1, le=4096)
 
     def __post_init__(self) -> None:
@@ -57,13 +87,19 @@ class InversionDPOConfig:
         if self.beta <= 0:
             raise ConfigError(f"method.beta={self.beta} must be > 0 (released code: 2000)")
         if not 1 <= self.num_inversion_steps <= 1000:
-            raise ConfigError(f"method.num_inversion_steps={self.num_inversion_steps} must be in [1, 1000] (paper: 80)")
+            raise ConfigError(
+                f"method.num_inversion_steps={self.num_inversion_steps} must be in [1, 1000] (paper: 80)"
+            )
         if self.timestep_spacing not in ("leading", "trailing"):
-            raise ConfigError(f"method.timestep_spacing={short(self.timestep_spacing)}: use leading or trailing")
+            raise ConfigError(
+                f"method.timestep_spacing={short(self.timestep_spacing)}: use leading or trailing"
+            )
         if self.uncond not in UNCOND:
             raise ConfigError(f"method.uncond={short(self.uncond)}: choose from {UNCOND}")
         if not 1 <= self.trajectory_steps <= self.num_inversion_steps:
-            raise ConfigError(f"method.trajectory_steps={self.trajectory_steps} must be in [1, method.num_inversion_steps={self.num_inversion_steps}]")
+            raise ConfigError(
+                f"method.trajectory_steps={self.trajectory_steps} must be in [1, method.num_inversion_steps={self.num_inversion_steps}]"
+            )
         if self.reference_eps not in ("live", "cached"):
             raise ConfigError(f"method.reference_eps={short(self.reference_eps)}: use live or cached")
         if self.sign not in (1, -1):
@@ -80,7 +116,9 @@ class InversionDPOConfig:
 # the loss
 
 
-def compute_loss(batch: dict, models: TrainModels, cfg: InversionDPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(
+    batch: dict, models: TrainModels, cfg: InversionDPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One Inversion-DPO step on a batch of :func:`mmalign.data.inversion_pairs.prepare_inversion_batch`.
 
     Args:
@@ -100,9 +138,17 @@ def _invert_now(batch: dict, models: TrainModels, cfg: InversionDPOConfig, num_s
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     uncond = batch["inv_uncond"]
     with models.reference() as ref:
-        return inversion.ddim_invert(models.adapter, ref, x0, repeat_cond(batch["inv_cond"]), timesteps=batch["grid"],
-                                     guidance_scale=cfg.inversion_guidance, uncond=None if uncond is None else repeat_cond(uncond),
-                                     set_alpha_to_one=cfg.set_alpha_to_one, num_steps=num_steps)
+        return inversion.ddim_invert(
+            models.adapter,
+            ref,
+            x0,
+            repeat_cond(batch["inv_cond"]),
+            timesteps=batch["grid"],
+            guidance_scale=cfg.inversion_guidance,
+            uncond=None if uncond is None else repeat_cond(uncond),
+            set_alpha_to_one=cfg.set_alpha_to_one,
+            num_steps=num_steps,
+        )
 
 
 def _inverted_noise_loss(batch, models, cfg):
@@ -119,8 +165,12 @@ def _inverted_noise_loss(batch, models, cfg):
     abar = batch["alphas"].to(device)[step + 1]
     noise = implied_noise(xt, torch.cat([x_w, x_l]), abar.repeat(2))
     pairs = noised_pairs(models.adapter, x_w, x_l, noise=noise, t=t)
-    m_w, m_l, r_w, r_l = pair_errors(models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"])
-    loss, metrics = diffusion_dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, loss_type=cfg.loss_type, sft_weight=cfg.sft_weight)
+    m_w, m_l, r_w, r_l = pair_errors(
+        models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"]
+    )
+    loss, metrics = diffusion_dpo_loss(
+        m_w, m_l, r_w, r_l, beta=cfg.beta, loss_type=cfg.loss_type, sft_weight=cfg.sft_weight
+    )
     metrics["inversion_t"] = t.float().mean()
     return loss.mean(), metrics
 
@@ -136,11 +186,17 @@ def _trajectory_loss(batch, models, cfg):
         x_in = torch.cat([batch["x_in_w"], batch["x_in_l"]]).float()  # [2B, K, ...]
         clean = batch["from_clean"].repeat(2, 1)
         x_in = torch.where(clean.reshape(*clean.shape, *[1] * (x0.ndim - 1)), x0[:, None].float(), x_in)
-        ref_eps = torch.cat([batch["ref_eps_w"], batch["ref_eps_l"]]).float() if "ref_eps_w" in batch else None
+        ref_eps = (
+            torch.cat([batch["ref_eps_w"], batch["ref_eps_l"]]).float() if "ref_eps_w" in batch else None
+        )
     else:
-        steps = torch.stack([torch.randperm(n)[: cfg.trajectory_steps].sort().values for _ in range(b)]).to(device)
+        steps = torch.stack([torch.randperm(n)[: cfg.trajectory_steps].sort().values for _ in range(b)]).to(
+            device
+        )
         inv = _invert_now(batch, models, cfg, int(steps.max()) + 1)
-        traj = torch.cat([x0[:, None].float().cpu(), inv.latents.cpu()], 1).to(device)  # [2B, 1+S, ...]: x_0 .. x_S
+        traj = torch.cat([x0[:, None].float().cpu(), inv.latents.cpu()], 1).to(
+            device
+        )  # [2B, 1+S, ...]: x_0 .. x_S
         idx = steps.repeat(2, 1)
         rows = torch.arange(2 * b, device=device)[:, None]
         x_in, ref_eps = traj[rows, idx], inv.eps.to(device)[rows, idx]
@@ -149,19 +205,29 @@ def _trajectory_loss(batch, models, cfg):
     grid, alphas = batch["grid"].to(device), batch["alphas"].to(device)
     flat_x = x_in.flatten(0, 1)  # [2B*K, ...]
     flat_t = grid[steps2].flatten()
-    cond = {key: v.repeat(2, *[1] * (v.ndim - 1)).repeat_interleave(k, 0) for key, v in batch["inv_cond"].items()}
+    cond = {
+        key: v.repeat(2, *[1] * (v.ndim - 1)).repeat_interleave(k, 0) for key, v in batch["inv_cond"].items()
+    }
     uncond = batch["inv_uncond"]
     if uncond is not None:
         uncond = {key: v.repeat(2, *[1] * (v.ndim - 1)).repeat_interleave(k, 0) for key, v in uncond.items()}
     kind, abar_in = adapter.scheduler.config.prediction_type, alphas[steps2].flatten()
-    out = guided_output(adapter, models.denoiser, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
+    out = guided_output(
+        adapter, models.denoiser, flat_x, flat_t, cond, uncond, cfg.inversion_guidance
+    ).float()
     model_eps = x0_and_eps(out, flat_x.float(), abar_in, kind)[1].reshape(2 * b, k, *x0.shape[1:])
-    if cfg.reference_eps == "live" or ref_eps is None:  # same inputs, same batch: bitwise equal to the policy at init
+    if (
+        cfg.reference_eps == "live" or ref_eps is None
+    ):  # same inputs, same batch: bitwise equal to the policy at init
         with models.reference() as ref:
-            ref_out = guided_output(adapter, ref, flat_x, flat_t, cond, uncond, cfg.inversion_guidance).float()
+            ref_out = guided_output(
+                adapter, ref, flat_x, flat_t, cond, uncond, cfg.inversion_guidance
+            ).float()
         ref_eps = x0_and_eps(ref_out, flat_x.float(), abar_in, kind)[1].reshape(2 * b, k, *x0.shape[1:])
     m_w, m_l = model_eps.chunk(2)
     r_w, r_l = ref_eps.chunk(2)
     weights = trajectory_weights(alphas[steps + 1])
-    loss, metrics = trajectory_dpo_loss(m_w, m_l, r_w, r_l, weights, beta=cfg.beta, num_grid_steps=n, sign=cfg.sign)
+    loss, metrics = trajectory_dpo_loss(
+        m_w, m_l, r_w, r_l, weights, beta=cfg.beta, num_grid_steps=n, sign=cfg.sign
+    )
     return loss.mean(), metrics

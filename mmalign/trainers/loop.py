@@ -83,14 +83,19 @@ def add_lora(denoiser: torch.nn.Module, lora: Any) -> None:
     """Attach a peft LoRA adapter (diffusers' PeftAdapterMixin); only its weights will train."""
     from peft import LoraConfig
 
-    denoiser.add_adapter(LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank, lora_dropout=lora.dropout,
-        init_lora_weights=lora.init if lora.init != "default" else True, target_modules=list(lora.target_modules),
-    ))
+    denoiser.add_adapter(
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+            lora_dropout=lora.dropout,
+            init_lora_weights=lora.init if lora.init != "default" else True,
+            target_modules=list(lora.target_modules),
+        )
+    )
 
 
 def trains_what(cfg: RunConfig, method: Any) -> str:
-    """"LoRA r=8", "full fine-tune", or a method's own path ("own modules + LoRA r=8") for messages."""
+    """ "LoRA r=8", "full fine-tune", or a method's own path ("own modules + LoRA r=8") for messages."""
     lora = f"LoRA r={cfg.lora.rank}" if cfg.lora.enabled else ""
     if method.add_trainable is not None:
         return f"{method.name}'s own trainable modules" + (f" + {lora}" if lora else "")
@@ -99,20 +104,37 @@ def trains_what(cfg: RunConfig, method: Any) -> str:
 
 def build_optimizer(params: list[torch.nn.Parameter], train: Any, lr: float) -> torch.optim.Optimizer:
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
-                                 weight_decay=train.weight_decay, eps=train.adam_epsilon)
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(train.adam_beta1, train.adam_beta2),
+            weight_decay=train.weight_decay,
+            eps=train.adam_epsilon,
+        )
     if train.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         # Salesforce's SDXL settings: fixed lr, no relative step or parameter scaling.
-        return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                         clip_threshold=1.0, weight_decay=train.weight_decay)
+        return Adafactor(
+            params,
+            lr=lr,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+            clip_threshold=1.0,
+            weight_decay=train.weight_decay,
+        )
     try:
         import bitsandbytes as bnb
     except ImportError as err:
         raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'mmalign[bnb]'") from err
-    return bnb.optim.AdamW8bit(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
-                               weight_decay=train.weight_decay, eps=train.adam_epsilon)
+    return bnb.optim.AdamW8bit(
+        params,
+        lr=lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.weight_decay,
+        eps=train.adam_epsilon,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,8 +172,13 @@ class _Run:
         return self.out / "checkpoints"
 
     def parts(self) -> Saveable:
-        return Saveable(self.accelerator.unwrap_model(self.denoiser), self.optimizer, self.lr_scheduler,
-                        self.accelerator.scaler, self.models.state)
+        return Saveable(
+            self.accelerator.unwrap_model(self.denoiser),
+            self.optimizer,
+            self.lr_scheduler,
+            self.accelerator.scaler,
+            self.models.state,
+        )
 
 
 @dataclass
@@ -225,8 +252,14 @@ def _setup_models(run: _Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     dtype = weight_dtype(cfg.train.mixed_precision)
     m = cfg.model
-    pipe, family = load_pipeline(m.pretrained, family=m.family, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 trust_remote_code=m.trust_remote_code)
+    pipe, family = load_pipeline(
+        m.pretrained,
+        family=m.family,
+        revision=m.revision,
+        variant=m.variant,
+        vae=m.vae,
+        trust_remote_code=m.trust_remote_code,
+    )
     adapter = make_adapter(pipe, family, **m.adapter_options)
     check_noise_process(run.method.name, family, adapter.noise_process)
     denoiser = getattr(pipe, adapter.denoiser_name)
@@ -246,10 +279,18 @@ def _setup_data(run: _Run) -> None:
     run.data = data = run.method.build_data(cfg, run.adapter, run.accelerator)
     run.items = SeededItems(data.dataset, t_cfg.seed)
     run.loader = torch.utils.data.DataLoader(
-        run.items, batch_size=t_cfg.batch_size, shuffle=cfg.data.shuffle, drop_last=True, collate_fn=data.collate,
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t_cfg.seed))
+        run.items,
+        batch_size=t_cfg.batch_size,
+        shuffle=cfg.data.shuffle,
+        drop_last=True,
+        collate_fn=data.collate,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(t_cfg.seed),
+    )
     if len(run.loader) == 0:
-        raise TrainingError(f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}")
+        raise TrainingError(
+            f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}"
+        )
 
 
 def _setup_trainable(run: _Run, keep_initial: bool) -> None:
@@ -285,9 +326,15 @@ def _setup_optimizer(run: _Run) -> None:
     run.global_batch = t_cfg.batch_size * t_cfg.gradient_accumulation_steps * accelerator.num_processes
     run.lr = t_cfg.learning_rate * (run.global_batch if t_cfg.scale_lr else 1)
     optimizer = build_optimizer(run.params, t_cfg, run.lr)
-    lr_scheduler = get_scheduler(t_cfg.lr_scheduler, optimizer, num_warmup_steps=t_cfg.warmup_steps * accelerator.num_processes,
-                                 num_training_steps=t_cfg.max_steps * accelerator.num_processes)
-    run.denoiser, run.optimizer, run.loader, run.lr_scheduler = accelerator.prepare(run.denoiser, optimizer, run.loader, lr_scheduler)
+    lr_scheduler = get_scheduler(
+        t_cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=t_cfg.warmup_steps * accelerator.num_processes,
+        num_training_steps=t_cfg.max_steps * accelerator.num_processes,
+    )
+    run.denoiser, run.optimizer, run.loader, run.lr_scheduler = accelerator.prepare(
+        run.denoiser, optimizer, run.loader, lr_scheduler
+    )
     run.models = TrainModels(run.adapter, run.denoiser, run.reference, unwrap=accelerator.unwrap_model)
     if run.method.make_state is not None:
         run.models.state = run.method.make_state(run.models, run.cfg.method)  # checkpointed with the run
@@ -301,10 +348,14 @@ def _resume(run: _Run) -> _Position:
         if t_cfg.resume == "latest":
             ignored = incomplete_checkpoints(run.checkpoints)
             if ignored:
-                accelerator.print(f"warning: ignoring incomplete checkpoint folder(s): {', '.join(p.name for p in ignored)}")
+                accelerator.print(
+                    f"warning: ignoring incomplete checkpoint folder(s): {', '.join(p.name for p in ignored)}"
+                )
             ckpt = load_latest(run.checkpoints, run.run_id, accelerator.process_index, warn=accelerator.print)
             if ckpt is None:
-                accelerator.print(f"train.resume=latest: no checkpoint of this run in {run.checkpoints}; starting at step 0")
+                accelerator.print(
+                    f"train.resume=latest: no checkpoint of this run in {run.checkpoints}; starting at step 0"
+                )
         elif t_cfg.resume:
             ckpt = read_checkpoint(Path(t_cfg.resume), accelerator.process_index)
         if ckpt is not None:
@@ -333,10 +384,18 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
         f"({trains_what(cfg, run.method)}), global batch {run.global_batch}, lr {run.lr:.3g}"
     )
     if accelerator.is_main_process and t_cfg.report_to != "none":
-        accelerator.init_trackers("mmalign", config={k: v for k, v in _flat_config(cfg).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "mmalign",
+            config={k: v for k, v in _flat_config(cfg).items() if isinstance(v, (int, float, str, bool))},
+        )
     step, epoch, done = pos.step, pos.epoch, pos.batch
     skipped: list[str] = list(run.data.skipped)
-    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=method.name, disable=not (t_cfg.progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        total=t_cfg.max_steps,
+        initial=step,
+        desc=method.name,
+        disable=not (t_cfg.progress and accelerator.is_local_main_process),
+    )
     if t_cfg.validation_every and step == 0 and accelerator.is_main_process:
         _validate(run, 0)  # the base, to compare every later grid with
     t0, last_metrics = time.perf_counter(), {}
@@ -363,8 +422,12 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 logs, stopping = _log_step(run, step, loss, metrics, stop.signum is not None)
                 last_metrics = logs
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
-                if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps) or stopping:
+                bar.set_postfix(
+                    loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}"
+                )
+                if (
+                    t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps
+                ) or stopping:
                     saved = _save(run, here)
                 if stopping:
                     bar.close()
@@ -372,8 +435,14 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                     signum = stop.signum or signal.SIGTERM  # a peer process got it
                     raise TrainingStopped(
                         f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {saved}; "
-                        "continue with train.resume=latest", 128 + signum)
-                if t_cfg.validation_every and step % t_cfg.validation_every == 0 and accelerator.is_main_process:
+                        "continue with train.resume=latest",
+                        128 + signum,
+                    )
+                if (
+                    t_cfg.validation_every
+                    and step % t_cfg.validation_every == 0
+                    and accelerator.is_main_process
+                ):
                     _validate(run, step)
                 if step >= t_cfg.max_steps:
                     break
@@ -404,14 +473,20 @@ def _micro_step(run: _Run, raw: dict, step: int) -> tuple[torch.Tensor, dict[str
     return loss, metrics
 
 
-def _log_step(run: _Run, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor], stop: bool
-              ) -> tuple[dict[str, float], bool]:
+def _log_step(
+    run: _Run, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor], stop: bool
+) -> tuple[dict[str, float], bool]:
     """Average loss, metrics and the stop flag over processes; log them. Returns (logs, any process stopping)."""
     accelerator, t_cfg = run.accelerator, run.cfg.train
     # one collective for the loss, every metric and the stop flag, one host sync for all of them
     names = ["loss", *metrics]
-    values = torch.stack([loss.detach().float().mean(), *(v.detach().float().mean() for v in metrics.values()),
-                          torch.tensor(float(stop), device=loss.device)])
+    values = torch.stack(
+        [
+            loss.detach().float().mean(),
+            *(v.detach().float().mean() for v in metrics.values()),
+            torch.tensor(float(stop), device=loss.device),
+        ]
+    )
     values = accelerator.reduce(values.to(accelerator.device), "mean").tolist()
     stopping = values.pop() > 0
     logs = {"lr": run.lr_scheduler.get_last_lr()[0], **dict(zip(names, values))}
@@ -424,35 +499,65 @@ def _log_step(run: _Run, step: int, loss: torch.Tensor, metrics: dict[str, torch
     return logs, stopping
 
 
-def _finish(run: _Run, start: _Position, end: _Position, seconds: float, last_metrics: dict[str, float],
-            skipped: list[str]) -> TrainResult:
+def _finish(
+    run: _Run,
+    start: _Position,
+    end: _Position,
+    seconds: float,
+    last_metrics: dict[str, float],
+    skipped: list[str],
+) -> TrainResult:
     """Final checkpoint, replica check, export, summary.json."""
     cfg, accelerator, step = run.cfg, run.accelerator, end.step
     final_ckpt = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
     if step != start.step or not final_ckpt.is_dir():  # not already there (a resume of a finished run)
         final_ckpt = _save(run, end)
     unwrapped = accelerator.unwrap_model(run.denoiser)
-    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in unwrapped.parameters() if p.requires_grad)],
-                            dtype=torch.float64, device=accelerator.device)
+    checksum = torch.tensor(
+        [sum(float(p.detach().double().sum()) for p in unwrapped.parameters() if p.requires_grad)],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
     all_sums = accelerator.gather(checksum).tolist()
     done = step - start.step
     summary = {
-        "method": run.method.name, "family": run.family, "steps": step, "seconds": seconds,
+        "method": run.method.name,
+        "family": run.family,
+        "steps": step,
+        "seconds": seconds,
         "steps_per_second": done / seconds if seconds > 0 else math.nan,
         "pairs_per_second": done * run.global_batch / seconds if seconds > 0 else math.nan,
-        "trainable_params": sum(p.numel() for p in run.params), "num_processes": accelerator.num_processes,
-        "replica_checksums": all_sums, "replicas_identical": len(set(all_sums)) == 1,
-        "final_metrics": last_metrics, "data": run.data.counts, "skipped_items": skipped, "checkpoint": str(final_ckpt),
+        "trainable_params": sum(p.numel() for p in run.params),
+        "num_processes": accelerator.num_processes,
+        "replica_checksums": all_sums,
+        "replicas_identical": len(set(all_sums)) == 1,
+        "final_metrics": last_metrics,
+        "data": run.data.counts,
+        "skipped_items": skipped,
+        "checkpoint": str(final_ckpt),
     }
     if accelerator.is_main_process:
-        exporter = run.method.export or export  # a method may write its own artefact (personal_dpo: a user adapter)
-        summary["export"] = str(exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final"))
+        exporter = (
+            run.method.export or export
+        )  # a method may write its own artefact (personal_dpo: a user adapter)
+        summary["export"] = str(
+            exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final")
+        )
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        history = [json.loads(line) for line in (run.out / "history.jsonl").read_text().splitlines() if line.strip()] \
-            if (run.out / "history.jsonl").is_file() else []
+        history = (
+            [
+                json.loads(line)
+                for line in (run.out / "history.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            if (run.out / "history.jsonl").is_file()
+            else []
+        )
         write_training_curves(history, run.out / "training_curves.png")
         if skipped:
-            accelerator.print(f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)")
+            accelerator.print(
+                f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)"
+            )
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
     accelerator.end_training()
     return TrainResult(summary, unwrapped, run.pipe, run.initial)
@@ -467,8 +572,10 @@ def _check_output_dir(t_cfg: Any, out: Path) -> None:
     if t_cfg.resume and t_cfg.resume != "latest" and not (Path(t_cfg.resume) / STATE_FILE).is_file():
         raise TrainingError(f"train.resume={t_cfg.resume}: not a checkpoint directory (no {STATE_FILE})")
     if not t_cfg.resume and not t_cfg.overwrite and out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"train.output_dir={out} is not empty (another run?): add train.resume=latest to continue "
-                          "that run or train.overwrite=true to start a new one there")
+        raise ConfigError(
+            f"train.output_dir={out} is not empty (another run?): add train.resume=latest to continue "
+            "that run or train.overwrite=true to start a new one there"
+        )
 
 
 def _run_id(t_cfg: Any, out: Path) -> str:
@@ -495,10 +602,16 @@ def _restart_history(path: Path, upto: int | None) -> None:
 
 
 def _save(run: _Run, pos: _Position) -> Path:
-    state = {"run_id": run.run_id, "method": run.method.name, "epoch": pos.epoch, "batch": pos.batch,
-             "micro_step": pos.micro_step}
-    return save_checkpoint(run.checkpoints, pos.step, state, run.parts(), run.accelerator,
-                           run.cfg.train.checkpoints_total_limit)
+    state = {
+        "run_id": run.run_id,
+        "method": run.method.name,
+        "epoch": pos.epoch,
+        "batch": pos.batch,
+        "micro_step": pos.micro_step,
+    }
+    return save_checkpoint(
+        run.checkpoints, pos.step, state, run.parts(), run.accelerator, run.cfg.train.checkpoints_total_limit
+    )
 
 
 def _reset_single_process_state() -> None:
@@ -531,16 +644,25 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        type(pipe).save_lora_weights(out_dir, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True)
+        type(pipe).save_lora_weights(
+            out_dir, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True
+        )
     else:
         denoiser.save_pretrained(out_dir / denoiser_name, safe_serialization=True)
     return out_dir
 
 
 def _validate(run: _Run, step: int) -> None:
-    media = sample_validation(run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train)
-    log_validation(run.accelerator, media, list(run.cfg.train.validation_prompts), step,
-                   run.out / "validation" / f"step-{step:06d}.png")
+    media = sample_validation(
+        run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train
+    )
+    log_validation(
+        run.accelerator,
+        media,
+        list(run.cfg.train.validation_prompts),
+        step,
+        run.out / "validation" / f"step-{step:06d}.png",
+    )
 
 
 @torch.no_grad()
@@ -551,7 +673,12 @@ def sample_validation(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg:
     setattr(pipe, adapter.denoiser_name, denoiser)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(t_cfg.validation_seed)
-    out = pipe(list(t_cfg.validation_prompts), num_inference_steps=t_cfg.validation_steps,
-               guidance_scale=t_cfg.validation_guidance, generator=generator, output_type="pt")
+    out = pipe(
+        list(t_cfg.validation_prompts),
+        num_inference_steps=t_cfg.validation_steps,
+        guidance_scale=t_cfg.validation_guidance,
+        generator=generator,
+        output_type="pt",
+    )
     denoiser.train(was_training)
     return torch.as_tensor(out.frames if is_video(adapter) else out.images).float().cpu()

@@ -46,12 +46,30 @@ NULL_CONDITIONS = ("empty", "zeros")
 @dataclass
 class SelfNPOConfig:
     name: str = _f("self_npo", "Method name.")
-    start: str = _f("noise", "noise: roll out from x_T (paper, needs prompts only) | real: from a noised real latent (released code; data needs an image column).")
-    teacher_steps: int = _f(5, "K: DDIM steps the teacher takes before the target is read (paper and code: 5).")
-    grid_steps: int = _f(25, "DDIM grid size (code: 25 -> timesteps 39, 79, ..., 999). start=real walks down this grid; start=noise draws t from it.", le=1000)
-    teacher_guidance: float = _f(-1.0, "w in cond + w (cond - uncond): -1 = unconditional (SD1.5 code), -5 = anti-guided (SDXL code), 0 = conditional.")
-    null_condition: str = _f("empty", "The teacher's unconditional input: empty (embedding of '') | zeros (zero embeddings, SDXL code).")
-    ema_decay: float = _f(0.999, "EMA decay of the teacher toward the student per step (code: 0.999); 1.0 = fixed teacher = the reference.")
+    start: str = _f(
+        "noise",
+        "noise: roll out from x_T (paper, needs prompts only) | real: from a noised real latent (released code; data needs an image column).",
+    )
+    teacher_steps: int = _f(
+        5, "K: DDIM steps the teacher takes before the target is read (paper and code: 5)."
+    )
+    grid_steps: int = _f(
+        25,
+        "DDIM grid size (code: 25 -> timesteps 39, 79, ..., 999). start=real walks down this grid; start=noise draws t from it.",
+        le=1000,
+    )
+    teacher_guidance: float = _f(
+        -1.0,
+        "w in cond + w (cond - uncond): -1 = unconditional (SD1.5 code), -5 = anti-guided (SDXL code), 0 = conditional.",
+    )
+    null_condition: str = _f(
+        "empty",
+        "The teacher's unconditional input: empty (embedding of '') | zeros (zero embeddings, SDXL code).",
+    )
+    ema_decay: float = _f(
+        0.999,
+        "EMA decay of the teacher toward the student per step (code: 0.999); 1.0 = fixed teacher = the reference.",
+    )
     huber_c: float = _f(1e-3, "pseudo-Huber c of the x0-space loss (code: 1e-3).")
 
     def __post_init__(self) -> None:
@@ -59,13 +77,19 @@ class SelfNPOConfig:
         if self.start not in STARTS:
             raise ConfigError(f"method.start={short(self.start)}: choose from {STARTS}")
         if self.null_condition not in NULL_CONDITIONS:
-            raise ConfigError(f"method.null_condition={short(self.null_condition)}: choose from {NULL_CONDITIONS}")
+            raise ConfigError(
+                f"method.null_condition={short(self.null_condition)}: choose from {NULL_CONDITIONS}"
+            )
         if self.grid_steps < 2:
             raise ConfigError(f"method.grid_steps={self.grid_steps} must be >= 2 (code: 25)")
         if not 1 <= self.teacher_steps < self.grid_steps:
-            raise ConfigError(f"method.teacher_steps={self.teacher_steps} must be in [1, grid_steps - 1]; Self-NPO uses <= 5")
+            raise ConfigError(
+                f"method.teacher_steps={self.teacher_steps} must be in [1, grid_steps - 1]; Self-NPO uses <= 5"
+            )
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ConfigError(f"method.ema_decay={self.ema_decay} must be in [0, 1] (code: 0.999; 1 = fixed reference teacher)")
+            raise ConfigError(
+                f"method.ema_decay={self.ema_decay} must be in [0, 1] (code: 0.999; 1 = fixed reference teacher)"
+            )
         if self.huber_c <= 0:
             raise ConfigError(f"method.huber_c={self.huber_c} must be > 0 (code: 1e-3)")
 
@@ -95,11 +119,15 @@ class EMATeacher:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, extra = sorted(set(self.names) - set(state)), sorted(set(state) - set(self.names))
         if missing or extra:
-            raise ValueError(f"EMA teacher state does not match the model: {len(missing)} weights missing "
-                             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+            raise ValueError(
+                f"EMA teacher state does not match the model: {len(missing)} weights missing "
+                f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+            )
         for name, s in zip(self.names, self.shadow):
             if state[name].shape != s.shape:
-                raise ValueError(f"EMA teacher state: {name} has shape {tuple(state[name].shape)}, the model {tuple(s.shape)}")
+                raise ValueError(
+                    f"EMA teacher state: {name} has shape {tuple(state[name].shape)}, the model {tuple(s.shape)}"
+                )
             s.copy_(state[name])
 
     @torch.no_grad()
@@ -151,7 +179,9 @@ def ddim_grid(num_train_timesteps: int, grid_steps: int) -> torch.Tensor:
     return torch.arange(1, grid_steps + 1) * (num_train_timesteps // grid_steps) - 1
 
 
-def rollout_timesteps(start: str, grid: torch.Tensor, k: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def rollout_timesteps(
+    start: str, grid: torch.Tensor, k: int, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-sample teacher timesteps [K+1, n]: row 0 is the start level, row K the level of the target.
 
     ``noise``: from grid[-1] (x_T) to t = grid[j], j ~ U{0..N-2}, on K evenly spaced (rounded) levels.
@@ -177,7 +207,9 @@ def null_conditioning(uncond: dict[str, torch.Tensor], mode: str) -> dict[str, t
 # the step
 
 
-def compute_loss(batch: dict, models: TrainModels, cfg: SelfNPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(
+    batch: dict, models: TrainModels, cfg: SelfNPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One Self-NPO step on a prompt batch.
 
     Args:
@@ -203,7 +235,9 @@ def compute_loss(batch: dict, models: TrainModels, cfg: SelfNPOConfig) -> tuple[
         x = torch.randn(n, *batch["latent_shape"], device=device)
     else:
         if "latents" not in batch:
-            raise ValueError("method.start=real needs real latents: give data.source a manifest with an image column")
+            raise ValueError(
+                "method.start=real needs real latents: give data.source a manifest with an image column"
+            )
         x0_real = batch["latents"].float()
         x = adapter.add_noise(x0_real, torch.randn_like(x0_real), path[0]).float()
 
@@ -212,7 +246,10 @@ def compute_loss(batch: dict, models: TrainModels, cfg: SelfNPOConfig) -> tuple[
             t, t_next = path[k], path[k + 1]
             pred = guided_output(adapter, net, x, t, cond, uncond, g).float()
             x0, eps = x0_and_eps(pred, x, abar[t], kind)
-            x = alpha[t_next].reshape(-1, *([1] * (x.ndim - 1))) * x0 + sigma[t_next].reshape(-1, *([1] * (x.ndim - 1))) * eps
+            x = (
+                alpha[t_next].reshape(-1, *([1] * (x.ndim - 1))) * x0
+                + sigma[t_next].reshape(-1, *([1] * (x.ndim - 1))) * eps
+            )
         t = path[-1]
         pred = guided_output(adapter, net, x, t, cond, uncond, g).float()
         target, _ = x0_and_eps(pred, x, abar[t], kind)

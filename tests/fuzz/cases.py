@@ -169,7 +169,11 @@ RANGES: dict[str, tuple] = {
     "method.sft_weight": ("float", 0, None),
     "method.alpha": ("float>", 0, None),
 }
-OPTIONAL = {"data.max_items", "train.checkpoints_total_limit", "lora.alpha"}  # None means "no limit" / "default"
+OPTIONAL = {
+    "data.max_items",
+    "train.checkpoints_total_limit",
+    "lora.alpha",
+}  # None means "no limit" / "default"
 CHOICES: dict[str, list[str]] = {
     "model.family": ["auto", "sd15", "sdxl", "cogvideox", "wan", "toy_video"],
     "data.format": ["auto", "manifest", "pickapic"],
@@ -268,7 +272,9 @@ def invalid_value(rng: random.Random, key: str) -> Any:
     kind, lo, hi = RANGES[key][:3]
     options: list[Any] = ["abc", [1, 2], {"a": 1}, True, ".nan", ".inf", "-.inf"]
     if kind.startswith("int"):
-        options += [1.5, "1e30"] + ([] if key in OPTIONAL else [None])  # None is valid where the field is optional
+        options += [1.5, "1e30"] + (
+            [] if key in OPTIONAL else [None]
+        )  # None is valid where the field is optional
         if lo is not None:
             options += [lo - 1, lo - 10**12]
         if hi is not None:

@@ -281,8 +281,12 @@ def main() -> int:
     )
     parser.add_argument("--work", type=Path, help="keep case folders here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write every case's result here")
-    parser.add_argument("--rerun-failures", type=Path, metavar="JSON",
-                        help="run only the cases that were not ok in this earlier --json result (same --cases/--seed)")
+    parser.add_argument(
+        "--rerun-failures",
+        type=Path,
+        metavar="JSON",
+        help="run only the cases that were not ok in this earlier --json result (same --cases/--seed)",
+    )
     parser.add_argument("--show-failures", action="store_true")
     args = parser.parse_args()
     cases = generate(args.cases, args.seed)

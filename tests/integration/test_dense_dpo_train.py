@@ -26,14 +26,18 @@ def write_video_pairs(root, n: int = 4, frames: int = FRAMES, size: int = 16):
     for i in range(n):
         seg = i % 2
         clean = render_video("a red circle", seed=i, frames=frames, size=size)
-        flicker = render_video("a red circle", seed=i, frames=frames, size=size, flicker_segment=seg, segments=2)
+        flicker = render_video(
+            "a red circle", seed=i, frames=frames, size=size, flicker_segment=seg, segments=2
+        )
         write_video(root / f"clean{i}.mp4", clean, FPS)
         write_video(root / f"flicker{i}.mp4", flicker, FPS)
         labels = [0, 0]
         labels[seg] = 1 if i < n // 2 else -1
         v0, v1 = (f"clean{i}.mp4", f"flicker{i}.mp4") if i < n // 2 else (f"flicker{i}.mp4", f"clean{i}.mp4")
         rows.append({"prompt": "a red circle moving", "video_0": v0, "video_1": v1, "labels": labels})
-    rows.append({"prompt": "a red circle", "video_0": "clean0.mp4", "video_1": "clean0.mp4", "labels": [0, 0]})  # all tie
+    rows.append(
+        {"prompt": "a red circle", "video_0": "clean0.mp4", "video_1": "clean0.mp4", "labels": [0, 0]}
+    )  # all tie
     manifest = root / "pairs.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
@@ -54,28 +58,48 @@ def tiny_toy_video(tmp_path_factory):
 
 
 def video_cfg(model, manifest, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-        "method.name=dense_dpo", "train.max_steps=3", "train.batch_size=2", "train.report_to=none", "train.progress=false",
-        "train.learning_rate=1e-3", "train.scale_lr=false", "train.checkpoint_every=0", "lora.rank=2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            "method.name=dense_dpo",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.checkpoint_every=0",
+            "lora.rank=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("loss", ["dense", "vanilla"])
 def test_toy_video_trainable_change_and_frozen_stay(loss, tiny_toy_video, video_pairs, tmp_path):
     from diffusers import UNetMotionModel
 
-    result = train(video_cfg(tiny_toy_video, video_pairs, tmp_path / "run", f"method.loss={loss}"), keep_initial=True)
+    result = train(
+        video_cfg(tiny_toy_video, video_pairs, tmp_path / "run", f"method.loss={loss}"), keep_initial=True
+    )
     pretrained = dict(UNetMotionModel.from_pretrained(tiny_toy_video, subfolder="unet").named_parameters())
     trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert all("lora" in n for n, q in result.denoiser.named_parameters() if q.requires_grad)
     assert trainable > 0 and frozen > 0
     s = result.summary
-    assert s["data"]["rows"] == 5 and s["data"]["dropped_few_labels"] == 1 and s["data"]["pairs"] == 4  # all-tie row skipped
+    assert (
+        s["data"]["rows"] == 5 and s["data"]["dropped_few_labels"] == 1 and s["data"]["pairs"] == 4
+    )  # all-tie row skipped
     assert s["family"] == "toy_video" and math.isfinite(s["final_metrics"]["loss"])
     assert {"delta_w", "delta_l", "implicit_acc", "non_tie_frac"} <= set(s["final_metrics"])
     if loss == "dense":
-        assert s["final_metrics"]["non_tie_frac"] == pytest.approx(0.5)  # one of two 1 s segments labelled per clip
+        assert s["final_metrics"]["non_tie_frac"] == pytest.approx(
+            0.5
+        )  # one of two 1 s segments labelled per clip
 
 
 def test_uncached_batches_match_the_cache_layout(tiny_toy_video, video_pairs, tmp_path):
@@ -90,7 +114,9 @@ def test_uncached_batches_match_the_cache_layout(tiny_toy_video, video_pairs, tm
     pipe, family = load_pipeline(str(tiny_toy_video))
     adapter = make_adapter(pipe, family)
     for cache in ("true", "false"):
-        cfg = video_cfg(tiny_toy_video, video_pairs, tmp_path / "run", f"data.cache={cache}", "data.caption_dropout=0")
+        cfg = video_cfg(
+            tiny_toy_video, video_pairs, tmp_path / "run", f"data.cache={cache}", "data.caption_dropout=0"
+        )
         data = video_pair_data(cfg, adapter, Acc())
         raw = data.collate([data.dataset[i] for i in range(2)])
         batch = data.prepare(raw, torch.device("cpu"))
@@ -120,9 +146,13 @@ def test_transformer_families_step_moves_every_lora_weight(family, tmp_path):
     start = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=1e-2)
     pixels = torch.rand(2, 2, 9, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    batch = {"latents_0": adapter.encode_media(pixels[0]), "latents_1": adapter.encode_media(pixels[1]),
-             "labels": torch.tensor([[1, 0, -1], [-1, -1, 0]]), "clip_label": torch.tensor([1, -1]),
-             "cond": adapter.encode_prompts(["a red circle", "a blue square"])}
+    batch = {
+        "latents_0": adapter.encode_media(pixels[0]),
+        "latents_1": adapter.encode_media(pixels[1]),
+        "labels": torch.tensor([[1, 0, -1], [-1, -1, 0]]),
+        "clip_label": torch.tensor([1, -1]),
+        "cond": adapter.encode_prompts(["a red circle", "a blue square"]),
+    }
     models = TrainModels(adapter, net)
     for _ in range(2):
         loss, metrics = compute_loss(batch, models, DenseDPOConfig())
@@ -150,7 +180,7 @@ class CausalFourX:
         return {"encoder_hidden_states": torch.zeros(len(prompts), 2, 4)}
 
     def latent_moments(self, pixels):  # [B,T,3,H,W] -> [B,3,T_lat,H,W]
-        groups = [pixels[:, :1]] + [pixels[:, i:i + 4] for i in range(1, pixels.shape[1] - 3, 4)]
+        groups = [pixels[:, :1]] + [pixels[:, i : i + 4] for i in range(1, pixels.shape[1] - 3, 4)]
         mean = torch.stack([g.mean(1) for g in groups], 2)
         return mean, torch.full_like(mean, 0.1)
 
@@ -195,13 +225,29 @@ def test_min_non_tie_applies_to_latent_labels(video_pairs, tmp_path, cache):
 
     adapter = CausalFourX()
     assert is_video(adapter)
-    data = video_pair_data(adapter, Acc(), DataConfig(source=str(video_pairs), cache=cache), cache_dir=tmp_path / "cache",
-                           model_id={"model": "fake"}, dense=True, min_non_tie=0.2, height=16, width=16, fps=None,
-                           num_frames=None, segment_seconds=1.0, straddle="majority", video_backend=None, progress=False)
+    data = video_pair_data(
+        adapter,
+        Acc(),
+        DataConfig(source=str(video_pairs), cache=cache),
+        cache_dir=tmp_path / "cache",
+        model_id={"model": "fake"},
+        dense=True,
+        min_non_tie=0.2,
+        height=16,
+        width=16,
+        fps=None,
+        num_frames=None,
+        segment_seconds=1.0,
+        straddle="majority",
+        video_backend=None,
+        progress=False,
+    )
     assert data.counts["dropped_few_labels"] == 1  # the all-tie row, by its segment labels
     if cache:
         assert data.counts["dropped_few_latent_labels"] == 2 and len(data.dataset) == 2
-        assert all(data.dataset[i]["labels"].abs().tolist() == [1, 1] for i in range(2))  # majority: frames 1-4 labelled
+        assert all(
+            data.dataset[i]["labels"].abs().tolist() == [1, 1] for i in range(2)
+        )  # majority: frames 1-4 labelled
     else:
         items = [data.dataset[i] for i in range(len(data.dataset))]
         skipped = [it for it in items if "skipped" in it]

@@ -20,13 +20,29 @@ torch.set_num_threads(1)
 
 
 def tiny_cfg(model, manifest, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-        f"data.cache_dir={out}/../cache", "method.name=inversion_dpo", "method.num_inversion_steps=8",
-        "method.trajectory_steps=3", "method.inversion_batch_size=4", "train.max_steps=3", "train.batch_size=2",
-        "train.report_to=none", "train.progress=false", "train.learning_rate=1e-3", "train.scale_lr=false",
-        "train.checkpoint_every=0", "lora.rank=2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            f"data.cache_dir={out}/../cache",
+            "method.name=inversion_dpo",
+            "method.num_inversion_steps=8",
+            "method.trajectory_steps=3",
+            "method.inversion_batch_size=4",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.checkpoint_every=0",
+            "lora.rank=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture
@@ -43,16 +59,28 @@ def count_inversions(monkeypatch):
     return seen
 
 
-def test_cache_is_hit_every_epoch_and_invalidated_by_the_grid(tiny_sd15, pair_manifest, tmp_path, count_inversions):
+def test_cache_is_hit_every_epoch_and_invalidated_by_the_grid(
+    tiny_sd15, pair_manifest, tmp_path, count_inversions
+):
     # 4 pairs x (winner, loser) x (flip, no flip) = 16 inversions, once; 7 steps of batch 2 = 3.5 epochs.
     first = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "a", "train.max_steps=7"))
     assert count_inversions["images"] == 16
     assert first.summary["data"]["inversions_built"] == 16
     again = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "b", "train.max_steps=2"))
-    assert count_inversions["images"] == 16 and again.summary["data"]["inversions_built"] == 0  # warm: no inverter call
-    regrid = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "c", "train.max_steps=1", "method.num_inversion_steps=6"))
+    assert (
+        count_inversions["images"] == 16 and again.summary["data"]["inversions_built"] == 0
+    )  # warm: no inverter call
+    regrid = train(
+        tiny_cfg(
+            tiny_sd15, pair_manifest, tmp_path / "c", "train.max_steps=1", "method.num_inversion_steps=6"
+        )
+    )
     assert count_inversions["images"] == 32 and regrid.summary["data"]["inversions_built"] == 16
-    reguide = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "d", "train.max_steps=1", "method.inversion_guidance=1.5"))
+    reguide = train(
+        tiny_cfg(
+            tiny_sd15, pair_manifest, tmp_path / "d", "train.max_steps=1", "method.inversion_guidance=1.5"
+        )
+    )
     assert reguide.summary["data"]["inversions_built"] == 16
 
 
@@ -70,7 +98,11 @@ def test_an_image_shared_by_pairs_is_inverted_once(tiny_sd15, pair_manifest, tmp
 
 
 def test_online_inversion_without_the_cache(tiny_sd15, pair_manifest, tmp_path, count_inversions):
-    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "method.cache_inversions=false", "train.max_steps=2"))
+    result = train(
+        tiny_cfg(
+            tiny_sd15, pair_manifest, tmp_path / "run", "method.cache_inversions=false", "train.max_steps=2"
+        )
+    )
     assert result.summary["data"]["inversions_built"] == 0
     assert count_inversions["images"] == 2 * 2 * 2  # every step inverts its 2 winners and 2 losers
 
@@ -103,18 +135,26 @@ def test_gradient_at_lora_init(tiny_sd15, pair_manifest, tmp_path, cached):
     assert g_noise > 0  # inverted_noise: Diffusion-DPO with e~ moves from step 0
     g_traj, loss, metrics = _init_step(tiny_sd15, pair_manifest, tmp_path, flag, "method.mode=trajectory")
     # trajectory (the released loss): D_w = D_l = 0 and dD/dtheta = 0 while policy == reference -> exactly zero
-    assert g_traj == 0.0 and loss.item() == pytest.approx(math.log(2.0)) and metrics["eps_diff_w"].item() == 0.0
+    assert (
+        g_traj == 0.0 and loss.item() == pytest.approx(math.log(2.0)) and metrics["eps_diff_w"].item() == 0.0
+    )
     if cached:
         # eps_ref read from the cache (computed in other batches) equals the policy's only up to float rounding
-        _, _, m_cached = _init_step(tiny_sd15, pair_manifest, tmp_path, flag, "method.mode=trajectory",
-                                    "method.reference_eps=cached")
+        _, _, m_cached = _init_step(
+            tiny_sd15, pair_manifest, tmp_path, flag, "method.mode=trajectory", "method.reference_eps=cached"
+        )
         assert m_cached["eps_diff_w"].item() < 1e-10
-    g_moved, _, _ = _init_step(tiny_sd15, pair_manifest, tmp_path, flag, "method.mode=trajectory", perturb=1e-2)
+    g_moved, _, _ = _init_step(
+        tiny_sd15, pair_manifest, tmp_path, flag, "method.mode=trajectory", perturb=1e-2
+    )
     assert g_moved > 0  # once the policy differs from the reference it has a direction
 
 
-@pytest.mark.parametrize(("family", "lora"), [("sd15", True), ("sd15", False), ("sdxl", True)],
-                         ids=["sd15-lora", "sd15-full", "sdxl-lora"])
+@pytest.mark.parametrize(
+    ("family", "lora"),
+    [("sd15", True), ("sd15", False), ("sdxl", True)],
+    ids=["sd15-lora", "sd15-full", "sdxl-lora"],
+)
 def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, tmp_path):
     """inverted_noise mode (trajectory mode cannot pass this from an init equal to the reference: see
     test_gradient_at_lora_init and docs/inversion_dpo.md)."""
@@ -127,4 +167,6 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
     trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     metrics = result.summary["final_metrics"]
-    assert math.isfinite(metrics["loss"]) and {"delta_w", "delta_l", "reward_margin", "implicit_acc"} <= set(metrics)
+    assert math.isfinite(metrics["loss"]) and {"delta_w", "delta_l", "reward_margin", "implicit_acc"} <= set(
+        metrics
+    )

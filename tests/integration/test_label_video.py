@@ -40,14 +40,34 @@ def clips(tmp_path_factory):
     build_tiny_toy_video(root / "model")
     for i, prompt in enumerate(["a red circle moving", "a blue square moving"]):
         write_video(root / f"gt{i}.mp4", render_video(prompt, seed=i, frames=8, size=32), 4)
-    (root / "clips.jsonl").write_text("".join(json.dumps({"prompt": p, "video": f"gt{i}.mp4"}) + "\n"
-                                              for i, p in enumerate(["a red circle moving", "a blue square moving"])))
+    (root / "clips.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "video": f"gt{i}.mp4"}) + "\n"
+            for i, p in enumerate(["a red circle moving", "a blue square moving"])
+        )
+    )
     return root
 
 
 def run(clips, out, *extra):
-    return main(["label-video", "--structural", "--videos", str(clips / "clips.jsonl"), "--model", str(clips / "model"),
-                 "--out", str(out), "--steps", "2", "--device", "cpu", "--no-progress", *extra])
+    return main(
+        [
+            "label-video",
+            "--structural",
+            "--videos",
+            str(clips / "clips.jsonl"),
+            "--model",
+            str(clips / "model"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_non_square_pairs_with_reward_labels(clips, tmp_path):
@@ -68,8 +88,18 @@ def test_judge_labels_segments(clips, tmp_path):
 
 def test_bad_input_is_one_line(clips, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
-    code = main(["label-video", "--structural", "--videos", str(tmp_path / "bad.jsonl"), "--model", str(clips / "model"),
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "label-video",
+            "--structural",
+            "--videos",
+            str(tmp_path / "bad.jsonl"),
+            "--model",
+            str(clips / "model"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "bad.jsonl:1: a row needs prompt and video" in capsys.readouterr().err
     assert run(clips, tmp_path / "o2", "--judge", "--reward", "toy_flicker") == 2
     assert "pairwise judge" in capsys.readouterr().err

@@ -16,12 +16,27 @@ def test_self_npo_resume_restores_the_ema_teacher(tiny_sd15, tmp_path):
     prompts.write_text("a red circle\na blue square\na green triangle\na photo of a cat\n")
 
     def cfg(out, *extra):
-        return load_config(None, [
-            f"model.pretrained={tiny_sd15}", "model.resolution=16", f"data.source={prompts}", f"train.output_dir={out}",
-            "train.batch_size=2", "train.report_to=none", "train.progress=false", "train.learning_rate=1e-2",
-            "train.scale_lr=false", "train.checkpoint_every=2", "lora.rank=2", "method.name=self_npo",
-            "method.ema_decay=0.5", f"data.cache_dir={tmp_path / 'cache'}", "data.caption_dropout=0", *extra,
-        ])
+        return load_config(
+            None,
+            [
+                f"model.pretrained={tiny_sd15}",
+                "model.resolution=16",
+                f"data.source={prompts}",
+                f"train.output_dir={out}",
+                "train.batch_size=2",
+                "train.report_to=none",
+                "train.progress=false",
+                "train.learning_rate=1e-2",
+                "train.scale_lr=false",
+                "train.checkpoint_every=2",
+                "lora.rank=2",
+                "method.name=self_npo",
+                "method.ema_decay=0.5",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "data.caption_dropout=0",
+                *extra,
+            ],
+        )
 
     train(cfg(tmp_path / "straight", "train.max_steps=4"))
     train(cfg(tmp_path / "split", "train.max_steps=2"))

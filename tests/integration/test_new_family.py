@@ -44,9 +44,16 @@ class RectifiedFlowSD:
     @torch.no_grad()
     def encode_prompts(self, prompts):
         tok = self.pipeline.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return {"encoder_hidden_states": self.pipeline.text_encoder(ids.to(self.pipeline.text_encoder.device))[0]}
+        ids = tok(
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return {
+            "encoder_hidden_states": self.pipeline.text_encoder(ids.to(self.pipeline.text_encoder.device))[0]
+        }
 
     @torch.no_grad()
     def latent_moments(self, pixels):
@@ -80,16 +87,31 @@ class RectifiedFlowSD:
 
 @pytest.fixture
 def rf_family(monkeypatch):
-    monkeypatch.setitem(FAMILIES, "rf_sd", Family("StableDiffusionPipeline", RectifiedFlowSD, "flow"))  # the one line
+    monkeypatch.setitem(
+        FAMILIES, "rf_sd", Family("StableDiffusionPipeline", RectifiedFlowSD, "flow")
+    )  # the one line
 
 
 def cfg_for(model, manifest, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.family=rf_sd", "model.resolution=16", f"data.source={manifest}",
-        f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2", "train.report_to=none",
-        "train.progress=false", "train.learning_rate=1e-3", "train.scale_lr=false", "train.checkpoint_every=0",
-        "lora.rank=2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.family=rf_sd",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.checkpoint_every=0",
+            "lora.rank=2",
+            *extra,
+        ],
+    )
 
 
 def test_the_adapter_satisfies_the_protocol(rf_family, tiny_sd15):
@@ -99,7 +121,9 @@ def test_the_adapter_satisfies_the_protocol(rf_family, tiny_sd15):
     assert isinstance(make_adapter(pipe, family), PipelineAdapter)
 
 
-def test_a_new_family_trains_diffusion_dpo_through_the_unchanged_loop(rf_family, tiny_sd15, pair_manifest, tmp_path):
+def test_a_new_family_trains_diffusion_dpo_through_the_unchanged_loop(
+    rf_family, tiny_sd15, pair_manifest, tmp_path
+):
     from diffusers import UNet2DConditionModel
 
     result = train(cfg_for(tiny_sd15, pair_manifest, tmp_path / "run"), keep_initial=True)
@@ -111,8 +135,9 @@ def test_a_new_family_trains_diffusion_dpo_through_the_unchanged_loop(rf_family,
 
 @pytest.mark.parametrize("method", ["self_npo", "inversion_dpo"])
 @pytest.mark.parametrize("family", ["rf_sd", "wan"])
-def test_ddpm_only_methods_are_refused_on_flow_families_with_one_sentence(rf_family, tiny_sd15, pair_manifest, tmp_path,
-                                                                          method, family):
+def test_ddpm_only_methods_are_refused_on_flow_families_with_one_sentence(
+    rf_family, tiny_sd15, pair_manifest, tmp_path, method, family
+):
     with pytest.raises(ConfigError) as err:
         cfg_for(tiny_sd15, pair_manifest, tmp_path / "run", f"method.name={method}", f"model.family={family}")
     message = str(err.value)

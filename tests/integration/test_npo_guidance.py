@@ -48,8 +48,11 @@ def write_lora(unet, out_dir, seed: int) -> dict[str, torch.Tensor]:
                 a.copy_(torch.randn(a.shape, generator=g) * 0.3)
                 b.copy_(torch.randn(b.shape, generator=g) * 0.3)
                 deltas[name] = b @ a  # scale lora_alpha / r = 1
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(net)),
-                                              safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(net)),
+        safe_serialization=True,
+    )
     return deltas
 
 
@@ -88,8 +91,15 @@ def hand_cfg(pipe, pos, neg, x, *, scale_negative_input: bool = True) -> torch.T
 
 @torch.no_grad()
 def run_pipe(pipe, x, guidance=W) -> torch.Tensor:
-    return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=guidance, latents=x.clone(), height=SIZE, width=SIZE,
-                output_type="latent").images
+    return pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        latents=x.clone(),
+        height=SIZE,
+        width=SIZE,
+        output_type="latent",
+    ).images
 
 
 @pytest.fixture()
@@ -117,7 +127,9 @@ def test_separate_negative_weights_equal_hand_written_cfg(pipe, kind):
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(guided, plain, atol=1e-4)  # the negative model changed the result
     if kind == "euler":  # the released double-UNet pipeline's unscaled negative input gives something else
-        assert not torch.allclose(hand_cfg(pipe, base, neg, x, scale_negative_input=False), expected, atol=1e-4)
+        assert not torch.allclose(
+            hand_cfg(pipe, base, neg, x, scale_negative_input=False), expected, atol=1e-4
+        )
     disable_npo_guidance(pipe)
     assert pipe.unet is base
     torch.testing.assert_close(run_pipe(pipe, x), plain)
@@ -140,9 +152,14 @@ def test_lora_negative_with_alpha_beta_offsets(pipe, kind, tmp_path):
     torch.testing.assert_close(guided, hand_cfg(pipe, pos_net, neg_net, x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(plain, hand_cfg(pipe, pos_net, pos_net, x), rtol=1e-4, atol=1e-5)
     # outside the wrapper's calls the shared UNet is the positive model; disabling restores plain CFG exactly
-    torch.testing.assert_close(pipe.unet.positive(x, 500, encoder_hidden_states=pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]).sample,
-                               pos_net(x, 500, encoder_hidden_states=pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]).sample,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        pipe.unet.positive(
+            x, 500, encoder_hidden_states=pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+        ).sample,
+        pos_net(x, 500, encoder_hidden_states=pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]).sample,
+        rtol=1e-4,
+        atol=1e-5,
+    )
     disable_npo_guidance(pipe)
     assert "npo_negative" not in pipe.unet.peft_config
     torch.testing.assert_close(run_pipe(pipe, x), plain)

@@ -27,29 +27,53 @@ def prompt_file(tmp_path_factory):
 
 
 def tiny_cfg(model, source, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.resolution=16", f"data.source={source}", f"train.output_dir={out}",
-        "train.max_steps=3", "train.batch_size=2", "train.report_to=none", "train.progress=false",
-        "train.learning_rate=1e-3", "train.scale_lr=false", "train.checkpoint_every=0", "train.weight_decay=0",
-        "lora.rank=2", "method.name=self_npo", "data.caption_dropout=0", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={source}",
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.checkpoint_every=0",
+            "train.weight_decay=0",
+            "lora.rank=2",
+            "method.name=self_npo",
+            "data.caption_dropout=0",
+            *extra,
+        ],
+    )
 
 
-@pytest.mark.parametrize(("family", "lora", "extra"), [
-    ("sd15", True, []),
-    ("sd15", False, []),
-    ("sdxl", True, ["method.teacher_guidance=-5", "method.null_condition=zeros"]),
-], ids=["sd15-lora", "sd15-full", "sdxl-lora-antiguided"])
+@pytest.mark.parametrize(
+    ("family", "lora", "extra"),
+    [
+        ("sd15", True, []),
+        ("sd15", False, []),
+        ("sdxl", True, ["method.teacher_guidance=-5", "method.null_condition=zeros"]),
+    ],
+    ids=["sd15-lora", "sd15-full", "sdxl-lora-antiguided"],
+)
 def test_trainable_change_and_frozen_stay(family, lora, extra, request, prompt_file, tmp_path):
     from diffusers import UNet2DConditionModel
 
     model = request.getfixturevalue(f"tiny_{family}")
-    result = train(tiny_cfg(model, prompt_file, tmp_path / "run", f"lora.enabled={str(lora).lower()}", *extra), keep_initial=True)
+    result = train(
+        tiny_cfg(model, prompt_file, tmp_path / "run", f"lora.enabled={str(lora).lower()}", *extra),
+        keep_initial=True,
+    )
     pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
     trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     s = result.summary
-    assert s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and s["data"]["prompts"] == len(PROMPTS)
+    assert (
+        s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and s["data"]["prompts"] == len(PROMPTS)
+    )
     assert s["final_metrics"]["s_mean"] > s["final_metrics"]["t_mean"]
 
 
@@ -59,9 +83,13 @@ def test_real_start_reads_images_from_a_manifest(tiny_sd15, tmp_path):
     pairs = write_pair_images(tmp_path / "imgs", 2)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     manifest = tmp_path / "imgs" / "images.jsonl"
-    manifest.write_text("".join(json.dumps({"prompt": r["prompt"], "image": r["chosen"]}) + "\n" for r in rows))
+    manifest.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "image": r["chosen"]}) + "\n" for r in rows)
+    )
     result = train(tiny_cfg(tiny_sd15, manifest, tmp_path / "run", "method.start=real"))
-    assert result.summary["data"] == {"prompts": 2, "images": 2} and math.isfinite(result.summary["final_metrics"]["loss"])
+    assert result.summary["data"] == {"prompts": 2, "images": 2} and math.isfinite(
+        result.summary["final_metrics"]["loss"]
+    )
     with pytest.raises(DataError, match="image"):
         train(tiny_cfg(tiny_sd15, tmp_path / "imgs" / "pairs.jsonl", tmp_path / "run2", "method.start=real"))
 
@@ -94,7 +122,10 @@ def test_ema_teacher_equals_the_reference_at_step_zero_and_then_lags(tiny_sd15, 
     pipe, adapter, cfg, batch = _prompt_batch(tiny_sd15, prompt_file, tmp_path)
     models = TrainModels(adapter, pipe.unet)
     losses = []
-    for decay in (1.0, 0.5):  # fixed reference teacher vs a fresh EMA teacher (= the student = the reference at init)
+    for decay in (
+        1.0,
+        0.5,
+    ):  # fixed reference teacher vs a fresh EMA teacher (= the student = the reference at init)
         torch.manual_seed(7)
         losses.append(compute_loss(batch, models, SelfNPOConfig(ema_decay=decay))[0])
     torch.testing.assert_close(losses[0], losses[1])
@@ -132,7 +163,9 @@ def test_training_moves_the_student_toward_the_teacher_target(tiny_sd15, prompt_
             pass
 
     data = prompt_data(cfg, adapter, OneProcess())
-    batch = data.prepare(collate_prompts([data.dataset[i] for i in range(len(data.dataset))]), torch.device("cpu"))
+    batch = data.prepare(
+        collate_prompts([data.dataset[i] for i in range(len(data.dataset))]), torch.device("cpu")
+    )
     reference = copy.deepcopy(pipe.unet).requires_grad_(False)
     models = TrainModels(adapter, pipe.unet.requires_grad_(True), reference)  # full fine-tuning
     method = SelfNPOConfig(ema_decay=1.0)

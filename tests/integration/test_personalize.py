@@ -533,20 +533,71 @@ def test_generate_for_a_new_person_from_their_shots_and_for_a_known_user(tiny_sd
         for p in add_user_path(unet, user_dim=48):
             p.add_(torch.randn_like(p) * 0.3)
     save_user_adapter(unet, tmp_path / "adapter", {"encoder": enc.fingerprint()})
-    common = ["generate", "--model", str(tiny_sd15), "--prompt", "a red circle", "--steps", "2", "--height", "16",
-              "--width", "16", "--guidance", "3"]
+    common = [
+        "generate",
+        "--model",
+        str(tiny_sd15),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--guidance",
+        "3",
+    ]
     assert main([*common, "--out", str(tmp_path / "base")]) == 0
-    assert main([*common, "--out", str(tmp_path / "a"), "--user-adapter", str(tmp_path / "adapter"),
-                 "--user-shots", str(manifest), "--user", "a"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "a"),
+                "--user-adapter",
+                str(tmp_path / "adapter"),
+                "--user-shots",
+                str(manifest),
+                "--user",
+                "a",
+            ]
+        )
+        == 0
+    )
     from mmalign.rewards.score import load_media
 
     base, _ = load_media(tmp_path / "base" / "00000.png")
     mine, _ = load_media(tmp_path / "a" / "00000.png")
     assert not torch.equal(base, mine)
     vec_path = save_user_vectors(tmp_path / "uv.safetensors", {"a": torch.randn(2, 48)}, enc)
-    assert main([*common, "--out", str(tmp_path / "k"), "--user-adapter", str(tmp_path / "adapter"),
-                 "--user", f"{vec_path}:a"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "k"),
+                "--user-adapter",
+                str(tmp_path / "adapter"),
+                "--user",
+                f"{vec_path}:a",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "k"), "--user-adapter", str(tmp_path / "adapter"),
-                 "--user", f"{vec_path}:nobody"]) == 2
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "k"),
+                "--user-adapter",
+                str(tmp_path / "adapter"),
+                "--user",
+                f"{vec_path}:nobody",
+            ]
+        )
+        == 2
+    )
     assert "unknown user 'nobody'" in capsys.readouterr().err

@@ -86,8 +86,14 @@ class FakeJudgeServer:
             p_yes = min(max(sum(images) / len(images), 1e-4), 1 - 1e-4)
             alts = [("Yes", p_yes), ("No", 1 - p_yes)]
         top = [{"token": t, "logprob": math.log(p)} for t, p in alts]
-        return {"choices": [{"message": {"role": "assistant", "content": alts[0][0]},
-                             "logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}
+        return {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": alts[0][0]},
+                    "logprobs": {"content": [{**top[0], "top_logprobs": top}]},
+                }
+            ]
+        }
 
     def __enter__(self):
         self.thread.start()
@@ -102,8 +108,15 @@ def test_http_judge_pointwise_pairwise_retries_concurrency_and_key(monkeypatch, 
     monkeypatch.setenv("MMALIGN_TEST_JUDGE_KEY", SECRET)
     x = torch.stack([torch.full((3, 8, 8), v) for v in (0.2, 0.6, 0.9, 0.4)])
     with FakeJudgeServer(fail_first=2) as server:
-        judge = get_reward("vlm_judge", backend="openai", base_url=server.url, model="fake",
-                           api_key_env="MMALIGN_TEST_JUDGE_KEY", max_concurrency=2, max_retries=3)
+        judge = get_reward(
+            "vlm_judge",
+            backend="openai",
+            base_url=server.url,
+            model="fake",
+            api_key_env="MMALIGN_TEST_JUDGE_KEY",
+            max_concurrency=2,
+            max_retries=3,
+        )
         judge.backend.backoff = 0.01
         scores = judge(x, ["a", "b", "c", "d"])
         assert torch.allclose(scores, torch.tensor([0.2, 0.6, 0.9, 0.4]), atol=0.01)  # PNG rounding
@@ -132,8 +145,13 @@ def test_http_judge_timeout_is_retried_then_reported(monkeypatch):
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)  # accepts connections, never answers
     try:
-        judge = get_reward("vlm_judge", backend="openai",
-                           base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", timeout=0.2, max_retries=1)
+        judge = get_reward(
+            "vlm_judge",
+            backend="openai",
+            base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+            timeout=0.2,
+            max_retries=1,
+        )
         judge.backend.backoff = 0.01
         assert torch.isnan(judge(torch.rand(1, 3, 8, 8), ["a"])).all()
         assert list(judge.failures) == ["failed after retries (TimeoutError)"]
@@ -161,7 +179,12 @@ def test_transformers_judge_reads_yes_probability_from_next_token_logits(tiny_vl
     proc = AutoProcessor.from_pretrained(tiny_vlm)
     from mmalign.rewards.judge import POINTWISE_IMAGE, to_pil
 
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": POINTWISE_IMAGE.format(prompt="a cat")}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": POINTWISE_IMAGE.format(prompt="a cat")}],
+        }
+    ]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inputs = proc(images=to_pil(x[1:]), text=text, return_tensors="pt")
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16  # (32/8)^2 patches

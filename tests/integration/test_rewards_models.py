@@ -117,7 +117,9 @@ def _open_clip_reference(model_name, prompts, pil, state_dict=None, resize_mode=
 def test_clip_score_open_clip_backend(oc_dir):
     name = f"local-dir:{oc_dir}"
     pil, x = uint8_images(3, seed=2)
-    reward = get_reward("clip_score", model=name, backend="open_clip", scale=1.0, clamp_negative=False, device="cpu")
+    reward = get_reward(
+        "clip_score", model=name, backend="open_clip", scale=1.0, clamp_negative=False, device="cpu"
+    )
     assert torch.allclose(reward(x, PROMPTS), _open_clip_reference(name, PROMPTS, pil), atol=1e-4)
 
 
@@ -129,13 +131,16 @@ def test_hpsv2_loads_checkpoint_strictly_and_scores_raw_cosine(oc_dir, hps_dir):
     expected = _open_clip_reference(name, PROMPTS, pil, state, resize_mode="longest")
     got = reward(x, PROMPTS)
     assert torch.allclose(got, expected, atol=0.02)
-    base = get_reward("clip_score", model=name, backend="open_clip", scale=1.0, clamp_negative=False, device="cpu")
+    base = get_reward(
+        "clip_score", model=name, backend="open_clip", scale=1.0, clamp_negative=False, device="cpu"
+    )
     assert not torch.allclose(got, base(x, PROMPTS), atol=1e-3)  # HPS weights, not the base ones, are in use
     assert torch.all(got.abs() <= 1.0)  # a cosine
     # square input: no resize, exact formula
     pil_sq, x_sq = uint8_images(3, seed=6)
-    assert torch.allclose(reward(x_sq, PROMPTS), _open_clip_reference(name, PROMPTS, pil_sq, state, "longest"),
-                          atol=1e-4)
+    assert torch.allclose(
+        reward(x_sq, PROMPTS), _open_clip_reference(name, PROMPTS, pil_sq, state, "longest"), atol=1e-4
+    )
 
 
 def test_hpsv2_rejects_a_mismatched_checkpoint(oc_dir, tmp_path):
@@ -143,7 +148,9 @@ def test_hpsv2_rejects_a_mismatched_checkpoint(oc_dir, tmp_path):
     state["extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, tmp_path / "HPS_v2_compressed.pt")
     with pytest.raises(RuntimeError, match="extra.weight"):
-        get_reward("hpsv2", checkpoint=str(tmp_path), version="v2.0", model=f"local-dir:{oc_dir}", device="cpu")
+        get_reward(
+            "hpsv2", checkpoint=str(tmp_path), version="v2.0", model=f"local-dir:{oc_dir}", device="cpu"
+        )
 
 
 def test_aesthetic_is_mlp_of_l2_normalised_embedding(hf_clip, tmp_path):
@@ -155,7 +162,8 @@ def test_aesthetic_is_mlp_of_l2_normalised_embedding(hf_clip, tmp_path):
     model = CLIPModel.from_pretrained(hf_clip).eval()
     with torch.no_grad():
         pixels = (x - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
-            [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+            [0.26862954, 0.26130258, 0.27577711]
+        ).view(1, 3, 1, 1)
         emb = model(pixel_values=pixels, input_ids=torch.zeros(3, 1, dtype=torch.long)).image_embeds
     state = torch.load(head_path, weights_only=True)
     w = [state[f"layers.{i}.weight"] for i in (0, 2, 4, 6, 7)]

@@ -30,7 +30,7 @@ def write_candidates(root: Path, n_per_prompt: int = 4, size: int = 20) -> Path:
             rgb = np.array(COLOURS[colour]) * mix + np.array(COLOURS["green"]) * (1 - mix)
             arr = np.full((size, size + 4, 3), 128, np.uint8)
             top, left = rng.integers(0, size // 2, 2)
-            arr[top:top + size // 2, left:left + size // 2] = rgb.astype(np.uint8)
+            arr[top : top + size // 2, left : left + size // 2] = rgb.astype(np.uint8)
             Image.fromarray(arr).save(folder / f"{i}.png")
     (root / "p0" / "broken.png").write_bytes(b"not a png")
     return root
@@ -45,8 +45,9 @@ def test_score_folder_writes_one_row_per_item_with_error_rows(candidates, tmp_pa
     from mmalign.rewards import get_reward
 
     out = tmp_path / "scores.jsonl"
-    summary = score_items(collect_items(candidates), {"color": get_reward("color_match")}, out, batch_size=3,
-                          progress=False)
+    summary = score_items(
+        collect_items(candidates), {"color": get_reward("color_match")}, out, batch_size=3, progress=False
+    )
     rows = read_table(out)
     assert summary.total == len(rows) == 9 and summary.errors == 1
     bad = next(r for r in rows if r["id"] == "p0/broken.png")
@@ -93,8 +94,14 @@ def test_score_pair_manifest_to_csv_with_hybrid_components(pair_manifest, tmp_pa
     assert summary.errors == 0 and len(rows) == 4
     for row in rows:
         for side in ("chosen", "rejected"):
-            for col in ("h", "h.color_match/raw", "h.color_match/norm", "h.color_match/confidence",
-                        "h.saturation/raw", "h.saturation/norm"):
+            for col in (
+                "h",
+                "h.color_match/raw",
+                "h.color_match/norm",
+                "h.color_match/confidence",
+                "h.saturation/raw",
+                "h.saturation/norm",
+            ):
                 assert row[f"{side}.{col}"] != "", col
         assert row["h.agrees"] == "True"  # the red square is chosen and the prompt asks for red
 
@@ -109,7 +116,10 @@ def test_score_gif_video_per_segment(tmp_path):
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=250, loop=0)
     video, fps = load_media(tmp_path / "clip.gif")
     assert video.shape == (8, 3, 8, 8) and fps == 4.0
-    rewards = {"flicker": get_reward("flicker", segment_seconds=1.0), "dur": get_reward("duration", target_seconds=2)}
+    rewards = {
+        "flicker": get_reward("flicker", segment_seconds=1.0),
+        "dur": get_reward("duration", target_seconds=2),
+    }
     score_items(collect_items(tmp_path), rewards, tmp_path / "v.jsonl", progress=False)
     row = read_table(tmp_path / "v.jsonl")[0]
     by_frames = get_reward("flicker", segment_frames=4)(video[None], [""])[0]  # 1 s = 4 frames at 4 fps
@@ -119,19 +129,36 @@ def test_score_gif_video_per_segment(tmp_path):
 
 
 def test_make_pairs_strategies_and_tie_counts():
-    cands = {"p": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.1)], "q": [("e", 1.0), ("f", 1.0)], "r": [("g", 3.0)]}
+    cands = {
+        "p": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.1)],
+        "q": [("e", 1.0), ("f", 1.0)],
+        "r": [("g", 3.0)],
+    }
     pairs, s = make_pairs(cands, "best_worst", margin=0.0)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "d")]
     assert pairs[0]["margin"] == pytest.approx(0.8) and s.ties == 1 and s.singletons == 1
     pairs, s = make_pairs(cands, "margin", margin=0.1)
-    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")}
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("a", "b"),
+        ("a", "c"),
+        ("a", "d"),
+        ("b", "d"),
+        ("c", "d"),
+    }
     assert s.ties == 2 and s.pairs == 5  # b-c (0.05) and e-f (0.0)
     pairs, s = make_pairs(cands, "curriculum", margin=0.1)
-    assert [p["margin"] for p in pairs] == pytest.approx([0.8, 0.45, 0.4, 0.4, 0.35])  # a-d, a-c, a-b, b-d, c-d
+    assert [p["margin"] for p in pairs] == pytest.approx(
+        [0.8, 0.45, 0.4, 0.4, 0.35]
+    )  # a-d, a-c, a-b, b-d, c-d
     assert [p["stage"] for p in pairs] == [0, 1, 2, 3, 4]
     two = {"p": [("a", 1.0), ("b", 0.0), ("c", 0.5)], "q": [("d", 2.0), ("e", 0.0)]}
     pairs, _ = make_pairs(two, "curriculum")
-    assert [(p["prompt"], p["stage"]) for p in pairs] == [("q", 0), ("p", 0), ("p", 1), ("p", 2)]  # easy first
+    assert [(p["prompt"], p["stage"]) for p in pairs] == [
+        ("q", 0),
+        ("p", 0),
+        ("p", 1),
+        ("p", 2),
+    ]  # easy first
 
 
 def test_cli_score_then_label_writes_a_train_manifest(candidates, tmp_path, capsys):
@@ -142,11 +169,27 @@ def test_cli_score_then_label_writes_a_train_manifest(candidates, tmp_path, caps
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["items"] == 9 and report["errors"] == 1
     manifest = tmp_path / "out" / "pairs.jsonl"
-    assert main(["label", "--scores", str(scores), "--strategy", "margin", "--margin", "0.05", "--out",
-                 str(manifest)]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "--scores",
+                str(scores),
+                "--strategy",
+                "margin",
+                "--margin",
+                "0.05",
+                "--out",
+                str(manifest),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = read_table(manifest)
-    assert report["pairs"] == len(rows) > 0 and report["dropped_ties"] > 0 and report["unscored_candidates"] == 1
+    assert (
+        report["pairs"] == len(rows) > 0 and report["dropped_ties"] > 0 and report["unscored_candidates"] == 1
+    )
     assert report["pairs"] + report["dropped_ties"] == 2 * 6  # 4 candidates per prompt -> 6 pairs each
     for row in rows:
         assert set(row) == {"prompt", "chosen", "rejected", "margin"} and row["margin"] > 0.05
@@ -170,9 +213,22 @@ def test_label_manifest_trains_with_mmalign_train(candidates, tiny_sd15, tmp_pat
     summary = label_scores(scores, manifest, strategy="margin", margin=0.05)
     assert summary.pairs >= 4
     torch.manual_seed(0)
-    result = train(load_config(None, [
-        f"model.pretrained={tiny_sd15}", "model.resolution=16", f"data.source={manifest}",
-        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2", "train.report_to=none",
-        "train.progress=false", "train.checkpoint_every=0", "lora.rank=2", "data.cache=false",
-    ]))
+    result = train(
+        load_config(
+            None,
+            [
+                f"model.pretrained={tiny_sd15}",
+                "model.resolution=16",
+                f"data.source={manifest}",
+                f"train.output_dir={tmp_path / 'run'}",
+                "train.max_steps=2",
+                "train.batch_size=2",
+                "train.report_to=none",
+                "train.progress=false",
+                "train.checkpoint_every=0",
+                "lora.rank=2",
+                "data.cache=false",
+            ],
+        )
+    )
     assert result.summary["steps"] == 2 and math.isfinite(result.summary["final_metrics"]["loss"])

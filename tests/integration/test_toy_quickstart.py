@@ -111,12 +111,31 @@ def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path):
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a negative model far from the base, so guided samples must differ
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "neg", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "neg", unet_lora_layers=get_peft_model_state_dict(pipe.unet)
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "eval"
-    args = ["eval", "--model-a", str(smoke_toy), "--negative-lora-a", str(tmp_path / "neg"), "--guidance", "3",
-            "--prompts", str(prompts), "--seeds-per-prompt", "2", "--steps", "2", "--reward", "toy_color", "--out", str(out)]
+    args = [
+        "eval",
+        "--model-a",
+        str(smoke_toy),
+        "--negative-lora-a",
+        str(tmp_path / "neg"),
+        "--guidance",
+        "3",
+        "--prompts",
+        str(prompts),
+        "--seeds-per-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--reward",
+        "toy_color",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 4 and metrics["labels"]["a"].startswith("NPO-guided")

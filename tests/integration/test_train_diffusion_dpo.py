@@ -20,12 +20,25 @@ torch.set_num_threads(1)
 
 
 def tiny_cfg(model, manifest, out, *extra):
-    return load_config(None, [
-        f"model.pretrained={model}", "model.resolution=16", f"data.source={manifest}", f"train.output_dir={out}",
-        "train.max_steps=3", "train.batch_size=2", "train.report_to=none", "train.progress=false",
-        "train.learning_rate=1e-3", "train.scale_lr=false", "train.checkpoint_every=0", "lora.rank=2",
-        "method.beta=5000", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.pretrained={model}",
+            "model.resolution=16",
+            f"data.source={manifest}",
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.report_to=none",
+            "train.progress=false",
+            "train.learning_rate=1e-3",
+            "train.scale_lr=false",
+            "train.checkpoint_every=0",
+            "lora.rank=2",
+            "method.beta=5000",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -34,14 +47,21 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
     from diffusers import UNet2DConditionModel
 
     model = request.getfixturevalue(f"tiny_{family}")
-    result = train(tiny_cfg(model, pair_manifest, tmp_path / "run", f"lora.enabled={str(lora).lower()}"), keep_initial=True)
+    result = train(
+        tiny_cfg(model, pair_manifest, tmp_path / "run", f"lora.enabled={str(lora).lower()}"),
+        keep_initial=True,
+    )
     pretrained = dict(UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_parameters())
     trainable, frozen = assert_only_trainable_changed(result, pretrained)
     assert trainable > 0 and (frozen > 0) == lora
     if lora:
         assert all("lora" in n for n, p in result.denoiser.named_parameters() if p.requires_grad)
     s = result.summary
-    assert s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and 0 <= s["final_metrics"]["implicit_acc"] <= 1
+    assert (
+        s["steps"] == 3
+        and math.isfinite(s["final_metrics"]["loss"])
+        and 0 <= s["final_metrics"]["implicit_acc"] <= 1
+    )
     assert {"delta_w", "delta_l", "model_err_w", "ref_err_l", "reward_margin"} <= set(s["final_metrics"])
 
 
@@ -51,8 +71,14 @@ def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_pat
     pipe.set_progress_bar_config(disable=True)
 
     def sample():
-        return pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red square",
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = sample()
     pipe.load_lora_weights(result.summary["export"])
@@ -62,7 +88,9 @@ def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_pat
 def test_full_finetune_exports_a_diffusers_unet(tiny_sd15, pair_manifest, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "lora.enabled=false", "train.max_steps=1"))
+    result = train(
+        tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "lora.enabled=false", "train.max_steps=1")
+    )
     unet = UNet2DConditionModel.from_pretrained(f"{result.summary['export']}/unet")
     for (name, a), (_, b) in zip(unet.named_parameters(), result.denoiser.named_parameters()):
         assert torch.equal(a, b.detach().cpu()), name
@@ -85,9 +113,15 @@ def test_cached_and_uncached_paths_give_the_same_loss(tiny_sdxl, pair_manifest, 
     models = TrainModels(adapter, pipe.unet)
     records, _ = load_pairs(pair_manifest)
     cache = LatentCache(tmp_path / "cache", {"test": 1})
-    records, keys, _ = cache.build(records, adapter, resolution=16, random_flip=False, joint_crop=True, progress=False)
-    raw_uncached = collate_pairs([PairDataset(records, 16, random_flip=False, joint_crop=True)[i] for i in (0, 1)])
-    raw_cached = collate_pairs([CachedPairDataset(records, keys, cache, random_flip=False)[i] for i in (0, 1)])
+    records, keys, _ = cache.build(
+        records, adapter, resolution=16, random_flip=False, joint_crop=True, progress=False
+    )
+    raw_uncached = collate_pairs(
+        [PairDataset(records, 16, random_flip=False, joint_crop=True)[i] for i in (0, 1)]
+    )
+    raw_cached = collate_pairs(
+        [CachedPairDataset(records, keys, cache, random_flip=False)[i] for i in (0, 1)]
+    )
     losses, calls = [], []
     for raw, c in [(raw_uncached, None), (raw_cached, cache)]:
         torch.manual_seed(123)
@@ -100,7 +134,9 @@ def test_cached_and_uncached_paths_give_the_same_loss(tiny_sdxl, pair_manifest, 
 
 
 def test_cache_is_reused_and_training_never_runs_the_vae(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "a", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1")
+    cfg = tiny_cfg(
+        tiny_sd15, pair_manifest, tmp_path / "a", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1"
+    )
     train(cfg)
     shards = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
     assert shards  # latents and text embeddings written once
@@ -112,7 +148,15 @@ def test_cache_is_reused_and_training_never_runs_the_vae(tiny_sd15, pair_manifes
 
     monkeypatch.setattr(sd15.SD15Adapter, "latent_moments", fail)
     monkeypatch.setattr(sd15.SD15Adapter, "encode_prompts", fail)
-    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "b", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"))
+    train(
+        tiny_cfg(
+            tiny_sd15,
+            pair_manifest,
+            tmp_path / "b",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps=2",
+        )
+    )
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == shards
 
 
@@ -130,7 +174,9 @@ def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tiny_s
         assert torch.equal(opt_a[k], opt_b[k]), k
     resumed = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "split", *common, "train.resume=latest"))
     assert resumed.summary["steps"] == 4
-    history = [json.loads(line)["step"] for line in (tmp_path / "split/history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line)["step"] for line in (tmp_path / "split/history.jsonl").read_text().splitlines()
+    ]
     assert history == [1, 2, 3, 4]  # appended across the resume
     final_a = load_file(tmp_path / "straight/checkpoints/checkpoint-4/trainable.safetensors")
     final_b = load_file(tmp_path / "split/checkpoints/checkpoint-4/trainable.safetensors")
@@ -150,13 +196,25 @@ def test_bad_items_error_names_file_or_are_skipped_and_reported(tiny_sd15, pair_
     with pytest.raises(DataError, match=r"with_bad.jsonl:5 \(chosen: .*nope.png\)"):
         train(tiny_cfg(tiny_sd15, manifest, tmp_path / "strict", "train.max_steps=1"))
     for cache in ("true", "false"):
-        result = train(tiny_cfg(tiny_sd15, manifest, tmp_path / f"skip{cache}", "data.on_bad_item=skip",
-                                f"data.cache={cache}", "train.max_steps=4"))
+        result = train(
+            tiny_cfg(
+                tiny_sd15,
+                manifest,
+                tmp_path / f"skip{cache}",
+                "data.on_bad_item=skip",
+                f"data.cache={cache}",
+                "train.max_steps=4",
+            )
+        )
         skipped = result.summary["skipped_items"]
-        assert any("nope.png" in s for s in skipped) and any("corrupt.png" in s and "with_bad.jsonl:6" in s for s in skipped)
+        assert any("nope.png" in s for s in skipped) and any(
+            "corrupt.png" in s and "with_bad.jsonl:6" in s for s in skipped
+        )
 
 
-def test_non_finite_loss_stops_and_keeps_finished_checkpoints(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_finished_checkpoints(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch
+):
     import dataclasses
 
     from mmalign.trainers import METHODS
@@ -172,29 +230,59 @@ def test_non_finite_loss_stops_and_keeps_finished_checkpoints(tiny_sd15, pair_ma
 
     monkeypatch.setitem(METHODS, "diffusion_dpo", dataclasses.replace(method, compute_loss=nan_on_third))
     with pytest.raises(TrainingError, match=r"non-finite loss .* step 3 .*checkpoint-2"):
-        train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.checkpoint_every=1", "train.max_steps=5"))
+        train(
+            tiny_cfg(
+                tiny_sd15, pair_manifest, tmp_path / "run", "train.checkpoint_every=1", "train.max_steps=5"
+            )
+        )
     assert (tmp_path / "run/checkpoints/checkpoint-2/trainable.safetensors").is_file()
 
 
 def test_validation_grid_is_written(tiny_sd15, pair_manifest, tmp_path):
     from PIL import Image
 
-    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.max_steps=2", "train.validation_every=2",
-                   "train.validation_prompts=[a red square, a blue circle]", "train.validation_steps=2"))
+    train(
+        tiny_cfg(
+            tiny_sd15,
+            pair_manifest,
+            tmp_path / "run",
+            "train.max_steps=2",
+            "train.validation_every=2",
+            "train.validation_prompts=[a red square, a blue circle]",
+            "train.validation_steps=2",
+        )
+    )
     grid = Image.open(tmp_path / "run/validation/step-000002.png")
     assert grid.size[0] > 16 and grid.size[1] >= 16
     assert (tmp_path / "run/validation/step-000000.png").is_file()  # the base, before any step
     assert Image.open(tmp_path / "run/training_curves.png").size[0] > 100
 
 
-@pytest.mark.parametrize("options", [
-    ("train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
-    ("train.optimizer=adafactor", "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine", "train.warmup_steps=1"),
-    ("method.loss_type=ipo", "method.sft_weight=0.5", "method.independent_noise=true", "data.caption_dropout=0.5"),
-], ids=["bf16-checkpointing", "adafactor-accumulation-cosine", "ipo-sft-noise-dropout"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
+        (
+            "train.optimizer=adafactor",
+            "train.gradient_accumulation_steps=2",
+            "train.lr_scheduler=cosine",
+            "train.warmup_steps=1",
+        ),
+        (
+            "method.loss_type=ipo",
+            "method.sft_weight=0.5",
+            "method.independent_noise=true",
+            "data.caption_dropout=0.5",
+        ),
+    ],
+    ids=["bf16-checkpointing", "adafactor-accumulation-cosine", "ipo-sft-noise-dropout"],
+)
 def test_loop_options_train(tiny_sd15, pair_manifest, tmp_path, options):
     result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", *options), keep_initial=True)
-    changed = [not torch.equal(p.detach().cpu(), result.initial_trainable[n])
-               for n, p in result.denoiser.named_parameters() if p.requires_grad]
+    changed = [
+        not torch.equal(p.detach().cpu(), result.initial_trainable[n])
+        for n, p in result.denoiser.named_parameters()
+        if p.requires_grad
+    ]
     assert changed and all(changed)
     assert math.isfinite(result.summary["final_metrics"]["loss"])

@@ -83,7 +83,9 @@ def test_every_shipped_recipe_loads(path):
     assert cfg.method.name
 
 
-@pytest.mark.parametrize("path", [p for p in shipped_configs() if p.parent.name == "accelerate"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in shipped_configs() if p.parent.name == "accelerate"], ids=lambda p: p.name
+)
 def test_every_accelerate_config_loads(path):
     from accelerate.commands.config.config_args import ClusterConfig
 

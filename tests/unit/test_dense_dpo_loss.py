@@ -51,7 +51,9 @@ def test_mean_over_non_tie_frames_of_the_whole_batch():
 def test_all_ties_give_zero_loss_and_zero_gradient():
     m0 = torch.rand(2, 3, requires_grad=True)
     m1 = torch.rand(2, 3, requires_grad=True)
-    loss, metrics = dense_dpo_loss(m0, m1, torch.rand(2, 3), torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    loss, metrics = dense_dpo_loss(
+        m0, m1, torch.rand(2, 3), torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.long)
+    )
     assert loss.mean().item() == 0.0
     loss.mean().backward()  # still attached to the graph
     assert m0.grad.abs().sum().item() == 0.0 and m1.grad.abs().sum().item() == 0.0
@@ -84,7 +86,9 @@ def test_per_clip_shares_average_to_the_frame_mean():
 
 def test_labels_must_match_error_shape():
     with pytest.raises(ValueError, match=r"\[B,T\]"):
-        dense_dpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))
+        dense_dpo_loss(
+            torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)
+        )
 
 
 def test_vanilla_video_dpo_by_hand():

@@ -68,16 +68,24 @@ def test_f_divergence_rewards():
     tau = 50.0
     log_u = -tau * delta  # [1.0, 0.0, -0.5]
     torch.testing.assert_close(f_divergence_reward(delta, kappa=tau, divergence="reverse_kl"), log_u)
-    torch.testing.assert_close(f_divergence_reward(delta, kappa=tau, divergence="forward_kl"), -torch.exp(-log_u))
+    torch.testing.assert_close(
+        f_divergence_reward(delta, kappa=tau, divergence="forward_kl"), -torch.exp(-log_u)
+    )
     u = torch.exp(log_u)
-    torch.testing.assert_close(f_divergence_reward(delta, kappa=tau, divergence="js"), torch.log(2 * u / (1 + u)))
-    torch.testing.assert_close(f_divergence_reward(delta, kappa=tau, divergence="alpha", alpha=0.5), (1 - u ** -0.5) / 0.5)
+    torch.testing.assert_close(
+        f_divergence_reward(delta, kappa=tau, divergence="js"), torch.log(2 * u / (1 + u))
+    )
+    torch.testing.assert_close(
+        f_divergence_reward(delta, kappa=tau, divergence="alpha", alpha=0.5), (1 - u**-0.5) / 0.5
+    )
     # reverse KL through the loss is exactly DPO
     a, _ = diffusion_dpo_loss(M_W, M_L, R_W, R_L, beta=100, divergence="reverse_kl")
     b, _ = diffusion_dpo_loss(M_W, M_L, R_W, R_L, beta=100)
     torch.testing.assert_close(a, b)
     # forward KL: z = -exp(-1.0*... ) hand value: log u_w = 1.0, log u_l = -0.5 -> -e^-1 + e^0.5
-    fk, m = diffusion_dpo_loss(M_W, M_L, R_W, R_L, beta=100, divergence="forward_kl", kappa=50.0)  # tau/kappa = 1
+    fk, m = diffusion_dpo_loss(
+        M_W, M_L, R_W, R_L, beta=100, divergence="forward_kl", kappa=50.0
+    )  # tau/kappa = 1
     assert m["reward_margin"].item() == pytest.approx(-math.exp(-1.0) + math.exp(0.5), abs=1e-5)
 
 
@@ -94,7 +102,9 @@ def test_f_dpo_is_finite_and_trains_at_realistic_error_differences(divergence):
         assert torch.isfinite(loss).all() and torch.isfinite(metrics["reward_margin"])
         assert torch.isfinite(m_w.grad).all() and m_w.grad.item() > 0 and m_l.grad.item() < 0
         if gap == 0.0:  # d loss / d m_w = tau * sigmoid(0) * slope, as Diffusion-DPO's 1250
-            assert m_w.grad.item() == pytest.approx(2500 * 0.5 * (0.5 if divergence == "js" else 1.0), rel=1e-5)
+            assert m_w.grad.item() == pytest.approx(
+                2500 * 0.5 * (0.5 if divergence == "js" else 1.0), rel=1e-5
+            )
 
 
 def test_bad_arguments_raise():

@@ -37,12 +37,16 @@ def test_matches_diffusers_ddim_inverse_scheduler(tiny):
 
     adapter, unet, cond = tiny
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    sched = DDIMInverseScheduler.from_config(adapter.pipeline.scheduler.config)  # steps_offset 1, alphas_cumprod[0] start
+    sched = DDIMInverseScheduler.from_config(
+        adapter.pipeline.scheduler.config
+    )  # steps_offset 1, alphas_cumprod[0] start
     sched.set_timesteps(10)
     x = x0.clone()
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample, t, x).prev_sample
+            x = sched.step(
+                unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample, t, x
+            ).prev_sample
     inv = ddim_invert(adapter, unet, x0, cond, timesteps=inversion_timesteps(1000, 10, steps_offset=1))
     assert inv.latents.shape == (2, 10, 4, 8, 8) and inv.eps.shape == (2, 10, 4, 8, 8)
     torch.testing.assert_close(inv.final, x, rtol=0, atol=1e-5)
@@ -82,7 +86,9 @@ class PointMassDenoiser(torch.nn.Module):
 def point_mass_adapter(x_star):
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample")
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample"
+    )
     adapter = SimpleNamespace(scheduler=scheduler, predict=lambda net, x, t, cond: net(x, t, cond))
     return adapter, PointMassDenoiser(x_star)
 
@@ -107,7 +113,11 @@ def test_exact_for_point_mass_data():
 
 
 def test_guidance_runs_one_batched_call_with_zero_uncond():
-    cond = {"encoder_hidden_states": torch.ones(2, 3, 4), "text_embeds": torch.ones(2, 4), "time_ids": torch.ones(2, 6)}
+    cond = {
+        "encoder_hidden_states": torch.ones(2, 3, 4),
+        "text_embeds": torch.ones(2, 4),
+        "time_ids": torch.ones(2, 6),
+    }
     zero = zero_conditioning(cond)
     assert zero["encoder_hidden_states"].abs().sum() == 0 and zero["text_embeds"].abs().sum() == 0
     assert torch.equal(zero["time_ids"], cond["time_ids"])  # SDXL micro-conditioning is not text
@@ -116,7 +126,9 @@ def test_guidance_runs_one_batched_call_with_zero_uncond():
 
     def predict(net, x, t, c):
         seen.append(x.shape[0])
-        return torch.where(c["encoder_hidden_states"].flatten(1)[:, :1].reshape(-1, 1, 1, 1) > 0, 3.0, 1.0) * torch.ones_like(x)
+        return torch.where(
+            c["encoder_hidden_states"].flatten(1)[:, :1].reshape(-1, 1, 1, 1) > 0, 3.0, 1.0
+        ) * torch.ones_like(x)
 
     from diffusers import DDPMScheduler
 

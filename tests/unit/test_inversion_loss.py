@@ -21,8 +21,13 @@ def test_inverted_noise_mode_is_diffusion_dpo_with_the_implied_noise():
     # The loss of inverted_noise mode is diffusion_dpo_loss on errors measured against e~. By hand, beta = 2000:
     # m_w = 0.010, r_w = 0.011 (delta_w = -0.001), m_l = 0.020, r_l = 0.019 (delta_l = +0.001)
     # z = -(2000/2)(-0.001 - 0.001) = 2.0; loss = -log sigmoid(2) = log(1 + e^-2) = 0.126928
-    loss, metrics = diffusion_dpo_loss(torch.tensor([0.010]), torch.tensor([0.020]), torch.tensor([0.011]),
-                                       torch.tensor([0.019]), beta=2000.0)
+    loss, metrics = diffusion_dpo_loss(
+        torch.tensor([0.010]),
+        torch.tensor([0.020]),
+        torch.tensor([0.011]),
+        torch.tensor([0.019]),
+        beta=2000.0,
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-4)
     assert metrics["reward_margin"].item() == pytest.approx(2.0, rel=1e-4)
 
@@ -43,14 +48,18 @@ def test_trajectory_loss_by_hand():
     # sign +1, beta 100: z = 0.5*100*(0.09 - 0.02)/2 = 1.75; loss = log(1 + e^-1.75) = 0.160
     w = trajectory_weights(torch.tensor([[0.5, 0.25]]))
     ref = _eps([0.0, 0.0])
-    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=1)
+    loss, m = trajectory_dpo_loss(
+        _eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=1
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.75)), rel=1e-5)
     assert m["reward_margin"].item() == pytest.approx(1.75, rel=1e-5)
     assert m["implicit_acc"].item() == 1.0
     assert m["delta_w"].item() == pytest.approx(0.045, rel=1e-5)  # D_w / N
     assert m["eps_diff_w"].item() == pytest.approx(0.025, rel=1e-5)  # unweighted mean of d_w
     # sign -1 (likelihood derivation): z = -1.75, loss = log(1 + e^1.75) = 1.910
-    loss, m = trajectory_dpo_loss(_eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=-1)
+    loss, m = trajectory_dpo_loss(
+        _eps([0.1, 0.2]), _eps([0.0, 0.1]), ref, ref, w, beta=100.0, num_grid_steps=2, sign=-1
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(1.75)), rel=1e-5)
     assert m["implicit_acc"].item() == 0.0
 
@@ -78,4 +87,6 @@ def test_trajectory_gradient_is_exactly_zero_when_policy_equals_reference():
 def test_trajectory_rejects_a_bad_sign():
     w = torch.ones(1, 1)
     with pytest.raises(ValueError, match="sign"):
-        trajectory_dpo_loss(_eps([0.0]), _eps([0.0]), _eps([0.0]), _eps([0.0]), w, beta=1.0, num_grid_steps=1, sign=0)
+        trajectory_dpo_loss(
+            _eps([0.0]), _eps([0.0]), _eps([0.0]), _eps([0.0]), w, beta=1.0, num_grid_steps=1, sign=0
+        )

@@ -16,14 +16,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mmalign"
 FLOORS = {
-    "utils": 0, "limits": 0,
-    "config": 1, "losses": 1, "rewards": 1,
+    "utils": 0,
+    "limits": 0,
+    "config": 1,
+    "losses": 1,
+    "rewards": 1,
     "pipelines": 2,
     "personalize": 3,
     "data": 4,
     "trainers": 5,
-    "commands": 6, "annotate": 6, "toy": 6,
-    "cli": 7, "__main__": 7,
+    "commands": 6,
+    "annotate": 6,
+    "toy": 6,
+    "cli": 7,
+    "__main__": 7,
 }
 DOTTED = re.compile(r"^mmalign(\.[A-Za-z_][A-Za-z0-9_]*)+(:[A-Za-z_][A-Za-z0-9_]*)?$")
 
@@ -45,7 +51,9 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append((node.lineno, node.module))
-            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names if node.module == "mmalign"]
+            found += [
+                (node.lineno, f"{node.module}.{a.name}") for a in node.names if node.module == "mmalign"
+            ]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and DOTTED.match(node.value):
             found.append((node.lineno, node.value.partition(":")[0]))
     return [(line, m) for line, m in found if m.split(".")[0] == "mmalign"]
@@ -63,7 +71,9 @@ def violations(package: Path = PACKAGE) -> list[str]:
         here = module_name(path, package)
         own = floor_of(here)
         if own is None:
-            out.append(f"{here}: not on any floor (add its subpackage to FLOORS in this test and to DESIGN §1)")
+            out.append(
+                f"{here}: not on any floor (add its subpackage to FLOORS in this test and to DESIGN §1)"
+            )
             continue
         for line, target in imports_of(path):
             there = floor_of(target)
@@ -83,8 +93,11 @@ def test_losses_import_torch_and_the_lowest_floor_only():
     for path in (PACKAGE / "losses").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            )
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
                 if name.startswith("mmalign"):
@@ -105,9 +118,13 @@ def test_the_checker_catches_an_upward_import(tmp_path):
 def test_importing_the_library_does_not_import_the_toy_world():
     import subprocess
 
-    code = ("import sys, mmalign.trainers.loop, mmalign.rewards.score, mmalign.data.structural; "
-            "print(sorted(m for m in sys.modules if m.startswith(('mmalign.toy', 'mmalign.cli', 'mmalign.commands'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    code = (
+        "import sys, mmalign.trainers.loop, mmalign.rewards.score, mmalign.data.structural; "
+        "print(sorted(m for m in sys.modules if m.startswith(('mmalign.toy', 'mmalign.cli', 'mmalign.commands'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]"
 
 

@@ -55,9 +55,15 @@ def test_renoise_coefficients_give_sigma_s():
     t, s = torch.tensor([100, 400]), torch.tensor([101, 900])
     # zero noise: pure scaling by alpha_s / alpha_t ; unit x_t = 0: pure noise of std sqrt(sigma_s^2 - sigma_t^2 r^2)
     x = torch.ones(2, 1)
-    torch.testing.assert_close(renoise(x, alpha[t], sigma[t], alpha[s], sigma[s], torch.zeros(2, 1)),
-                               (alpha[s] / alpha[t]).float().unsqueeze(1))
-    std = renoise(torch.zeros(2, 1), alpha[t], sigma[t], alpha[s], sigma[s], torch.ones(2, 1)).squeeze(1).double()
+    torch.testing.assert_close(
+        renoise(x, alpha[t], sigma[t], alpha[s], sigma[s], torch.zeros(2, 1)),
+        (alpha[s] / alpha[t]).float().unsqueeze(1),
+    )
+    std = (
+        renoise(torch.zeros(2, 1), alpha[t], sigma[t], alpha[s], sigma[s], torch.ones(2, 1))
+        .squeeze(1)
+        .double()
+    )
     r = alpha[s] / alpha[t]
     torch.testing.assert_close(std**2 + (r * sigma[t]) ** 2, sigma[s] ** 2, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="noisier"):
@@ -78,7 +84,9 @@ def test_renoise_keeps_the_forward_marginal():
     assert abs(x_s.var().item() - sigma[s].item() ** 2) < 5 * var_se
     # and the joint law is the forward Markov chain: Cov(x_s, x_t) = (alpha_s / alpha_t) sigma_t^2
     cov = ((x_s - x_s.mean()) * (x_t.squeeze(1) - x_t.mean())).mean().item()
-    assert abs(cov - (alpha[s] / alpha[t] * sigma[t] ** 2).item()) < 5 * sigma[s].item() * sigma[t].item() / math.sqrt(n)
+    assert abs(cov - (alpha[s] / alpha[t] * sigma[t] ** 2).item()) < 5 * sigma[s].item() * sigma[
+        t
+    ].item() / math.sqrt(n)
 
 
 def test_ddim_grid_and_rollouts():
@@ -114,10 +122,18 @@ def test_x0_and_eps_invert_the_forward_process(kind):
 
 
 def test_null_conditioning_zeros_text_but_keeps_time_ids():
-    uncond = {"encoder_hidden_states": torch.ones(2, 3, 4), "text_embeds": torch.ones(2, 4), "time_ids": torch.ones(2, 6)}
+    uncond = {
+        "encoder_hidden_states": torch.ones(2, 3, 4),
+        "text_embeds": torch.ones(2, 4),
+        "time_ids": torch.ones(2, 6),
+    }
     assert null_conditioning(uncond, "empty") is uncond
     z = null_conditioning(uncond, "zeros")
-    assert z["encoder_hidden_states"].abs().sum() == 0 and z["text_embeds"].abs().sum() == 0 and z["time_ids"].sum() == 12
+    assert (
+        z["encoder_hidden_states"].abs().sum() == 0
+        and z["text_embeds"].abs().sum() == 0
+        and z["time_ids"].sum() == 12
+    )
 
 
 def test_ema_teacher_update_and_swap():
@@ -140,17 +156,31 @@ def test_config_checks():
         SelfNPOConfig(teacher_steps=25)
     with pytest.raises(ConfigError, match="ema_decay"):
         SelfNPOConfig(ema_decay=1.5)
-    cfg = load_config(None, ["method.name=self_npo", "method.teacher_guidance=-5", "method.null_condition=zeros"])
+    cfg = load_config(
+        None, ["method.name=self_npo", "method.teacher_guidance=-5", "method.null_condition=zeros"]
+    )
     assert cfg.method.teacher_guidance == -5.0 and cfg.method.null_condition == "zeros"
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("configs/sd15/self_npo.yaml", {"method.teacher_guidance": -1.0, "train.learning_rate": 1e-6, "lora.enabled": False}),
-    ("configs/sdxl/self_npo.yaml", {"method.teacher_guidance": -5.0, "method.null_condition": "zeros", "train.learning_rate": 1e-7}),
-    ("configs/toy/self_npo.yaml", {"method.name": "self_npo", "lora.enabled": True}),
-    ("configs/sd15/diffusion_npo.yaml", {"method.swap_pairs": True, "method.beta": 1000.0, "lora.rank": 8}),
-    ("configs/toy/diffusion_npo.yaml", {"method.swap_pairs": True, "lora.rank": 8}),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (
+            "configs/sd15/self_npo.yaml",
+            {"method.teacher_guidance": -1.0, "train.learning_rate": 1e-6, "lora.enabled": False},
+        ),
+        (
+            "configs/sdxl/self_npo.yaml",
+            {"method.teacher_guidance": -5.0, "method.null_condition": "zeros", "train.learning_rate": 1e-7},
+        ),
+        ("configs/toy/self_npo.yaml", {"method.name": "self_npo", "lora.enabled": True}),
+        (
+            "configs/sd15/diffusion_npo.yaml",
+            {"method.swap_pairs": True, "method.beta": 1000.0, "lora.rank": 8},
+        ),
+        ("configs/toy/diffusion_npo.yaml", {"method.swap_pairs": True, "lora.rank": 8}),
+    ],
+)
 def test_npo_recipes_load_with_the_released_settings(path, expected):
     from pathlib import Path
 

@@ -25,7 +25,9 @@ def image_dir(tmp_path):
 
 
 def test_manifest_chosen_rejected_paths_are_relative_to_manifest(image_dir):
-    (image_dir / "m.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n")
+    (image_dir / "m.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n"
+    )
     records, counts = load_pairs(image_dir / "m.jsonl")
     assert counts == {"rows": 1, "ties_dropped": 0}
     assert records[0].chosen == str(image_dir / "a.png") and records[0].rejected == str(image_dir / "b.png")
@@ -48,19 +50,25 @@ def test_label_0_orders_winner_first_and_ties_are_dropped_or_kept(image_dir):
 def test_csv_manifest(image_dir):
     (image_dir / "m.csv").write_text("prompt,image_0,image_1,label_0\nhello,a.png,b.png,0\n")
     records, _ = load_pairs(image_dir / "m.csv")
-    assert records[0].prompt == "hello" and records[0].chosen.endswith("b.png") and records[0].row.endswith("m.csv:2")
+    assert (
+        records[0].prompt == "hello"
+        and records[0].chosen.endswith("b.png")
+        and records[0].row.endswith("m.csv:2")
+    )
 
 
 def test_pickapic_parquet_layout(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "caption": ["a cat", "a dog", "tied"],
-        "jpg_0": [png_bytes("red"), png_bytes("red"), png_bytes("red")],
-        "jpg_1": [png_bytes("blue"), png_bytes("blue"), png_bytes("blue")],
-        "label_0": [1.0, 0.0, 0.5],
-        "user_id": [7, 8, 9],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "caption": ["a cat", "a dog", "tied"],
+            "jpg_0": [png_bytes("red"), png_bytes("red"), png_bytes("red")],
+            "jpg_1": [png_bytes("blue"), png_bytes("blue"), png_bytes("blue")],
+            "label_0": [1.0, 0.0, 0.5],
+            "user_id": [7, 8, 9],
+        }
+    )
     ds.to_parquet(str(tmp_path / "train-0.parquet"))
     records, counts = load_pairs(tmp_path)
     assert counts == {"rows": 3, "ties_dropped": 1}
@@ -77,16 +85,20 @@ def test_missing_column_and_bad_label_name_the_row(image_dir):
     (image_dir / "m.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a.png"}) + "\n")
     with pytest.raises(DataError, match=r"m.jsonl:1: missing column 'rejected'"):
         load_pairs(image_dir / "m.jsonl")
-    (image_dir / "n.jsonl").write_text("\n" + json.dumps({"prompt": "p", "image_0": "a.png", "image_1": "b.png", "label_0": 2}) + "\n")
+    (image_dir / "n.jsonl").write_text(
+        "\n" + json.dumps({"prompt": "p", "image_0": "a.png", "image_1": "b.png", "label_0": 2}) + "\n"
+    )
     with pytest.raises(DataError, match=r"n.jsonl:2: label_0=2.0"):
         load_pairs(image_dir / "n.jsonl")
 
 
 def test_corrupt_and_missing_images_name_row_and_file(image_dir):
     (image_dir / "broken.png").write_bytes(b"not an image at all")
-    rows = [{"prompt": "ok", "chosen": "a.png", "rejected": "b.png"},
-            {"prompt": "bad", "chosen": "broken.png", "rejected": "b.png"},
-            {"prompt": "gone", "chosen": "a.png", "rejected": "missing.png"}]
+    rows = [
+        {"prompt": "ok", "chosen": "a.png", "rejected": "b.png"},
+        {"prompt": "bad", "chosen": "broken.png", "rejected": "b.png"},
+        {"prompt": "gone", "chosen": "a.png", "rejected": "missing.png"},
+    ]
     (image_dir / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, _ = load_pairs(image_dir / "m.jsonl")
     strict = PairDataset(records, 16)
@@ -110,7 +122,9 @@ def test_resize_crop_records_sdxl_metadata(image_dir):
 
 
 def load_pairs_for(image_dir):
-    (image_dir / "m.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n")
+    (image_dir / "m.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n"
+    )
     return load_pairs(image_dir / "m.jsonl")
 
 
@@ -120,9 +134,14 @@ def test_a_flipped_item_records_the_mirrored_crop(tmp_path):
 
     assert mirror_crop((20, 30), (0, 0), 16) == (0, 24 - 16)  # 20x30 -> 16x24: left 0 mirrors to 8
     assert mirror_crop((20, 30), (0, 4), 16) == (0, 4)  # a centred crop is its own mirror
-    assert mirror_crop((30, 20), (3, 0), 16) == (3, 0)  # portrait: the crop spans the width, nothing to mirror
+    assert mirror_crop((30, 20), (3, 0), 16) == (
+        3,
+        0,
+    )  # portrait: the crop spans the width, nothing to mirror
 
-    img = Image.fromarray((torch.rand(20, 30, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    img = Image.fromarray(
+        (torch.rand(20, 30, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    )
     img.save(tmp_path / "a.png")
     img.save(tmp_path / "b.png")
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "x", "chosen": "a.png", "rejected": "b.png"}\n')

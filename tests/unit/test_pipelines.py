@@ -11,12 +11,16 @@ from mmalign.pipelines.sdxl import sdxl_time_ids
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_target_and_noise_match_diffusers_scheduler(prediction_type):
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
     torch.testing.assert_close(ddpm_add_noise(sched, x0, noise, t), sched.add_noise(x0, noise, t))
-    expected = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[prediction_type]
+    expected = {"epsilon": noise, "v_prediction": sched.get_velocity(x0, noise, t), "sample": x0}[
+        prediction_type
+    ]
     torch.testing.assert_close(ddpm_target(sched, x0, noise, t), expected)
     # works for video latents [B,C,T,H,W] too
     video = x0.unsqueeze(2).repeat(1, 1, 3, 1, 1)
@@ -33,12 +37,18 @@ def test_per_sample_and_per_frame_mse():
 
 def test_sdxl_time_ids_rows():
     ids = sdxl_time_ids([(512, 768), (1024, 1024)], [(0, 128), (0, 0)], (1024, 1024))
-    torch.testing.assert_close(ids, torch.tensor([[512, 768, 0, 128, 1024, 1024], [1024, 1024, 0, 0, 1024, 1024]], dtype=torch.float32))
+    torch.testing.assert_close(
+        ids,
+        torch.tensor([[512, 768, 0, 128, 1024, 1024], [1024, 1024, 0, 0, 1024, 1024]], dtype=torch.float32),
+    )
 
 
 def test_family_detection_and_adapter_shapes(tiny_sd15, tiny_sdxl):
     assert detect_family(str(tiny_sd15)) == "sd15" and detect_family(str(tiny_sdxl)) == "sdxl"
-    for path, keys in [(tiny_sd15, {"encoder_hidden_states"}), (tiny_sdxl, {"encoder_hidden_states", "text_embeds"})]:
+    for path, keys in [
+        (tiny_sd15, {"encoder_hidden_states"}),
+        (tiny_sdxl, {"encoder_hidden_states", "text_embeds"}),
+    ]:
         pipe, family = load_pipeline(str(path))
         adapter = make_adapter(pipe, family)
         cond = adapter.encode_prompts(["a red circle", ""])

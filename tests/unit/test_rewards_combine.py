@@ -68,8 +68,12 @@ def test_hybrid_weighted_sum_with_soft_and_hard_gates():
     conf = fixed([1.0, 0.25, 0.0])
     comps = [
         HybridComponent("a", fixed([1.0, 2.0, 3.0]), weight=2.0, normalizer=minmax),  # -> 0, .5, 1
-        HybridComponent("b", fixed([4.0, 4.0, 8.0]), weight=1.0, normalizer=Affine(0.5), confidence=conf),  # soft
-        HybridComponent("c", fixed([1.0, 1.0, 1.0]), weight=3.0, normalizer=Affine(), confidence=conf, gate=0.5),
+        HybridComponent(
+            "b", fixed([4.0, 4.0, 8.0]), weight=1.0, normalizer=Affine(0.5), confidence=conf
+        ),  # soft
+        HybridComponent(
+            "c", fixed([1.0, 1.0, 1.0]), weight=3.0, normalizer=Affine(), confidence=conf, gate=0.5
+        ),
     ]
     out = HybridReward(comps).components(MEDIA, PROMPTS)
     # a: 2*[0, .5, 1]; b: 1*[1, .25, 0]*[2, 2, 4]; c: 3*[1, 0, 0]*[1, 1, 1]
@@ -84,8 +88,12 @@ def test_hybrid_weighted_sum_with_soft_and_hard_gates():
 def test_hybrid_factory_uses_rule_confidence_and_registry():
     media = torch.zeros(2, 3, 4, 4)
     media[0, 0] = 1.0  # pure red; second image black
-    r = hybrid([{"name": "color_match", "gate": 0.5, "normalizer": "none"},
-                {"name": "brightness", "weight": 2.0, "normalizer": "none"}])
+    r = hybrid(
+        [
+            {"name": "color_match", "gate": 0.5, "normalizer": "none"},
+            {"name": "brightness", "weight": 2.0, "normalizer": "none"},
+        ]
+    )
     out = r.components(media, ["a red circle", "a circle"])  # second prompt names no colour
     assert torch.allclose(out["color_match/raw"], torch.tensor([1.0, 0.0]))
     assert torch.equal(out["color_match/confidence"], torch.tensor([1.0, 0.0]))
@@ -93,13 +101,19 @@ def test_hybrid_factory_uses_rule_confidence_and_registry():
 
 
 def test_ensemble_aggregates_and_disagreement():
-    members = [("m1", fixed([1.0, 0.0, 2.0]), Affine()), ("m2", fixed([3.0, 0.0, 2.0]), Affine()),
-               ("m3", fixed([2.0, 3.0, 2.0]), Affine())]
+    members = [
+        ("m1", fixed([1.0, 0.0, 2.0]), Affine()),
+        ("m2", fixed([3.0, 0.0, 2.0]), Affine()),
+        ("m3", fixed([2.0, 3.0, 2.0]), Affine()),
+    ]
     stacked = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2.0, 3.0, 2.0]])
     std = stacked.std(0, unbiased=False)
-    for agg, expected in [("mean", torch.tensor([2.0, 1.0, 2.0])), ("median", torch.tensor([2.0, 0.0, 2.0])),
-                          ("min", torch.tensor([1.0, 0.0, 2.0])),
-                          ("mean_minus_std", torch.tensor([2.0, 1.0, 2.0]) - 0.5 * std)]:
+    for agg, expected in [
+        ("mean", torch.tensor([2.0, 1.0, 2.0])),
+        ("median", torch.tensor([2.0, 0.0, 2.0])),
+        ("min", torch.tensor([1.0, 0.0, 2.0])),
+        ("mean_minus_std", torch.tensor([2.0, 1.0, 2.0]) - 0.5 * std),
+    ]:
         out = EnsembleReward(members, agg, lam=0.5).components(MEDIA, PROMPTS)
         assert torch.allclose(out["total"], expected), agg
         assert torch.allclose(out["disagreement"], std)
@@ -110,7 +124,9 @@ def test_ensemble_aggregates_and_disagreement():
 
 
 def test_ensemble_median_of_even_members_and_zscore_default():
-    r = EnsembleReward([("a", fixed([0.0, 4.0, 2.0]), Affine()), ("b", fixed([2.0, 0.0, 2.0]), Affine())], "median")
+    r = EnsembleReward(
+        [("a", fixed([0.0, 4.0, 2.0]), Affine()), ("b", fixed([2.0, 0.0, 2.0]), Affine())], "median"
+    )
     assert torch.allclose(r(MEDIA, PROMPTS), torch.tensor([1.0, 2.0, 2.0]))
     e = ensemble(["brightness", "contrast"])  # registry members, z-scored by default
     x = torch.rand(4, 3, 8, 8)
@@ -121,6 +137,10 @@ def test_ensemble_median_of_even_members_and_zscore_default():
 
 def test_hybrid_broadcasts_per_segment_members():
     seg = lambda media, prompts: torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # noqa: E731
-    r = HybridReward([HybridComponent("seg", seg, normalizer=Affine()),
-                      HybridComponent("clip", fixed([10.0, 20.0]), normalizer=Affine())])
+    r = HybridReward(
+        [
+            HybridComponent("seg", seg, normalizer=Affine()),
+            HybridComponent("clip", fixed([10.0, 20.0]), normalizer=Affine()),
+        ]
+    )
     assert torch.equal(r(MEDIA[:2], PROMPTS[:2]), torch.tensor([[11.0, 12.0], [23.0, 24.0]]))

@@ -18,14 +18,34 @@ def test_pairwise_verdict_needs_both_orders_to_agree():
 
 
 def test_parse_option_probs_from_top_logprobs_and_text():
-    resp = {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": -0.5,
-            "top_logprobs": [{"token": "Yes", "logprob": math.log(0.6)}, {"token": " yes", "logprob": math.log(0.1)},
-                             {"token": "No", "logprob": math.log(0.2)}, {"token": "Maybe", "logprob": math.log(0.1)}]}]}}]}
+    resp = {
+        "choices": [
+            {
+                "message": {"content": "Yes"},
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "Yes",
+                            "logprob": -0.5,
+                            "top_logprobs": [
+                                {"token": "Yes", "logprob": math.log(0.6)},
+                                {"token": " yes", "logprob": math.log(0.1)},
+                                {"token": "No", "logprob": math.log(0.2)},
+                                {"token": "Maybe", "logprob": math.log(0.1)},
+                            ],
+                        }
+                    ]
+                },
+            }
+        ]
+    }
     p = parse_option_probs(resp, ["Yes", "No"])
     assert math.isclose(p[0], 0.7 / 0.9) and math.isclose(p[1], 0.2 / 0.9)
     text_only = {"choices": [{"message": {"content": "Second."}}]}
     assert parse_option_probs(text_only, ["First", "Second"]) == [0.0, 1.0]
-    assert all(math.isnan(v) for v in parse_option_probs({"choices": [{"message": {"content": "?"}}]}, ["Yes", "No"]))
+    assert all(
+        math.isnan(v) for v in parse_option_probs({"choices": [{"message": {"content": "?"}}]}, ["Yes", "No"])
+    )
     assert all(math.isnan(v) for v in parse_option_probs({"error": "x"}, ["Yes", "No"]))
 
 
@@ -48,7 +68,9 @@ class ScriptedBackend:
         for images, text in requests:
             self.requests.append((len(images), text))
             if tuple(options) == ("Yes", "No"):
-                b = sum(sum(im.convert("L").getdata()) for im in images) / (255 * sum(im.size[0] * im.size[1] for im in images))
+                b = sum(sum(im.convert("L").getdata()) for im in images) / (
+                    255 * sum(im.size[0] * im.size[1] for im in images)
+                )
                 rows.append([b, 1 - b])
                 continue
             half = len(images) // 2

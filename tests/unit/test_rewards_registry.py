@@ -37,7 +37,9 @@ def test_toy_rewards_come_from_the_entry_point_group_not_the_library():
 
 def test_get_reward_by_name_and_dotted_path():
     x = torch.rand(3, 3, 8, 8)
-    assert torch.allclose(get_reward("brightness")(x, [""] * 3), x.mean((2, 3)) @ torch.tensor([0.299, 0.587, 0.114]))
+    assert torch.allclose(
+        get_reward("brightness")(x, [""] * 3), x.mean((2, 3)) @ torch.tensor([0.299, 0.587, 0.114])
+    )
     r = get_reward(f"{__name__}:make_constant_reward", value=2.5)
     assert torch.equal(r(x, [""] * 3), torch.full((3,), 2.5))
 
@@ -60,16 +62,37 @@ def test_reward_spec_from_dict_validates():
     assert torch.allclose(r(x, [""]), torch.tensor([-0.2]))  # -|0 - 0.2|
 
 
-RULES = {"brightness", "saturation", "contrast", "sharpness", "colorfulness", "color_match", "jpeg_size",
-         "jpeg_compressibility", "resolution", "aspect_ratio", "duration", "frame_rate", "flicker", "motion"}
+RULES = {
+    "brightness",
+    "saturation",
+    "contrast",
+    "sharpness",
+    "colorfulness",
+    "color_match",
+    "jpeg_size",
+    "jpeg_compressibility",
+    "resolution",
+    "aspect_ratio",
+    "duration",
+    "frame_rate",
+    "flicker",
+    "motion",
+}
 
 
 def _names(spec: RewardSpec) -> set[str]:
     members = spec.kwargs.get("members") or []
     if spec.name in ("hybrid", "ensemble"):
-        return set().union(*(_names(RewardSpec.from_dict(m if isinstance(m, str) else
-                                                          {k: m[k] for k in ("name", "kwargs") if k in m}))
-                             for m in members))
+        return set().union(
+            *(
+                _names(
+                    RewardSpec.from_dict(
+                        m if isinstance(m, str) else {k: m[k] for k in ("name", "kwargs") if k in m}
+                    )
+                )
+                for m in members
+            )
+        )
     return {spec.name}
 
 

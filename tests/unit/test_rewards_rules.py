@@ -65,7 +65,9 @@ def test_resolution_and_aspect_ratio():
 def test_duration_and_frame_rate_use_fps():
     v = torch.zeros(1, 16, 3, 4, 4)
     assert math.isclose(float(get_reward("duration", target_seconds=2.0)(v, [""], fps=8)), 1.0)
-    assert math.isclose(float(get_reward("duration", target_seconds=3.0, fps=8)(v, [""])), math.exp(-1.0), rel_tol=1e-6)
+    assert math.isclose(
+        float(get_reward("duration", target_seconds=3.0, fps=8)(v, [""])), math.exp(-1.0), rel_tol=1e-6
+    )
     assert math.isclose(float(get_reward("frame_rate", target_fps=16)(v, [""], fps=8)), 0.5)
     with pytest.raises(ValueError, match="fps"):
         get_reward("duration")(v, [""])

@@ -103,7 +103,9 @@ def test_mean_colour_match_by_hand_and_robust_to_soft_edges():
     # shift the whole shape by d in one channel: score = exp(-d^2 / (2 sigma^2))
     shifted = img.clone()
     shifted[0, 1, 8:24, 8:24] += 0.1
-    assert mean_color_match()(shifted, ["a red square"]).item() == pytest.approx(torch.exp(torch.tensor(-0.01 / 0.08)).item(), abs=1e-4)
+    assert mean_color_match()(shifted, ["a red square"]).item() == pytest.approx(
+        torch.exp(torch.tensor(-0.01 / 0.08)).item(), abs=1e-4
+    )
     # blur the edges (average with the grey background): the per-pixel score drops more than the mean-colour one
     blurred = torch.nn.functional.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=False)
     drop_pixels = color_match()(img, ["a red square"]) - color_match()(blurred, ["a red square"])

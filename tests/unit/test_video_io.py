@@ -48,7 +48,9 @@ def test_sampling_modes(clip):
     full = read_video(path, backend="pyav").frames
     assert torch.equal(v.frames, full[::2])
     v = read_video(path, num_frames=5, backend="pyav")
-    assert v.timestamps.tolist() == pytest.approx([0, 4 / 8, 8 / 8, 11 / 8, 15 / 8])  # round(linspace(0, 15, 5))
+    assert v.timestamps.tolist() == pytest.approx(
+        [0, 4 / 8, 8 / 8, 11 / 8, 15 / 8]
+    )  # round(linspace(0, 15, 5))
     v = read_video(path, fps=4, num_frames=3, backend="pyav")
     assert v.frames.shape[0] == 3 and torch.equal(v.frames, full[0:6:2])
     # 10 frames at 30 fps last 1/3 s: ticks at 0, 0.1, 0.2 s at 10 fps -> frames 0, 3, 6

@@ -94,7 +94,9 @@ def test_wan_shapes_flow_target_and_shifted_timesteps(wan):
     sched = pipe.scheduler
     sched.set_timesteps(10)
     ts = sched.timesteps[3:4]
-    assert torch.allclose(sched.scale_noise(x0[:1], ts, noise[:1]), adapter.add_noise(x0[:1], noise[:1], ts), atol=1e-5)
+    assert torch.allclose(
+        sched.scale_noise(x0[:1], ts, noise[:1]), adapter.add_noise(x0[:1], noise[:1], ts), atol=1e-5
+    )
     # latents are normalised with the VAE's per-channel mean/std; decoding undoes it
     mean, std = adapter.latent_moments(_clip(1, 9))
     z = adapter.latents_from_moments(mean, torch.zeros_like(std))
@@ -112,7 +114,9 @@ def test_toy_video_shapes_and_epsilon_target(toy):
     assert pred.shape == x0.shape
     assert torch.equal(adapter.target(x0, noise, t), noise)
     abar = adapter.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-    assert torch.allclose(adapter.add_noise(x0, noise, t), abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)
+    assert torch.allclose(
+        adapter.add_noise(x0, noise, t), abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6
+    )
     # each latent frame is the per-frame VAE encoding of its pixel frame (no temporal mixing)
     clip = _clip(1, 3)
     mean, _ = adapter.latent_moments(clip)
@@ -128,18 +132,33 @@ def test_wan_logit_normal_timesteps_are_selected_from_the_config(tmp_path):
 
     build_tiny_wan(tmp_path / "wan")
     pipe, family = load_pipeline(str(tmp_path / "wan"))
-    cfg = load_config(None, [f"model.pretrained={tmp_path / 'wan'}", "model.adapter_options={timestep_sampling: logit_normal}",
-                             "method.name=dense_dpo"])
+    cfg = load_config(
+        None,
+        [
+            f"model.pretrained={tmp_path / 'wan'}",
+            "model.adapter_options={timestep_sampling: logit_normal}",
+            "method.name=dense_dpo",
+        ],
+    )
     adapter = make_adapter(pipe, family, **cfg.model.adapter_options)
     assert adapter.timestep_sampling == "logit_normal"
     g = torch.Generator().manual_seed(0)
     logit = adapter.sample_timesteps(4000, g, torch.device("cpu")) / 1000
-    uniform = make_adapter(pipe, family).sample_timesteps(4000, torch.Generator().manual_seed(0), torch.device("cpu")) / 1000
+    uniform = (
+        make_adapter(pipe, family).sample_timesteps(
+            4000, torch.Generator().manual_seed(0), torch.device("cpu")
+        )
+        / 1000
+    )
     assert not torch.equal(logit, uniform)
     # logit-normal u concentrates mass in the middle: fewer draws at the extremes than uniform u
     shift = adapter.shift
-    u_logit, u_uniform = (s / (shift - (shift - 1) * s) for s in (logit, uniform))  # invert the timestep shift
-    assert ((u_logit < 0.1) | (u_logit > 0.9)).float().mean() < 0.5 * ((u_uniform < 0.1) | (u_uniform > 0.9)).float().mean()
+    u_logit, u_uniform = (
+        s / (shift - (shift - 1) * s) for s in (logit, uniform)
+    )  # invert the timestep shift
+    assert ((u_logit < 0.1) | (u_logit > 0.9)).float().mean() < 0.5 * (
+        (u_uniform < 0.1) | (u_uniform > 0.9)
+    ).float().mean()
     with pytest.raises(ConfigError, match="timestep_samplng"):
         make_adapter(pipe, family, timestep_samplng="logit_normal")
 

@@ -43,7 +43,9 @@ def test_compression_one_is_one_label_per_frame():
 
 def test_paper_arithmetic_121_frames_24fps():
     seg = fps_segments(121, 24)
-    assert num_segments(121 / 24) == 5 and int(seg.max()) == 4  # frame 120 joins segment 4, no one-frame segment
+    assert (
+        num_segments(121 / 24) == 5 and int(seg.max()) == 4
+    )  # frame 120 joins segment 4, no one-frame segment
     lab = latent_labels([1, -1, 1, -1, 1], seg, 4, straddle="tie")
     assert lab.numel() == 31
     # latent j covers frames 4j-3..4j; segment boundaries at frames 24, 48, 72, 96 fall in latents 6, 12, 18, 24
@@ -54,7 +56,11 @@ def test_paper_arithmetic_121_frames_24fps():
 def test_mochi_6x_and_ltx_8x():
     assert len(latent_frame_groups(7, 6)) == 2  # Mochi: 7 frames -> 2 latents
     seg = fps_segments(13, 6)  # 6 fps: frames 0-5 seg 0, 6-11 seg 1, 12 -> seg 1 (round(13/6) = 2)
-    assert latent_labels([-1, 1], seg, 6, straddle="tie").tolist() == [-1, 0, 1]  # latent 1 = frames 1-6 straddles
+    assert latent_labels([-1, 1], seg, 6, straddle="tie").tolist() == [
+        -1,
+        0,
+        1,
+    ]  # latent 1 = frames 1-6 straddles
     seg = fps_segments(17, 8)  # LTX 8x: latents {0}, {1..8}, {9..16}; segments 0-7, 8-16
     assert latent_labels([1, -1], seg, 8, straddle="tie").tolist() == [1, 0, -1]
 
@@ -69,7 +75,9 @@ def test_majority_gives_a_straddling_latent_the_label_of_three_of_its_four_frame
     assert latent_labels([1, 1], two_two, 4, straddle="majority").tolist() == [1, 1]
 
 
-@pytest.mark.parametrize(("frames", "fps", "ties_before"), [(49, 8, 5), (81, 16, 4)], ids=["cogvideox", "wan"])
+@pytest.mark.parametrize(
+    ("frames", "fps", "ties_before"), [(49, 8, 5), (81, 16, 4)], ids=["cogvideox", "wan"]
+)
 def test_majority_leaves_no_tie_when_every_segment_is_labelled(frames, fps, ties_before):
     """The recipes' 1-second segments fall one frame into a causal 4x latent: tie mode ties 5/13 (CogVideoX) and
     4/21 (Wan) latents of fully labelled clips; majority ties none."""
@@ -102,9 +110,25 @@ def test_clip_label_majority_and_reward_labels():
 
 def test_manifest_and_skip_rule(tmp_path):
     rows = [
-        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, 0, 0, 0, 0]},  # 20% -> skipped
-        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, -1, 0, 0, 0]},  # 40% kept
-        {"prompt": "a red circle", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, -1, 0, 0, 0], "label": -1},
+        {
+            "prompt": "a red circle",
+            "video_0": "a.mp4",
+            "video_1": "b.mp4",
+            "labels": [1, 0, 0, 0, 0],
+        },  # 20% -> skipped
+        {
+            "prompt": "a red circle",
+            "video_0": "a.mp4",
+            "video_1": "b.mp4",
+            "labels": [1, -1, 0, 0, 0],
+        },  # 40% kept
+        {
+            "prompt": "a red circle",
+            "video_0": "a.mp4",
+            "video_1": "b.mp4",
+            "labels": [1, -1, 0, 0, 0],
+            "label": -1,
+        },
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
