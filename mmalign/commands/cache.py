@@ -27,7 +27,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from mmalign.config import ConfigError
-    from mmalign.pipelines import load_pipeline, make_adapter
+    from mmalign.pipelines import load_model
     from mmalign.trainers import data as method_data
     from mmalign.trainers import get_method, load_config
 
@@ -39,17 +39,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             f"{args.config}: --inversion needs method.name=inversion_dpo (got {cfg.method.name})"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    m = cfg.model
-    pipe, family = load_pipeline(
-        m.pretrained,
-        family=m.family,
-        revision=m.revision,
-        variant=m.variant,
-        vae=m.vae,
-        trust_remote_code=m.trust_remote_code,
-    )
+    pipe, family, adapter = load_model(cfg.model)
     pipe.to(device)
-    adapter = make_adapter(pipe, family, **m.adapter_options)
     getattr(pipe, adapter.denoiser_name).requires_grad_(False)
     if args.inversion:
         build = method_data.inversion_pairs

@@ -190,6 +190,20 @@ def _load_pipeline(
     return pipe, family
 
 
+def load_model(model: Any, *, torch_dtype: Any = None) -> tuple[Any, str, PipelineAdapter]:
+    """A run config's ``model`` section -> (pipeline, family, adapter): :func:`load_pipeline` + :func:`make_adapter`."""
+    pipe, family = load_pipeline(
+        model.pretrained,
+        family=model.family,
+        revision=model.revision,
+        variant=model.variant,
+        vae=model.vae,
+        torch_dtype=torch_dtype,
+        trust_remote_code=model.trust_remote_code,
+    )
+    return pipe, family, make_adapter(pipe, family, **model.adapter_options)
+
+
 def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:
     """The family's adapter around ``pipeline``; ``options`` are family-specific adapter fields (``model.adapter_options``),
     e.g. ``timestep_sampling="logit_normal"`` for Wan."""
@@ -216,6 +230,7 @@ __all__ = [
     "detect_family",
     "family_of_class",
     "get_family",
+    "load_model",
     "is_video",
     "load_pipeline",
     "make_adapter",

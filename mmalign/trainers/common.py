@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mmalign.pipelines import PipelineAdapter, per_frame_mse, per_sample_mse
+from mmalign.pipelines import PipelineAdapter, per_sample_mse
 
 
 @dataclass
@@ -90,29 +90,17 @@ def pair_errors(
     t: torch.Tensor,
     cond: dict[str, torch.Tensor],
     target: torch.Tensor,
+    *,
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = per_sample_mse,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-sample policy and reference errors on a stacked [2B] batch -> (m_w, m_l, r_w, r_l), each [B]."""
+    """Policy and reference errors on a stacked [2B] batch -> (m_w, m_l, r_w, r_l).
+
+    Each is [B] with ``error=per_sample_mse`` (the default) and [B,T] per latent frame with ``per_frame_mse``.
+    """
     adapter = models.adapter
-    model_err = per_sample_mse(adapter.predict(models.denoiser, xt, t, cond), target)
+    model_err = error(adapter.predict(models.denoiser, xt, t, cond), target)
     with models.reference() as ref:
-        ref_err = per_sample_mse(adapter.predict(ref, xt, t, cond), target)
+        ref_err = error(adapter.predict(ref, xt, t, cond), target)
     m_w, m_l = model_err.chunk(2)
     r_w, r_l = ref_err.chunk(2)
     return m_w, m_l, r_w, r_l
-
-
-def frame_errors(
-    models: TrainModels,
-    xt: torch.Tensor,
-    t: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    target: torch.Tensor,
-) -> tuple[torch.Tensor, ...]:
-    """Per-latent-frame policy and reference errors on a stacked [2B] batch -> (m_0, m_1, r_0, r_1), each [B,T]."""
-    adapter = models.adapter
-    model_err = per_frame_mse(adapter.predict(models.denoiser, xt, t, cond), target)
-    with models.reference() as ref:
-        ref_err = per_frame_mse(adapter.predict(ref, xt, t, cond), target)
-    m_0, m_1 = model_err.chunk(2)
-    r_0, r_1 = ref_err.chunk(2)
-    return m_0, m_1, r_0, r_1

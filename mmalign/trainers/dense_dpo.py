@@ -17,7 +17,8 @@ import torch
 from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.data.segments import STRADDLE
 from mmalign.losses.dense_dpo import dense_dpo_loss, video_dpo_loss
-from mmalign.trainers.common import TrainModels, frame_errors, noised_pairs, repeat_cond
+from mmalign.pipelines import per_frame_mse
+from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repeat_cond
 
 LOSSES = ("dense", "vanilla")
 
@@ -106,8 +107,8 @@ def compute_loss(
     pairs = noised_pairs(
         models.adapter, batch["latents_0"], batch["latents_1"], independent_noise=cfg.independent_noise
     )
-    m_0, m_1, r_0, r_1 = frame_errors(
-        models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"]
+    m_0, m_1, r_0, r_1 = pair_errors(  # [B,T]: errors per latent frame (mean over C,H,W)
+        models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"], error=per_frame_mse
     )
     if cfg.loss == "dense":
         loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta)

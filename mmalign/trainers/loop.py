@@ -22,7 +22,7 @@ import torch
 
 from mmalign.config import ConfigError, RunConfig, save_config, to_dict
 from mmalign.data.seeded import SeededItems
-from mmalign.pipelines import is_video, load_pipeline, make_adapter
+from mmalign.pipelines import is_video, load_model
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -251,16 +251,7 @@ def _setup_models(run: _Run) -> None:
     """Load the pipeline: every part frozen and on the device; the denoiser stays fp32 until it trains."""
     cfg, accelerator = run.cfg, run.accelerator
     dtype = weight_dtype(cfg.train.mixed_precision)
-    m = cfg.model
-    pipe, family = load_pipeline(
-        m.pretrained,
-        family=m.family,
-        revision=m.revision,
-        variant=m.variant,
-        vae=m.vae,
-        trust_remote_code=m.trust_remote_code,
-    )
-    adapter = make_adapter(pipe, family, **m.adapter_options)
+    pipe, family, adapter = load_model(cfg.model)
     check_noise_process(run.method.name, family, adapter.noise_process)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:
