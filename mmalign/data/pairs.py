@@ -248,7 +248,7 @@ def load_pairs(
     hub = isinstance(source, str) and is_hub_id(source)
     if not hub and not path.exists():
         raise DataError(f"data.source not found: {path}")
-    if not (path.is_file() or path.is_dir()):
+    if not hub and not (path.is_file() or path.is_dir()):
         raise DataError(f"data.source {path}: not a regular file or folder (a device, FIFO or socket)")
     if format == "auto":
         format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
