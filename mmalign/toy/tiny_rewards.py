@@ -12,32 +12,7 @@ from pathlib import Path
 
 import torch
 
-TINY_WORDS = [
-    "a",
-    "an",
-    "photo",
-    "of",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "circle",
-    "square",
-    "triangle",
-    "cat",
-    "dog",
-    "yes",
-    "no",
-    "first",
-    "second",
-    "is",
-    "the",
-    "image",
-    "does",
-    "this",
-    "show",
-    "which",
-]
+from mmalign.toy.tiny import TINY_WORDS
 
 
 def build_tiny_hf_clip(
