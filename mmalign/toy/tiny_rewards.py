@@ -12,7 +12,32 @@ from pathlib import Path
 
 import torch
 
-from mmalign.toy.tiny import TINY_WORDS
+TINY_WORDS = [
+    "a",
+    "an",
+    "photo",
+    "of",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+    "yes",
+    "no",
+    "first",
+    "second",
+    "is",
+    "the",
+    "image",
+    "does",
+    "this",
+    "show",
+    "which",
+]
 
 
 def build_tiny_hf_clip(
