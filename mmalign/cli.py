@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         from mmalign.trainers.loop import TrainingError
 
+        try:  # exit 3 always comes with a log: the traceback and the command line
+            where = f"traceback in {write_crash_log(args.command, sys.argv if argv is None else argv)}"
+        except OSError as log_err:
+            where = f"could not write a log: {log_err}"
         if isinstance(err, TrainingError):
-            print(f"mmalign {args.command}: training stopped: {_one_line(err)}", file=sys.stderr)
+            print(f"mmalign {args.command}: training stopped: {_one_line(err)} ({where})", file=sys.stderr)
         else:
-            try:
-                where = f"traceback in {write_crash_log(args.command, sys.argv if argv is None else argv)}"
-            except OSError as log_err:
-                where = f"could not write a log: {log_err}"
             print(
                 f"mmalign {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
                 file=sys.stderr,

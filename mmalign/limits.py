@@ -7,18 +7,26 @@ file, not larger than a byte limit) and every image through :func:`open_image` (
 checked against a pixel limit before a single pixel is decoded); video decoders stop at
 :data:`MAX_VIDEO_PIXELS` decoded pixels.
 
+Decoding one item is bounded in time as well (:func:`decode_deadline`, ``MMALIGN_DECODE_TIMEOUT`` seconds),
+so a file crafted to make a decoder loop becomes a counted bad item instead of a stalled run.
+
 The limits can be raised per run with environment variables (``MMALIGN_MAX_MEDIA_BYTES``,
-``MMALIGN_MAX_IMAGE_PIXELS``, ``MMALIGN_MAX_VIDEO_PIXELS``). This module sits on the lowest floor
+``MMALIGN_MAX_IMAGE_PIXELS``, ``MMALIGN_MAX_VIDEO_PIXELS``, ``MMALIGN_DECODE_TIMEOUT``). This module sits on the lowest floor
 (next to ``config``) so that ``rewards`` and ``data`` share it; it raises :class:`MediaError`, a
 ``ValueError`` whose message names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import signal
 import stat
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,9 @@ def _env_int(name: str, default: int) -> int:
 MAX_MEDIA_BYTES = _env_int("MMALIGN_MAX_MEDIA_BYTES", 1 << 30)  # 1 GiB per file (images and videos)
 MAX_IMAGE_PIXELS = _env_int("MMALIGN_MAX_IMAGE_PIXELS", 6144 * 6144)  # declared width x height of one image
 MAX_VIDEO_PIXELS = _env_int("MMALIGN_MAX_VIDEO_PIXELS", 1 << 27)  # frames x height x width decoded per video
+DECODE_TIMEOUT = _env_int(
+    "MMALIGN_DECODE_TIMEOUT", 120
+)  # seconds to decode one image or video (0 = no limit)
 
 
 def _name(path: Any) -> str:
@@ -79,6 +90,40 @@ def file_digest(path: str | Path, *, max_bytes: int | None = None) -> bytes:
     except OSError as err:
         raise MediaError(f"{_name(path)}: cannot read file: {err.strerror or err}") from None
     return digest.digest()
+
+
+@contextlib.contextmanager
+def decode_deadline(where: str, seconds: float | None = None) -> Iterator[None]:
+    """Raise :class:`MediaError` naming ``where`` when the block runs longer than ``seconds``.
+
+    A ``SIGALRM`` interval timer, armed only in a process's main thread on POSIX (the main process and
+    every DataLoader worker decode there); elsewhere, or with ``seconds <= 0``, the block runs unbounded.
+    The alarm fires between Python bytecodes, so it stops decoders that return to Python between frames
+    (PyAV, PIL's incremental loaders); the byte and pixel limits bound what a single C call can do.
+    An enclosing deadline is restored afterwards.
+    """
+    seconds = DECODE_TIMEOUT if seconds is None else seconds
+    if (
+        seconds <= 0
+        or not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise MediaError(f"{where}: decoding took over {seconds:g} s (MMALIGN_DECODE_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:  # an enclosing deadline keeps what was left of its time
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 def check_pixels(width: int, height: int, where: str, *, frames: int = 1, limit: int | None = None) -> None:

@@ -22,9 +22,10 @@ def open_image(source: str | Path | bytes, *, where: str) -> Image.Image:
     a decompression bomb included, is a :class:`DataError` (a counted bad item under ``on_bad_item=skip``).
     """
     try:
-        img = limits.open_image(source if isinstance(source, (bytes, bytearray)) else Path(source), where)
-        img.load()
-        return img.convert("RGB")
+        with limits.decode_deadline(where):
+            img = limits.open_image(source if isinstance(source, (bytes, bytearray)) else Path(source), where)
+            img.load()
+            return img.convert("RGB")
     except MediaError as err:
         raise DataError(f"{where}: {str(err).removeprefix(where + ': ')}") from None
     except (

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from mmalign.data.images import DataError
-from mmalign.limits import MAX_VIDEO_PIXELS, MediaError, check_media_file, check_pixels
+from mmalign.limits import MAX_VIDEO_PIXELS, MediaError, check_media_file, check_pixels, decode_deadline
 
 BACKENDS = ("decord", "pyav", "torchcodec")
 _MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec"}
@@ -171,7 +171,8 @@ def read_video(
         name
     ) in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
         try:
-            frames, native_fps = _DECODERS[name](path)
+            with decode_deadline(str(path)):
+                frames, native_fps = _DECODERS[name](path)
             backend = name
             break
         except MediaError as err:  # over the pixel limit: no other backend would do better

@@ -69,13 +69,20 @@ def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
     Raises:
         ValueError: naming the file, when it is missing or cannot be decoded.
     """
-    import numpy as np
-    from PIL import ImageSequence
-
-    from mmalign.limits import MAX_VIDEO_PIXELS, check_media_file, check_pixels, open_image
+    from mmalign.limits import check_media_file, decode_deadline
 
     path = Path(path)
     check_media_file(path)  # MediaError (a ValueError) for a missing, irregular, empty or oversized file
+    with decode_deadline(str(path)):  # MediaError when one file takes longer than MMALIGN_DECODE_TIMEOUT
+        return _decode_media(path)
+
+
+def _decode_media(path: Path) -> tuple[torch.Tensor, float | None]:
+    import numpy as np
+    from PIL import ImageSequence
+
+    from mmalign.limits import MAX_VIDEO_PIXELS, check_pixels, open_image
+
     ext = path.suffix.lower()
     try:
         if ext == ".gif":

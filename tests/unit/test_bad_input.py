@@ -228,6 +228,66 @@ def test_score_loading_refuses_bad_media_and_counts_it(bad_files, tmp_path):
     assert summary.errors == len(bad_files) == len(read_table(tmp_path / "s.jsonl"))
 
 
+def test_a_decoder_that_never_returns_becomes_a_bad_item(tmp_path, monkeypatch):
+    """Per-item decode timeout: an endless decode (PyAV on a crafted stream loops between frames the same
+    way) is stopped after MMALIGN_DECODE_TIMEOUT and counted, in score, in training data and in video."""
+    from mmalign import limits
+    from mmalign.data import images, video
+    from mmalign.data.images import DataError
+    from mmalign.rewards import get_reward, score
+    from mmalign.rewards.score import Item, load_media, read_table, score_items
+
+    monkeypatch.setattr(limits, "DECODE_TIMEOUT", 0.3)
+
+    def endless(*args, **kwargs):
+        while True:
+            time.sleep(0.01)
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(good)
+    assert load_media(good)[0].shape == (3, 12, 12)  # a normal decode is untouched by the armed timer
+
+    monkeypatch.setattr(score, "_decode_media", endless)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"good.png: decoding took over 0.3 s \(MMALIGN_DECODE_TIMEOUT\)"):
+        load_media(good)
+    items = [Item("a", "a red square", {"media": good}), Item("b", "a red square", {"media": good})]
+    summary = score_items(items, {"c": get_reward("color_match")}, tmp_path / "s.jsonl", progress=False)
+    assert summary.errors == 2 == len(read_table(tmp_path / "s.jsonl"))
+
+    monkeypatch.setattr(images.Image.Image, "load", endless)
+    with pytest.raises(DataError, match="row 3: decoding took over"):
+        images.open_image(good, where="row 3")
+
+    monkeypatch.setattr(video, "_DECODERS", {name: endless for name in video._DECODERS})
+    monkeypatch.setattr(video, "available_backends", lambda: ["pyav"])
+    with pytest.raises(DataError, match="decoding took over"):
+        video.read_video(good, backend="pyav")
+    assert time.monotonic() - start < 5
+    assert signal_timer_is_clear()
+
+
+def signal_timer_is_clear() -> bool:
+    import signal
+
+    return signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_nested_decode_deadlines_keep_the_outer_one():
+    import signal
+
+    from mmalign.limits import MediaError, decode_deadline
+
+    with pytest.raises(MediaError, match="outer"):
+        with decode_deadline("outer", 0.4):
+            with decode_deadline("inner", 5):
+                pass
+            remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+            assert 0 < remaining <= 0.4
+            time.sleep(1)
+    assert signal_timer_is_clear()
+
+
 # --------------------------------------------------------------------------------------------------
 # the CLI: one line and exit 2 for the user's mistakes, exit 3 with a log for the rest
 
@@ -286,6 +346,26 @@ def test_internal_errors_exit_3_with_a_log(tmp_path, monkeypatch, capsys):
     assert (
         log.is_file() and "Traceback (most recent call last)" in log.read_text() and "boom" in log.read_text()
     )
+
+
+def test_training_stopped_exits_3_with_a_log(tmp_path, monkeypatch, capsys):
+    import mmalign.cli as cli
+    import mmalign.commands.train as train_commands
+    from mmalign.trainers.loop import TrainingError
+
+    def nan(args):
+        raise TrainingError("non-finite loss (nan) at step 3 on items [0]; last checkpoint: none.")
+
+    monkeypatch.setenv("MMALIGN_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(train_commands, "cmd_validate", nan)
+    assert cli.main(["validate", "x.yaml"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("mmalign validate: training stopped: non-finite loss (nan) at step 3")
+        and len(err.splitlines()) == 1
+    )
+    log = Path(err.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert log.is_file() and "TrainingError: non-finite loss" in log.read_text()
 
 
 # --------------------------------------------------------------------------------------------------
