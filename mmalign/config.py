@@ -221,6 +221,19 @@ class DataConfig:
         True,
         "Shuffle pairs each epoch. false keeps file order (a `mmalign label --strategy curriculum` manifest: easy pairs first).",
     )
+    buckets: bool = _f(
+        False,
+        "Aspect-ratio buckets (image pairs): each pair trains at the (height, width) nearest its winner's shape, about model.resolution^2 pixels, one bucket per batch; SDXL's time ids record the real size, crop and bucket.",
+    )
+    bucket_step: int = _f(
+        64,
+        "Bucket sides are multiples of this (64 for SD/SDXL: VAE x8 times the UNet's x8 down-sampling); must divide model.resolution.",
+        ge=8,
+        le=1024,
+    )
+    bucket_max_ratio: float = _f(
+        2.0, "Most elongated bucket allowed (long side / short side).", ge=1.0, le=8.0
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

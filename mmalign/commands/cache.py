@@ -24,10 +24,10 @@ class SingleProcess:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import torch
-
     from mmalign.config import ConfigError
     from mmalign.pipelines import load_model
+    from mmalign.pipelines.runtime import resolve_device, resolve_dtype
+    from mmalign.trainers.loop import weight_dtype
     from mmalign.trainers import data as method_data
     from mmalign.trainers import get_method, load_config
 
@@ -38,10 +38,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.config}: --inversion needs method.name=inversion_dpo (got {cfg.method.name})"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    # What `mmalign train` would cache: text encoders in the recipe's train.mixed_precision, the VAE in fp32 (the
+    # stock SDXL VAE overflows in fp16). --dtype changes the text encoders' (and the inverting denoiser's) dtype.
+    dtype = (
+        weight_dtype(cfg.train.mixed_precision) if args.dtype is None else resolve_dtype(args.dtype, device)
+    )
     pipe, family, adapter = load_model(cfg.model)
     pipe.to(device)
-    getattr(pipe, adapter.denoiser_name).requires_grad_(False)
+    for encoder in adapter.text_encoders:
+        encoder.to(device, dtype)
+    denoiser = getattr(pipe, adapter.denoiser_name).requires_grad_(False)
+    if args.dtype is not None and args.inversion:
+        denoiser.to(dtype)
     if args.inversion:
         build = method_data.inversion_pairs
     else:
@@ -74,4 +83,11 @@ def register(subparsers) -> None:
         help="also invert every image into the inversion cache (method inversion_dpo)",
     )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="text encoders' (and, with --inversion, the denoiser's) precision; default: the recipe's "
+        "train.mixed_precision, as `mmalign train` would cache (the VAE always runs in fp32)",
+    )
     p.set_defaults(func=cmd_cache)

@@ -122,15 +122,20 @@ class LatentCache:
     def pair(self, key: str, flip: bool = False) -> dict[str, Any]:
         shard = self.index["pairs"][key]
         f = "f" if flip else ""
-        meta = self._get(shard, f"{key}.meta").tolist()
-        original, crop = (int(meta[0]), int(meta[1])), (int(meta[2]), int(meta[3]))
+        meta = [int(v) for v in self._get(shard, f"{key}.meta").tolist()]
+        original, crop = (meta[0], meta[1]), (meta[2], meta[3])
+        if len(meta) >= 6:
+            target = (meta[4], meta[5])
+        else:  # entries written before aspect-ratio buckets: square
+            target = (self.fingerprint["resolution"],) * 2
         return {
             "mean_w": self._get(shard, f"{key}.w{f}.mean"),
             "std_w": self._get(shard, f"{key}.w{f}.std"),
             "mean_l": self._get(shard, f"{key}.l{f}.mean"),
             "std_l": self._get(shard, f"{key}.l{f}.std"),
             "original_size": original,
-            "crop_top_left": mirror_crop(original, crop, self.fingerprint["resolution"]) if flip else crop,
+            "crop_top_left": mirror_crop(original, crop, target) if flip else crop,
+            "target_size": target,
         }
 
     def text(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -191,6 +196,7 @@ class LatentCache:
         is_main_process: bool = True,
         max_bytes: float | None = None,
         log: Any = print,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[list[PairRecord], list[str], list[str]]:
         """Encode whatever is missing. Returns (usable records, their keys, skipped-item messages).
 
@@ -198,6 +204,8 @@ class LatentCache:
         otherwise the first one raises :class:`DataError`. Only the main process writes; call again on the
         others after a barrier to read the finished index. Before encoding, the size of what is missing is
         estimated and logged; above ``max_bytes`` the build is refused (train uncached: ``data.cache=false``).
+        ``sizes`` (aligned with ``records``) gives each pair its (height, width) aspect-ratio bucket; pairs are
+        encoded in batches of one bucket, and each kept record carries its bucket in ``extra["target_size"]``.
         """
         from tqdm.auto import tqdm
 
@@ -225,6 +233,7 @@ class LatentCache:
                     rec.row,
                     rec.label_0,
                     rec.user_id,
+                    {} if sizes is None else {"target_size": tuple(sizes[idx])},
                 )
             )
             keys.append(key)
@@ -256,8 +265,12 @@ class LatentCache:
         pending: dict[str, torch.Tensor] = {}
         pending_keys: list[str] = []
         bad_keys: set[str] = set()
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        size_of = (lambda idx: resolution) if sizes is None else (lambda idx: tuple(sizes[idx]))
+        groups: dict[Any, list[tuple[str, int]]] = {}
+        for key, idx in todo:  # one bucket per encoding batch (all of them when training square)
+            groups.setdefault(size_of(idx), []).append((key, idx))
+        chunks = [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+        for chunk in chunks:
             decoded = []
             for key, idx in chunk:
                 rec = records[idx]
@@ -266,7 +279,11 @@ class LatentCache:
                         (
                             key,
                             decode_pair(
-                                rec, resolution, random_crop=random_crop, joint_crop=joint_crop, generator=gen
+                                rec,
+                                size_of(idx),
+                                random_crop=random_crop,
+                                joint_crop=joint_crop,
+                                generator=gen,
                             ),
                         )
                     )
@@ -295,7 +312,7 @@ class LatentCache:
                         )
                 for key, d in decoded:
                     pending[f"{key}.meta"] = torch.tensor(
-                        [*d["original_size"], *d["crop_top_left"]], dtype=torch.int64
+                        [*d["original_size"], *d["crop_top_left"], *d["target_size"]], dtype=torch.int64
                     )
                     pending_keys.append(key)
             bar.update(len(chunk))
@@ -404,8 +421,9 @@ class LazyCachedPairDataset(torch.utils.data.Dataset):
         random_crop: bool = False,
         joint_crop: bool = False,
         skip_bad: bool = False,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ):
-        self.records, self.cache, self.resolution = records, cache, resolution
+        self.records, self.cache, self.resolution, self.sizes = records, cache, resolution, sizes
         self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = (
             random_flip,
             random_crop,
@@ -424,9 +442,8 @@ class LazyCachedPairDataset(torch.utils.data.Dataset):
             if self.cache.has_pair(key) and self.cache.index["pairs"][key] != "<memory>":
                 item = self.cache.pair(key, flip=flip)
             else:
-                item = decode_pair(
-                    rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop
-                )
+                size = self.resolution if self.sizes is None else tuple(self.sizes[i])
+                item = decode_pair(rec, size, random_crop=self.random_crop, joint_crop=self.joint_crop)
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -446,4 +463,5 @@ def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
         "item_id": [it["item_id"] for it in items],
         "original_size": [it["original_size"] for it in items],
         "crop_top_left": [it["crop_top_left"] for it in items],
+        "target_size": [it["target_size"] for it in items],
     }

@@ -281,31 +281,41 @@ def load_pairs(
 
 def decode_pair(
     rec: PairRecord,
-    resolution: int,
+    size: int | tuple[int, int],
     *,
     random_crop: bool = False,
     joint_crop: bool = False,
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
-    """Decode and transform both images of a pair: pixels [3,R,R] in [-1, 1] plus SDXL crop metadata.
+    """Decode and transform both images of a pair: pixels [3,H,W] in [-1, 1] plus SDXL crop metadata.
 
-    ``joint_crop`` (SDXL, as diffusers) first resizes the rejected image to the chosen one's size so both
-    get the same crop.
+    ``size`` is the square resolution or the pair's (height, width) bucket. ``joint_crop`` (SDXL, as
+    diffusers) first resizes the rejected image to the chosen one's size so both get the same crop.
     """
     img_w = open_image(rec.chosen, where=rec.where("chosen"))
     img_l = open_image(rec.rejected, where=rec.where("rejected"))
     if joint_crop and img_l.size != img_w.size:
         img_l = img_l.resize(img_w.size)
     state = generator.get_state() if (generator is not None and joint_crop) else None
-    pix_w, orig, crop = resize_crop(img_w, resolution, random_crop=random_crop, generator=generator)
+    pix_w, orig, crop = resize_crop(img_w, size, random_crop=random_crop, generator=generator)
     if state is not None:
         generator.set_state(state)
-    pix_l, _, _ = resize_crop(img_l, resolution, random_crop=random_crop, generator=generator)
-    return {"pixels_w": pix_w, "pixels_l": pix_l, "original_size": orig, "crop_top_left": crop}
+    pix_l, _, _ = resize_crop(img_l, size, random_crop=random_crop, generator=generator)
+    target = tuple(pix_w.shape[-2:])
+    return {
+        "pixels_w": pix_w,
+        "pixels_l": pix_l,
+        "original_size": orig,
+        "crop_top_left": crop,
+        "target_size": target,
+    }
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Decodes pairs on the fly (the uncached path). A bad item raises, or yields ``None`` when skipping."""
+    """Decodes pairs on the fly (the uncached path). A bad item raises, or yields ``None`` when skipping.
+
+    ``sizes`` (aligned with ``records``) gives each pair its (height, width) bucket; default: ``resolution`` square.
+    """
 
     def __init__(
         self,
@@ -316,8 +326,9 @@ class PairDataset(torch.utils.data.Dataset):
         random_crop: bool = False,
         joint_crop: bool = False,
         skip_bad: bool = False,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ):
-        self.records, self.resolution = records, resolution
+        self.records, self.resolution, self.sizes = records, resolution, sizes
         self.random_flip, self.random_crop, self.joint_crop, self.skip_bad = (
             random_flip,
             random_crop,
@@ -330,15 +341,16 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.records[i]
+        size = self.resolution if self.sizes is None else self.sizes[i]
         try:
-            item = decode_pair(rec, self.resolution, random_crop=self.random_crop, joint_crop=self.joint_crop)
+            item = decode_pair(rec, size, random_crop=self.random_crop, joint_crop=self.joint_crop)
         except DataError as err:
             if not self.skip_bad:
                 raise
             return {"skipped": str(err)}
         if self.random_flip and bool(torch.rand(()) < 0.5):
             item["pixels_w"], item["pixels_l"] = item["pixels_w"].flip(-1), item["pixels_l"].flip(-1)
-            item["crop_top_left"] = mirror_crop(item["original_size"], item["crop_top_left"], self.resolution)
+            item["crop_top_left"] = mirror_crop(item["original_size"], item["crop_top_left"], size)
         item.update(prompt=rec.prompt, item_id=rec.row)
         return item
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmalign.config import DataConfig
+from mmalign.config import ConfigError, DataConfig
 from mmalign.data.cache import CachedPairDataset, LatentCache, LazyCachedPairDataset, collate_items
 from mmalign.data.images import DataError
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
@@ -24,6 +24,7 @@ class TrainData:
     prepare: Callable[[dict, torch.device], dict]
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    groups: Sequence[Any] | None = None  # per item: batches are drawn within one group (aspect-ratio bucket)
 
 
 def cache_root(cache_dir: str | None, output_dir: str | Path) -> Path:
@@ -104,6 +105,15 @@ def image_pair_data(
             )
     skip = d.on_bad_item == "skip"
     joint = adapter.micro_conditioning
+    sizes = None
+    if d.buckets:
+        from mmalign.data.buckets import assign_buckets, make_buckets
+
+        try:
+            buckets = make_buckets(res, d.bucket_step, d.bucket_max_ratio)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        sizes = assign_buckets(records, buckets, skip_bad=skip, progress=progress)
     if not d.cache:
         dataset = PairDataset(
             records,
@@ -112,17 +122,20 @@ def image_pair_data(
             random_crop=d.random_crop,
             joint_crop=joint,
             skip_bad=skip,
+            sizes=sizes,
         )
         return TrainData(
             dataset,
             collate_pairs,
             lambda raw, device: prepare_pair_batch(raw, adapter, None, d.caption_dropout, res, device),
             counts,
+            groups=None if sizes is None else sizes.index,
         )
 
-    cache = LatentCache(
-        cache_dir, image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop)
-    )
+    fingerprint = image_cache_fingerprint(model_id, adapter, resolution=res, random_crop=d.random_crop)
+    if sizes is not None:
+        fingerprint["buckets"] = [list(b) for b in sizes.buckets]
+    cache = LatentCache(cache_dir, fingerprint)
     if d.cache_build == "lazy":
         from mmalign.data.cache import estimate_pair_bytes, format_bytes
 
@@ -144,6 +157,7 @@ def image_pair_data(
             random_crop=d.random_crop,
             joint_crop=joint,
             skip_bad=skip,
+            sizes=sizes,
         )
         write = bool(accelerator.is_main_process)
         return TrainData(
@@ -153,6 +167,7 @@ def image_pair_data(
                 raw, adapter, cache, d.caption_dropout, res, device, random_flip=d.random_flip, write=write
             ),
             counts,
+            groups=None if sizes is None else sizes.index,
         )
     kwargs = dict(
         resolution=res,
@@ -163,6 +178,7 @@ def image_pair_data(
         skip_bad=skip,
         progress=progress,
         max_bytes=None if d.cache_max_gb is None else d.cache_max_gb * 1024**3,
+        sizes=sizes,
     )
     if accelerator.is_main_process:
         records_ok, keys, skipped = cache.build(records, adapter, **kwargs)
@@ -180,6 +196,7 @@ def image_pair_data(
         lambda raw, device: prepare_pair_batch(raw, adapter, cache, d.caption_dropout, res, device),
         counts,
         skipped,
+        groups=None if sizes is None else [r.extra["target_size"] for r in records_ok],
     )
 
 
@@ -257,7 +274,7 @@ def prepare_lazy_batch(
                 tensors[f"{k}.l{suffix}.mean"], tensors[f"{k}.l{suffix}.std"] = mean[n + i], std[n + i]
         for it in fresh:
             tensors[f"{it['key']}.meta"] = torch.tensor(
-                [*it["original_size"], *it["crop_top_left"]], dtype=torch.int64
+                [*it["original_size"], *it["crop_top_left"], *it["target_size"]], dtype=torch.int64
             )
         cache.add_pair_moments(tensors, list(dict.fromkeys(it["key"] for it in fresh)), write=write)
     moments = [it if "mean_w" in it else cache.pair(it["key"], flip=it["flip"]) for it in items]
@@ -270,6 +287,7 @@ def prepare_lazy_batch(
     meta = {
         "original_size": [m["original_size"] for m in moments],
         "crop_top_left": [m["crop_top_left"] for m in moments],
+        "target_size": [m["target_size"] for m in moments],
     }
     cond.update(adapter.extra_conditioning(meta, resolution))
     return {

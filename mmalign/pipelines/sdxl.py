@@ -12,15 +12,17 @@ from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, training_schedul
 from mmalign.pipelines.sd15 import clip_hidden_states, scale_latents, user_conditioning, vae_moments
 
 
-def sdxl_time_ids(original_sizes, crops_top_left, target_size: tuple[int, int]) -> torch.Tensor:
+def sdxl_time_ids(original_sizes, crops_top_left, target_size) -> torch.Tensor:
     """[B,6] time ids, one row (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per image.
 
     diffusers' SDXL DPO script records each image's real size and crop; Salesforce uses a constant
-    (res, res, 0, 0, res, res). Both are this function with different inputs.
+    (res, res, 0, 0, res, res). Both are this function with different inputs. ``target_size`` is one
+    (height, width) for the batch or one per image (aspect-ratio buckets).
     """
+    targets = [target_size] * len(original_sizes) if isinstance(target_size[0], int) else target_size
     rows = [
-        [*map(float, o), *map(float, c), *map(float, target_size)]
-        for o, c in zip(original_sizes, crops_top_left)
+        [*map(float, o), *map(float, c), *map(float, t)]
+        for o, c, t in zip(original_sizes, crops_top_left, targets)
     ]
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -70,11 +72,8 @@ class SDXLAdapter:
 
     def extra_conditioning(self, meta: dict[str, Any], resolution: int) -> dict[str, torch.Tensor]:
         n = len(meta["original_size"])
-        return {
-            "time_ids": sdxl_time_ids(meta["original_size"], meta["crop_top_left"], (resolution, resolution))[
-                :n
-            ]
-        }
+        target = meta.get("target_size") or (resolution, resolution)  # per item with aspect-ratio buckets
+        return {"time_ids": sdxl_time_ids(meta["original_size"], meta["crop_top_left"], target)[:n]}
 
     def add_noise(self, x0, noise, t):
         return ddpm_add_noise(self.scheduler, x0, noise, t)

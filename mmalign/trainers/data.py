@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mmalign.config import RunConfig
+from mmalign.config import ConfigError, RunConfig
 from mmalign.data.images import DataError
 from mmalign.data.inversion_pairs import InversionSpec, inversion_pair_data
 from mmalign.data.prompts import prompt_data
@@ -39,6 +39,15 @@ def enough_for_a_batch(data: TrainData, cfg: RunConfig, what: str) -> TrainData:
     return data
 
 
+def square_only(cfg: RunConfig, what: str) -> None:
+    """A ConfigError when ``data.buckets`` is on for data that trains at one fixed size."""
+    if cfg.data.buckets:
+        raise ConfigError(
+            f"data.buckets=true: {what} trains at one size (model.resolution / method.height x width); "
+            "aspect-ratio buckets are for image pairs (diffusion_dpo, personal_dpo)"
+        )
+
+
 def image_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
     """Preference pairs of images (Diffusion-DPO and its variants)."""
     data = image_pair_data(
@@ -49,6 +58,7 @@ def image_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
 
 def inversion_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
     """Image pairs with their cached DDIM inversions (Inversion-DPO)."""
+    square_only(cfg, "inversion_dpo")
     spec = InversionSpec(**{f.name: getattr(cfg.method, f.name) for f in dataclasses.fields(InversionSpec)})
     data = inversion_pair_data(
         adapter, accelerator, cfg.data, spec, resolution=cfg.model.resolution, **_common(cfg, adapter)
@@ -58,6 +68,7 @@ def inversion_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData
 
 def prompts(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
     """Prompts only, with real images when the method starts from them (Self-NPO ``start=real``)."""
+    square_only(cfg, cfg.method.name)
     need_images = getattr(cfg.method, "start", "noise") == "real"
     data = prompt_data(
         adapter,
@@ -84,6 +95,7 @@ def user_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
 
 def video_pairs(cfg: RunConfig, adapter: Any, accelerator: Any) -> TrainData:
     """Video pairs with per-segment labels (DenseDPO, and whole-clip video DPO with ``loss=vanilla``)."""
+    square_only(cfg, cfg.method.name)
     mc, res = cfg.method, cfg.model.resolution
     return enough_for_a_batch(
         video_pair_data(

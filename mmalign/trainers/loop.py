@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError, RunConfig, save_config, to_dict
+from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model
 from mmalign.trainers import check_noise_process, get_method
@@ -158,6 +159,7 @@ class _Run:
     reference: Any = None
     data: Any = None
     items: SeededItems | None = None
+    batch_sampler: BucketBatchSampler | None = None
     loader: Any = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
     initial: dict[str, torch.Tensor] | None = None
@@ -269,18 +271,25 @@ def _setup_data(run: _Run) -> None:
     cfg, t_cfg = run.cfg, run.cfg.train
     run.data = data = run.method.build_data(cfg, run.adapter, run.accelerator)
     run.items = SeededItems(data.dataset, t_cfg.seed)
+    if data.groups is not None:  # aspect-ratio buckets: every batch from one bucket, seeded per epoch
+        run.batch_sampler = BucketBatchSampler(
+            data.groups, t_cfg.batch_size, shuffle=cfg.data.shuffle, seed=t_cfg.seed
+        )
+        batching = {"batch_sampler": run.batch_sampler}
+    else:
+        batching = {
+            "batch_size": t_cfg.batch_size,
+            "shuffle": cfg.data.shuffle,
+            "drop_last": True,
+            "generator": torch.Generator().manual_seed(t_cfg.seed),
+        }
     run.loader = torch.utils.data.DataLoader(
-        run.items,
-        batch_size=t_cfg.batch_size,
-        shuffle=cfg.data.shuffle,
-        drop_last=True,
-        collate_fn=data.collate,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(t_cfg.seed),
+        run.items, collate_fn=data.collate, num_workers=cfg.data.num_workers, **batching
     )
     if len(run.loader) == 0:
+        where = " in any one aspect-ratio bucket (data.buckets)" if data.groups is not None else ""
         raise TrainingError(
-            f"{cfg.data.source}: {len(data.dataset)} pairs is fewer than train.batch_size={t_cfg.batch_size}"
+            f"{cfg.data.source}: {len(data.dataset)} pairs gives fewer than train.batch_size={t_cfg.batch_size}{where}"
         )
 
 
@@ -396,6 +405,8 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 epoch, done = epoch + 1, 0
             loader.set_epoch(epoch)
             run.items.set_epoch(epoch)
+            if run.batch_sampler is not None:
+                run.batch_sampler.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, done) if done else loader
             for raw in epoch_loader:
                 done += 1
