@@ -27,9 +27,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from mmalign.config import ConfigError
     from mmalign.pipelines import load_model
     from mmalign.pipelines.runtime import resolve_device, resolve_dtype
-    from mmalign.trainers.loop import weight_dtype
     from mmalign.trainers import data as method_data
     from mmalign.trainers import get_method, load_config
+    from mmalign.trainers.loop import weight_dtype
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.cache:
