@@ -348,6 +348,11 @@ class RunConfig:
         self.data = self.data or DataConfig()
         self.lora = self.lora or LoraConfig()
         self.train = self.train or TrainConfig()
+        if self.data.buckets and self.model.resolution % self.data.bucket_step:
+            raise ConfigError(
+                f"data.bucket_step={self.data.bucket_step} must divide model.resolution={self.model.resolution} "
+                "(bucket sides are multiples of it)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

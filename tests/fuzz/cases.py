@@ -122,7 +122,7 @@ def bad_media(rng: random.Random) -> dict[str, tuple[Any, bool]]:
 def base_config() -> dict[str, Any]:
     return {
         "model": {"pretrained": "{fx}/tiny", "resolution": 16},
-        "data": {"source": "{fx}/pairs.jsonl", "cache_dir": "{dir}/cache"},
+        "data": {"source": "{fx}/pairs.jsonl", "cache_dir": "{dir}/cache", "bucket_step": 8},
         "train": {
             "output_dir": "{dir}/run",
             "max_steps": 1,
@@ -145,6 +145,8 @@ RANGES: dict[str, tuple] = {
     "data.max_items": ("int", 1, None),
     "data.num_workers": ("int", 0, 64),
     "data.cache_batch_size": ("int", 1, 4096),
+    "data.bucket_step": ("int8", 8, 1024),
+    "data.bucket_max_ratio": ("float", 1, 8, True, True),
     "train.max_steps": ("int", 1, 10**9),
     "train.batch_size": ("int", 1, 65536),
     "train.gradient_accumulation_steps": ("int", 1, 65536),
@@ -198,6 +200,7 @@ BOOLS = [
     "data.random_flip",
     "data.random_crop",
     "data.cache",
+    "data.buckets",
     "train.scale_lr",
     "train.gradient_checkpointing",
     "train.allow_tf32",

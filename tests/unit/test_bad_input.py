@@ -60,6 +60,8 @@ def test_billion_laughs_yaml_fails_fast(tmp_path, key):
         ("train.lr_scheduler=cosinus", "train.lr_scheduler='cosinus': choose from constant"),
         ("method.beta=.inf", "method.beta: expected a finite number"),
         ("train.output_dir=", "train.output_dir must not be empty"),
+        ("data.bucket_step=4", "data.bucket_step=4 must be >= 8"),
+        ("data.bucket_max_ratio=0.5", "data.bucket_max_ratio=0.5 must be >= 1"),
     ],
 )
 def test_every_range_is_checked_at_validate_time(override, message):
