@@ -35,6 +35,7 @@ class InversionSpec:
     uncond: str = "zeros"  # zeros | empty_prompt
     trajectory_steps: int = 8
     reference_eps: str = "live"  # live | cached (store the inverter's eps too)
+    skip_identity_step: bool = False  # inverted_noise: never sample a grid step at t = 0
     cache_inversions: bool = True
     cache_dtype: str = "float32"
     inversion_batch_size: int = 8
@@ -204,8 +205,9 @@ class InversionPairDataset(torch.utils.data.Dataset):
         num_steps: int,
         trajectory_steps: int,
         random_flip: bool,
+        first_step: int = 0,
     ):
-        self.base, self.inv, self.mode = base, inv_cache, mode
+        self.base, self.inv, self.mode, self.first_step = base, inv_cache, mode, first_step
         self.with_eps = inv_cache.store_eps
         self.num_steps, self.k, self.random_flip = num_steps, trajectory_steps, random_flip
 
@@ -219,7 +221,7 @@ class InversionPairDataset(torch.utils.data.Dataset):
         item.update(prompt=rec.prompt, item_id=rec.row)
         key = {w: entry_key(item[f"mean_{w}"], rec.prompt) for w in ("w", "l")}
         if self.mode == "inverted_noise":
-            step = int(torch.randint(0, self.num_steps, ()))
+            step = int(torch.randint(self.first_step, self.num_steps, ()))
             item["step"] = torch.tensor(step)
             for w in ("w", "l"):
                 item[f"xt_{w}"] = self.inv.latents(key[w], [step])[0]
@@ -298,6 +300,7 @@ def inversion_pair_data(
         num_steps=spec.num_inversion_steps,
         trajectory_steps=spec.trajectory_steps,
         random_flip=d.random_flip,
+        first_step=1 if spec.skip_identity_step and len(grid) > 1 and int(grid[0]) == 0 else 0,
     )
     counts = {**base.counts, "inversions_built": built, "inversions_cached": len(inv_cache)}
     return TrainData(dataset, base.collate, prep, counts, base.skipped)

@@ -69,6 +69,20 @@ class InversionDPOConfig:
         1,
         "trajectory mode: logit sign; +1 the released code (winner pushed off the reference trajectory), -1 the likelihood derivation.",
     )
+    skip_identity_step: bool = _f(
+        False,
+        "inverted_noise mode: never sample grid step 0 when it sits at t = 0 (leading spacing): there x_t is the clean latent and the implied noise is numerically meaningless.",
+    )
+    standardize_noise: bool = _f(
+        False,
+        "inverted_noise mode: standardise the implied noise per sample and channel (zero mean, unit std over the spatial dims) before re-noising; the raw inverted noise has std 0.4-0.85 and a channel bias (issue 13).",
+    )
+    forward_mix: float = _f(
+        0.0,
+        "inverted_noise mode: fraction of pairs per batch noised forward (random noise and timestep, i.e. Diffusion-DPO) instead of by inversion.",
+        ge=0,
+        le=1,
+    )
     loss_type: str = _f("sigmoid", "inverted_noise mode: sigmoid | hinge | ipo (as diffusion_dpo).")
     sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.", ge=0)
     cache_inversions: bool = _f(
@@ -110,6 +124,12 @@ class InversionDPOConfig:
             raise ConfigError(f"method.cache_dtype={short(self.cache_dtype)}: choose from {tuple(DTYPES)}")
         if self.inversion_batch_size < 1:
             raise ConfigError("method.inversion_batch_size must be >= 1")
+        if self.mode == "trajectory" and (
+            self.standardize_noise or self.forward_mix or self.skip_identity_step
+        ):
+            raise ConfigError(
+                "method.standardize_noise, method.forward_mix and method.skip_identity_step apply to mode=inverted_noise"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,13 +177,21 @@ def _inverted_noise_loss(batch, models, cfg):
     if "xt_w" in batch:
         step, xt = batch["step"].long(), torch.cat([batch["xt_w"], batch["xt_l"]])
     else:
-        step = torch.randint(0, len(batch["grid"]), (b,), device=device)
+        low = first_step(batch["grid"], cfg.skip_identity_step)
+        step = torch.randint(low, len(batch["grid"]), (b,), device=device)
         inv = _invert_now(batch, models, cfg, int(step.max()) + 1)
         xt = inv.latents[torch.arange(2 * b), step.repeat(2).cpu()].to(device)
     step = step.to(device)
     t = batch["grid"].to(device)[step]
     abar = batch["alphas"].to(device)[step + 1]
     noise = implied_noise(xt, torch.cat([x_w, x_l]), abar.repeat(2))
+    if cfg.standardize_noise:
+        noise = standardize(noise)
+    if cfg.forward_mix > 0:  # these pairs are Diffusion-DPO pairs: fresh noise shared by winner and loser
+        forward = torch.rand(b, device=device) < cfg.forward_mix
+        fresh = torch.randn(x_w.shape, device=device, dtype=noise.dtype).repeat(2, *[1] * (x_w.ndim - 1))
+        noise = torch.where(forward.repeat(2).view(-1, *[1] * (noise.ndim - 1)), fresh, noise)
+        t = torch.where(forward, models.adapter.sample_timesteps(b, None, device).to(t.dtype), t)
     pairs = noised_pairs(models.adapter, x_w, x_l, noise=noise, t=t)
     m_w, m_l, r_w, r_l = pair_errors(
         models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"]
@@ -173,6 +201,19 @@ def _inverted_noise_loss(batch, models, cfg):
     )
     metrics["inversion_t"] = t.float().mean()
     return loss.mean(), metrics
+
+
+def first_step(grid: torch.Tensor, skip_identity: bool) -> int:
+    """The lowest grid step to sample: 1 when skipping an identity step at ``t = 0``, else 0."""
+    return 1 if skip_identity and len(grid) > 1 and int(grid[0]) == 0 else 0
+
+
+def standardize(noise: torch.Tensor) -> torch.Tensor:
+    """Per sample and channel: zero mean and unit std over the remaining (spatial/temporal) dims."""
+    dims = tuple(range(2, noise.ndim))
+    mean = noise.mean(dim=dims, keepdim=True)
+    std = noise.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return (noise - mean) / std
 
 
 def _trajectory_loss(batch, models, cfg):

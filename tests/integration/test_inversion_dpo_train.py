@@ -170,3 +170,57 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
     assert math.isfinite(metrics["loss"]) and {"delta_w", "delta_l", "reward_margin", "implicit_acc"} <= set(
         metrics
     )
+
+
+def test_variant_helpers():
+    from mmalign.trainers.inversion_dpo import first_step, standardize
+
+    noise = torch.randn(3, 4, 8, 8) * 0.4 + torch.tensor([0.2, -0.1, 0.0, 0.1]).view(1, 4, 1, 1)
+    z = standardize(noise)
+    torch.testing.assert_close(z.mean(dim=(2, 3)), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(2, 3)), torch.ones(3, 4), atol=1e-5, rtol=0)
+    assert first_step(torch.tensor([0, 12, 24]), True) == 1
+    assert first_step(torch.tensor([0, 12, 24]), False) == 0
+    assert first_step(torch.tensor([11, 23]), True) == 0  # trailing spacing: no identity step
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "online"])
+def test_skip_identity_step_never_samples_t0(tiny_sd15, pair_manifest, tmp_path, cached):
+    flag = f"method.cache_inversions={str(cached).lower()}"
+    seen = set()
+    for seed in range(6):
+        cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", flag, "method.skip_identity_step=true")
+        pipe, family = load_pipeline(str(tiny_sd15))
+        adapter = make_adapter(pipe, family)
+        pipe.unet.requires_grad_(False)
+        data = inversion_pair_data(cfg, adapter, _SingleProcess())
+        add_lora(pipe.unet, cfg.lora)
+        torch.manual_seed(seed)
+        batch = data.prepare(data.collate([data.dataset[i] for i in range(4)]), torch.device("cpu"))
+        _, metrics = compute_loss(batch, TrainModels(adapter, pipe.unet), cfg.method)
+        seen.add(float(metrics["inversion_t"]))
+        if cached:
+            assert int(batch["step"].min()) >= 1
+    assert min(seen) > 0  # the mean t of a batch is never dragged to 0 by the identity step
+
+
+def test_forward_mix_one_ignores_the_inversion(tiny_sd15, pair_manifest, tmp_path):
+    """forward_mix=1: every pair is forward-noised, so the loss does not depend on the inverted x_t."""
+    losses = []
+    for mix, scale in [(1.0, 1.0), (1.0, 3.0), (0.0, 1.0), (0.0, 3.0)]:
+        cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", f"method.forward_mix={mix}")
+        pipe, family = load_pipeline(str(tiny_sd15))
+        adapter = make_adapter(pipe, family)
+        pipe.unet.requires_grad_(False)
+        data = inversion_pair_data(cfg, adapter, _SingleProcess())
+        torch.manual_seed(0)
+        add_lora(pipe.unet, cfg.lora)
+        with torch.no_grad():
+            for name, p in pipe.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        batch = data.prepare(data.collate([data.dataset[0], data.dataset[1]]), torch.device("cpu"))
+        batch["xt_w"], batch["xt_l"] = batch["xt_w"] * scale, batch["xt_l"] * scale
+        losses.append(compute_loss(batch, TrainModels(adapter, pipe.unet), cfg.method)[0].item())
+    assert losses[0] == losses[1] and losses[2] != losses[3]
