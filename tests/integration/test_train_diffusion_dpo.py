@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,21 @@ def test_loop_options_train(tiny_sd15, pair_manifest, tmp_path, options):
     ]
     assert changed and all(changed)
     assert math.isfinite(result.summary["final_metrics"]["loss"])
+
+
+def test_implicit_accuracy_bench_sees_what_dpo_learned(tiny_sd15, pair_manifest, tmp_path):
+    """bench/implicit_accuracy.py in its tiny mode: a LoRA trained on the pairs ranks them under forward noising."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "implicit_accuracy", Path(__file__).resolve().parents[2] / "bench" / "implicit_accuracy.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = train(
+        tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.learning_rate=5e-2", "train.max_steps=6")
+    )
+    row = bench.implicit_accuracy(
+        str(tiny_sd15), result.summary["export"], str(pair_manifest), resolution=16, draws=8
+    )
+    assert row["n"] == 4 * 8 and row["implicit_acc_forward"] > 0.5, row
