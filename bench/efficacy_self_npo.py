@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--methods", default="self_npo,diffusion_npo")
     parser.add_argument(
+        "--npo-betas",
+        default="1.0",
+        help="comma-separated NPO guidance beta values (the negative delta's scale); one evaluation row each",
+    )
+    parser.add_argument("--npo-alpha", type=float, default=1.0, help="NPO guidance alpha (positive offset)")
+    parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
     )
     args = parser.parse_args(argv)
@@ -125,45 +131,49 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
         log(f"{method}: training on {n_data} {'prompts' if method == 'self_npo' else 'pairs'}")
         summary = train(cfg).summary
-        guided = npo_guided_pipeline(base, summary["export"])
-        torch.manual_seed(0)
-        metrics = evaluate_models(
-            guided,
-            base,
-            eval_p,
-            eval_s,
-            eval_rewards(),
-            run_dir / "eval",
-            guidance_scale=args.guidance,
-            steps=args.steps,
-            size=args.size,
-            label_a=f"{method}-guided",
-            label_b="CFG",
-            log=log,
-        )
         from mmalign.pipelines.npo import disable_npo_guidance
 
-        disable_npo_guidance(guided)
-        rows.append(
-            {
-                "method": method,
-                "labels_used": method != "self_npo",
-                "data_items": n_data,
-                "win_rate": round(metrics["win_rate"], 4),
-                "win_rate_ci": [round(x, 4) for x in metrics["win_rate_ci"]],
-                "n": metrics["n"],
-                "guidance": args.guidance,
-                "sample_steps": args.steps,
-                "train_steps": summary["steps"],
-                "train_seconds": round(summary["seconds"], 1),
-                "label_seconds": round(label_seconds, 1),
-                "mean_reward_guided": round(metrics["mean_reward_a"]["training_reward"], 4),
-                "mean_reward_cfg": round(metrics["mean_reward_b"]["training_reward"], 4),
-                "color_correct_guided": round(metrics["mean_reward_a"]["toy_color_correct"], 4),
-                "color_correct_cfg": round(metrics["mean_reward_b"]["toy_color_correct"], 4),
-                "total_seconds": round(time.time() - t0, 1),
-            }
-        )
+        for npo_beta in [float(b) for b in args.npo_betas.split(",")]:
+            guided = npo_guided_pipeline(base, summary["export"], alpha=args.npo_alpha, beta=npo_beta)
+            torch.manual_seed(0)
+            metrics = evaluate_models(
+                guided,
+                base,
+                eval_p,
+                eval_s,
+                eval_rewards(),
+                run_dir / f"eval-beta{npo_beta:g}",
+                guidance_scale=args.guidance,
+                steps=args.steps,
+                size=args.size,
+                label_a=f"{method}-guided",
+                label_b="CFG",
+                log=log,
+            )
+            disable_npo_guidance(guided)
+            rows.append(
+                {
+                    "method": method,
+                    "labels_used": method != "self_npo",
+                    "data_items": n_data,
+                    "win_rate": round(metrics["win_rate"], 4),
+                    "win_rate_ci": [round(x, 4) for x in metrics["win_rate_ci"]],
+                    "n": metrics["n"],
+                    "guidance": args.guidance,
+                    "npo_alpha": args.npo_alpha,
+                    "npo_beta": npo_beta,
+                    "overrides": list(args.overrides),
+                    "sample_steps": args.steps,
+                    "train_steps": summary["steps"],
+                    "train_seconds": round(summary["seconds"], 1),
+                    "label_seconds": round(label_seconds, 1),
+                    "mean_reward_guided": round(metrics["mean_reward_a"]["training_reward"], 4),
+                    "mean_reward_cfg": round(metrics["mean_reward_b"]["training_reward"], 4),
+                    "color_correct_guided": round(metrics["mean_reward_a"]["toy_color_correct"], 4),
+                    "color_correct_cfg": round(metrics["mean_reward_b"]["toy_color_correct"], 4),
+                    "total_seconds": round(time.time() - t0, 1),
+                }
+            )
     (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
