@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.commands.cache import SingleProcess
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.pipelines import load_pipeline, make_adapter
 from mmalign.trainers import load_config
@@ -58,13 +59,6 @@ def cfg_for(model, manifest, out, *extra):
     )
 
 
-class MainProcess:
-    is_main_process = True
-
-    def wait_for_everyone(self):
-        pass
-
-
 EXPECTED = {(20, 60): (8, 24), (60, 20): (24, 8), (30, 30): (16, 16)}
 
 
@@ -74,7 +68,7 @@ def test_batches_are_one_bucket_with_matching_time_ids(tiny_sdxl, mixed_manifest
     cfg = cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "run", *extra)
     pipe, family = load_pipeline(str(tiny_sdxl))
     adapter = make_adapter(pipe, family)
-    data = image_pairs(cfg, adapter, MainProcess())
+    data = image_pairs(cfg, adapter, SingleProcess())
     sampler = BucketBatchSampler(data.groups, 2, seed=0)
     loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=data.collate)
     seen = set()
