@@ -8,7 +8,12 @@ the requested architecture built in memory with random weights (no download):
     python bench/bench_train_step.py --preset sd15-small --steps 10      # CPU, SD-shaped VAE and UNet, 128 px
     python bench/bench_train_step.py --preset sdxl --device cuda --dtype bf16 --steps 10   # real SDXL sizes, 1024 px
 
-Prints one JSON line per mode and a ratio line; `--markdown` prints a table row for BENCHMARKS.md.
+Prints one JSON line per mode and a ratio line. Each row carries the hardware floor measured in the same run:
+the FLOPs of one step's denoiser work (policy forward+backward and reference forward on the pair batch, counted
+by torch.utils.flop_counter.FlopCounterMode from the model's shapes) divided by the matmul rate of this device
+and dtype (a square matmul timed here), and ``floor_ratio`` = floor seconds / measured seconds per step.
+Fast paths as in training: ``--compile regional|full``, ``--compile-mode``, ``--channels-last``,
+``--attention-backend``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mmalign.data.cache import CachedPairDataset, LatentCache  # noqa: E402
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs  # noqa: E402
 from mmalign.data.setup import prepare_pair_batch  # noqa: E402
 from mmalign.pipelines import make_adapter  # noqa: E402
+from mmalign.pipelines.fast import apply_fast_paths  # noqa: E402
 from mmalign.toy.tokenizer import build_word_tokenizer  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss  # noqa: E402
@@ -242,6 +248,13 @@ def run(args) -> list[dict]:
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
+        apply_fast_paths(
+            unet,
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            channels_last=args.channels_last,
+            attention_backend=args.attention_backend,
+        )
         opt = torch.optim.AdamW(params, lr=1e-5)
         models = TrainModels(adapter, unet)
         n_pairs = args.batch * (args.steps + args.warmup)
@@ -249,7 +262,7 @@ def run(args) -> list[dict]:
         joint = preset["family"] == "sdxl"
 
         t0 = time.perf_counter()
-        cache = LatentCache(tmp / "cache", {"bench": args.preset, "res": res})
+        cache = LatentCache(tmp / "cache", {"bench": args.preset, "resolution": res})
         records_c, keys, _ = cache.build(
             records,
             adapter,
@@ -261,6 +274,18 @@ def run(args) -> list[dict]:
         )
         sync(device)
         cache_build_s = time.perf_counter() - t0
+        rate = matmul_rate(device, dtype)
+        first = next(
+            iter(
+                torch.utils.data.DataLoader(
+                    CachedPairDataset(records_c, keys, cache, random_flip=True),
+                    batch_size=args.batch,
+                    collate_fn=collate_pairs,
+                )
+            )
+        )
+        step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
+        floor_s = step_flops / rate
         datasets = {
             "uncached": PairDataset(records, res, random_flip=True, joint_crop=joint),
             "cached": CachedPairDataset(records_c, keys, cache, random_flip=True),
@@ -300,6 +325,15 @@ def run(args) -> list[dict]:
                 "seconds_per_step": round(step_s, 4),
                 "steps_per_s": round(1 / step_s, 3),
                 "pairs_per_s": round(args.batch / step_s, 3),
+                "compile": args.compile,
+                "channels_last": args.channels_last,
+                "attention_backend": args.attention_backend,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "step_tflop": round(step_flops / 1e12, 6),
+                "matmul_tflops": round(rate / 1e12, 4),
+                "floor_s_per_step": round(floor_s, 6),
+                "floor_pairs_per_s": round(args.batch / floor_s, 3),
+                "floor_ratio": round(floor_s / step_s, 4),
             }
             if device.type == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -311,6 +345,39 @@ def run(args) -> list[dict]:
         ratio = results[0]["seconds_per_step"] / results[1]["seconds_per_step"]
         print(json.dumps({"speedup_cached_vs_uncached": round(ratio, 2)}))
     return results
+
+
+def count_step_flops(raw, adapter, cache, res, device, dtype, models, opt) -> int:
+    """FLOPs of one step's denoiser work on ``raw`` (cached latents and embeddings: no encoder FLOPs), counted by
+    FlopCounterMode: policy forward+backward and reference forward, as aten ops with their shapes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+            loss.backward()
+    opt.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 1.0
+) -> float:
+    """FLOP/s of an n x n matmul in ``dtype`` on ``device``: the rate the floor divides by (8192 on GPU, 512 on CPU)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        iters += 10
+        sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
 def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: int = 2) -> None:
@@ -360,6 +427,14 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of 2 cached steps"
     )
+    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none")
+    parser.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default="default",
+    )
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--attention-backend", choices=["sdpa", "xformers"], default="sdpa")
     parser.add_argument("--modes", nargs="+", default=["uncached", "cached"], choices=["uncached", "cached"])
     run(parser.parse_args())
 

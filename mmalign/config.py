@@ -283,6 +283,25 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate). Frozen parts are cast to this dtype.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+    compile: str = _f(
+        "none",
+        "torch.compile the denoiser: none; regional (each repeated transformer block, diffusers' compile_repeated_blocks: short compile); full (the whole network). Same results as eager (tested).",
+        choices=("none", "regional", "full"),
+    )
+    compile_mode: str = _f(
+        "default",
+        "torch.compile mode when train.compile is set; reduce-overhead uses CUDA graphs.",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    channels_last: bool = _f(
+        False,
+        "Store the denoiser's 2-D convolution weights channels-last (NHWC): faster convolutions on GPU.",
+    )
+    attention_backend: str = _f(
+        "sdpa",
+        "sdpa (torch scaled_dot_product_attention, flash/memory-efficient kernels on GPU) or xformers (needs the [xformers] extra and CUDA).",
+        choices=("sdpa", "xformers"),
+    )
     seed: int = _f(0, "Seed for data order, noise and timesteps.", ge=0, le=2**32 - 1)
     checkpoint_every: int = _f(
         500, "Save a resumable checkpoint every N optimizer steps (0 = only at the end).", ge=0
@@ -320,6 +339,10 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(
                 f"train.checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1 (or null to keep every checkpoint)."
+            )
+        if self.compile == "none" and self.compile_mode != "default":
+            raise ConfigError(
+                f"train.compile_mode={self.compile_mode} has no effect with train.compile=none: set train.compile=regional or full"
             )
         if self.overwrite and self.resume:
             raise ConfigError(

@@ -24,6 +24,7 @@ from mmalign.config import ConfigError, RunConfig, save_config, to_dict
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model
+from mmalign.pipelines.fast import FastPathError, apply_fast_paths
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -313,9 +314,31 @@ def _setup_trainable(run: _Run, keep_initial: bool) -> None:
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.to(accelerator.device)
+    for net in (denoiser, run.reference):
+        if net is not None:
+            _fast_paths(net, cfg.train, accelerator)
     denoiser.train()
     run.params = [p for p in denoiser.parameters() if p.requires_grad]
     run.initial = trainable_state(denoiser) if keep_initial else None
+
+
+def _fast_paths(net: torch.nn.Module, t_cfg: Any, accelerator: Any) -> None:
+    """train.attention_backend, train.channels_last and train.compile (docs/training.md, "Fast paths")."""
+    try:
+        done = apply_fast_paths(
+            net,
+            compile=t_cfg.compile,
+            compile_mode=t_cfg.compile_mode,
+            channels_last=t_cfg.channels_last,
+            attention_backend=t_cfg.attention_backend,
+        )
+    except FastPathError as err:
+        raise ConfigError(str(err)) from None
+    if t_cfg.compile != "none" or t_cfg.channels_last or t_cfg.attention_backend != "sdpa":
+        accelerator.print(
+            f"fast paths: attention {done['attention_backend']}, {done['channels_last_tensors']} weights "
+            f"channels-last, {done['compiled_modules']} module(s) compiled ({t_cfg.compile}, {t_cfg.compile_mode})"
+        )
 
 
 def _setup_optimizer(run: _Run) -> None:
