@@ -309,6 +309,8 @@ def run(args) -> list[dict]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sync(device)
+                if i == 0:
+                    first_s = time.perf_counter() - t  # includes compilation with --compile
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t)
             if args.profile and mode == "cached":
@@ -323,6 +325,7 @@ def run(args) -> list[dict]:
                 "pairs_per_step": args.batch,
                 "steps": len(times),
                 "seconds_per_step": round(step_s, 4),
+                "first_step_s": round(first_s, 3),
                 "steps_per_s": round(1 / step_s, 3),
                 "pairs_per_s": round(args.batch / step_s, 3),
                 "compile": args.compile,
@@ -381,10 +384,13 @@ def matmul_rate(
 
 
 def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: int = 2) -> None:
-    """torch.profiler over ``n`` steps: the ops that take the time, to see where a step goes."""
+    """torch.profiler over ``n`` steps: the ops that take the time, and on CUDA the GPU-busy fraction (kernel time
+    summed over the profiled steps / their wall time; below 1 = the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for i, raw in enumerate(loader):
             if i >= n:
@@ -396,8 +402,15 @@ def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: in
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)
+    wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    if device.type == "cuda":
+        kernel_us = sum(e.self_device_time_total for e in averages)
+        print(
+            json.dumps({"profile_steps": n, "gpu_busy_fraction": round(kernel_us / wall_us, 3)}), flush=True
+        )
 
 
 def sync(device: torch.device) -> None:
