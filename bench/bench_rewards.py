@@ -8,6 +8,9 @@ HPSv2/PickScore backbone) for a GPU.
 
     python bench/bench_rewards.py --arch small --device cpu --n 32 --batch-size 16
     python bench/bench_rewards.py --arch ViT-H-14 --device cuda --n 256 --batch-size 64 --dtype bfloat16
+
+``--disk-workers 0 8`` adds end-to-end scoring from PNG files on disk (``score_items``: decoding in that many
+DataLoader worker processes, pinned memory on CUDA) as images/s and as a fraction of the tensor path's rate.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def pil_loop(
     return torch.cat(scores)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -82,7 +85,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--size", type=int, default=512, help="side of the generated images")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats (best is reported)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--disk-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score the images from PNG files with these numbers of decoding workers",
+    )
+    args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, tokenizer, reward, pil_tf = build(args.arch, device, dtype)
@@ -131,7 +141,55 @@ def main() -> None:
         "speedup_tensor_over_pil": round(t_pil / t_tensor, 2),
         "max_abs_score_diff": round(float((s_tensor.cpu() - s_pil.cpu()).abs().max()), 4),
     }
+    if args.disk_workers:
+        result.update(from_disk(reward, images, prompts, args, timed, t_tensor))
     print(json.dumps(result))
+    return result
+
+
+def from_disk(reward, images, prompts, args, timed, t_tensor) -> dict:
+    """score_items from PNG files (decode, then the same reward), per number of decoding workers."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from mmalign.rewards.score import collect_items, read_table, score_items
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "media"
+        root.mkdir()
+        rows = []
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"{i:05d}.png")
+            rows.append(json.dumps({"path": f"{i:05d}.png", "prompt": prompt}))
+        (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+        items = collect_items(root)
+        scores = {}
+        for w in args.disk_workers:
+            target = Path(tmp) / f"w{w}.jsonl"
+
+            def run(w=w, target=target):
+                score_items(
+                    items,
+                    {"clip": reward},
+                    target,
+                    batch_size=args.batch_size,
+                    resume=False,
+                    progress=False,
+                    num_workers=w,
+                )
+
+            t, _ = timed(run)
+            scores[w] = [r["clip"] for r in read_table(target)]
+            out[f"disk_images_per_s_workers{w}"] = round(args.n / t, 2)
+            out[f"disk_fraction_of_tensor_path_workers{w}"] = round(t_tensor / t, 3)
+        out["disk_scores_identical_across_workers"] = all(
+            v == scores[args.disk_workers[0]] for v in scores.values()
+        )
+    return out
 
 
 if __name__ == "__main__":

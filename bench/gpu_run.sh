@@ -23,6 +23,7 @@ timeout 90 python3 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing
 #    regional compile: the warmup steps absorb the compile (reported in the log's timing of warmup, not the rate)
 timeout 240 python3 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --modes cached --compile regional --profile 2>&1 \
   | grep -v -i warn | tee "$OUT/train_step_sdxl_b4_gc_regional.jsonl"
-# 3. Reward scoring: batched tensor path vs per-image PIL loop on a ViT-H-14 (HPSv2/PickScore backbone).
-timeout 150 python3 bench/bench_rewards.py --arch ViT-H-14 --device cuda --n 256 --batch-size 64 --dtype bfloat16 2>&1 \
+# 3. Reward scoring: batched tensor path vs per-image PIL loop on a ViT-H-14 (HPSv2/PickScore backbone), and end
+#    to end from PNG files with decoding in 0 and 8 worker processes (fraction of the tensor path).
+timeout 200 python3 bench/bench_rewards.py --arch ViT-H-14 --device cuda --n 256 --batch-size 64 --dtype bfloat16 --disk-workers 0 8 2>&1 \
   | grep -v -i warn | tee "$OUT/rewards_vith14.jsonl"

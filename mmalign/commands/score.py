@@ -111,20 +111,28 @@ def reward_failures(rewards: dict[str, Reward]) -> dict[str, dict[str, int]]:
 def media_loader(
     video_fps: float | None = None, video_frames: int | None = None
 ) -> Callable[[Path], tuple[torch.Tensor, float | None]]:
-    """``path -> (media, fps)``: images (and GIFs) with PIL, videos with ``mmalign.data.video.read_video`` sampling."""
+    """``path -> (media, fps)``: images (and GIFs) with PIL, videos with ``mmalign.data.video.read_video`` sampling.
+
+    A ``functools.partial`` of a module-level function, so DataLoader workers can receive it under any start method.
+    """
+    import functools
+
+    return functools.partial(_load_media, video_fps=video_fps, video_frames=video_frames)
+
+
+def _load_media(
+    path: Path, *, video_fps: float | None, video_frames: int | None
+) -> tuple[torch.Tensor, float | None]:
     from mmalign.data.manifest import VIDEO_EXTS
     from mmalign.rewards.score import load_media
 
-    def load(path: Path) -> tuple[torch.Tensor, float | None]:
-        path = Path(path)
-        if path.suffix.lower() in VIDEO_EXTS - {".gif"}:
-            from mmalign.data.video import read_video
+    path = Path(path)
+    if path.suffix.lower() in VIDEO_EXTS - {".gif"}:
+        from mmalign.data.video import read_video
 
-            video = read_video(path, fps=video_fps, num_frames=video_frames)
-            return video.frames, video.fps
-        return load_media(path)
-
-    return load
+        video = read_video(path, fps=video_fps, num_frames=video_frames)
+        return video.frames, video.fps
+    return load_media(path)
 
 
 def check_prompts(items: list, allow_empty: bool) -> None:
@@ -156,6 +164,7 @@ def score(
     verbose: bool = False,
     progress: bool = True,
     cpu_offload: bool = False,
+    num_workers: int = 0,
 ):
     """Score a source with rewards into ``out`` (JSONL/CSV). Returns :class:`mmalign.rewards.score.ScoreSummary`.
 
@@ -175,6 +184,7 @@ def score(
         verbose: Library warnings.
         progress: Progress bar.
         cpu_offload: Unused (rewards are single models); accepted for a uniform signature.
+        num_workers: Processes decoding the next batches while this one is scored (never changes a score).
     """
     from mmalign.pipelines.runtime import quiet_libraries
     from mmalign.rewards.score import collect_items, score_items
@@ -198,6 +208,7 @@ def score(
             progress=progress,
             loader=media_loader(video_fps, video_frames),
             normalize_over=normalize_over,
+            num_workers=num_workers,
         )
     except TypeError as e:  # a reward given arguments of the wrong type fails on the first batch
         raise ValueError(
@@ -222,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         video_frames=args.video_frames,
         resume=not args.no_resume,
         progress=not args.quiet,
+        num_workers=args.num_workers,
         **runtime_kwargs(args),
     )
     print(
@@ -311,5 +323,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-resume", action="store_true", help="Rescore everything instead of skipping scored rows."
     )
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument(
+        "--num-workers",
+        type=_workers,
+        default=0,
+        help="Processes decoding media ahead of the scoring (default 0: in this process). Never changes a score.",
+    )
     add_runtime_args(p, batch_size=16, offload=False)
     p.set_defaults(func=run)
+
+
+def _workers(text: str) -> int:
+    """argparse type for --num-workers: an integer in [0, 64]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:50]!r} is not an integer") from None
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 64]")
+    return value

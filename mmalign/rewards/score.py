@@ -367,6 +367,7 @@ def score_items(
     on_batch: Callable[[int], None] | None = None,
     loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media,
     normalize_over: str | None = None,
+    num_workers: int = 0,
 ) -> ScoreSummary:
     """Score items with every reward and write one row per item (see module docstring).
 
@@ -381,6 +382,9 @@ def score_items(
         loader: ``path -> (media, fps)`` decoder (``mmalign score`` passes ``mmalign/data/video.py`` sampling).
         normalize_over: For hybrid/ensemble rewards: ``prompt`` (within each prompt group; the default unless
             the reward sets its own) or ``set`` (the whole scored set). Never per batch.
+        num_workers: Processes that decode the next batches while the rewards score this one (a DataLoader
+            over the same batches, in order, with pinned memory on CUDA). Only decoding moves: the batches, and
+            so every score, are those of ``num_workers=0``. ``loader`` must then be picklable.
 
     Returns:
         A :class:`ScoreSummary`.
@@ -413,9 +417,17 @@ def score_items(
         partial.open("a") as part,
         tqdm(total=len(todo), disable=not progress, desc="score", unit="item") as bar,
     ):
-        for b, start in enumerate(range(0, len(todo), batch_size)):
-            chunk = todo[start : start + batch_size]
-            rows = _score_chunk(chunk, rewards, out_dir, loader)
+        chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        decoded = torch.utils.data.DataLoader(
+            _DecodedChunks(chunks, out_dir, loader),
+            batch_size=None,  # each item is already one scoring batch
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if num_workers else None,
+        )
+        for b, (chunk, decoded_chunk) in enumerate(zip(chunks, decoded)):
+            rows = _score_decoded(decoded_chunk, rewards)
             for row in rows:
                 done[_row_key(row)] = row
                 summary.errors += bool(row.get("error"))
@@ -514,12 +526,26 @@ def _relpath(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base)).as_posix()
 
 
-def _score_chunk(
-    chunk: list[Item],
-    rewards: dict[str, Reward],
-    out_dir: Path,
-    loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media,
-) -> list[dict[str, Any]]:
+class _DecodedChunks(torch.utils.data.Dataset):
+    """Scoring batch ``i`` decoded (rows, media, prompts, fps, owners): what a DataLoader worker does."""
+
+    def __init__(self, chunks: list[list[Item]], out_dir: Path, loader: Callable) -> None:
+        self.chunks, self.out_dir, self.loader = chunks, out_dir, loader
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple:
+        return _decode_chunk(self.chunks[i], self.out_dir, self.loader)
+
+
+def _as_is(x: Any) -> Any:
+    return x
+
+
+def _decode_chunk(
+    chunk: list[Item], out_dir: Path, loader: Callable[[Path], tuple[torch.Tensor, float | None]]
+) -> tuple[list[dict[str, Any]], list[torch.Tensor], list[str], list[float | None], list[tuple[int, str]]]:
     rows: list[dict[str, Any]] = []
     flat_media, flat_prompts, flat_fps, owner = [], [], [], []
     for k, item in enumerate(chunk):
@@ -542,6 +568,11 @@ def _score_chunk(
             flat_fps.append(fps)
             owner.append((k, side))
         rows.append(row)
+    return rows, flat_media, flat_prompts, flat_fps, owner
+
+
+def _score_decoded(decoded: tuple, rewards: dict[str, Reward]) -> list[dict[str, Any]]:
+    rows, flat_media, flat_prompts, flat_fps, owner = decoded
     if flat_media:
         for (k, side), cols in zip(owner, score_batch(rewards, flat_media, flat_prompts, flat_fps)):
             prefix = "" if side == "media" else side + "."

@@ -103,3 +103,22 @@ def test_resumed_run_combines_over_all_rows(tmp_path):
     assert [r["h"] for r in read_table(tmp_path / "r.jsonl")] == [
         r["h"] for r in read_table(tmp_path / "clean.jsonl")
     ]
+
+
+def test_decoding_in_worker_processes_changes_no_row(tmp_path):
+    """score_items(num_workers=2) decodes in DataLoader workers; rows (scores, errors, order) equal num_workers=0."""
+    folder = write_manifest_folder(tmp_path / "cands", n_prompts=2, per_prompt=6)
+    (folder / "00003.png").write_bytes(b"not a png")  # an unreadable file: an error row either way
+    items = collect_items(folder)
+    rows = {}
+    for workers in (0, 2):
+        rewards = {
+            "h": hybrid(
+                [{"name": "color_match"}, {"name": "brightness", "weight": 0.5}], normalize_over="set"
+            )
+        }
+        out = tmp_path / f"w{workers}.jsonl"
+        score_items(items, rewards, out, batch_size=5, progress=False, num_workers=workers)
+        rows[workers] = read_table(out)
+    assert len(rows[0]) == 12 and sum(bool(r.get("error")) for r in rows[0]) == 1
+    assert rows[2] == rows[0]
