@@ -245,16 +245,7 @@ def run(args) -> list[dict]:
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
-        if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
         unet.train()
-        apply_fast_paths(
-            unet,
-            compile=args.compile,
-            compile_mode=args.compile_mode,
-            channels_last=args.channels_last,
-            attention_backend=args.attention_backend,
-        )
         opt = torch.optim.AdamW(params, lr=1e-5)
         models = TrainModels(adapter, unet)
         n_pairs = args.batch * (args.steps + args.warmup)
@@ -285,6 +276,16 @@ def run(args) -> list[dict]:
             )
         )
         step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
+        # after counting: the floor is the eager step's work, without checkpointing's recomputed forward
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        apply_fast_paths(
+            unet,
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            channels_last=args.channels_last,
+            attention_backend=args.attention_backend,
+        )
         floor_s = step_flops / rate
         datasets = {
             "uncached": PairDataset(records, res, random_flip=True, joint_crop=joint),
