@@ -193,6 +193,8 @@ CHOICES: dict[str, list[str]] = {
     ],
     "lora.init": ["gaussian", "default"],
     "method.loss_type": ["sigmoid", "hinge", "ipo"],
+    "train.compile": ["none", "regional", "full"],
+    "train.attention_backend": ["sdpa", "xformers"],
 }
 BOOLS = [
     "lora.enabled",
@@ -201,6 +203,7 @@ BOOLS = [
     "data.random_crop",
     "data.cache",
     "data.buckets",
+    "train.channels_last",
     "train.scale_lr",
     "train.gradient_checkpointing",
     "train.allow_tf32",
