@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
 
-    from mmalign.toy.quickstart import DEFAULT_CONFIG, quickstart
+    from mmalign.toy.quickstart import DEFAULT_CONFIG, FLAWS, quickstart
 
     config = ROOT / "configs" / "toy" / f"quickstart_{args.method}.yaml"
     overrides = list(args.overrides)
@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         "mean_reward_base": round(metrics["mean_reward_b"]["training_reward"], 4),
         "color_correct_tuned": round(metrics["mean_reward_a"]["toy_color_correct"], 4),
         "color_correct_base": round(metrics["mean_reward_b"]["toy_color_correct"], 4),
+        **{
+            f"{key}_rate_{side}": round(metrics["flaws"][flaw][f"rate_{ab}"], 4)
+            for key, flaw in zip(("speckle", "wrong_colour"), FLAWS)
+            for side, ab in (("tuned", "a"), ("base", "b"))
+        },
         "config": str(Path(config).relative_to(ROOT)) if Path(config).is_relative_to(ROOT) else str(config),
     }
     print(json.dumps(row))

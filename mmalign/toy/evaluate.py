@@ -131,6 +131,46 @@ def markdown_table(metrics: Mapping[str, Any], label_a: str = "A", label_b: str 
     )
 
 
+def flaw_rates(flags_a: torch.Tensor, flags_b: torch.Tensor, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Rate of a flaw (a boolean per sample, e.g. ``toy_defect < 0.5``) for A and B on the same samples.
+
+    Returns:
+        ``rate_a``, ``rate_b``, ``drop`` (rate_b - rate_a), its paired-bootstrap 95% interval ``drop_ci``,
+        ``fixed`` (flawed in B, clean in A) and ``broken`` (clean in B, flawed in A) counts.
+    """
+    a = torch.as_tensor(flags_a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(flags_b, dtype=torch.float64).flatten()
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"paired flaw flags need the same non-zero length, got {a.numel()} and {b.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(a), (n_boot, len(a)), generator=g)
+    boot = (b[idx] - a[idx]).mean(dim=1)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return {
+        "rate_a": a.mean().item(),
+        "rate_b": b.mean().item(),
+        "drop": (b - a).mean().item(),
+        "drop_ci": torch.quantile(boot, q).tolist(),
+        "fixed": int(((b == 1) & (a == 0)).sum()),
+        "broken": int(((b == 0) & (a == 1)).sum()),
+    }
+
+
+def flaw_table(flaws: Mapping[str, Mapping[str, Any]], label_a: str = "A", label_b: str = "B") -> str:
+    """A markdown table of :func:`flaw_rates` results, one row per flaw."""
+    lines = [
+        f"| flaw rate | {label_b} | {label_a} | drop [95% CI] | fixed / broken |",
+        "|---|---|---|---|---|",
+    ]
+    for name, f in flaws.items():
+        lo, hi = f["drop_ci"]
+        lines.append(
+            f"| {name} | {f['rate_b']:.1%} | {f['rate_a']:.1%} | {f['drop']:+.1%} [{lo:+.1%}, {hi:+.1%}] | "
+            f"{f['fixed']} / {f['broken']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def paired_grid(
     images_a: torch.Tensor,
     images_b: torch.Tensor,
@@ -140,19 +180,24 @@ def paired_grid(
     scale: int = 4,
     labels: tuple[str, str] = ("A", "B"),
     prompts: Sequence[str] = (),
+    captions_a: Sequence[str] = (),
+    captions_b: Sequence[str] = (),
 ):
     """Labelled grid of matched samples: rows alternate B (named ``labels[1]``) and A (``labels[0]``) below it,
     same prompt and seed per column; with ``prompts`` (one per sample) each row name also shows the prompt of
-    its first sample (rows of one prompt each when ``per_row`` = seeds per prompt)."""
+    its first sample (rows of one prompt each when ``per_row`` = seeds per prompt). ``captions_a`` /
+    ``captions_b`` (one per sample, e.g. the score) are written under each tile."""
     from mmalign.trainers.report import labelled_grid
 
     n = min(n, len(images_a))
-    rows, names = [], []
+    rows, names, caps = [], [], []
     for start in range(0, n, per_row):
-        rows += [images_b[start : min(n, start + per_row)], images_a[start : min(n, start + per_row)]]
+        stop = min(n, start + per_row)
+        rows += [images_b[start:stop], images_a[start:stop]]
+        caps += [list(captions_b[start:stop]), list(captions_a[start:stop])]
         prompt = f": {prompts[start]}" if start < len(prompts) else ""
         names += [f"{labels[1]}{prompt}", labels[0]]
-    return labelled_grid(rows, row_names=names, scale=scale)
+    return labelled_grid(rows, row_names=names, scale=scale, captions=caps if any(caps) else ())
 
 
 def evaluate_models(

@@ -171,7 +171,14 @@ def quickstart(
     Returns:
         The metrics dict written to ``metrics.json``.
     """
-    from mmalign.toy.evaluate import compare_scores, markdown_table, paired_grid, score_pair
+    from mmalign.toy.evaluate import (
+        compare_scores,
+        flaw_rates,
+        flaw_table,
+        markdown_table,
+        paired_grid,
+        score_pair,
+    )
     from mmalign.trainers import load_config
     from mmalign.trainers.loop import train
 
@@ -263,7 +270,10 @@ def quickstart(
     tuned = load_toy_pipeline(model)
     tuned.load_lora_weights(summary["export"])
     after = generate(tuned, eval_p, eval_s, progress="eval tuned", **sample_kwargs)
-    metrics = compare_scores(score_pair(eval_rewards(), after, before, eval_p))
+    scored = score_pair(eval_rewards(), after, before, eval_p)
+    metrics = compare_scores(scored)
+    flags = {name: flaw_flags(scored, side) for name, side in (("tuned", 0), ("base", 1))}
+    metrics["flaws"] = {k: flaw_rates(flags["tuned"][k], flags["base"][k]) for k in FLAWS}
     stage("evaluate", t0)
 
     metrics.update(
@@ -282,15 +292,44 @@ def quickstart(
     image_grid(before[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "before.png")
     image_grid(after[:48], nrow=opts.eval_seeds_per_prompt, scale=4).save(out / "after.png")
     paired_grid(
-        after, before, n=48, per_row=opts.eval_seeds_per_prompt, labels=("tuned", "base"), prompts=eval_p
+        after,
+        before,
+        n=48,
+        per_row=opts.eval_seeds_per_prompt,
+        labels=("tuned", "base"),
+        prompts=eval_p,
+        captions_a=tile_captions(scored, flags["tuned"], 0),
+        captions_b=tile_captions(scored, flags["base"], 1),
     ).save(out / "before_after.png")
-    write_report(out, metrics, markdown_table(metrics, "tuned", "base"), eval_prompts[:8], cfg)
+    table = markdown_table(metrics, "tuned", "base") + "\n" + flaw_table(metrics["flaws"], "tuned", "base")
+    write_report(out, metrics, table, eval_prompts[:8], cfg)
     log(
         f"report: {out / 'report.md'}  (win rate {metrics['win_rate']:.3f}, 95% CI "
         f"[{metrics['win_rate_ci'][0]:.3f}, {metrics['win_rate_ci'][1]:.3f}], n={metrics['n']}; "
         f"{metrics['seconds']:.0f}s total)"
     )
     return metrics
+
+
+# The flaws the pairs target, as booleans per sample: speckle/blotches (the README's defect rate) and a
+# dominant colour other than the prompt's.
+FLAWS = ("speckle (toy_defect < 0.5)", "wrong colour (toy_color_correct = 0)", "either flaw")
+
+
+def flaw_flags(scored: dict[str, tuple[torch.Tensor, torch.Tensor]], side: int) -> dict[str, torch.Tensor]:
+    """Per-sample flaw flags of one side (0 = A, 1 = B) of :func:`~mmalign.toy.evaluate.score_pair`'s scores."""
+    speckle = scored["toy_defect"][side] < 0.5
+    wrong = scored["toy_color_correct"][side] < 0.5
+    return dict(zip(FLAWS, (speckle, wrong, speckle | wrong)))
+
+
+def tile_captions(scored, flags: dict[str, torch.Tensor], side: int) -> list[str]:
+    """Under each grid tile: its training reward and the flaws it shows."""
+    out = []
+    for i, score in enumerate(scored["training_reward"][side].tolist()):
+        tags = [t for t, k in (("speckle", FLAWS[0]), ("colour", FLAWS[1])) if flags[k][i]]
+        out.append(f"{score:.2f} {' '.join(tags)}".strip())
+    return out
 
 
 def write_report(
@@ -316,7 +355,8 @@ would be reward hacking. `toy_color_correct` is the binary colour-match rate.
 
 ## Before / after
 
-Base (top row of each pair) and tuned (below), same prompt and seed per column: `before_after.png`.
+Base (top row of each pair) and tuned (below), same prompt and seed per column: `before_after.png`. Under
+each tile: its training reward, and `speckle` / `colour` where it shows that flaw (the flaw-rate table above).
 Rows of `before.png` / `after.png` are prompts, columns seeds; first prompts: {", ".join(shown_prompts[:8])}.
 
 ![before and after](before_after.png)

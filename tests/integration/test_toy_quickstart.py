@@ -70,7 +70,7 @@ def test_cli_eval_same_model_is_a_tie(smoke_toy, tmp_path):
 
 @pytest.mark.slow
 def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
-    from mmalign.toy.quickstart import QuickstartOptions, quickstart
+    from mmalign.toy.quickstart import FLAWS, QuickstartOptions, quickstart
 
     opts = QuickstartOptions(
         candidates=2, train_prompts=8, eval_prompts=2, eval_seeds_per_prompt=2, min_margin=0.0
@@ -95,6 +95,9 @@ def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["n"] == 4 and saved["steps"] == 2 and saved["primary"] == "training_reward"
     assert "toy_shape (not trained on)" in saved["mean_reward_a"]
+    assert set(saved["flaws"]) == set(FLAWS)
+    assert all(0 <= f["rate_a"] <= 1 and 0 <= f["rate_b"] <= 1 for f in saved["flaws"].values())
+    assert "| either flaw |" in (tmp_path / "report.md").read_text()
     assert 0 <= metrics["win_rate_ci"][0] <= metrics["win_rate"] <= metrics["win_rate_ci"][1] <= 1
 
 

@@ -5,7 +5,16 @@ import json
 import pytest
 import torch
 
-from mmalign.toy.evaluate import compare_scores, markdown_table, paired_stats, score_pair, write_eval_report
+from mmalign.toy.evaluate import (
+    compare_scores,
+    flaw_rates,
+    flaw_table,
+    markdown_table,
+    paired_grid,
+    paired_stats,
+    score_pair,
+    write_eval_report,
+)
 
 
 def test_known_better_model_wins_with_interval_above_half():
@@ -66,3 +75,32 @@ def test_suite_scores_both_models_in_one_batch_and_reports(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert {"win_rate", "win_rate_ci", "n", "mean_reward_a", "mean_reward_b"} <= set(saved)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "table.md").is_file()
+
+
+def test_flaw_rates_hand_worked_and_table():
+    base = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    tuned = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0], dtype=torch.bool)
+    f = flaw_rates(tuned, base)
+    assert f["rate_b"] == 0.5 and f["rate_a"] == 0.25 and f["drop"] == 0.25
+    assert f["fixed"] == 3 and f["broken"] == 1
+    assert f["drop_ci"][0] <= 0.25 <= f["drop_ci"][1]
+    table = flaw_table({"speckle": f}, "tuned", "base")
+    assert "| speckle | 50.0% | 25.0% | +25.0% [" in table and "| 3 / 1 |" in table
+    with pytest.raises(ValueError, match="same non-zero length"):
+        flaw_rates(tuned, base[:3])
+
+
+def test_paired_grid_writes_a_caption_row_under_each_tile():
+    a, b = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    plain = paired_grid(a, b, n=4, per_row=2, scale=2, prompts=["p"] * 4)
+    scored = paired_grid(
+        a,
+        b,
+        n=4,
+        per_row=2,
+        scale=2,
+        prompts=["p"] * 4,
+        captions_a=["0.9"] * 4,
+        captions_b=["0.1 speckle"] * 4,
+    )
+    assert scored.size[1] > plain.size[1]  # room for one caption line under each of the 4 rows
