@@ -1,6 +1,6 @@
 """Efficacy of a training method on the toy world: the quickstart protocol, one JSON line out.
 
-    python bench/efficacy.py diffusion_dpo [--out DIR] [key=value ...]
+    python bench/efficacy.py diffusion_dpo [--out DIR] [--model TOY_PIPELINE] [key=value ...]
 
 Runs generate -> score -> pairs -> METHOD (LoRA) -> paired held-out evaluation against the base (see
 ``mmalign/toy/quickstart.py``) and prints ``{"method", "win_rate", "win_rate_ci", "steps", "seconds", ...}``
@@ -36,11 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=None, help="report directory (default outputs/bench/efficacy-METHOD)"
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base toy pipeline directory (default the shipped mmalign/toy/assets/toy-sd)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a QuickstartOptions field of the protocol, e.g. candidates=12 (default: the quickstart's)",
+    )
     parser.add_argument("--quiet", action="store_true", help="only the JSON line on stdout")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
 
-    from mmalign.toy.quickstart import DEFAULT_CONFIG, FLAWS, quickstart
+    from mmalign.toy.quickstart import DEFAULT_CONFIG, DEFAULT_TOY_MODEL, FLAWS, QuickstartOptions, quickstart
 
     config = ROOT / "configs" / "toy" / f"quickstart_{args.method}.yaml"
     overrides = list(args.overrides)
@@ -50,7 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "outputs" / "bench" / f"efficacy-{args.method}")
     t0 = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if not args.quiet else (lambda s: None)
-    metrics = quickstart(out, config=config, overrides=[*overrides, "train.progress=false"], log=log)
+    model = args.model or DEFAULT_TOY_MODEL
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or key not in QuickstartOptions.__dataclass_fields__:
+            fields = ", ".join(QuickstartOptions.__dataclass_fields__)
+            print(f"bench/efficacy.py: bad --option {item!r}; use KEY=VALUE with KEY one of: {fields}")
+            return 2
+        options[key] = type(getattr(QuickstartOptions(), key))(value)
+    metrics = quickstart(
+        out,
+        model=model,
+        options=QuickstartOptions(**options),
+        config=config,
+        overrides=[*overrides, "train.progress=false"],
+        log=log,
+    )
     row = {
         "method": args.method,
         "win_rate": round(metrics["win_rate"], 4),
@@ -68,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, flaw in zip(("speckle", "wrong_colour"), FLAWS)
             for side, ab in (("tuned", "a"), ("base", "b"))
         },
+        "options": options,
         "config": str(Path(config).relative_to(ROOT)) if Path(config).is_relative_to(ROOT) else str(config),
     }
     print(json.dumps(row))
