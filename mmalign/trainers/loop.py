@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError, RunConfig, save_config, to_dict
+from mmalign.config import ConfigError, RunConfig, save_config, short, to_dict
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model
@@ -85,15 +85,22 @@ def add_lora(denoiser: torch.nn.Module, lora: Any) -> None:
     """Attach a peft LoRA adapter (diffusers' PeftAdapterMixin); only its weights will train."""
     from peft import LoraConfig
 
-    denoiser.add_adapter(
-        LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-            lora_dropout=lora.dropout,
-            init_lora_weights=lora.init if lora.init != "default" else True,
-            target_modules=list(lora.target_modules),
+    try:
+        denoiser.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+                lora_dropout=lora.dropout,
+                init_lora_weights=lora.init if lora.init != "default" else True,
+                target_modules=list(lora.target_modules),
+            )
         )
-    )
+    except (
+        ValueError
+    ) as err:  # peft: no module matches target_modules (NoMatchingPeftModuleError), bad ranks ...
+        raise ConfigError(
+            f"lora.target_modules={short(list(lora.target_modules))} on {type(denoiser).__name__}: {err}"
+        ) from None
 
 
 def trains_what(cfg: RunConfig, method: Any) -> str:

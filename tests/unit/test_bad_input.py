@@ -391,3 +391,16 @@ def test_score_rows_are_keyed_by_media_and_prompt(tmp_path):
     assert scored[0]["c"] > scored[1]["c"]  # each row scored with its own prompt
     again = score_items(collect_items(tmp_path / "m.jsonl"), reward, out, progress=False)  # resume: both done
     assert again.skipped == 2 and again.scored == 0 and read_table(out) == scored
+
+
+def test_lora_targets_that_match_nothing_are_one_config_error(tiny_sd15):
+    """Fuzz case train-00631: peft's NoMatchingPeftModuleError was an exit-3 internal error."""
+    from mmalign.pipelines import load_pipeline
+    from mmalign.trainers.loop import add_lora
+
+    cfg = load_config(None, ["lora.target_modules=[nonexistent_module]"])
+    pipe, _ = load_pipeline(str(tiny_sd15))
+    with pytest.raises(
+        ConfigError, match=r"lora.target_modules=\['nonexistent_module'\] on UNet2DConditionModel"
+    ):
+        add_lora(pipe.unet, cfg.lora)
