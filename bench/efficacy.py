@@ -5,8 +5,8 @@
 Runs generate -> score -> pairs -> METHOD (LoRA) -> paired held-out evaluation against the base (see
 ``mmalign/toy/quickstart.py``) and prints ``{"method", "win_rate", "win_rate_ci", "steps", "seconds", ...}``
 (win rate of tuned over base under the training reward, bootstrap 95% interval, n held-out pairs).
-The recipe is ``configs/toy/quickstart_<METHOD>.yaml`` when it exists, else ``configs/toy/quickstart.yaml``
-with ``method.name=METHOD``.
+The recipe is ``configs/toy/quickstart_<METHOD>.yaml`` or ``configs/toy/<METHOD>.yaml`` when it exists and the
+method trains on image pairs (e.g. ``inversion_dpo``), else ``configs/toy/quickstart.yaml`` with ``method.name=METHOD``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_recipe(method: str) -> Path | None:
+    """The method's own toy recipe when it trains on the quickstart's image pairs, else None (quickstart.yaml)."""
+    from mmalign.trainers import data as method_data
+    from mmalign.trainers import get_method
+
+    for config in (
+        ROOT / "configs" / "toy" / f"quickstart_{method}.yaml",
+        ROOT / "configs" / "toy" / f"{method}.yaml",
+    ):
+        if config.is_file() and get_method(method).build_data in (
+            method_data.image_pairs,
+            method_data.inversion_pairs,
+        ):
+            return config
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmalign.toy.quickstart import DEFAULT_CONFIG, DEFAULT_TOY_MODEL, FLAWS, QuickstartOptions, quickstart
 
-    config = ROOT / "configs" / "toy" / f"quickstart_{args.method}.yaml"
     overrides = list(args.overrides)
-    if not config.is_file():
+    config = toy_recipe(args.method)
+    if config is None:
         config = DEFAULT_CONFIG
         overrides.insert(0, f"method.name={args.method}")
     out = Path(args.out or ROOT / "outputs" / "bench" / f"efficacy-{args.method}")
