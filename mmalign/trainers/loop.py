@@ -285,14 +285,15 @@ def _setup_data(run: _Run) -> None:
         )
         batching = {"batch_sampler": run.batch_sampler}
     else:
-        batching = {
-            "batch_size": t_cfg.batch_size,
-            "shuffle": cfg.data.shuffle,
-            "drop_last": True,
-            "generator": torch.Generator().manual_seed(t_cfg.seed),
-        }
+        batching = {"batch_size": t_cfg.batch_size, "shuffle": cfg.data.shuffle, "drop_last": True}
     run.loader = torch.utils.data.DataLoader(
-        run.items, collate_fn=data.collate, num_workers=cfg.data.num_workers, **batching
+        run.items,
+        collate_fn=data.collate,
+        num_workers=cfg.data.num_workers,
+        # its own generator, also with a batch sampler: each iterator draws a base seed from it, and drawn from
+        # the global RNG that would shift the training noise of a resumed run (which starts one more iterator)
+        generator=torch.Generator().manual_seed(t_cfg.seed),
+        **batching,
     )
     if len(run.loader) == 0:
         where = " in any one aspect-ratio bucket (data.buckets)" if data.groups is not None else ""

@@ -96,3 +96,18 @@ def test_training_with_buckets_runs_and_refuses_square_only_methods(tiny_sdxl, m
 
     with pytest.raises(ConfigError, match="data.buckets=true: inversion_dpo trains at one size"):
         train(cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "inv", "method.name=inversion_dpo"))
+
+
+def test_bucketed_resume_mid_epoch_is_exact(tiny_sdxl, mixed_manifest, tmp_path):
+    """3 one-bucket batches per epoch; stop after 2 (mid-epoch), resume to 4 (into epoch 1): identical weights."""
+    from safetensors.torch import load_file
+
+    common = ("train.max_steps=4", "train.checkpoint_every=2", f"data.cache_dir={tmp_path / 'cache'}")
+    train(cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "straight", *common))
+    train(cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "split", *common, "train.max_steps=2"))
+    train(cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "split", *common, "train.resume=latest"))
+    final_a = load_file(tmp_path / "straight/checkpoints/checkpoint-4/trainable.safetensors")
+    final_b = load_file(tmp_path / "split/checkpoints/checkpoint-4/trainable.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
