@@ -10,7 +10,7 @@ the requested architecture built in memory with random weights (no download):
 
 Prints one JSON line per mode and a ratio line. Each row carries the hardware floor measured in the same run:
 the FLOPs of one step's denoiser work (policy forward+backward and reference forward on the pair batch, counted
-by torch.utils.flop_counter.FlopCounterMode from the model's shapes) divided by the matmul rate of this device
+with torch.utils.flop_counter's formulas from the model's shapes) divided by the matmul rate of this device
 and dtype (a square matmul timed here), and ``floor_ratio`` = floor seconds / measured seconds per step.
 Fast paths as in training: ``--compile regional|full``, ``--compile-mode``, ``--channels-last``,
 ``--attention-backend``.
@@ -19,6 +19,7 @@ Fast paths as in training: ``--compile regional|full``, ``--compile-mode``, ``--
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -213,9 +217,12 @@ def write_pairs(root: Path, n: int, res: int) -> Path:
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        for side in ("w", "l"):
-            img = rng.integers(0, 255, (res, res + res // 4, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / f"{i}_{side}.png")
+        for side in (
+            "w",
+            "l",
+        ):  # smooth random images: PNG-encoding 1024 px noise would take most of a GPU run
+            img = Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8))
+            img.resize((res + res // 4, res), Image.BILINEAR).save(root / f"{i}_{side}.png")
         rows.append(
             json.dumps(
                 {
@@ -240,14 +247,24 @@ def run(args) -> list[dict]:
         pipe = build_pipeline(preset, args.device, dtype, tmp)
         adapter = make_adapter(pipe, preset["family"])
         unet = pipe.unet
-        unet.requires_grad_(False)
-        add_lora(unet, LoraConfig(rank=args.rank))
+        reference = None
+        if args.full:
+            # full fine-tuning as the loop does it: fp32 trained weights (the optimizer's masters) under
+            # autocast, and a frozen copy in the compute dtype as the reference
+            reference = copy.deepcopy(unet).requires_grad_(False).to(dtype).eval()
+            unet.float().requires_grad_(True)
+        else:
+            unet.requires_grad_(False)
+            add_lora(unet, LoraConfig(rank=args.rank))
         params = [p for p in unet.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()
+        if not args.full:
+            # the loop keeps LoRA weights in fp32; --lora-dtype bf16 measures the autocast-cast tax of that
+            lora_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.lora_dtype]
+            for p in params:
+                p.data = p.data.to(lora_dtype)
         unet.train()
         opt = torch.optim.AdamW(params, lr=1e-5)
-        models = TrainModels(adapter, unet)
+        models = TrainModels(adapter, unet, reference_denoiser=reference)
         n_pairs = args.batch * (args.steps + args.warmup)
         records, _ = load_pairs(write_pairs(tmp, n_pairs, res))
         joint = preset["family"] == "sdxl"
@@ -275,17 +292,19 @@ def run(args) -> list[dict]:
                 )
             )
         )
-        step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
-        # after counting: the floor is the eager step's work, without checkpointing's recomputed forward
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        apply_fast_paths(
-            unet,
-            compile=args.compile,
-            compile_mode=args.compile_mode,
-            channels_last=args.channels_last,
-            attention_backend=args.attention_backend,
-        )
+        # the floor is the step's work without checkpointing's recomputed forward (counted in eager mode)
+        step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
+        for net in (unet, reference):
+            if net is not None:
+                apply_fast_paths(
+                    net,
+                    compile=args.compile,
+                    compile_mode=args.compile_mode,
+                    channels_last=args.channels_last,
+                    attention_backend=args.attention_backend,
+                )
         floor_s = step_flops / rate
         datasets = {
             "uncached": PairDataset(records, res, random_flip=True, joint_crop=joint),
@@ -326,6 +345,7 @@ def run(args) -> list[dict]:
                 "pairs_per_step": args.batch,
                 "steps": len(times),
                 "seconds_per_step": round(step_s, 4),
+                "step_times_s": [round(x, 4) for x in times],
                 "first_step_s": round(first_s, 3),
                 "steps_per_s": round(1 / step_s, 3),
                 "pairs_per_s": round(args.batch / step_s, 3),
@@ -333,11 +353,13 @@ def run(args) -> list[dict]:
                 "channels_last": args.channels_last,
                 "attention_backend": args.attention_backend,
                 "gradient_checkpointing": args.gradient_checkpointing,
-                "step_tflop": round(step_flops / 1e12, 6),
-                "matmul_tflops": round(rate / 1e12, 4),
-                "floor_s_per_step": round(floor_s, 6),
+                "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
+                "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
+                "step_tflop": sig(step_flops / 1e12),
+                "matmul_tflops": sig(rate / 1e12),
+                "floor_s_per_step": sig(floor_s),
                 "floor_pairs_per_s": round(args.batch / floor_s, 3),
-                "floor_ratio": round(floor_s / step_s, 4),
+                "floor_ratio": sig(floor_s / step_s, 4),
             }
             if device.type == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -351,18 +373,82 @@ def run(args) -> list[dict]:
     return results
 
 
-def count_step_flops(raw, adapter, cache, res, device, dtype, models, opt) -> int:
-    """FLOPs of one step's denoiser work on ``raw`` (cached latents and embeddings: no encoder FLOPs), counted by
-    FlopCounterMode: policy forward+backward and reference forward, as aten ops with their shapes."""
-    from torch.utils.flop_counter import FlopCounterMode
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the aten ops run inside it, by torch.utils.flop_counter's formulas (matmuls, convolutions,
+    attention kernels; elementwise ops count 0). FlopCounterMode's module tracker hooks keep checkpointed blocks'
+    recomputed activations alive until backward ends (3x the step's memory in a CPU check; OOM for SDXL full
+    fine-tuning and Wan at 81 frames on an 80 GB card), so the benches count with this hook-free mode instead.
 
+    ``checkpointed`` is the part counted inside gradient-checkpointed blocks' forwards (see ``count_flops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.checkpointed = 0
+        self.depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            self.total += flops
+            if self.depth:
+                self.checkpointed += flops
+        return out
+
+
+def count_flops(fn, model: torch.nn.Module | None = None) -> int:
+    """FLOPs of ``fn()`` that a step needs: with ``model``'s gradient checkpointing on, the forward recomputed in
+    backward is not counted. Every checkpointed block's forward is counted on the way in (diffusers runs it
+    through the module's ``_gradient_checkpointing_func``), early stopping of the recomputation is off (so the
+    recompute is exactly that forward again), and that forward is subtracted once where a gradient flows back
+    through the block (a block before the first trained weight is never recomputed)."""
+    counter = FlopCount()
+    patched = []
+    for module in model.modules() if model is not None else ():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+
+        def tracked(*args, _func=func, **kwargs):
+            before = counter.checkpointed
+            counter.depth += 1
+            try:
+                out = _func(*args, **kwargs)
+            finally:
+                counter.depth -= 1
+            outs = out if isinstance(out, tuple) else (out,)
+            if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
+                counter.checkpointed = before  # nothing flows back through it: backward recomputes nothing
+            return out
+
+        module._gradient_checkpointing_func = tracked
+        patched.append((module, func))
+    try:
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False), counter:
+            fn()
+    finally:
+        for module, func in patched:
+            module._gradient_checkpointing_func = func
+    return counter.total - counter.checkpointed
+
+
+def count_step_flops(raw, adapter, cache, res, device, dtype, models, opt) -> int:
+    """FLOPs of one step's denoiser work on ``raw`` (cached latents and embeddings: no encoder FLOPs): policy
+    forward+backward and reference forward, as aten ops with their shapes, without checkpointing's recompute."""
+    torch.manual_seed(0)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
-        with FlopCounterMode(display=False) as counter:
+
+        def step():
             loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
             loss.backward()
+
+        flops = count_flops(step, models.denoiser)
     opt.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def matmul_rate(
@@ -385,8 +471,8 @@ def matmul_rate(
 
 
 def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: int = 2) -> None:
-    """torch.profiler over ``n`` steps: the ops that take the time, and on CUDA the GPU-busy fraction (kernel time
-    summed over the profiled steps / their wall time; below 1 = the GPU waits for the host)."""
+    """torch.profiler over ``n`` steps: the ops that take the time, and on CUDA the GPU-busy fraction (see
+    ``busy_fraction``; below 1 = the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -405,13 +491,35 @@ def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: in
             sync(device)
     wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = prof.key_averages()
-    print(averages.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
     if device.type == "cuda":
-        kernel_us = sum(e.self_device_time_total for e in averages)
-        print(
-            json.dumps({"profile_steps": n, "gpu_busy_fraction": round(kernel_us / wall_us, 3)}), flush=True
-        )
+        row = {"profile_steps": n, "profiled_s_per_step": round(wall_us / n / 1e6, 4)}
+        row["gpu_busy_fraction"] = round(busy_fraction(prof.events(), wall_us), 3)
+        print(json.dumps(row), flush=True)
+
+
+def busy_fraction(events, wall_us: float) -> float:
+    """Time in which the GPU ran anything (the union of its kernel, memcpy and memset intervals) / ``wall_us``.
+
+    Only device-side events count: an op's "self CUDA" time is its kernels' time again, so summing the table's
+    column (as this bench did before 2026-11-27) counts a kernel under its op and on its own row."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy / wall_us
+
+
+def sig(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits (tiny CPU models' TFLOP figures are 1e-5)."""
+    return float(f"{x:.{digits}g}")
 
 
 def sync(device: torch.device) -> None:
@@ -425,7 +533,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -437,6 +545,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--lora-dtype", choices=["fp32", "bf16"], default="fp32", help="LoRA weights' dtype (the loop: fp32)"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="full fine-tuning (fp32 weights, frozen reference copy)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of 2 cached steps"
@@ -450,7 +564,11 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--attention-backend", choices=["sdpa", "xformers"], default="sdpa")
     parser.add_argument("--modes", nargs="+", default=["uncached", "cached"], choices=["uncached", "cached"])
-    run(parser.parse_args())
+    return parser
+
+
+def main() -> None:
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -1,29 +1,65 @@
 #!/usr/bin/env bash
-# GPU benchmarks, run through the device tool from the repo root (writes JSON lines to $OUT):
-#   bash bench/gpu_run.sh
-# Wheels for packages the GPU image lacks (diffusers, open_clip) travel in .whl (see BENCHMARKS.md).
-# Every bench_train_step row carries pairs_per_s, the floor (FLOPs counted by FlopCounterMode / the matmul rate
-# measured in the same run) and floor_ratio; --profile adds the op table and gpu_busy_fraction.
+# The GPU table in one run on one card, most important figure first, inside a time budget (default 540 s):
+#   bash bench/gpu_run.sh                 # through the device tool, from the repo root (writes to $OUT)
+#   BUDGET=900 bash bench/gpu_run.sh      # elsewhere, with more time
+#   ONLY="wan-dense sdxl-full" BUDGET=230 bash bench/gpu_run.sh    # just the items named
+# Wheels for the packages the GPU image lacks (diffusers, open_clip, ...) travel in .whl (BENCHMARKS.md says which).
+# $OUT gets three files: gpu.txt (card, versions), log.txt (everything, profiles included) and results.jsonl (one
+# JSON row per figure; each training row carries the floor: FLOPs counted from the model / matmul rate measured
+# in the same run). An item that would not finish inside what is left of the budget is skipped, and says so.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-SDXL="bench/bench_train_step.py --preset sdxl --device cuda --dtype bf16"
-# 1. Diffusion-DPO step on the real SDXL architecture (2.6B UNet, random weights), 1024 px, bf16, LoRA r8:
-#    latent/text cache on vs off, side by side, with the profile (GPU-busy fraction) of the cached step.
-timeout 300 python3 $SDXL --batch 1 --steps 8 --warmup 3 --profile 2>&1 \
-  | grep -v -i warn | tee "$OUT/train_step_sdxl.jsonl"
-# 2. The <= 24 GiB point (4 pairs, checkpointing), eager, then each fast path alone (cached mode only):
-timeout 120 python3 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --modes cached --profile 2>&1 \
-  | grep -v -i warn | tee "$OUT/train_step_sdxl_b4_gc.jsonl"
-timeout 90 python3 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --modes cached --channels-last 2>&1 \
-  | grep -v -i warn | tee "$OUT/train_step_sdxl_b4_gc_channels_last.jsonl"
-#    regional compile: the warmup steps absorb the compile (reported in the log's timing of warmup, not the rate)
-timeout 240 python3 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --modes cached --compile regional --profile 2>&1 \
-  | grep -v -i warn | tee "$OUT/train_step_sdxl_b4_gc_regional.jsonl"
-# 3. Reward scoring: batched tensor path vs per-image PIL loop on a ViT-H-14 (HPSv2/PickScore backbone), and end
-#    to end from PNG files with decoding in 0 and 8 worker processes (fraction of the tensor path).
-timeout 200 python3 bench/bench_rewards.py --arch ViT-H-14 --device cuda --n 256 --batch-size 64 --dtype bfloat16 --disk-workers 0 8 2>&1 \
-  | grep -v -i warn | tee "$OUT/rewards_vith14.jsonl"
+BUDGET=${BUDGET:-540}
+T0=$(date +%s)
+LOG="$OUT/log.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/gpu.txt"
+
+# item NAME SECONDS ARGS...: run `python3 ARGS` with at most SECONDS (less if less of the budget is left)
+item() {
+  local name=$1 want=$2; shift 2
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi  # ONLY="a b": just those items
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  local limit=$(( want < left - 5 ? want : left - 5 ))
+  if (( limit < 30 )); then echo "### $name: skipped, ${left}s of the budget left" | tee -a "$LOG"; return 1; fi
+  echo "### $name (limit ${limit}s): python3 $*" | tee -a "$LOG"
+  local t=$(date +%s)
+  timeout "$limit" python3 "$@" 2>&1 | grep -v -i -E "warn|kept in float32|cuda_home" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "### $name: rc=$rc in $(( $(date +%s) - t ))s" | tee -a "$LOG"
+  return "$rc"
+}
+# DEV=cpu SDXL=sdxl-small WAN=wan-tiny COG=cogvideox-tiny CLIP=small N=16: the same run at tiny sizes (a CPU check)
+DEV=${DEV:-cuda}; N=${N:-256}
+SDXL="bench/bench_train_step.py --preset ${SDXL:-sdxl} --device $DEV --dtype bf16 --modes cached"
+VIDEO="bench/bench_video_step.py --device $DEV --dtype bf16 --gradient-checkpointing"
+
+# 0. smoke: the small models on this card; stop here (cheaply) if the environment cannot run the benches
+item smoke 90 bench/bench_train_step.py --preset sdxl-small --device $DEV --dtype bf16 --modes cached \
+  --batch 1 --steps 1 --warmup 0 && item smoke-video 60 bench/bench_video_step.py --preset wan-tiny --device $DEV \
+  --dtype bf16 --steps 1 || { echo "### smoke failed: stopping" | tee -a "$LOG"; exit 1; }
+# 1. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, with its profile
+item sdxl-lora-eager 150 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --profile
+# 2. the same step with the repeated blocks compiled (warm-up steps absorb the compile; first_step_s shows it)
+item sdxl-lora-regional 200 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional --profile
+# 3. Wan 2.1 1.3B DenseDPO, 81 frames 480x832, LoRA r8
+item wan-dense 120 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 1
+# 4. SDXL full fine-tuning DPO (fp32 weights + AdamW, bf16 frozen reference), 4 pairs, checkpointing
+item sdxl-full 130 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --full
+# 5. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 workers)
+item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
+  --dtype bfloat16 --disk-workers 0 8
+# 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
+item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
+# 7. levers, if time is left: bf16 LoRA weights (the autocast-cast tax), channels-last with the compiled blocks
+item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --lora-dtype bf16
+item sdxl-lora-regional-cl 150 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional \
+  --channels-last
+grep -h '^{' "$LOG" > "$OUT/results.jsonl"
+echo "### done in $(( $(date +%s) - T0 ))s" | tee -a "$LOG"

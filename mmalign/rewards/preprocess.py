@@ -63,8 +63,11 @@ class ImageTransform:
 def _resize(images: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(images.shape[-2:]) == hw:
         return images
-    out = F.interpolate(images, size=hw, mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp(0.0, 1.0)  # PIL clips bicubic overshoot to the uint8 range
+    x = images
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()  # torch's CPU antialiased bicubic has no half-precision kernel
+    out = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0.0, 1.0).to(images.dtype)  # PIL clips bicubic overshoot to the uint8 range
 
 
 def preprocess_images(images: torch.Tensor, tf: ImageTransform) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -21,22 +20,8 @@ def load_bench():
 
 def test_tiny_mode_reports_floor_and_ratio(capsys):
     bench = load_bench()
-    args = argparse.Namespace(
-        preset="tiny",
-        device="cpu",
-        dtype="fp32",
-        resolution=None,
-        batch=1,
-        steps=1,
-        warmup=0,
-        rank=2,
-        gradient_checkpointing=False,
-        profile=False,
-        modes=["cached"],
-        compile="none",
-        compile_mode="default",
-        channels_last=True,
-        attention_backend="sdpa",
+    args = bench.build_parser().parse_args(
+        "--preset tiny --batch 1 --steps 1 --warmup 0 --rank 2 --modes cached --channels-last".split()
     )
     (row,) = bench.run(args)
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -49,13 +34,57 @@ def test_tiny_mode_reports_floor_and_ratio(capsys):
     assert row["pairs_per_s"] == pytest.approx(1 / row["seconds_per_step"], rel=1e-2)
 
 
+def test_tiny_full_fine_tuning_trains_every_weight_against_a_frozen_copy(capsys):
+    bench = load_bench()
+    args = bench.build_parser().parse_args(
+        "--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached --full".split()
+    )
+    (row,) = bench.run(args)
+    assert row["trained"] == "full"
+    lora = bench.run(
+        bench.build_parser().parse_args("--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached".split())
+    )[0]
+    # every UNet weight trains (vs a few LoRA matrices), and the counted step work includes their weight grads
+    assert row["trainable_params_m"] > 10 * lora["trainable_params_m"]
+    assert row["step_tflop"] > lora["step_tflop"]
+
+
+def test_checkpointed_step_counts_the_same_necessary_work(capsys):
+    """The floor is the step's work without checkpointing's recomputed forward: equal with and without it."""
+    bench = load_bench()
+    base = "--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached"
+    plain = bench.run(bench.build_parser().parse_args(base.split()))[0]
+    ckpt = bench.run(bench.build_parser().parse_args(f"{base} --gradient-checkpointing".split()))[0]
+    assert ckpt["gradient_checkpointing"] and ckpt["step_tflop"] == pytest.approx(
+        plain["step_tflop"], rel=1e-6
+    )
+
+
 def test_flop_count_is_the_denoiser_work():
     """FlopCounterMode on a Linear: 2*in*out per row forward, twice that backward (input and weight grads)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     layer = torch.nn.Linear(64, 32, bias=False)
     x = torch.randn(8, 64, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        layer(x).sum().backward()
-    assert counter.get_total_flops() == 3 * 2 * 8 * 64 * 32
+    assert load_bench().count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 8 * 64 * 32
+
+
+def test_busy_fraction_is_the_union_of_device_intervals():
+    """Only device events count (an op row's CUDA time is its kernels' again), overlaps count once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(kind, start, end):
+        return SimpleNamespace(device_type=kind, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        event(cpu, 0, 100),  # the op that launched the kernels: not GPU time
+        event(cuda, 10, 30),
+        event(cuda, 20, 40),  # overlaps the previous one (another stream): 10..40 is busy once
+        event(cuda, 50, 60),
+        event(cuda, 52, 55),  # inside the previous one
+    ]
+    assert load_bench().busy_fraction(events, wall_us=100) == pytest.approx(0.4)

@@ -69,6 +69,18 @@ def test_letterbox_pads_with_black_before_normalising():
     assert pad_to_square(torch.zeros(1, 1, 3, 5), 6).shape == (1, 1, 6, 6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu_resizes_like_float32(dtype):
+    """torch has no CPU antialiased-bicubic kernel in half precision: the resize runs in float32 there and the
+    result comes back in the caller's dtype (a bf16 reward on CPU used to raise NotImplementedError)."""
+    _, x = _smooth_image(45, 60, seed=3)
+    for mode in ("shortest", "squash", "longest"):
+        tf = ImageTransform(32, mode)
+        out = tf(x.to(dtype))
+        assert out.dtype == dtype and out.shape == (1, 3, 32, 32)
+        torch.testing.assert_close(out.float(), tf(x), atol=3e-2, rtol=0)
+
+
 def test_gradient_reaches_input_pixels():
     x = torch.rand(2, 3, 40, 56, requires_grad=True)
     for mode in ("shortest", "longest", "squash"):

@@ -1,0 +1,45 @@
+"""bench/bench_video_step.py's tiny CPU mode (Wan and CogVideoX shapes), and bench/bench_rewards.py's small mode:
+the rows carry the figures the GPU table needs, and the floor arithmetic holds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["wan-tiny", "cogvideox-tiny"])
+def test_tiny_dense_dpo_step_floor_leaves_out_the_recomputed_forward(preset):
+    bench = load("bench_video_step")
+    plain = bench.run(bench.build_parser().parse_args(["--preset", preset, "--steps", "1", "--warmup", "0"]))
+    ckpt = bench.run(
+        bench.build_parser().parse_args(
+            ["--preset", preset, "--steps", "1", "--warmup", "0", "--gradient-checkpointing"]
+        )
+    )
+    assert plain["method"] == "dense_dpo (dense)" and plain["latent"] == [16, 3, 8, 8]
+    # checkpointing recomputes the forward in backward; the floor counts the step's necessary work only
+    assert ckpt["step_tflop"] == pytest.approx(plain["step_tflop"], rel=1e-6)
+    floor_s = plain["floor_s_per_pair"] * plain["pairs_per_step"]
+    assert floor_s == pytest.approx(plain["step_tflop"] / plain["matmul_tflops"], rel=1e-2)
+    assert plain["floor_ratio"] == pytest.approx(floor_s / plain["seconds_per_step"], rel=2e-2)
+
+
+def test_reward_bench_reports_the_raw_backbone_ceiling(tmp_path):
+    bench = load("bench_rewards")
+    row = bench.main("--n 8 --batch-size 4 --size 64 --repeats 1 --disk-workers 0".split())
+    assert row["raw_backbone_images_per_s"] > 0
+    assert row["disk_fraction_of_raw_backbone_workers0"] == pytest.approx(
+        row["disk_images_per_s_workers0"] / row["raw_backbone_images_per_s"], rel=2e-2
+    )
+    assert row["disk_scores_identical_across_workers"]
