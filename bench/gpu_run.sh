@@ -36,7 +36,7 @@ item() {
   return "$rc"
 }
 # DEV=cpu SDXL=sdxl-small WAN=wan-tiny COG=cogvideox-tiny CLIP=small N=16: the same run at tiny sizes (a CPU check)
-DEV=${DEV:-cuda}; N=${N:-256}
+DEV=${DEV:-cuda}; N=${N:-1024}
 SDXL="bench/bench_train_step.py --preset ${SDXL:-sdxl} --device $DEV --dtype bf16 --modes cached"
 VIDEO="bench/bench_video_step.py --device $DEV --dtype bf16 --gradient-checkpointing"
 
@@ -52,9 +52,11 @@ item sdxl-lora-regional 200 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-chec
 item wan-dense 120 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 1
 # 4. SDXL full fine-tuning DPO (fp32 weights + AdamW, bf16 frozen reference), 4 pairs, checkpointing
 item sdxl-full 130 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --full
-# 5. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 workers)
+# 5. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 / 14
+#    workers; 1024 images so that starting the workers is not the figure), then the data path alone (no model)
 item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
-  --dtype bfloat16 --disk-workers 0 8
+  --dtype bfloat16 --disk-workers 0 8 14
+item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV --n $N --batch-size 64 --disk-workers 8 14
 # 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
 item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
 # 7. levers, if time is left: bf16 LoRA weights (the autocast-cast tax), channels-last with the compiled blocks

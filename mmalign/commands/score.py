@@ -124,7 +124,7 @@ def _load_media(
     path: Path, *, video_fps: float | None, video_frames: int | None
 ) -> tuple[torch.Tensor, float | None]:
     from mmalign.data.manifest import VIDEO_EXTS
-    from mmalign.rewards.score import load_media
+    from mmalign.rewards.score import load_media_uint8
 
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTS - {".gif"}:
@@ -132,7 +132,7 @@ def _load_media(
 
         video = read_video(path, fps=video_fps, num_frames=video_frames)
         return video.frames, video.fps
-    return load_media(path)
+    return load_media_uint8(path)  # uint8 until the reward's device: a quarter of the bytes to move
 
 
 def check_prompts(items: list, allow_empty: bool) -> None:

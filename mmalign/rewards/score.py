@@ -69,6 +69,12 @@ def load_media(path: str | Path) -> tuple[torch.Tensor, float | None]:
     Raises:
         ValueError: naming the file, when it is missing or cannot be decoded.
     """
+    media, fps = load_media_uint8(path)
+    return media.float() / 255.0, fps
+
+
+def load_media_uint8(path: str | Path) -> tuple[torch.Tensor, float | None]:
+    """``load_media`` without the conversion: uint8 pixels (``score_items`` converts on the reward's device)."""
     from mmalign.limits import check_media_file, decode_deadline
 
     path = Path(path)
@@ -89,7 +95,7 @@ def _decode_media(path: Path) -> tuple[torch.Tensor, float | None]:
             with open_image(path) as im:  # declared size x frames checked before decoding
                 frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
                 duration_ms = im.info.get("duration") or 0
-            arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
+            arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
             return arr, (1000.0 / duration_ms if duration_ms else None)
         if ext in VIDEO_EXTS:
             try:
@@ -109,10 +115,10 @@ def _decode_media(path: Path) -> tuple[torch.Tensor, float | None]:
                     frames.append(f.to_ndarray(format="rgb24"))
             if not frames:
                 raise ValueError(f"{path}: no video frames")
-            return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0, fps
+            return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2), fps
         with open_image(path) as im:
             arr = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), None
     except ValueError:
         raise
     except Exception as e:  # decoders raise many types on corrupt data (OSError, SyntaxError, EOFError, ...)
@@ -279,14 +285,39 @@ def score_batch(
     Returns:
         One dict of columns per item (``<reward>`` and ``<reward>.<component>``).
     """
-    results: list[dict[str, Any]] = [{} for _ in media]
+    return score_groups(rewards, group_media(media, fps), prompts)
+
+
+def group_media(
+    media: list[torch.Tensor], fps: list[float | None]
+) -> list[tuple[list[int], torch.Tensor, Any]]:
+    """Items of equal shape, dtype and fps stacked into one batch each: ``(indices, batch, fps)``.
+
+    uint8 media (``load_media_uint8``) stay uint8: a quarter of float32's bytes to move between processes and to
+    the reward's device, where ``score_groups`` makes the same k/255 floats that ``load_media`` would have.
+    """
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(media):
-        groups.setdefault((tuple(m.shape), fps[i]), []).append(i)
-    for (_, group_fps), idx in groups.items():
-        batch = torch.stack([media[i] for i in idx])
+        groups.setdefault((tuple(m.shape), m.dtype, fps[i]), []).append(i)
+    return [
+        (idx, torch.stack([media[i] for i in idx]), group_fps) for (_, _, group_fps), idx in groups.items()
+    ]
+
+
+def score_groups(
+    rewards: dict[str, Reward], groups: list[tuple[list[int], torch.Tensor, Any]], prompts: list[str]
+) -> list[dict[str, Any]]:
+    """Score the batches of ``group_media``; a uint8 batch becomes float pixels on each reward's device."""
+    results: list[dict[str, Any]] = [{} for idx, _, _ in groups for _ in idx]
+    for idx, batch, group_fps in groups:
         for name, reward in rewards.items():
-            for suffix, values in _call_reward(reward, batch, [prompts[i] for i in idx], group_fps).items():
+            pixels = batch
+            if (
+                batch.dtype == torch.uint8
+            ):  # the same k/255 floats as decoding to float, made where they are used
+                device = getattr(reward, "device", None) or "cpu"
+                pixels = batch.to(device, non_blocking=True).float().div_(255)
+            for suffix, values in _call_reward(reward, pixels, [prompts[i] for i in idx], group_fps).items():
                 values = values.detach().float().cpu()
                 for j, i in enumerate(idx):
                     results[i][name + suffix] = _jsonable(values[j])
@@ -365,7 +396,7 @@ def score_items(
     resume: bool = True,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
-    loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media,
+    loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media_uint8,
     normalize_over: str | None = None,
     num_workers: int = 0,
 ) -> ScoreSummary:
@@ -379,7 +410,8 @@ def score_items(
         resume: Keep rows of a previous run that have every reward and no error.
         progress: Show a tqdm bar on stderr.
         on_batch: Called with the number of finished batches (tests use it to interrupt a run).
-        loader: ``path -> (media, fps)`` decoder (``mmalign score`` passes ``mmalign/data/video.py`` sampling).
+        loader: ``path -> (media, fps)`` decoder, float pixels in [0, 1] or uint8 (converted on each reward's
+            device); ``mmalign score`` passes ``mmalign/data/video.py`` sampling for videos.
         normalize_over: For hybrid/ensemble rewards: ``prompt`` (within each prompt group; the default unless
             the reward sets its own) or ``set`` (the whole scored set). Never per batch.
         num_workers: Processes that decode the next batches while the rewards score this one (a DataLoader
@@ -545,7 +577,7 @@ def _as_is(x: Any) -> Any:
 
 def _decode_chunk(
     chunk: list[Item], out_dir: Path, loader: Callable[[Path], tuple[torch.Tensor, float | None]]
-) -> tuple[list[dict[str, Any]], list[torch.Tensor], list[str], list[float | None], list[tuple[int, str]]]:
+) -> tuple[list[dict[str, Any]], list[tuple[list[int], torch.Tensor, Any]], list[str], list[tuple[int, str]]]:
     rows: list[dict[str, Any]] = []
     flat_media, flat_prompts, flat_fps, owner = [], [], [], []
     for k, item in enumerate(chunk):
@@ -568,13 +600,13 @@ def _decode_chunk(
             flat_fps.append(fps)
             owner.append((k, side))
         rows.append(row)
-    return rows, flat_media, flat_prompts, flat_fps, owner
+    return rows, group_media(flat_media, flat_fps), flat_prompts, owner  # stacked here, in the worker
 
 
 def _score_decoded(decoded: tuple, rewards: dict[str, Reward]) -> list[dict[str, Any]]:
-    rows, flat_media, flat_prompts, flat_fps, owner = decoded
-    if flat_media:
-        for (k, side), cols in zip(owner, score_batch(rewards, flat_media, flat_prompts, flat_fps)):
+    rows, groups, flat_prompts, owner = decoded
+    if groups:
+        for (k, side), cols in zip(owner, score_groups(rewards, groups, flat_prompts)):
             prefix = "" if side == "media" else side + "."
             rows[k].update({prefix + c: v for c, v in cols.items()})
     return rows
