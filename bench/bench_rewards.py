@@ -206,6 +206,7 @@ def from_disk(reward, images, prompts, args, timed, t_tensor=None, t_raw=None) -
         root = Path(tmp) / "media"
         root.mkdir()
         rows = []
+
         def write(i: int) -> None:
             arr = (images[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
             Image.fromarray(arr).save(root / f"{i:05d}.png")

@@ -18,7 +18,8 @@ from mmalign.rewards.score import (
 )
 
 
-def pixel_sum(media: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # sensitive to every bit of every pixel
+def pixel_sum(media: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward that every bit of every pixel changes."""
     assert media.dtype == torch.float32 and 0 <= media.min() and media.max() <= 1
     return media.flatten(1).double().sum(1)
 
@@ -37,16 +38,22 @@ def test_uint8_loading_scores_exactly_like_float_loading(tmp_path):
     write_images(tmp_path)
     items = collect_items(tmp_path)
     paths = [it.paths["media"] for it in items]
-    as_float = score_batch({"s": pixel_sum}, [load_media(p)[0] for p in paths], ["x"] * len(paths), [None] * 5)
+    as_float = score_batch(
+        {"s": pixel_sum}, [load_media(p)[0] for p in paths], ["x"] * len(paths), [None] * 5
+    )
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.jsonl"
-        score_items(items, {"s": pixel_sum}, out, batch_size=3, resume=False, progress=False, num_workers=workers)
+        score_items(
+            items, {"s": pixel_sum}, out, batch_size=3, resume=False, progress=False, num_workers=workers
+        )
         assert [r["s"] for r in read_table(out)] == [c["s"] for c in as_float]
 
 
 def test_groups_keep_uint8_and_split_by_shape_and_dtype(tmp_path):
     write_images(tmp_path, n=3)
-    media = [load_media_uint8(tmp_path / f"{i}.png")[0] for i in range(3)] + [load_media(tmp_path / "0.png")[0]]
+    media = [load_media_uint8(tmp_path / f"{i}.png")[0] for i in range(3)] + [
+        load_media(tmp_path / "0.png")[0]
+    ]
     groups = group_media(media, [None] * 4)
     assert [(idx, batch.dtype) for idx, batch, _ in groups] == [
         ([0, 2], torch.uint8),
