@@ -13,7 +13,7 @@ the FLOPs of one step's denoiser work (policy forward+backward and reference for
 with torch.utils.flop_counter's formulas from the model's shapes) divided by the matmul rate of this device
 and dtype (a square matmul timed here), and ``floor_ratio`` = floor seconds / measured seconds per step.
 Fast paths as in training: ``--compile regional|full``, ``--compile-mode``, ``--channels-last``,
-``--attention-backend``.
+``--attention-backend``; ``--compile none regional`` times eager and then compiled in the same process.
 """
 
 from __future__ import annotations
@@ -296,80 +296,88 @@ def run(args) -> list[dict]:
             unet.enable_gradient_checkpointing()
         # the floor is the step's work without checkpointing's recomputed forward (counted in eager mode)
         step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
-        for net in (unet, reference):
-            if net is not None:
-                apply_fast_paths(
-                    net,
-                    compile=args.compile,
-                    compile_mode=args.compile_mode,
-                    channels_last=args.channels_last,
-                    attention_backend=args.attention_backend,
-                )
         floor_s = step_flops / rate
         datasets = {
             "uncached": PairDataset(records, res, random_flip=True, joint_crop=joint),
             "cached": CachedPairDataset(records_c, keys, cache, random_flip=True),
         }
-        for mode in args.modes:
-            ds = datasets[mode]
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
-            )
-            c = cache if mode == "cached" else None
-            times = []
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            for i, raw in enumerate(loader):
-                sync(device)
-                t = time.perf_counter()
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    batch = prepare_pair_batch(raw, adapter, c, 0.0, res, device)
-                    loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync(device)
-                if i == 0:
-                    first_s = time.perf_counter() - t  # includes compilation with --compile
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t)
-            if args.profile and mode == "cached":
-                profile_steps(loader, adapter, c, res, device, dtype, models, opt)
-            step_s = sum(times) / len(times)
-            row = {
-                "preset": args.preset,
-                "mode": mode,
-                "device": device_name(device),
-                "dtype": args.dtype,
-                "resolution": res,
-                "pairs_per_step": args.batch,
-                "steps": len(times),
-                "seconds_per_step": round(step_s, 4),
-                "step_times_s": [round(x, 4) for x in times],
-                "first_step_s": round(first_s, 3),
-                "steps_per_s": round(1 / step_s, 3),
-                "pairs_per_s": round(args.batch / step_s, 3),
-                "compile": args.compile,
-                "channels_last": args.channels_last,
-                "attention_backend": args.attention_backend,
-                "gradient_checkpointing": args.gradient_checkpointing,
-                "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
-                "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
-                "step_tflop": sig(step_flops / 1e12),
-                "matmul_tflops": sig(rate / 1e12),
-                "floor_s_per_step": sig(floor_s),
-                "floor_pairs_per_s": round(args.batch / floor_s, 3),
-                "floor_ratio": sig(floor_s / step_s, 4),
-            }
-            if device.type == "cuda":
-                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            if mode == "cached":
-                row["cache_build_s"] = round(cache_build_s, 2)
-            print(json.dumps(row), flush=True)
-            results.append(row)
-    if len(results) == 2:
-        ratio = results[0]["seconds_per_step"] / results[1]["seconds_per_step"]
-        print(json.dumps({"speedup_cached_vs_uncached": round(ratio, 2)}))
+        for k, how in enumerate(args.compile):  # e.g. none then regional: eager and compiled in one process
+            for net in (unet, reference):
+                if net is not None:
+                    apply_fast_paths(
+                        net,
+                        compile=how,
+                        compile_mode=args.compile_mode,
+                        channels_last=args.channels_last and k == 0,
+                        attention_backend=args.attention_backend,
+                    )
+            for mode in args.modes:
+                ds = datasets[mode]
+                loader = torch.utils.data.DataLoader(
+                    ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
+                )
+                c = cache if mode == "cached" else None
+                times = []
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                for i, raw in enumerate(loader):
+                    sync(device)
+                    t = time.perf_counter()
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        batch = prepare_pair_batch(raw, adapter, c, 0.0, res, device)
+                        loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sync(device)
+                    if i == 0:
+                        first_s = time.perf_counter() - t  # includes compilation with --compile
+                    if i >= args.warmup:
+                        times.append(time.perf_counter() - t)
+                if args.profile and mode == "cached":
+                    profile_steps(loader, adapter, c, res, device, dtype, models, opt)
+                step_s = sum(times) / len(times)
+                row = {
+                    "preset": args.preset,
+                    "mode": mode,
+                    "device": device_name(device),
+                    "dtype": args.dtype,
+                    "resolution": res,
+                    "pairs_per_step": args.batch,
+                    "steps": len(times),
+                    "seconds_per_step": round(step_s, 4),
+                    "step_times_s": [round(x, 4) for x in times],
+                    "first_step_s": round(first_s, 3),
+                    "steps_per_s": round(1 / step_s, 3),
+                    "pairs_per_s": round(args.batch / step_s, 3),
+                    "compile": how,
+                    "channels_last": args.channels_last,
+                    "attention_backend": args.attention_backend,
+                    "gradient_checkpointing": args.gradient_checkpointing,
+                    "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
+                    "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
+                    "step_tflop": sig(step_flops / 1e12),
+                    "matmul_tflops": sig(rate / 1e12),
+                    "floor_s_per_step": sig(floor_s),
+                    "floor_pairs_per_s": round(args.batch / floor_s, 3),
+                    "floor_ratio": sig(floor_s / step_s, 4),
+                }
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if mode == "cached":
+                    row["cache_build_s"] = round(cache_build_s, 2)
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    for mode in args.modes:  # the first compile setting is the baseline of the others
+        rows = [r for r in results if r["mode"] == mode]
+        for row in rows[1:]:
+            ratio = rows[0]["seconds_per_step"] / row["seconds_per_step"]
+            print(json.dumps({f"speedup_{row['compile']}_vs_{rows[0]['compile']}_{mode}": round(ratio, 3)}))
+    if len(args.modes) == 2:
+        for how in args.compile:
+            rows = [r for r in results if r["compile"] == how]
+            ratio = rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"]
+            print(json.dumps({f"speedup_cached_vs_uncached_{how}": round(ratio, 2)}))
     return results
 
 
@@ -555,7 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of 2 cached steps"
     )
-    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=["none", "regional", "full"],
+        default=["none"],
+        help="one or more, timed one after the other in this process (none first: compiling is in place)",
+    )
     parser.add_argument(
         "--compile-mode",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
@@ -568,7 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    run(build_parser().parse_args())
+    args = build_parser().parse_args()
+    if "none" in args.compile[1:] or len(set(args.compile) - {"none"}) > 1:
+        raise SystemExit("--compile: at most one of regional/full, after none (compilation is in place)")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,9 @@ VIDEO="bench/bench_video_step.py --device $DEV --dtype bf16 --gradient-checkpoin
 item smoke 90 bench/bench_train_step.py --preset sdxl-small --device $DEV --dtype bf16 --modes cached \
   --batch 1 --steps 1 --warmup 0 && item smoke-video 60 bench/bench_video_step.py --preset wan-tiny --device $DEV \
   --dtype bf16 --steps 1 || { echo "### smoke failed: stopping" | tee -a "$LOG"; exit 1; }
-# 1. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, with its profile
-item sdxl-lora-eager 150 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --profile
-# 2. the same step with the repeated blocks compiled (warm-up steps absorb the compile; first_step_s shows it)
-item sdxl-lora-regional 200 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional --profile
+# 1. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, then the repeated blocks
+#    compiled, in one process (side by side; warm-up steps absorb the compile, first_step_s shows it), each profiled
+item sdxl-lora 240 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile none regional --profile
 # 3. Wan 2.1 1.3B DenseDPO, 81 frames 480x832, LoRA r8
 item wan-dense 120 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 1
 # 4. SDXL full fine-tuning DPO (fp32 weights + AdamW, bf16 frozen reference), 4 pairs, checkpointing
@@ -60,7 +59,7 @@ item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV 
 # 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
 item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
 # 7. levers, if time is left: bf16 LoRA weights (the autocast-cast tax), channels-last with the compiled blocks
-item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 5 --warmup 2 --gradient-checkpointing --lora-dtype bf16
+item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 4 --warmup 1 --gradient-checkpointing --lora-dtype bf16
 item sdxl-lora-regional-cl 150 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional \
   --channels-last
 grep -h '^{' "$LOG" > "$OUT/results.jsonl"
