@@ -323,13 +323,7 @@ def run(args) -> list[dict]:
                 for i, raw in enumerate(loader):
                     sync(device)
                     t = time.perf_counter()
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        batch = prepare_pair_batch(raw, adapter, c, 0.0, res, device)
-                        loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sync(device)
+                    dpo_step(raw, adapter, c, res, device, dtype, models, opt)
                     if i == 0:
                         first_s = time.perf_counter() - t  # includes compilation with --compile
                     if i >= args.warmup:
@@ -379,6 +373,17 @@ def run(args) -> list[dict]:
             ratio = rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"]
             print(json.dumps({f"speedup_cached_vs_uncached_{how}": round(ratio, 2)}))
     return results
+
+
+def dpo_step(raw, adapter, cache, res, device, dtype, models, opt) -> None:
+    """One training step as the loop runs it: batch to the device, loss under autocast, backward, AdamW; synced."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
+        loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
 
 
 class FlopCount(TorchDispatchMode):
@@ -490,13 +495,7 @@ def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: in
         for i, raw in enumerate(loader):
             if i >= n:
                 break
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
-                loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync(device)
+            dpo_step(raw, adapter, cache, res, device, dtype, models, opt)
     wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
