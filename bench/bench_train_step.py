@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -37,13 +38,24 @@ sys.path.insert(0, str(ROOT))
 
 from mmalign.config import LoraConfig  # noqa: E402
 from mmalign.data.cache import CachedPairDataset, LatentCache  # noqa: E402
+from mmalign.data.inversion_cache import InversionCache  # noqa: E402
+from mmalign.data.inversion_pairs import (  # noqa: E402
+    InversionPairDataset,
+    InversionSpec,
+    build_inversion_cache,
+    inversion_fingerprint,
+    method_grid,
+    prepare_inversion_batch,
+)
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs  # noqa: E402
 from mmalign.data.setup import prepare_pair_batch  # noqa: E402
 from mmalign.pipelines import make_adapter  # noqa: E402
 from mmalign.pipelines.fast import apply_fast_paths  # noqa: E402
 from mmalign.toy.tokenizer import build_word_tokenizer  # noqa: E402
+from mmalign.trainers import inversion_dpo  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss  # noqa: E402
+from mmalign.trainers.inversion_dpo import InversionDPOConfig  # noqa: E402
 from mmalign.trainers.loop import add_lora  # noqa: E402
 
 WORDS = "a photo of red green blue yellow circle square triangle cat dog on the moon".split()
@@ -301,6 +313,11 @@ def run(args) -> list[dict]:
             "uncached": PairDataset(records, res, random_flip=True, joint_crop=joint),
             "cached": CachedPairDataset(records_c, keys, cache, random_flip=True),
         }
+        inversion, inversion_build_s = None, None
+        if "inversion" in args.modes:
+            datasets["inversion"], inversion, inversion_build_s = warm_inversion_cache(
+                records_c, keys, cache, adapter, models, res, device, args.inversion_steps
+            )
         for k, how in enumerate(args.compile):  # e.g. none then regional: eager and compiled in one process
             for net in (unet, reference):
                 if net is not None:
@@ -316,20 +333,21 @@ def run(args) -> list[dict]:
                 loader = torch.utils.data.DataLoader(
                     ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
                 )
-                c = cache if mode == "cached" else None
+                c = None if mode == "uncached" else cache
+                inv = inversion if mode == "inversion" else None
                 times = []
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 for i, raw in enumerate(loader):
                     sync(device)
                     t = time.perf_counter()
-                    dpo_step(raw, adapter, c, res, device, dtype, models, opt)
+                    dpo_step(raw, adapter, c, res, device, dtype, models, opt, inv)
                     if i == 0:
                         first_s = time.perf_counter() - t  # includes compilation with --compile
                     if i >= args.warmup:
                         times.append(time.perf_counter() - t)
-                if args.profile and mode == "cached":
-                    profile_steps(loader, adapter, c, res, device, dtype, models, opt)
+                if args.profile and mode != "uncached":
+                    profile_steps(loader, adapter, c, res, device, dtype, models, opt, inv)
                 step_s = sum(times) / len(times)
                 row = {
                     "preset": args.preset,
@@ -358,8 +376,11 @@ def run(args) -> list[dict]:
                 }
                 if device.type == "cuda":
                     row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if mode == "cached":
+                if mode != "uncached":
                     row["cache_build_s"] = round(cache_build_s, 2)
+                if mode == "inversion":  # the same denoiser work as a Diffusion-DPO step: the same floor
+                    row["method"] = f"inversion_dpo (warm cache, {args.inversion_steps}-step grid)"
+                    row["inversion_cache_build_s"] = round(inversion_build_s, 2)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     for mode in args.modes:  # the first compile setting is the baseline of the others
@@ -367,19 +388,67 @@ def run(args) -> list[dict]:
         for row in rows[1:]:
             ratio = rows[0]["seconds_per_step"] / row["seconds_per_step"]
             print(json.dumps({f"speedup_{row['compile']}_vs_{rows[0]['compile']}_{mode}": round(ratio, 3)}))
-    if len(args.modes) == 2:
-        for how in args.compile:
-            rows = [r for r in results if r["compile"] == how]
-            ratio = rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"]
+    for how in args.compile:
+        by_mode = {r["mode"]: r["seconds_per_step"] for r in results if r["compile"] == how}
+        if "uncached" in by_mode and "cached" in by_mode:
+            ratio = by_mode["uncached"] / by_mode["cached"]
             print(json.dumps({f"speedup_cached_vs_uncached_{how}": round(ratio, 2)}))
+        if "cached" in by_mode and "inversion" in by_mode:  # issue 16's target: <= 1.3
+            ratio = by_mode["inversion"] / by_mode["cached"]
+            print(json.dumps({f"inversion_step_over_dpo_step_{how}": round(ratio, 3)}))
     return results
 
 
-def dpo_step(raw, adapter, cache, res, device, dtype, models, opt) -> None:
-    """One training step as the loop runs it: batch to the device, loss under autocast, backward, AdamW; synced."""
+def warm_inversion_cache(records, keys, cache, adapter, models, res, device, steps: int):
+    """Inversion-DPO's data as its trainer builds it (``inverted_noise``, the released CFG-2 inverter, a ``steps``
+    grid), with every inversion computed up front by the reference network: (dataset, step setup, build seconds)."""
+    base = CachedPairDataset(records, keys, cache, random_flip=False)
+    method = InversionDPOConfig(num_inversion_steps=steps, trajectory_steps=min(8, steps))
+    spec = InversionSpec(**{f.name: getattr(method, f.name) for f in dataclasses.fields(InversionSpec)})
+    grid, alphas = method_grid(spec, adapter)
+    model_id = {"model": "bench", "revision": None, "variant": None}
+    t0 = time.perf_counter()
+    with models.reference() as ref:
+        inv_cache = InversionCache(cache.dir, inversion_fingerprint(spec, model_id, adapter, ref))
+        build_inversion_cache(
+            inv_cache, base, adapter, ref, spec, resolution=res, flips=(False,), device=device, progress=False
+        )
+    sync(device)
+    build_s = time.perf_counter() - t0
+    inv_cache.reload()
+    dataset = InversionPairDataset(
+        base,
+        inv_cache,
+        mode=spec.mode,
+        num_steps=steps,
+        trajectory_steps=spec.trajectory_steps,
+        random_flip=False,
+    )
+    return dataset, (spec, method, grid, alphas), build_s
+
+
+def dpo_step(raw, adapter, cache, res, device, dtype, models, opt, inversion=None) -> None:
+    """One training step as the loop runs it: batch to the device, loss under autocast, backward, AdamW; synced.
+
+    ``inversion`` = (spec, method config, grid, levels): an Inversion-DPO step on cached inversion slices."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
-        loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+        if inversion is None:
+            batch = prepare_pair_batch(raw, adapter, cache, 0.0, res, device)
+            loss, _ = compute_loss(batch, models, DiffusionDPOConfig())
+        else:
+            spec, method, grid, alphas = inversion
+            batch = prepare_inversion_batch(
+                raw,
+                device,
+                adapter=adapter,
+                latent_cache=cache,
+                spec=spec,
+                caption_dropout=0.0,
+                resolution=res,
+                grid=grid,
+                alphas=alphas,
+            )
+            loss, _ = inversion_dpo.compute_loss(batch, models, method)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -483,7 +552,9 @@ def matmul_rate(
     return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
-def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: int = 2) -> None:
+def profile_steps(
+    loader, adapter, cache, res, device, dtype, models, opt, inversion=None, n: int = 2
+) -> None:
     """torch.profiler over ``n`` steps: the ops that take the time, and on CUDA the GPU-busy fraction (see
     ``busy_fraction``; below 1 = the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
@@ -495,7 +566,7 @@ def profile_steps(loader, adapter, cache, res, device, dtype, models, opt, n: in
         for i, raw in enumerate(loader):
             if i >= n:
                 break
-            dpo_step(raw, adapter, cache, res, device, dtype, models, opt)
+            dpo_step(raw, adapter, cache, res, device, dtype, models, opt, inversion)
     wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
@@ -576,7 +647,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--attention-backend", choices=["sdpa", "xformers"], default="sdpa")
-    parser.add_argument("--modes", nargs="+", default=["uncached", "cached"], choices=["uncached", "cached"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["uncached", "cached"],
+        choices=["uncached", "cached", "inversion"],
+        help="uncached / cached Diffusion-DPO steps; inversion: Inversion-DPO steps on a warm inversion cache",
+    )
+    parser.add_argument(
+        "--inversion-steps", type=int, default=10, help="inversion grid (paper 80, toy recipe 10)"
+    )
     return parser
 
 

@@ -56,6 +56,8 @@ item sdxl-full 130 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing
 item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
   --dtype bfloat16 --disk-workers 0 8 14
 item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV --n $N --batch-size 64 --disk-workers 8 14
+# 6. Inversion-DPO step on a warm inversion cache (10-step grid, CFG-2 inverter) beside the Diffusion-DPO step
+item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
 # 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
 item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
 # 7. levers, if time is left: bf16 LoRA weights (the autocast-cast tax), channels-last with the compiled blocks

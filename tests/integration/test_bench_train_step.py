@@ -88,3 +88,19 @@ def test_busy_fraction_is_the_union_of_device_intervals():
         event(cuda, 52, 55),  # inside the previous one
     ]
     assert load_bench().busy_fraction(events, wall_us=100) == pytest.approx(0.4)
+
+
+def test_inversion_mode_times_a_warm_cache_step_beside_dpo(capsys):
+    """--modes cached inversion: the Inversion-DPO step on cached inversions, its one-off build time, and the
+    ratio to the Diffusion-DPO step (issue 16's target is <= 1.3 at SDXL size); both do the same denoiser work."""
+    bench = load_bench()
+    args = "--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached inversion --inversion-steps 3"
+    dpo, inv = bench.run(bench.build_parser().parse_args(args.split()))
+    assert inv["method"] == "inversion_dpo (warm cache, 3-step grid)" and inv["inversion_cache_build_s"] > 0
+    assert inv["step_tflop"] == dpo["step_tflop"]
+    (ratio,) = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if "inversion_step_over" in line
+    ]
+    assert ratio["inversion_step_over_dpo_step_none"] == pytest.approx(
+        inv["seconds_per_step"] / dpo["seconds_per_step"], rel=1e-2
+    )
