@@ -171,14 +171,7 @@ def quickstart(
     Returns:
         The metrics dict written to ``metrics.json``.
     """
-    from mmalign.toy.evaluate import (
-        compare_scores,
-        flaw_rates,
-        flaw_table,
-        markdown_table,
-        paired_grid,
-        score_pair,
-    )
+    from mmalign.toy.evaluate import flaw_table, markdown_table, paired_grid
     from mmalign.trainers import load_config
     from mmalign.trainers.loop import train
 
@@ -263,17 +256,10 @@ def quickstart(
 
     # 5. evaluate tuned (A) vs base (B) on held-out prompts and seeds
     t0 = time.time()
-    eval_p = [p for p in eval_prompts for _ in range(opts.eval_seeds_per_prompt)]
-    eval_s = [EVAL_SEED_BASE + i for i in range(len(eval_p))]
+    eval_p, eval_s = eval_set(opts)
     log(f"5/5 evaluating tuned vs base on {len(eval_p)} held-out (prompt, seed) pairs")
     before = generate(base, eval_p, eval_s, progress="eval base", **sample_kwargs)
-    tuned = load_toy_pipeline(model)
-    tuned.load_lora_weights(summary["export"])
-    after = generate(tuned, eval_p, eval_s, progress="eval tuned", **sample_kwargs)
-    scored = score_pair(eval_rewards(), after, before, eval_p)
-    metrics = compare_scores(scored)
-    flags = {name: flaw_flags(scored, side) for name, side in (("tuned", 0), ("base", 1))}
-    metrics["flaws"] = {k: flaw_rates(flags["tuned"][k], flags["base"][k]) for k in FLAWS}
+    metrics, scored, flags, after = evaluate_lora(model, summary["export"], before, eval_p, eval_s, opts)
     stage("evaluate", t0)
 
     metrics.update(
@@ -309,6 +295,41 @@ def quickstart(
         f"{metrics['seconds']:.0f}s total)"
     )
     return metrics
+
+
+def eval_set(opts: QuickstartOptions) -> tuple[list[str], list[int]]:
+    """The held-out (prompt, seed) list: each held-out prompt with ``eval_seeds_per_prompt`` unseen seeds."""
+    _, eval_prompts = split_prompts(opts.train_prompts, opts.eval_prompts, opts.split_seed)
+    eval_p = [p for p in eval_prompts for _ in range(opts.eval_seeds_per_prompt)]
+    return eval_p, [EVAL_SEED_BASE + i for i in range(len(eval_p))]
+
+
+def evaluate_lora(
+    model: str | Path,
+    lora: str | Path,
+    before: torch.Tensor,
+    eval_p: Sequence[str],
+    eval_s: Sequence[int],
+    opts: QuickstartOptions,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """Tuned (base + ``lora``) vs the base's samples ``before`` on the same (prompt, seed) list.
+
+    Returns:
+        (metrics of :func:`~mmalign.toy.evaluate.compare_scores` with ``flaws``, the per-sample scores, the
+        flaw flags of each side, the tuned samples [N,3,H,W]).
+    """
+    from mmalign.toy.evaluate import compare_scores, flaw_rates, score_pair
+
+    tuned = load_toy_pipeline(model)
+    tuned.load_lora_weights(str(lora))
+    after = generate(
+        tuned, eval_p, eval_s, progress="eval tuned", guidance_scale=opts.guidance_scale, steps=opts.steps
+    )
+    scored = score_pair(eval_rewards(), after, before, eval_p)
+    metrics = compare_scores(scored)
+    flags = {name: flaw_flags(scored, side) for name, side in (("tuned", 0), ("base", 1))}
+    metrics["flaws"] = {k: flaw_rates(flags["tuned"][k], flags["base"][k]) for k in FLAWS}
+    return metrics, scored, flags, after
 
 
 # The flaws the pairs target, as booleans per sample: speckle/blotches (the README's defect rate) and a
