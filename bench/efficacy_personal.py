@@ -69,6 +69,28 @@ def train_or_reuse(cfg, train) -> dict:
     return summary
 
 
+def run_name(encoder: str, overrides: list[str]) -> str:
+    """The personalised generator's run folder: one per encoder and set of recipe overrides."""
+    if not overrides:
+        return f"run_{encoder}"
+    import hashlib
+
+    return f"run_{encoder}_" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+
+
+def cached_samples(folder: Path, spec: dict, make) -> torch.Tensor:
+    """Evaluation samples that do not depend on the personalised generator (base, pooled), kept beside their spec:
+    a rerun with another personal_dpo variant (``--set``) reuses them instead of sampling again."""
+    stamp = json.dumps(spec, sort_keys=True, default=str)
+    if (folder / "spec.json").is_file() and (folder / "spec.json").read_text() == stamp:
+        return torch.load(folder / "images.pt")
+    images = make()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(images, folder / "images.pt")
+    (folder / "spec.json").write_text(stamp)
+    return images
+
+
 class one_thread:
     """Tiny ops (PAL fitting, small MLPs) run faster on one thread than on two contended ones."""
 
@@ -78,6 +100,16 @@ class one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.n)
+
+
+def shuffled_partners(ids: list[str], *, seed: int = 0) -> dict[str, str]:
+    """A seeded derangement: every user gets another, randomly drawn, user's vector (the shuffled control)."""
+    rng = random.Random(f"shuffle:{seed}")
+    while True:
+        perm = ids[:]
+        rng.shuffle(perm)
+        if all(a != b for a, b in zip(ids, perm)):
+            return dict(zip(ids, perm))
 
 
 def reload_png(images: torch.Tensor) -> torch.Tensor:
@@ -130,6 +162,18 @@ def main() -> None:
         "--shuffled-all",
         action="store_true",
         help="the shuffled-vector control for every encoder (default: --main only)",
+    )
+    ap.add_argument(
+        "--opposite",
+        action="store_true",
+        help="also the user's vector vs the vector of the unseen user with the opposite sides on both axes",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of configs/toy/personal_dpo.yaml for the personalised generators (repeatable)",
     )
     ap.add_argument("--measure", action="store_true", help="only measure how the base's samples vary")
     ap.add_argument("--seed", type=int, default=0)
@@ -310,9 +354,9 @@ def run(args) -> dict:
             ev_user.append(user)
     by_user = {u.id: [i for i, x in enumerate(ev_user) if x.id == u.id] for u in unseen_users}
     ids = [u.id for u in unseen_users]
-    shuffled_of = {
-        ids[i]: ids[(i + len(ids) // 2) % len(ids)] for i in range(len(ids))
-    }  # opposite x-side user
+    shuffled_of = shuffled_partners(ids, seed=args.seed)
+    # the user whose preferred sides are the opposite on both axes (population() cycles the 4 sign patterns)
+    opposite_of = {ids[i]: ids[i ^ 3] for i in range(len(ids)) if (i ^ 3) < len(ids)}
 
     def hidden(images: torch.Tensor) -> torch.Tensor:
         return torch.cat([ev_user[i].reward(images[i : i + 1]) for i in range(len(images))])
@@ -334,7 +378,11 @@ def run(args) -> dict:
         return out_imgs
 
     t0 = time.time()
-    base_imgs = generate(base, ev_prompts, ev_seeds, **sample)
+    base_imgs = cached_samples(
+        out / "eval_base",
+        {"prompts": ev_prompts, "seeds": ev_seeds, **sample},
+        lambda: generate(base, ev_prompts, ev_seeds, **sample),
+    )
     r_base = hidden(base_imgs)
     timings["evaluate"] = time.time() - t0
 
@@ -395,10 +443,11 @@ def run(args) -> dict:
                 f"model.pretrained={DEFAULT_TOY_MODEL}",
                 f"data.source={manifest}",
                 f"method.user_vectors={vec_path}",
-                f"train.output_dir={out / ('run_' + name)}",
+                f"train.output_dir={out / run_name(name, args.set)}",
                 f"data.cache_dir={out / 'cache'}",
                 f"train.max_steps={args.train_steps}",
                 "train.progress=false",
+                *args.set,
             ],
         )
         log(f"5 {name}: {counts['users']} users ({counts['skipped_users']} skipped), training personal_dpo")
@@ -408,12 +457,15 @@ def run(args) -> dict:
         pipe = load_toy_pipeline()
         load_user_adapter(pipe, summary["export"], scale=args.scale)
         personal_imgs = sample_users(pipe, unseen)
+        torch.save(personal_imgs, out / run_name(name, args.set) / "eval_images.pt")
         r_personal = r_personal_of[name] = hidden(personal_imgs)
         vs_base = paired_stats(r_personal, r_base)
         results[name] = {
             "win_rate": round(vs_base["win_rate"], 4),
             "win_rate_ci": ci(vs_base),
             "mean_reward": round(r_personal.mean().item(), 3),
+            "mean_gain": round(vs_base["mean_diff"], 4),
+            "mean_gain_ci": [round(x, 4) for x in vs_base["mean_diff_ci"]],
             "shift_toward_user": toward_user(personal_imgs),
             "train_seconds": round(summary["seconds"], 1),
             "final_metrics": {k: round(v, 4) for k, v in summary["final_metrics"].items()},
@@ -424,6 +476,12 @@ def run(args) -> dict:
             results[name].update(
                 vs_shuffled=round(vs_shuffled["win_rate"], 4), vs_shuffled_ci=ci(vs_shuffled)
             )
+            if args.opposite and len(opposite_of) == len(ids):
+                flipped = {u: unseen[opposite_of[u]] for u in ids}
+                vs_opposite = paired_stats(r_personal, hidden(sample_users(pipe, flipped)))
+                results[name].update(
+                    vs_opposite=round(vs_opposite["win_rate"], 4), vs_opposite_ci=ci(vs_opposite)
+                )
         timings[f"evaluate_{name}"] = time.time() - t0
         log(f"5 {name}: {results[name]}")
         (out / "partial.json").write_text(json.dumps({"encoders": results, "timings": timings}, indent=1))
@@ -443,8 +501,13 @@ def run(args) -> dict:
                 ],
             )
             pipe = load_toy_pipeline()
-            pipe.load_lora_weights(train_or_reuse(cfg, train)["export"])
-            pooled_imgs = generate(pipe, ev_prompts, ev_seeds, **sample)
+            pooled_summary = train_or_reuse(cfg, train)
+            pipe.load_lora_weights(pooled_summary["export"])
+            pooled_imgs = cached_samples(
+                out / "eval_pooled",
+                {"prompts": ev_prompts, "seeds": ev_seeds, **sample, "run": pooled_summary},
+                lambda pipe=pipe: generate(pipe, ev_prompts, ev_seeds, **sample),
+            )
             pooled["r"] = hidden(pooled_imgs)
             pooled["shift"] = toward_user(pooled_imgs)
             pooled["vs_base"] = paired_stats(pooled["r"], r_base)
@@ -495,6 +558,7 @@ def run(args) -> dict:
         "guidance": args.guidance,
         "sampler_steps": args.steps,
         "train_steps": args.train_steps,
+        "overrides": args.set,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
 

@@ -73,6 +73,30 @@ def test_zero_user_vector_and_scale_zero_give_the_base_output_exactly(family, re
     assert not torch.allclose(with_user, ref)
 
 
+def test_a_zeroed_user_vector_gives_the_user_path_no_gradient(tiny_sd15):
+    """User dropout only thins personal_dpo's batch: a dropped (zero) vector is the reference exactly, so its
+    rows move no user-path weight (docs/personalization.md)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    params = add_user_path(unet, user_dim=8)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.2)
+    x, t, e = unet_inputs(unet)
+
+    def grads(user):
+        for p in params:
+            p.grad = None
+        unet(
+            x, t, encoder_hidden_states=e, added_cond_kwargs=user_added_cond(user)
+        ).sample.square().sum().backward()
+        return [p.grad for p in params]
+
+    assert all(g is None or not g.any() for g in grads(torch.zeros(2, 8)))
+    assert all(g is not None and g.any() for g in grads(torch.randn(2, 8)))
+
+
 def test_saved_adapter_loads_into_a_stock_pipeline_and_changes_its_output(tiny_sd15, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
