@@ -10,12 +10,16 @@ paired with the base (same noise). Reported (paired bootstrap 95% intervals, tie
 
 - ``win_rate``: personalised (``--main`` encoder) vs base;
 - ``vs_pooled``: personalised vs pooled Diffusion-DPO;
-- ``vs_shuffled``: the user's own vector vs another unseen user's vector (same generator);
+- ``vs_shuffled``: the user's own vector vs another unseen user's vector (a seeded derangement; same generator);
+- ``vs_opposite``: the user's own vector vs that of the unseen user who prefers the opposite sides on both axes;
+- ``mean_gain``: the mean reward gain over the base (reward units = within-prompt standard deviations);
 - ``encoders``: the same numbers for every encoder;
 - ``pal_accuracy`` vs ``shared_accuracy``: PAL-B fitted from the 4 shots vs one shared reward (K=1) on the
   unseen users' held-out pairs.
 
-Run: ``nice python bench/efficacy_personal.py`` (prints one JSON line; ``--out`` keeps the files).
+Run: ``nice python bench/efficacy_personal.py`` (prints one JSON line; ``--out`` keeps the files). A recipe variant:
+``--encoders mean_diff --set train.learning_rate=3e-4`` (its own run folder; candidates, pairs, the pooled model and
+the base/pooled samples of the same ``--out`` are reused). BENCHMARKS.md has the measured levers.
 """
 
 from __future__ import annotations
@@ -162,11 +166,6 @@ def main() -> None:
         "--shuffled-all",
         action="store_true",
         help="the shuffled-vector control for every encoder (default: --main only)",
-    )
-    ap.add_argument(
-        "--opposite",
-        action="store_true",
-        help="also the user's vector vs the vector of the unseen user with the opposite sides on both axes",
     )
     ap.add_argument(
         "--set",
@@ -476,7 +475,7 @@ def run(args) -> dict:
             results[name].update(
                 vs_shuffled=round(vs_shuffled["win_rate"], 4), vs_shuffled_ci=ci(vs_shuffled)
             )
-            if args.opposite and len(opposite_of) == len(ids):
+            if len(opposite_of) == len(ids):
                 flipped = {u: unseen[opposite_of[u]] for u in ids}
                 vs_opposite = paired_stats(r_personal, hidden(sample_users(pipe, flipped)))
                 results[name].update(
@@ -542,6 +541,11 @@ def run(args) -> dict:
         "vs_pooled_ci": m["vs_pooled_ci"],
         "vs_shuffled": m.get("vs_shuffled"),
         "vs_shuffled_ci": m.get("vs_shuffled_ci"),
+        "vs_opposite": m.get("vs_opposite"),
+        "vs_opposite_ci": m.get("vs_opposite_ci"),
+        "mean_gain": m["mean_gain"],
+        "mean_gain_ci": m["mean_gain_ci"],
+        "shift_toward_user": m["shift_toward_user"],
         "pooled_shift_toward_user": pooled_shift,
         "pooled_vs_base": round(pooled_vs_base["win_rate"], 4),
         "pooled_vs_base_ci": [round(x, 4) for x in pooled_vs_base["win_rate_ci"]],
