@@ -85,3 +85,14 @@ def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
                 f"frozen {name} changed"
             )
     return trainable, frozen
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module (bench/ is scripts, not a package): for the tests of its tiny modes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

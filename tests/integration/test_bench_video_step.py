@@ -3,19 +3,8 @@ the rows carry the figures the GPU table needs, and the floor arithmetic holds."
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench as load
 
 
 @pytest.mark.parametrize("preset", ["wan-tiny", "cogvideox-tiny"])

@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+from conftest import load_bench as load_bench_script
 
 from mmalign.rewards.label import make_pairs
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "efficacy_levers.py"
-
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("efficacy_levers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("efficacy_levers")
 
 
 @pytest.fixture()
