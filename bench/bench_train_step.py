@@ -14,6 +14,8 @@ with torch.utils.flop_counter's formulas from the model's shapes) divided by the
 and dtype (a square matmul timed here), and ``floor_ratio`` = floor seconds / measured seconds per step.
 Fast paths as in training: ``--compile regional|full``, ``--compile-mode``, ``--channels-last``,
 ``--attention-backend``; ``--compile none regional`` times eager and then compiled in the same process.
+``--gradient-checkpointing --checkpoint-policy recompute_all save_attention save_matmuls`` times each
+checkpointing policy in the same process (peak memory per row on CUDA).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from mmalign.data.inversion_pairs import (  # noqa: E402
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs  # noqa: E402
 from mmalign.data.setup import prepare_pair_batch  # noqa: E402
 from mmalign.pipelines import make_adapter  # noqa: E402
-from mmalign.pipelines.fast import apply_fast_paths  # noqa: E402
+from mmalign.pipelines.fast import apply_fast_paths, enable_checkpointing  # noqa: E402
 from mmalign.toy.tokenizer import build_word_tokenizer  # noqa: E402
 from mmalign.trainers import inversion_dpo  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
@@ -304,7 +306,7 @@ def run(args) -> list[dict]:
                 )
             )
         )
-        if args.gradient_checkpointing:
+        if args.gradient_checkpointing:  # recompute_all while counting: count_flops subtracts whole forwards
             unet.enable_gradient_checkpointing()
         # the floor is the step's work without checkpointing's recomputed forward (counted in eager mode)
         step_flops = count_step_flops(first, adapter, cache, res, device, dtype, models, opt)
@@ -328,68 +330,80 @@ def run(args) -> list[dict]:
                         channels_last=args.channels_last and k == 0,
                         attention_backend=args.attention_backend,
                     )
-            for mode in args.modes:
-                ds = datasets[mode]
-                loader = torch.utils.data.DataLoader(
-                    ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
-                )
-                c = None if mode == "uncached" else cache
-                inv = inversion if mode == "inversion" else None
-                times = []
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                for i, raw in enumerate(loader):
-                    sync(device)
-                    t = time.perf_counter()
-                    dpo_step(raw, adapter, c, res, device, dtype, models, opt, inv)
-                    if i == 0:
-                        first_s = time.perf_counter() - t  # includes compilation with --compile
-                    if i >= args.warmup:
-                        times.append(time.perf_counter() - t)
-                if args.profile and mode != "uncached":
-                    profile_steps(loader, adapter, c, res, device, dtype, models, opt, inv)
-                step_s = sum(times) / len(times)
-                row = {
-                    "preset": args.preset,
-                    "mode": mode,
-                    "device": device_name(device),
-                    "dtype": args.dtype,
-                    "resolution": res,
-                    "pairs_per_step": args.batch,
-                    "steps": len(times),
-                    "seconds_per_step": round(step_s, 4),
-                    "step_times_s": [round(x, 4) for x in times],
-                    "first_step_s": round(first_s, 3),
-                    "steps_per_s": round(1 / step_s, 3),
-                    "pairs_per_s": round(args.batch / step_s, 3),
-                    "compile": how,
-                    "channels_last": args.channels_last,
-                    "attention_backend": args.attention_backend,
-                    "gradient_checkpointing": args.gradient_checkpointing,
-                    "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
-                    "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
-                    "step_tflop": sig(step_flops / 1e12),
-                    "matmul_tflops": sig(rate / 1e12),
-                    "floor_s_per_step": sig(floor_s),
-                    "floor_pairs_per_s": round(args.batch / floor_s, 3),
-                    "floor_ratio": sig(floor_s / step_s, 4),
-                }
-                if device.type == "cuda":
-                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if mode != "uncached":
-                    row["cache_build_s"] = round(cache_build_s, 2)
-                if mode == "inversion":  # the same denoiser work as a Diffusion-DPO step: the same floor
-                    row["method"] = f"inversion_dpo (warm cache, {args.inversion_steps}-step grid)"
-                    row["inversion_cache_build_s"] = round(inversion_build_s, 2)
-                print(json.dumps(row), flush=True)
-                results.append(row)
-    for mode in args.modes:  # the first compile setting is the baseline of the others
+            for policy in args.checkpoint_policy:
+                if args.gradient_checkpointing:
+                    enable_checkpointing(unet, policy)
+                for mode in args.modes:
+                    ds = datasets[mode]
+                    loader = torch.utils.data.DataLoader(
+                        ds, batch_size=args.batch, collate_fn=collate_pairs, shuffle=False
+                    )
+                    c = None if mode == "uncached" else cache
+                    inv = inversion if mode == "inversion" else None
+                    times = []
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    for i, raw in enumerate(loader):
+                        sync(device)
+                        t = time.perf_counter()
+                        dpo_step(raw, adapter, c, res, device, dtype, models, opt, inv)
+                        if i == 0:
+                            first_s = time.perf_counter() - t  # includes compilation with --compile
+                        if i >= args.warmup:
+                            times.append(time.perf_counter() - t)
+                    if args.profile and mode != "uncached":
+                        profile_steps(loader, adapter, c, res, device, dtype, models, opt, inv)
+                    step_s = sum(times) / len(times)
+                    row = {
+                        "preset": args.preset,
+                        "mode": mode,
+                        "device": device_name(device),
+                        "dtype": args.dtype,
+                        "resolution": res,
+                        "pairs_per_step": args.batch,
+                        "steps": len(times),
+                        "seconds_per_step": round(step_s, 4),
+                        "step_times_s": [round(x, 4) for x in times],
+                        "first_step_s": round(first_s, 3),
+                        "steps_per_s": round(1 / step_s, 3),
+                        "pairs_per_s": round(args.batch / step_s, 3),
+                        "compile": how,
+                        "channels_last": args.channels_last,
+                        "attention_backend": args.attention_backend,
+                        "gradient_checkpointing": args.gradient_checkpointing,
+                        "checkpoint_policy": policy if args.gradient_checkpointing else None,
+                        "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
+                        "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
+                        "step_tflop": sig(step_flops / 1e12),
+                        "matmul_tflops": sig(rate / 1e12),
+                        "floor_s_per_step": sig(floor_s),
+                        "floor_pairs_per_s": round(args.batch / floor_s, 3),
+                        "floor_ratio": sig(floor_s / step_s, 4),
+                    }
+                    if device.type == "cuda":
+                        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    if mode != "uncached":
+                        row["cache_build_s"] = round(cache_build_s, 2)
+                    if mode == "inversion":  # the same denoiser work as a Diffusion-DPO step: the same floor
+                        row["method"] = f"inversion_dpo (warm cache, {args.inversion_steps}-step grid)"
+                        row["inversion_cache_build_s"] = round(inversion_build_s, 2)
+                    print(json.dumps(row), flush=True)
+                    results.append(row)
+
+    def label(row: dict) -> str:
+        return row["compile"] + (f"/{row['checkpoint_policy']}" if len(args.checkpoint_policy) > 1 else "")
+
+    for mode in args.modes:  # the first compile setting (and policy) is the baseline of the others
         rows = [r for r in results if r["mode"] == mode]
         for row in rows[1:]:
             ratio = rows[0]["seconds_per_step"] / row["seconds_per_step"]
-            print(json.dumps({f"speedup_{row['compile']}_vs_{rows[0]['compile']}_{mode}": round(ratio, 3)}))
+            print(json.dumps({f"speedup_{label(row)}_vs_{label(rows[0])}_{mode}": round(ratio, 3)}))
     for how in args.compile:
-        by_mode = {r["mode"]: r["seconds_per_step"] for r in results if r["compile"] == how}
+        by_mode = {  # under the first checkpoint policy
+            r["mode"]: r["seconds_per_step"]
+            for r in results
+            if r["compile"] == how and r["checkpoint_policy"] in (None, args.checkpoint_policy[0])
+        }
         if "uncached" in by_mode and "cached" in by_mode:
             ratio = by_mode["uncached"] / by_mode["cached"]
             print(json.dumps({f"speedup_cached_vs_uncached_{how}": round(ratio, 2)}))
@@ -631,6 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
+        "--checkpoint-policy",
+        nargs="+",
+        choices=["recompute_all", "save_attention", "save_matmuls"],
+        default=["recompute_all"],
+        help="with --gradient-checkpointing: one or more policies, timed one after the other (train.checkpoint_policy)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="print a torch.profiler table of 2 cached steps"
     )
     parser.add_argument(
@@ -664,6 +685,8 @@ def main() -> None:
     args = build_parser().parse_args()
     if "none" in args.compile[1:] or len(set(args.compile) - {"none"}) > 1:
         raise SystemExit("--compile: at most one of regional/full, after none (compilation is in place)")
+    if args.checkpoint_policy != ["recompute_all"] and not args.gradient_checkpointing:
+        raise SystemExit("--checkpoint-policy needs --gradient-checkpointing")
     run(args)
 
 

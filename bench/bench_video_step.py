@@ -35,7 +35,7 @@ from bench_train_step import count_flops, device_name, matmul_rate, sig, sync  #
 
 from mmalign.config import LoraConfig  # noqa: E402
 from mmalign.pipelines import make_adapter  # noqa: E402
-from mmalign.pipelines.fast import apply_fast_paths  # noqa: E402
+from mmalign.pipelines.fast import apply_fast_paths, enable_checkpointing  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.dense_dpo import DenseDPOConfig, compute_loss  # noqa: E402
 from mmalign.trainers.loop import add_lora  # noqa: E402
@@ -228,6 +228,8 @@ def run(args) -> dict:
     batch = make_batch(preset, args.batch, device, gen)
     torch.manual_seed(0)
     flops = count_flops(lambda: step(batch), net)  # the step without checkpointing's recomputed forward
+    if args.gradient_checkpointing:  # counted under recompute_all (count_flops subtracts whole forwards)
+        enable_checkpointing(net, args.checkpoint_policy)
     apply_fast_paths(net, compile=args.compile, compile_mode=args.compile_mode)
     floor_s = flops / rate
     if device.type == "cuda":
@@ -260,6 +262,7 @@ def run(args) -> dict:
         "lora_rank": args.rank,
         "compile": args.compile,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_policy": args.checkpoint_policy if args.gradient_checkpointing else None,
         "step_tflop": sig(flops / 1e12),
         "matmul_tflops": sig(rate / 1e12),
         "floor_s_per_pair": sig(floor_s / args.batch),
@@ -284,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--loss", choices=["dense", "vanilla"], default="dense")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--checkpoint-policy",
+        choices=["recompute_all", "save_attention", "save_matmuls"],
+        default="recompute_all",
+        help="with --gradient-checkpointing: what checkpointed blocks keep (train.checkpoint_policy)",
+    )
     parser.add_argument("--compile", choices=["none", "regional", "full"], default="none")
     parser.add_argument(
         "--compile-mode",

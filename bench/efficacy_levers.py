@@ -4,6 +4,7 @@
     python bench/efficacy_levers.py --from DIR --name beta2500 method.beta=2500
     python bench/efficacy_levers.py --from DIR --name bw --pairing best_worst
     python bench/efficacy_levers.py --from DIR --name m02 --min-margin 0.2 train.max_steps=300
+    python bench/efficacy_levers.py --from DIR --name inv --config configs/toy/inversion_dpo.yaml --eval-at 100,200
 
 Generating and scoring the 1,408 candidates is the same for every training lever with the same base, so this
 reuses the finished quickstart run in DIR: its ``pairs.jsonl`` (every pair above margin 0.05), its candidates
@@ -13,12 +14,17 @@ with those options (both are subsets of the margin-0.05 pairs). The recipe is ``
 with the overrides; the evaluation is the quickstart's (48 held-out prompts x 6 seeds, tuned vs base), with the
 base's samples generated once and kept in ``DIR/levers/base_eval.pt``. Output:
 ``{"name", "win_rate", "win_rate_ci", "toy_defect_win_rate", flaw rates with the drop's interval, ...}``.
+
+``--config`` trains another pair recipe on the same pairs (e.g. ``configs/toy/inversion_dpo.yaml``; its
+inversion cache goes beside the latent cache). ``--eval-at 100,200`` also evaluates the run's checkpoints at
+those steps (one JSON line each, ``"step"`` set): win rate against steps for one training run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-only", action="store_true", help="evaluate DIR/levers/NAME/run/final again, no training"
     )
+    parser.add_argument("--config", default=None, help="the recipe (default: the quickstart's)")
+    parser.add_argument(
+        "--eval-at",
+        default="",
+        help="comma-separated steps whose checkpoints are evaluated too, e.g. 100,200",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. method.beta=2500")
     args = parser.parse_args(argv)
 
@@ -57,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmalign.toy.quickstart import (
         DEFAULT_CONFIG,
         DEFAULT_TOY_MODEL,
-        FLAWS,
         QuickstartOptions,
         eval_set,
-        evaluate_lora,
     )
     from mmalign.toy.sample import generate, load_toy_pipeline
     from mmalign.trainers import load_config
@@ -82,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         source.write_text("".join(json.dumps(row) + "\n" for row in pairs))
 
     run_dir = src / "levers" / args.name / "run"
+    eval_at = sorted({int(x) for x in args.eval_at.split(",") if x.strip()})
+    checkpointing = (
+        [f"train.checkpoint_every={math.gcd(*eval_at)}", f"train.checkpoints_total_limit={len(eval_at) + 1}"]
+        if eval_at
+        else []
+    )
     cfg = load_config(
-        DEFAULT_CONFIG,
+        args.config or DEFAULT_CONFIG,
         [
             f"model.pretrained={Path(model).resolve()}",
             f"data.source={source}",
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"data.cache_dir={src / 'cache'}",
             "train.overwrite=true",
             "train.progress=false",
+            *checkpointing,
             *args.overrides,
         ],
     )
@@ -114,10 +131,57 @@ def main(argv: list[str] | None = None) -> int:
             steps=opts.steps,
         )
         torch.save(before, base_eval)
-    metrics, scored, flags, _ = evaluate_lora(model, summary["export"], before, eval_p, eval_s, opts)
-    (run_dir.parent / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    points = [
+        (step, export_checkpoint(run_dir, step, model, cfg)) for step in eval_at if step < summary["steps"]
+    ]
+    for step, lora in [*points, (summary["steps"], summary["export"])]:
+        row = evaluate(model, lora, before, eval_p, eval_s, opts, run_dir.parent / f"step-{step}")
+        row = {
+            "name": args.name,
+            "step": step,
+            **row,
+            "pairs": len(pairs),
+            "steps": summary["steps"],
+            "train_seconds": round(summary["seconds"], 1),
+            "seconds": round(time.time() - t0, 1),
+            "pairing": args.pairing,
+            "min_margin": args.min_margin,
+            "config": str(args.config or DEFAULT_CONFIG),
+            "overrides": args.overrides,
+        }
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def export_checkpoint(run_dir: Path, step: int, model: str, cfg) -> Path:
+    """The LoRA of ``run_dir``'s checkpoint at ``step``, exported as ``train`` exports its final one."""
+    from safetensors.torch import load_file
+
+    from mmalign.toy.sample import load_toy_pipeline
+    from mmalign.trainers.checkpoint import CHECKPOINT_PREFIX, TRAINABLE_FILE
+    from mmalign.trainers.loop import add_lora, export
+
+    ckpt = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    pipe = load_toy_pipeline(model)
+    add_lora(pipe.unet, cfg.lora)
+    result = pipe.unet.load_state_dict(load_file(ckpt / TRAINABLE_FILE), strict=False)
+    lora_keys = {k for k, _ in pipe.unet.named_parameters() if "lora_" in k}
+    if result.unexpected_keys or lora_keys & set(result.missing_keys):
+        raise RuntimeError(f"{ckpt}: does not hold this recipe's LoRA ({result})")
+    return export(pipe, pipe.unet, "unet", cfg, run_dir.parent / f"step-{step}" / "lora")
+
+
+def evaluate(model, lora, before, eval_p, eval_s, opts, out: Path) -> dict:
+    """The quickstart's evaluation of ``lora`` against the base's samples ``before``; the row's metrics."""
+    import torch
+
+    from mmalign.toy.quickstart import FLAWS, evaluate_lora
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, scored, flags, _ = evaluate_lora(model, lora, before, eval_p, eval_s, opts)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     # per-sample scores [tuned, base] per reward, for breakdowns (e.g. win rate on the base's flawed samples)
-    torch.save({name: torch.stack(pair) for name, pair in scored.items()}, run_dir.parent / "scores.pt")
+    torch.save({name: torch.stack(pair) for name, pair in scored.items()}, out / "scores.pt")
     tuned_wins = scored["training_reward"][0] > scored["training_reward"][1]
     flawed = flags["base"][FLAWS[2]]
 
@@ -132,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     rewards = metrics["rewards"]
-    row = {
-        "name": args.name,
+    return {
         "win_rate": round(metrics["win_rate"], 4),
         "win_rate_ci": [round(x, 4) for x in metrics["win_rate_ci"]],
         "n": metrics["n"],
@@ -146,16 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_reward_tuned": round(metrics["mean_reward_a"]["training_reward"], 4),
         "mean_reward_base": round(metrics["mean_reward_b"]["training_reward"], 4),
         **{name: flaw(key) for name, key in zip(("speckle", "wrong_colour", "either"), FLAWS)},
-        "pairs": len(pairs),
-        "steps": summary["steps"],
-        "train_seconds": round(summary["seconds"], 1),
-        "seconds": round(time.time() - t0, 1),
-        "pairing": args.pairing,
-        "min_margin": args.min_margin,
-        "overrides": args.overrides,
     }
-    print(json.dumps(row))
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--npo-alpha", type=float, default=1.0, help="NPO guidance alpha (positive offset)")
     parser.add_argument(
+        "--pairing",
+        choices=("best_worst", "all"),
+        default="best_worst",
+        help="diffusion_npo: each prompt's best-vs-worst pair, or every candidate pair above margin 0.05",
+    )
+    parser.add_argument(
+        "--tag", default="", help="suffix of each method's folder under --out, to keep several variants"
+    )
+    parser.add_argument(
+        "--reuse-labels",
+        action="store_true",
+        help="diffusion_npo: reuse the scored candidates of an earlier run in --out (same guidance and pairing)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
     )
     args = parser.parse_args(argv)
@@ -95,7 +109,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     for method in args.methods.split(","):
         t0 = time.time()
         label_seconds = 0.0
-        run_dir = out / method
+        run_dir = out / f"{method}{args.tag}"
+        scored_file = out / f"diffusion_npo-candidates-cfg{args.guidance:g}.pt"
         if method == "self_npo":
             source = run_dir / "prompts.txt"
             source.parent.mkdir(parents=True, exist_ok=True)
@@ -106,20 +121,29 @@ def run(args: argparse.Namespace) -> list[dict]:
 
             cand_p = [p for p in train_prompts for _ in range(args.candidates)]
             cand_s = [TRAIN_SEED_BASE + i for i in range(len(cand_p))]
-            log(f"{method}: sampling and scoring {len(cand_p)} candidates at CFG {args.guidance}")
-            images = generate(
-                base, cand_p, cand_s, guidance_scale=args.guidance, steps=args.steps, size=args.size
-            )
-            scores = training_reward()(images, cand_p).float().cpu()
-            (run_dir / "candidates").mkdir(parents=True, exist_ok=True)
-            paths = []
-            for i, img in enumerate(images):
-                paths.append(str(run_dir / "candidates" / f"{i:05d}.png"))
-                save_image(img, paths[-1])
-            pairs = make_pairs(cand_p, scores, paths, 0.05, pairing="best_worst")
+            if args.reuse_labels and scored_file.is_file():
+                saved = torch.load(scored_file)
+                if saved["prompts"] != cand_p:
+                    raise SystemExit(f"{scored_file}: other candidates (prompts or --candidates differ)")
+                scores, paths = saved["scores"], saved["paths"]
+                log(f"{method}: reusing the {len(cand_p)} scored candidates in {scored_file}")
+            else:
+                log(f"{method}: sampling and scoring {len(cand_p)} candidates at CFG {args.guidance}")
+                images = generate(
+                    base, cand_p, cand_s, guidance_scale=args.guidance, steps=args.steps, size=args.size
+                )
+                scores = training_reward()(images, cand_p).float().cpu()
+                (out / "candidates").mkdir(parents=True, exist_ok=True)
+                paths = []
+                for i, img in enumerate(images):
+                    paths.append(str(out / "candidates" / f"{i:05d}.png"))
+                    save_image(img, paths[-1])
+                torch.save({"prompts": cand_p, "scores": scores, "paths": paths}, scored_file)
+            pairs = make_pairs(cand_p, scores, paths, 0.05, pairing=args.pairing)
             if not pairs:
                 raise RuntimeError("no candidate pair has a reward margin > 0.05; raise --candidates")
             source = run_dir / "pairs.jsonl"
+            run_dir.mkdir(parents=True, exist_ok=True)
             source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
             n_data = len(pairs)
             label_seconds = time.time() - t0
@@ -162,6 +186,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "guidance": args.guidance,
                     "npo_alpha": args.npo_alpha,
                     "npo_beta": npo_beta,
+                    "pairing": args.pairing if method == "diffusion_npo" else None,
                     "overrides": list(args.overrides),
                     "sample_steps": args.steps,
                     "train_steps": summary["steps"],
@@ -174,7 +199,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "total_seconds": round(time.time() - t0, 1),
                 }
             )
-    (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / f"summary{args.tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 

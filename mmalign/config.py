@@ -282,6 +282,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate). Frozen parts are cast to this dtype.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
+    checkpoint_policy: str = _f(
+        "recompute_all",
+        "With gradient_checkpointing, what each checkpointed block keeps for backward: recompute_all (its inputs only; least memory, the forward runs twice); save_attention (also the attention outputs: backward skips re-running attention); save_matmuls (every matmul/conv/attention output: backward re-runs only element-wise ops). Same results (tested).",
+        choices=("recompute_all", "save_attention", "save_matmuls"),
+    )
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
     compile: str = _f(
         "none",
@@ -343,6 +348,10 @@ class TrainConfig:
         if self.compile == "none" and self.compile_mode != "default":
             raise ConfigError(
                 f"train.compile_mode={self.compile_mode} has no effect with train.compile=none: set train.compile=regional or full"
+            )
+        if not self.gradient_checkpointing and self.checkpoint_policy != "recompute_all":
+            raise ConfigError(
+                f"train.checkpoint_policy={self.checkpoint_policy} has no effect without checkpointing: set train.gradient_checkpointing=true"
             )
         if self.overwrite and self.resume:
             raise ConfigError(

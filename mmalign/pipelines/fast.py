@@ -10,12 +10,20 @@ gradients with eager on a tiny model):
 - ``channels_last``: 4-D weights (2-D convolutions) in NHWC, so cuDNN/oneDNN convolutions skip layout transposes.
 - ``attention_backend``: ``sdpa`` (torch's scaled_dot_product_attention, diffusers' default) or ``xformers``
   (diffusers' ``enable_xformers_memory_efficient_attention``; needs the ``[xformers]`` extra and CUDA).
+- ``checkpoint_policy`` (with gradient checkpointing on): what a checkpointed block keeps for backward.
+  ``recompute_all`` (diffusers' default) keeps only the block's inputs and re-runs its whole forward in backward;
+  ``save_attention`` keeps the attention kernels' outputs, so backward re-runs everything but attention;
+  ``save_matmuls`` keeps every matmul, convolution and attention output, so backward re-runs only the cheap
+  element-wise ops (norms, activations, casts). torch's selective activation checkpointing
+  (``create_selective_checkpoint_contexts``) through diffusers' ``enable_gradient_checkpointing(func)``.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +31,18 @@ import torch
 COMPILE_CHOICES = ("none", "regional", "full")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+CHECKPOINT_POLICIES = ("recompute_all", "save_attention", "save_matmuls")
+
+# aten ops whose outputs a selective policy keeps (names; the ones this torch build lacks are skipped)
+_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
+_MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution")
 
 
 class FastPathError(ValueError):
@@ -109,6 +129,46 @@ def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
             f"train.attention_backend=xformers: {type(model).__name__} is not a diffusers model; use sdpa"
         )
     model.enable_xformers_memory_efficient_attention()
+
+
+def _saved_ops(policy: str) -> frozenset:
+    names = _ATTENTION_OPS + (_MATMUL_OPS if policy == "save_matmuls" else ())
+    return frozenset(getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n))
+
+
+def checkpointing_function(policy: str) -> Callable | None:
+    """The ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that implements
+    ``policy``; None for ``recompute_all`` (diffusers' own function: non-reentrant ``checkpoint``)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise FastPathError(
+            f"train.checkpoint_policy={policy!r}: choose from {', '.join(CHECKPOINT_POLICIES)}"
+        )
+    if policy == "recompute_all":
+        return None
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    saved = _saved_ops(policy)
+
+    def keep(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op.overloadpacket in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    contexts = functools.partial(create_selective_checkpoint_contexts, keep)
+
+    def selective_checkpoint(module: torch.nn.Module, *args: Any) -> Any:
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    selective_checkpoint.policy = policy  # type: ignore[attr-defined]  # for logs and tests
+    return selective_checkpoint
+
+
+def enable_checkpointing(model: torch.nn.Module, policy: str = "recompute_all") -> None:
+    """Gradient checkpointing on ``model`` (a diffusers model) with ``policy`` (see the module docstring)."""
+    func = checkpointing_function(policy)
+    if not hasattr(model, "enable_gradient_checkpointing"):
+        raise FastPathError(
+            f"train.gradient_checkpointing: {type(model).__name__} is not a diffusers model with checkpointing"
+        )
+    model.enable_gradient_checkpointing(func)
 
 
 def apply_fast_paths(

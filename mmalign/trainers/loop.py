@@ -24,7 +24,7 @@ from mmalign.config import ConfigError, RunConfig, save_config, short, to_dict
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model
-from mmalign.pipelines.fast import FastPathError, apply_fast_paths
+from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -320,7 +320,10 @@ def _setup_trainable(run: _Run, keep_initial: bool) -> None:
             run.reference = copy.deepcopy(denoiser).requires_grad_(False).to(accelerator.device, dtype).eval()
         denoiser.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        try:
+            enable_checkpointing(denoiser, cfg.train.checkpoint_policy)
+        except FastPathError as err:
+            raise ConfigError(str(err)) from None
     denoiser.to(accelerator.device)
     for net in (denoiser, run.reference):
         if net is not None:

@@ -52,6 +52,17 @@ def test_checkpointed_step_counts_the_same_necessary_work(capsys):
     assert ckpt["gradient_checkpointing"] and ckpt["step_tflop"] == pytest.approx(
         plain["step_tflop"], rel=1e-6
     )
+    # every checkpoint policy is timed in one process, against the same floor
+    policies = "recompute_all save_attention save_matmuls"
+    rows = bench.run(
+        bench.build_parser().parse_args(
+            f"{base} --gradient-checkpointing --checkpoint-policy {policies}".split()
+        )
+    )
+    assert [r["checkpoint_policy"] for r in rows] == policies.split()
+    assert {r["step_tflop"] for r in rows} == {rows[0]["step_tflop"]}
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {"speedup_none/save_matmuls_vs_none/recompute_all_cached"} <= {k for r in printed for k in r}
 
 
 def test_flop_count_is_the_denoiser_work():

@@ -22,6 +22,14 @@ def test_tiny_dense_dpo_step_floor_leaves_out_the_recomputed_forward(preset):
     floor_s = plain["floor_s_per_pair"] * plain["pairs_per_step"]
     assert floor_s == pytest.approx(plain["step_tflop"] / plain["matmul_tflops"], rel=1e-2)
     assert plain["floor_ratio"] == pytest.approx(floor_s / plain["seconds_per_step"], rel=2e-2)
+    # a selective policy runs on the video transformers too, against the same floor
+    sac = bench.run(
+        bench.build_parser().parse_args(
+            ["--preset", preset, "--steps", "1", "--warmup", "0", "--gradient-checkpointing"]
+            + ["--checkpoint-policy", "save_matmuls"]
+        )
+    )
+    assert sac["checkpoint_policy"] == "save_matmuls" and sac["step_tflop"] == ckpt["step_tflop"]
 
 
 def test_reward_bench_reports_the_raw_backbone_ceiling(tmp_path):

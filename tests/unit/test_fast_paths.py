@@ -1,4 +1,5 @@
-"""Fast paths (train.compile, train.channels_last, train.attention_backend) give eager's loss and gradients.
+"""Fast paths (train.compile, train.channels_last, train.attention_backend, train.checkpoint_policy) give
+eager's loss and gradients.
 
 A Diffusion-DPO step on the tiny SD1.5 UNet with LoRA, run eagerly and with each fast path from the same seed,
 in fp32. beta=2 (tau=1) so the loss moves one-for-one with the denoiser's errors: at beta=5000 any fp32 rounding
@@ -16,7 +17,13 @@ import torch
 
 from mmalign.config import ConfigError, LoraConfig, TrainConfig
 from mmalign.pipelines import make_adapter
-from mmalign.pipelines.fast import FastPathError, apply_fast_paths, repeated_blocks, set_attention_backend
+from mmalign.pipelines.fast import (
+    FastPathError,
+    apply_fast_paths,
+    enable_checkpointing,
+    repeated_blocks,
+    set_attention_backend,
+)
 from mmalign.trainers.common import TrainModels
 from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss
 from mmalign.trainers.loop import add_lora
@@ -29,8 +36,9 @@ def tiny_pipe(tiny_sd15):
     return load_pipeline(str(tiny_sd15), family="sd15")[0]
 
 
-def _step(pipe, state, *, checkpointing=False, **fast):
-    """One DPO loss + backward from a fixed seed; returns (loss, {name: grad})."""
+def _step(pipe, state, *, checkpointing=False, policy="recompute_all", count=None, **fast):
+    """One DPO loss + backward from a fixed seed; returns (loss, {name: grad}). ``count``: a dict that receives
+    how often each aten op ran during the step (``_OpCount``)."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_config(pipe.unet.config)
@@ -40,7 +48,7 @@ def _step(pipe, state, *, checkpointing=False, **fast):
     lora = {k: v for k, v in state.items()}
     unet.load_state_dict(lora, strict=False)  # non-zero LoRA B: policy != reference
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet, policy)
     unet.train()
     apply_fast_paths(unet, compile_backend="aot_eager", **fast)
     adapter = make_adapter(pipe, "sd15")
@@ -51,10 +59,24 @@ def _step(pipe, state, *, checkpointing=False, **fast):
         "cond": {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)},
     }
     torch.manual_seed(1)  # noise and timesteps
-    loss, _ = compute_loss(batch, TrainModels(adapter, unet), DiffusionDPOConfig(beta=2.0))
-    loss.backward()
+    with _OpCount(count if count is not None else {}):
+        loss, _ = compute_loss(batch, TrainModels(adapter, unet), DiffusionDPOConfig(beta=2.0))
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
     return loss.detach(), grads
+
+
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts every aten op (by overload packet name) that runs inside it, recomputation included."""
+
+    def __init__(self, counts: dict):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +100,20 @@ def eager(tiny_pipe, lora_state):
         {"channels_last": True},
         {"compile": "full"},
         {"compile": "regional", "channels_last": True, "checkpointing": True},
+        {"checkpointing": True},
+        {"checkpointing": True, "policy": "save_attention"},
+        {"checkpointing": True, "policy": "save_matmuls"},
+        {"compile": "regional", "checkpointing": True, "policy": "save_matmuls"},
     ],
-    ids=["channels_last", "full", "regional+channels_last+checkpointing"],
+    ids=[
+        "channels_last",
+        "full",
+        "regional+channels_last+checkpointing",
+        "checkpointing",
+        "checkpointing+save_attention",
+        "checkpointing+save_matmuls",
+        "regional+checkpointing+save_matmuls",
+    ],
 )
 def test_fast_path_matches_eager(tiny_pipe, lora_state, eager, fast):
     torch._dynamo.reset()
@@ -91,6 +125,30 @@ def test_fast_path_matches_eager(tiny_pipe, lora_state, eager, fast):
     for name, ref in ref_grads.items():
         scale = ref.abs().max().item()
         torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_checkpoint_policies_skip_what_they_save(tiny_pipe, lora_state):
+    """The forward ops each policy keeps are not run again in backward: forward convolutions and attention
+    kernels run once per step without checkpointing; recompute_all runs the checkpointed blocks' twice;
+    save_attention runs attention once and convolutions twice; save_matmuls runs both once."""
+    runs = {}
+    for name, kwargs in {
+        "off": {},
+        "recompute_all": {"checkpointing": True},
+        "save_attention": {"checkpointing": True, "policy": "save_attention"},
+        "save_matmuls": {"checkpointing": True, "policy": "save_matmuls"},
+    }.items():
+        counts: dict = {}
+        _step(tiny_pipe, lora_state, count=counts, **kwargs)
+        attention = sum(
+            n for op, n in counts.items() if op.startswith("_scaled_dot_product") and "backward" not in op
+        )
+        runs[name] = (counts.get("convolution", 0), attention)
+    conv, attn = runs["off"]
+    assert conv > 0 and attn > 0, runs  # the tiny UNet has both, through these kernels
+    assert runs["recompute_all"][0] > conv and runs["recompute_all"][1] > attn, runs
+    assert runs["save_attention"] == (runs["recompute_all"][0], attn), runs
+    assert runs["save_matmuls"] == (conv, attn), runs
 
 
 def test_regional_finds_the_repeated_blocks(tiny_pipe):
@@ -117,6 +175,12 @@ def test_fast_path_config_errors():
     with pytest.raises(ConfigError, match="no effect with train.compile=none"):
         TrainConfig(compile_mode="max-autotune")
     assert TrainConfig(compile="full", compile_mode="max-autotune-no-cudagraphs").compile == "full"
+    with pytest.raises(
+        ConfigError, match=r"train.checkpoint_policy.*recompute_all, save_attention, save_matmuls"
+    ):
+        TrainConfig(gradient_checkpointing=True, checkpoint_policy="save_some")
+    with pytest.raises(ConfigError, match="no effect without checkpointing"):
+        TrainConfig(checkpoint_policy="save_matmuls")
 
 
 def test_xformers_error_is_one_line(tiny_pipe):
