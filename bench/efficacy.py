@@ -80,18 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if not args.quiet else (lambda s: None)
     model = args.model or DEFAULT_TOY_MODEL
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or key not in QuickstartOptions.__dataclass_fields__:
-            fields = ", ".join(QuickstartOptions.__dataclass_fields__)
-            print(f"bench/efficacy.py: bad --option {item!r}; use KEY=VALUE with KEY one of: {fields}")
-            return 2
-        options[key] = type(getattr(QuickstartOptions(), key))(value)
+    try:
+        opts = QuickstartOptions.from_items(args.option)
+    except ValueError as err:
+        print(f"bench/efficacy.py: --option: {err}")
+        return 2
+    options = {k: getattr(opts, k) for k in (i.partition("=")[0] for i in args.option)}
     metrics = quickstart(
         out,
         model=model,
-        options=QuickstartOptions(**options),
+        options=opts,
         config=config,
         overrides=[*overrides, "train.progress=false"],
         log=log,

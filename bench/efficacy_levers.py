@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-only", action="store_true", help="evaluate DIR/levers/NAME/run/final again, no training"
     )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the protocol's QuickstartOptions, as DIR was run with (e.g. guidance_scale=1.0)",
+    )
     parser.add_argument("--config", default=None, help="the recipe (default: the quickstart's)")
     parser.add_argument(
         "--eval-at",
@@ -82,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/efficacy_levers.py: {manifest} not found; run bench/efficacy.py --out {src} first")
         return 2
     model = args.model or DEFAULT_TOY_MODEL
-    opts = QuickstartOptions()
+    try:
+        opts = QuickstartOptions.from_items(args.option)
+    except ValueError as err:
+        parser.error(f"--option: {err}")
     t0 = time.time()
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line]
     pairs = select_pairs(rows, args.pairing, args.min_margin)
@@ -147,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairing": args.pairing,
             "min_margin": args.min_margin,
             "config": str(args.config or DEFAULT_CONFIG),
+            "options": args.option,
             "overrides": args.overrides,
         }
         print(json.dumps(row), flush=True)

@@ -58,6 +58,19 @@ class QuickstartOptions:
     steps: int = QUICKSTART_STEPS
     split_seed: int = 0
 
+    @classmethod
+    def from_items(cls, items: Sequence[str]) -> QuickstartOptions:
+        """``["KEY=VALUE", ...]`` (e.g. ``candidates=12``) over the defaults; ValueError names a bad item."""
+        values: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ValueError(
+                    f"bad option {item!r}: use KEY=VALUE, KEY one of {', '.join(cls.__dataclass_fields__)}"
+                )
+            values[key] = type(getattr(cls(), key))(value)
+        return cls(**values)
+
 
 def all_toy_prompts() -> list[str]:
     """Every toy caption: colours x shapes x (no size | small | large) x (no position | 4 positions)."""
@@ -312,7 +325,8 @@ def evaluate_lora(
     eval_s: Sequence[int],
     opts: QuickstartOptions,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-    """Tuned (base + ``lora``) vs the base's samples ``before`` on the same (prompt, seed) list.
+    """Tuned (base + ``lora``, or the UNet a full fine-tune exported there) vs the base's samples ``before`` on
+    the same (prompt, seed) list.
 
     Returns:
         (metrics of :func:`~mmalign.toy.evaluate.compare_scores` with ``flaws``, the per-sample scores, the
@@ -321,7 +335,12 @@ def evaluate_lora(
     from mmalign.toy.evaluate import compare_scores, flaw_rates, score_pair
 
     tuned = load_toy_pipeline(model)
-    tuned.load_lora_weights(str(lora))
+    if (Path(lora) / "unet").is_dir():  # a full fine-tune's export (lora.enabled=false): the trained UNet
+        from diffusers import UNet2DConditionModel
+
+        tuned.unet = UNet2DConditionModel.from_pretrained(Path(lora) / "unet").eval()
+    else:
+        tuned.load_lora_weights(str(lora))
     after = generate(
         tuned, eval_p, eval_s, progress="eval tuned", guidance_scale=opts.guidance_scale, steps=opts.steps
     )

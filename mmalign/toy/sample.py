@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 DEFAULT_TOY_MODEL = Path(__file__).parent / "assets" / "toy-sd"
-QUICKSTART_GUIDANCE = 2.0
+# No CFG: the toy base then leaves a flaw (speckle or a wrong colour) in two thirds of its samples (a third at
+# CFG 2), which is what the quickstart's DPO visibly fixes (BENCHMARKS.md, "The quickstart at CFG 1").
+QUICKSTART_GUIDANCE = 1.0
 QUICKSTART_STEPS = 20
 
 

@@ -104,3 +104,14 @@ def test_paired_grid_writes_a_caption_row_under_each_tile():
         captions_b=["0.1 speckle"] * 4,
     )
     assert scored.size[1] > plain.size[1]  # room for one caption line under each of the 4 rows
+
+
+def test_quickstart_options_from_items():
+    from mmalign.toy.quickstart import QuickstartOptions
+
+    opts = QuickstartOptions.from_items(["guidance_scale=1.0", "candidates=12", "pairing=best_worst"])
+    assert (opts.guidance_scale, opts.candidates, opts.pairing) == (1.0, 12, "best_worst")
+    assert QuickstartOptions.from_items([]) == QuickstartOptions()
+    for bad in ("guidance=1", "candidates"):
+        with pytest.raises(ValueError, match=f"bad option '{bad}'.*guidance_scale"):
+            QuickstartOptions.from_items([bad])
