@@ -307,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument(
+        "--base-only",
+        action="store_true",
+        help="only the base model's flicker rate, score and colour in --eval-mode (e.g. is a video base coherent "
+        "from noise?), plus base.png (8 clips, one per row); no pairs, no training",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for every run, e.g. train.learning_rate=2e-4"
     )
     args = parser.parse_args(argv)
@@ -331,6 +337,25 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     t_all = time.time()
     train_prompts, eval_prompts = split(video_prompts(), args.eval_prompts, args.seed)
+    if args.base_only:
+        from torchvision.utils import save_image
+
+        eval_p = [p for p in eval_prompts for _ in range(args.seeds_per_prompt)]
+        eval_s = [1_000_000 + i for i in range(len(eval_p))]
+        videos = sample_model(args, None, eval_p, eval_s)
+        base = scores(videos, eval_p, args)
+        save_image(videos[:: args.seeds_per_prompt][:8].flatten(0, 1), out / "base.png", nrow=args.frames)
+        row = {
+            "model": args.model,
+            "eval_mode": args.eval_mode,
+            "flicker_rate": base["flickers"].mean().item(),
+            "flicker_score": base["flicker"].mean().item(),
+            "color": base["color"].mean().item(),
+            "n": len(eval_p),
+            "seconds": time.time() - t_all,
+        }
+        print(json.dumps({k: rounded(v) for k, v in row.items()}), flush=True)
+        return [row]
     pipe, family = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     t0 = time.time()

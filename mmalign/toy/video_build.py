@@ -50,6 +50,8 @@ class ToyVideoBuildConfig:
     ema_decay: float = 0.995
     motion_heads: int = 4
     threads: int = 1
+    high_t_fraction: float = 0.0  # this share of each batch draws t from [high_t_min, T): where layout forms
+    high_t_min: int = 800
 
 
 def render_clips(cfg: ToyVideoBuildConfig) -> tuple[torch.Tensor, list[str], list[int | None]]:
@@ -127,6 +129,9 @@ def train_motion_modules(
         rows[torch.rand(cfg.batch, generator=g) < cfg.caption_dropout] = len(uniq)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, n_t, (cfg.batch,), generator=g)
+        if cfg.high_t_fraction > 0:  # extra draws only here, so a default build is unchanged
+            high = torch.rand(cfg.batch, generator=g) < cfg.high_t_fraction
+            t = torch.where(high, torch.randint(cfg.high_t_min, n_t, (cfg.batch,), generator=g), t)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = adapter.predict(unet, xt, t, {"encoder_hidden_states": text[rows]})

@@ -40,3 +40,16 @@ def test_reward_bench_reports_the_raw_backbone_ceiling(tmp_path):
         row["disk_images_per_s_workers0"] / row["raw_backbone_images_per_s"], rel=2e-2
     )
     assert row["disk_scores_identical_across_workers"]
+
+
+def test_dense_dpo_bench_base_only_measures_the_base(tmp_path, capsys):
+    """``efficacy_dense_dpo.py --base-only``: the base's flicker rate in the eval mode, and its clips as a PNG."""
+    import json
+
+    bench = load("efficacy_dense_dpo")
+    args = "--base-only --eval-mode t2v --eval-prompts 1 --seeds-per-prompt 2 --sample-steps 2"
+    assert bench.main([*args.split(), "--out", str(tmp_path)]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert row["eval_mode"] == "t2v" and row["n"] == 2
+    assert 0 <= row["flicker_rate"] <= 1 and 0 <= row["flicker_score"] <= 1
+    assert (tmp_path / "base.png").is_file() and not (tmp_path / "pairs").exists()

@@ -114,3 +114,25 @@ def test_build_is_deterministic(tiny_base, tmp_path):
     part = "unet/diffusion_pytorch_model.safetensors"
     wa, wb = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_high_t_fraction_trains_where_the_layout_forms(tiny_base, tmp_path, monkeypatch):
+    """``high_t_fraction``: that share of each batch draws t from [high_t_min, T) (1.0: all of it)."""
+    from mmalign.pipelines import toy_video
+
+    seen = []
+    predict = toy_video.ToyVideoAdapter.predict
+
+    def record(self, denoiser, xt, t, cond):
+        seen.append(t.clone())
+        return predict(self, denoiser, xt, t, cond)
+
+    monkeypatch.setattr(toy_video.ToyVideoAdapter, "predict", record)
+    smoke = {**SMOKE, "steps": 5, "batch": 4}
+    toy_video_build(tmp_path / "high", base=tiny_base, **smoke, high_t_fraction=1.0, high_t_min=900)
+    high = torch.cat(seen[:5])
+    seen.clear()
+    toy_video_build(tmp_path / "plain", base=tiny_base, **smoke)
+    plain = torch.cat(seen[:5])
+    assert len(high) == len(plain) == 20
+    assert (high >= 900).all() and (plain < 900).any()
