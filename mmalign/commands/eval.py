@@ -127,6 +127,11 @@ def evaluate(
             built = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
     guidance = guidance if guidance is not None else (QUICKSTART_GUIDANCE if toy else 5.0)
     steps = steps if steps is not None else (QUICKSTART_STEPS if toy else 25)
+    if negative_lora_a and guidance <= 1:
+        raise ValueError(
+            f"--negative-lora-a acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
+            + (" (the toy world samples at 1.0 by default)" if toy else "")
+        )
 
     eval_p = [p for p in prompt_list for _ in range(seeds_per_prompt)]
     first = EVAL_SEED_BASE if seed is None else seed

@@ -96,6 +96,10 @@ def generate(
         raise ValueError("generate: no prompts (give --prompt or --prompts FILE)")
     if n_per_prompt < 1:
         raise ValueError(f"--n-per-prompt {n_per_prompt} must be >= 1")
+    if negative_lora and guidance <= 1:
+        raise ValueError(
+            f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
+        )
     pipe, family, _ = load_for_inference(
         model, family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, lora=lora, verbose=verbose
     )

@@ -157,7 +157,6 @@ def checkpointing_function(policy: str) -> Callable | None:
     def selective_checkpoint(module: torch.nn.Module, *args: Any) -> Any:
         return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
 
-    selective_checkpoint.policy = policy  # type: ignore[attr-defined]  # for logs and tests
     return selective_checkpoint
 
 

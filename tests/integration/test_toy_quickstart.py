@@ -101,7 +101,7 @@ def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
     assert 0 <= metrics["win_rate_ci"][0] <= metrics["win_rate"] <= metrics["win_rate_ci"][1] <= 1
 
 
-def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path):
+def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path, capsys):
     """`mmalign eval --negative-lora-a`: A = B with a negative LoRA in its CFG branch (guidance on vs off)."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -143,3 +143,10 @@ def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 4 and metrics["labels"]["a"].startswith("NPO-guided")
     assert metrics["mean_reward_a"]["toy_color"] != metrics["mean_reward_b"]["toy_color"]
+    # without CFG NPO guidance would do nothing: one line says so (the toy world samples at CFG 1 by default)
+    no_cfg = [a for a in args if a not in ("--guidance", "3")]
+    assert main(no_cfg) == 2
+    assert "--negative-lora-a acts through classifier-free guidance" in capsys.readouterr().err
+    gen = ["generate", "--model", str(smoke_toy), "--prompt", "a red circle", "--guidance", "1"]
+    assert main([*gen, "--negative-lora", str(tmp_path / "neg"), "--out", str(tmp_path / "gen")]) == 2
+    assert "--negative-lora acts through classifier-free guidance" in capsys.readouterr().err
