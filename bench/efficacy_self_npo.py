@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse-labels",
         action="store_true",
-        help="diffusion_npo: reuse the scored candidates of an earlier run in --out (same guidance and pairing)",
+        help="diffusion_npo: reuse the candidates an earlier run in --out sampled and scored at this --guidance",
     )
     parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
@@ -133,10 +133,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                     base, cand_p, cand_s, guidance_scale=args.guidance, steps=args.steps, size=args.size
                 )
                 scores = training_reward()(images, cand_p).float().cpu()
-                (out / "candidates").mkdir(parents=True, exist_ok=True)
+                folder = out / f"candidates-cfg{args.guidance:g}"  # one folder per guidance, as scored_file
+                folder.mkdir(parents=True, exist_ok=True)
                 paths = []
                 for i, img in enumerate(images):
-                    paths.append(str(out / "candidates" / f"{i:05d}.png"))
+                    paths.append(str(folder / f"{i:05d}.png"))
                     save_image(img, paths[-1])
                 torch.save({"prompts": cand_p, "scores": scores, "paths": paths}, scored_file)
             pairs = make_pairs(cand_p, scores, paths, 0.05, pairing=args.pairing)
