@@ -16,10 +16,10 @@ Protocol (DESIGN §3, §5; issue 7):
 4. Three LoRA runs from ``configs/toy/dense_dpo.yaml`` with the same steps: ``dense`` (all pairs),
    ``vanilla`` (whole-clip DPO on the same pairs; clip ties dropped), ``dense_third`` (DenseDPO on a third
    of the pairs).
-5. Paired evaluation on held-out prompts x seeds (same clips and noise for every model). ``--eval-mode
-   sdedit`` (default): video-to-video from held-out clean clips at ``--eval-eta``, the setting the pairs come
-   from (the shipped toy video model is not temporally coherent from pure noise, see its README); ``t2v``:
-   from pure noise. Reported: flicker win rate of each tuned model over the base (the clip's worst-segment
+5. Paired evaluation on held-out prompts x seeds (same clips and noise for every model). ``--eval-mode t2v``
+   (default): text-to-video from pure noise (the shipped toy video model is coherent from noise since
+   2026-11-28, see its README); ``sdedit``: video-to-video from held-out clean clips at ``--eval-eta``, the
+   setting the pairs come from. Reported: flicker win rate of each tuned model over the base (the clip's worst-segment
    ``toy_flicker`` score, continuous, ties 0.5), flicker rate (worst segment below ``--flicker-threshold``)
    tuned vs base with the interval of its drop, a reward the pairs were not built from (``toy_color``), and
    DenseDPO vs vanilla head to head; paired-bootstrap 95% intervals (:func:`mmalign.toy.evaluate.paired_stats`).
@@ -244,7 +244,15 @@ def sample_model(args: argparse.Namespace, lora: str | None, prompts: list[str],
     pipe.set_progress_bar_config(disable=True)
     if lora:
         pipe.load_lora_weights(lora)
-    return generate_videos(pipe, prompts, seeds, frames=args.frames, size=args.size, steps=args.sample_steps)
+    return generate_videos(
+        pipe,
+        prompts,
+        seeds,
+        frames=args.frames,
+        size=args.size,
+        steps=args.sample_steps,
+        noise_correlation=args.noise_correlation,
+    )
 
 
 def scores(videos, prompts: list[str], args: argparse.Namespace) -> dict:
@@ -300,17 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-mode",
         choices=("sdedit", "t2v"),
-        default="sdedit",
-        help="sdedit: video-to-video from held-out clean clips at --eval-eta; t2v: from pure noise",
+        default="t2v",
+        help="t2v: text-to-video from pure noise; sdedit: video-to-video from held-out clean clips at --eval-eta",
     )
     parser.add_argument("--eval-eta", type=float, default=0.7)
+    parser.add_argument(
+        "--noise-correlation",
+        type=float,
+        default=0.0,
+        help="t2v: initial noise whose frames share this variance fraction (0: i.i.d. frames, the default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument(
         "--base-only",
         action="store_true",
-        help="only the base model's flicker rate, score and colour in --eval-mode (e.g. is a video base coherent "
-        "from noise?), plus base.png (8 clips, one per row); no pairs, no training",
+        help="only the base model's flicker rate, score, colour and coherence (coherence_stats) in --eval-mode (is a "
+        "video base coherent from noise?), plus base.png (8 clips, one per row); no pairs, no training",
     )
     parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for every run, e.g. train.learning_rate=2e-4"
@@ -340,6 +354,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.base_only:
         from torchvision.utils import save_image
 
+        from mmalign.toy.video_build import coherence_stats
+
         eval_p = [p for p in eval_prompts for _ in range(args.seeds_per_prompt)]
         eval_s = [1_000_000 + i for i in range(len(eval_p))]
         videos = sample_model(args, None, eval_p, eval_s)
@@ -351,6 +367,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             "flicker_rate": base["flickers"].mean().item(),
             "flicker_score": base["flicker"].mean().item(),
             "color": base["color"].mean().item(),
+            **coherence_stats(videos, eval_p),
+            "noise_correlation": args.noise_correlation,
             "n": len(eval_p),
             "seconds": time.time() - t_all,
         }

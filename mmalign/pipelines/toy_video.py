@@ -23,6 +23,28 @@ def frames_to_batch(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.reshape(-1, *pixels.shape[2:])
 
 
+def frame_noise(
+    shape: torch.Size | tuple[int, ...],
+    correlation: float = 0.0,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Gaussian noise [B,C,T,H,W] whose frames share a ``correlation`` fraction of their variance.
+
+    ``sqrt(rho) * shared + sqrt(1 - rho) * own_t``: every frame is N(0, I) and two frames correlate by rho (the
+    "mixed" video noise prior of Ge et al. 2023, PYoCo). ``correlation=0`` draws exactly ``torch.randn(shape)``.
+    """
+    if not 0.0 <= correlation < 1.0:
+        raise ValueError(f"noise correlation {correlation} must be in [0, 1)")
+    own = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if correlation == 0.0:
+        return own
+    shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=device, dtype=dtype)
+    return correlation**0.5 * shared + (1 - correlation) ** 0.5 * own
+
+
 @dataclass
 class ToyVideoAdapter:
     """Adapter for AnimateDiffPipeline checkpoints (the toy video model; AnimateDiff SD1.5 motion models)."""

@@ -47,6 +47,7 @@ def generate(
     batch_size: int = 64,
     size: int = 32,
     progress: bool | str = False,
+    latents: torch.Tensor | None = None,
     **pipe_kwargs: Any,
 ) -> torch.Tensor:
     """Sample one image (or, with a video pipeline, one clip) per (prompt, seed).
@@ -60,7 +61,7 @@ def generate(
         batch_size: images per pipeline call.
         size: image side in pixels.
         progress: one overall tqdm bar over the samples (a string is its label).
-
+        latents: the initial noise of every sample, [N, ...] (None: each drawn from its seed by the pipeline).
         pipe_kwargs: passed to the pipeline (e.g. ``num_frames`` for a video pipeline).
 
     Returns:
@@ -68,6 +69,8 @@ def generate(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if latents is not None and len(latents) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(latents)} initial latents")
     from tqdm.auto import tqdm
 
     out = []
@@ -79,6 +82,8 @@ def generate(
     )
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+        if latents is not None:
+            pipe_kwargs["latents"] = latents[i : i + batch_size]
         images = pipe(
             list(prompts[i : i + batch_size]),
             height=size,

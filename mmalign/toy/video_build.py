@@ -1,15 +1,20 @@
 """Pretrain the toy video model: the toy image pipeline's parts plus AnimateDiff motion modules (DESIGN §5).
 
 The toy image pipeline (``mmalign/toy/assets/toy-sd``: VAE, CLIP text encoder, UNet2DConditionModel) is
-turned into a diffusers ``AnimateDiffPipeline`` (:func:`mmalign.toy.tiny.make_toy_video_pipeline`)
-and only its motion modules are trained (DDPM epsilon, EMA), on rendered clips of a moving shape of which a
-fraction flicker in one random segment (:func:`mmalign.toy.render.render_video`). The base video model
-therefore flickers sometimes, which is what DenseDPO is benchmarked on (``bench/efficacy_dense_dpo.py``).
-The spatial layers stay those of the image model. Weights are rounded to fp16 and the UNet and VAE stored
-in fp16 (the pipeline loads them as fp32; the returned pipeline holds the same values). Saved with
-``save_pretrained`` (safetensors) without the separate ``motion_adapter`` (its weights live inside the saved
-``UNetMotionModel``), and loaded back with ``AnimateDiffPipeline.from_pretrained`` or
-:func:`mmalign.pipelines.load_pipeline`.
+turned into a diffusers ``AnimateDiffPipeline`` (:func:`mmalign.toy.tiny.make_toy_video_pipeline`) and its
+UNet (motion modules and, by default, the spatial layers; ``train_spatial=False`` trains the motion modules
+only) is trained (DDPM epsilon, EMA) on rendered clips of a moving shape of which a fraction flicker in one
+random segment (:func:`mmalign.toy.render.render_video`). The base video model therefore flickers sometimes,
+which is what DenseDPO is benchmarked on (``bench/efficacy_dense_dpo.py``).
+
+Two settings make it coherent from pure noise (BENCHMARKS.md, "A toy video base that is coherent from noise"):
+the epsilon loss is weighted by min(1/SNR(t), ``x0_weight_cap``), an error in x0's units, because at t >= 900,
+where a sample's layout forms, an epsilon error barely moves the x0 estimate and so barely teaches the frames to
+agree; and the spatial layers train with the motion modules. The text encoder and VAE stay the image model's.
+Weights are rounded to fp16 and the UNet and VAE stored in fp16 (the pipeline loads them as fp32; the returned
+pipeline holds the same values). Saved with ``save_pretrained`` (safetensors) without the separate
+``motion_adapter`` (its weights live inside the saved ``UNetMotionModel``), and loaded back with
+``AnimateDiffPipeline.from_pretrained`` or :func:`mmalign.pipelines.load_pipeline`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmalign.pipelines.toy_video import frame_noise
 from mmalign.toy.build import DEFAULT_ASSET_DIR, _ema_update, _lr_factor
 
 DEFAULT_VIDEO_ASSET_DIR = Path(__file__).parent / "assets" / "toy-video"
@@ -43,7 +49,7 @@ class ToyVideoBuildConfig:
     flicker_amount: float = 0.35
     p_size: float = 0.3
     p_position: float = 0.0
-    steps: int = 400
+    steps: int = 1200
     batch: int = 8
     lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -52,6 +58,9 @@ class ToyVideoBuildConfig:
     threads: int = 1
     high_t_fraction: float = 0.0  # this share of each batch draws t from [high_t_min, T): where layout forms
     high_t_min: int = 800
+    noise_correlation: float = 0.0  # frames' noises share this variance fraction (a mixed video noise prior)
+    train_spatial: bool = True  # also train the image UNet's layers (False: only the motion modules)
+    x0_weight_cap: float = 5.0  # > 0: weight each clip's eps loss by min(1/SNR(t), cap), an x0-space loss
 
 
 def render_clips(cfg: ToyVideoBuildConfig) -> tuple[torch.Tensor, list[str], list[int | None]]:
@@ -97,7 +106,8 @@ def train_motion_modules(
     cfg: ToyVideoBuildConfig,
     log: Callable[[str], None],
 ) -> float:
-    """DDPM epsilon training of the motion modules only; loads their EMA at the end. Returns the last running loss.
+    """DDPM epsilon training of the motion modules (and the spatial layers with ``cfg.train_spatial``); loads
+    their EMA at the end. Returns the last running loss.
 
     Args:
         adapter: a :class:`~mmalign.pipelines.toy_video.ToyVideoAdapter` of the pipeline being built.
@@ -108,6 +118,8 @@ def train_motion_modules(
     """
     unet = adapter.pipeline.unet
     unet.freeze_unet2d_params()  # everything but the motion modules
+    if cfg.train_spatial:
+        unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     uniq = sorted(set(captions))
     text = adapter.encode_prompts([*uniq, ""])["encoder_hidden_states"]  # [U+1,L,D], frozen encoder
@@ -127,7 +139,7 @@ def train_motion_modules(
         x0 = latents[idx]
         rows = index[idx].clone()
         rows[torch.rand(cfg.batch, generator=g) < cfg.caption_dropout] = len(uniq)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = frame_noise(x0.shape, cfg.noise_correlation, generator=g)
         t = torch.randint(0, n_t, (cfg.batch,), generator=g)
         if cfg.high_t_fraction > 0:  # extra draws only here, so a default build is unchanged
             high = torch.rand(cfg.batch, generator=g) < cfg.high_t_fraction
@@ -135,7 +147,11 @@ def train_motion_modules(
         a = alphas[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = adapter.predict(unet, xt, t, {"encoder_hidden_states": text[rows]})
-        loss = F.mse_loss(pred.float(), noise)
+        if cfg.x0_weight_cap > 0:  # eps errors at high t barely move x0's estimate; weigh them as x0 errors
+            w = ((1 - a) / a).clamp(max=cfg.x0_weight_cap).flatten()
+            loss = (w * (pred.float() - noise).pow(2).flatten(1).mean(1)).sum() / w.sum()
+        else:
+            loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,14 +256,33 @@ def generate_videos(
     steps: int = 20,
     guidance_scale: float = 1.0,
     batch_size: int = 32,
+    noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Sample one clip per (prompt, seed) with an AnimateDiffPipeline; clip i depends only on (prompt i, seed i).
+
+    ``noise_correlation`` > 0 starts each clip from :func:`~mmalign.pipelines.toy_video.frame_noise` drawn from
+    its seed (frames sharing that fraction of their noise) instead of the pipeline's i.i.d. frames.
 
     Returns:
         [N,T,3,H,W] float in [0,1], on CPU.
     """
     from mmalign.toy.sample import generate
 
+    extra: dict[str, Any] = {}
+    if noise_correlation > 0:
+        shape = (
+            1,
+            pipe.unet.config.in_channels,
+            frames,
+            size // pipe.vae_scale_factor,
+            size // pipe.vae_scale_factor,
+        )
+        extra["latents"] = torch.cat(
+            [
+                frame_noise(shape, noise_correlation, generator=torch.Generator().manual_seed(int(s)))
+                for s in seeds
+            ]
+        )
     return generate(
         pipe,
         prompts,
@@ -257,6 +292,7 @@ def generate_videos(
         batch_size=batch_size,
         size=size,
         num_frames=frames,
+        **extra,
     )
 
 
@@ -266,6 +302,38 @@ def flicker_stats(videos: torch.Tensor, *, segments: int = 4, threshold: float =
 
     score = flicker(segments=segments)(videos)
     return {"flicker_rate": (score < threshold).float().mean().item(), "flicker_score": score.mean().item()}
+
+
+def coherence_stats(videos: torch.Tensor, prompts: Sequence[str], *, jump: float = 0.15) -> dict[str, float]:
+    """Is each clip one shape moving steadily? Measured on videos [B,T,3,H,W] in [0,1] for their prompts.
+
+    Returns:
+        ``travel``: mean distance the shape's centroid moves from the first to the last frame (fraction of the
+        side; rendered clips: 0.15-0.3); ``jump_rate``: fraction of clips whose centroid jumps more than ``jump``
+        between two consecutive frames (rendered clips: 0); ``colour_constant``: fraction of clips whose shape has
+        one palette colour in every frame (rendered clips: 1); ``color_correct``: mean fraction of frames whose
+        colour is the prompt's.
+    """
+    from mmalign.toy.rewards import color_correct, dominant_color, foreground_weight
+
+    b, t, _, h, w = videos.shape
+    frames = videos.float().reshape(b * t, 3, h, w)
+    mask = foreground_weight(frames)
+    mass = mask.sum(dim=(1, 2)).clamp_min(1e-6)
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    centre = torch.stack([(mask * xs).sum(dim=(1, 2)) / mass / w, (mask * ys).sum(dim=(1, 2)) / mass / h], -1)
+    centre = centre.view(b, t, 2)
+    steps = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1).amax(dim=1)
+    names = dominant_color(frames)
+    constant = [len(set(names[i * t : (i + 1) * t])) == 1 and names[i * t] is not None for i in range(b)]
+    return {
+        "travel": (centre[:, -1] - centre[:, 0]).norm(dim=-1).mean().item(),
+        "jump_rate": (steps > jump).float().mean().item(),
+        "colour_constant": sum(constant) / b,
+        "color_correct": color_correct()(videos, list(prompts)).mean().item(),
+    }
 
 
 def cmd_toy_build_video(args: Any) -> int:
@@ -279,7 +347,14 @@ def cmd_toy_build_video(args: Any) -> int:
                 f"mmalign toy build-video: bad --set {item!r}; use KEY=VALUE with KEY one of: {', '.join(fields)}"
             )
             return 2
-        overrides[key] = type(getattr(ToyVideoBuildConfig(), key))(value)
+        kind = type(getattr(ToyVideoBuildConfig(), key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                print(f"mmalign toy build-video: --set {item!r}: {key} takes true or false")
+                return 2
+            overrides[key] = value.lower() in ("true", "1")
+        else:
+            overrides[key] = kind(value)
     overrides.setdefault("seed", args.seed)
     toy_video_build(args.out, base=args.base, **overrides)
     print(f"toy video pipeline written to {args.out}")
@@ -290,8 +365,8 @@ def add_build_video_parser(actions: Any) -> None:
     """Add ``build-video`` to the ``mmalign toy`` actions."""
     p = actions.add_parser(
         "build-video",
-        help="train motion modules on the toy image model -> the toy video "
-        "pipeline (AnimateDiff, about 4-10 min, 2 cores)",
+        help="train motion modules (and the UNet) on the toy image model -> the toy video "
+        "pipeline (AnimateDiff, about 20-30 min, 2 cores)",
     )
     p.add_argument(
         "--out",

@@ -52,4 +52,9 @@ def test_dense_dpo_bench_base_only_measures_the_base(tmp_path, capsys):
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert row["eval_mode"] == "t2v" and row["n"] == 2
     assert 0 <= row["flicker_rate"] <= 1 and 0 <= row["flicker_score"] <= 1
+    assert {"travel", "jump_rate", "colour_constant", "color_correct"} <= row.keys()  # coherence_stats
+    assert row["noise_correlation"] == 0.0
     assert (tmp_path / "base.png").is_file() and not (tmp_path / "pairs").exists()
+    assert bench.main([*args.split(), "--noise-correlation", "0.5", "--out", str(tmp_path / "c")]) == 0
+    (mixed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert mixed["noise_correlation"] == 0.5 and mixed["flicker_score"] != row["flicker_score"]

@@ -1,4 +1,5 @@
-"""The toy video builder turns a toy image pipeline into an AnimateDiffPipeline whose motion modules (only) learn."""
+"""The toy video builder turns a toy image pipeline into an AnimateDiffPipeline (motion modules, and by default the
+spatial layers, trained on clips)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,12 @@ def test_render_clips_flicker_a_fraction_in_random_segments():
     assert rate == pytest.approx(len(segs) / 40)  # the reward finds exactly the rendered flicker
 
 
-def test_build_trains_only_motion_modules_and_loads_back(tiny_base, tmp_path):
+def test_build_can_train_only_motion_modules_and_loads_back(tiny_base, tmp_path):
     from diffusers import AnimateDiffPipeline, UNet2DConditionModel
 
     from mmalign.pipelines import load_pipeline
 
-    toy_video_build(tmp_path / "v", base=tiny_base, **SMOKE)
+    toy_video_build(tmp_path / "v", base=tiny_base, **SMOKE, train_spatial=False)
     pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "v")
     assert type(pipe.unet).__name__ == "UNetMotionModel" and pipe.motion_adapter is None
     spatial = dict(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").named_parameters())
@@ -136,3 +137,79 @@ def test_high_t_fraction_trains_where_the_layout_forms(tiny_base, tmp_path, monk
     plain = torch.cat(seen[:5])
     assert len(high) == len(plain) == 20
     assert (high >= 900).all() and (plain < 900).any()
+
+
+def test_frame_noise_shares_the_asked_fraction_of_each_frames_variance():
+    from mmalign.pipelines.toy_video import frame_noise
+
+    shape = (4000, 2, 3, 2, 2)
+    plain = frame_noise(shape, 0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(
+        plain, torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    )  # i.i.d. unchanged
+    x = frame_noise(shape, 0.7, generator=torch.Generator().manual_seed(1))
+    assert x.std().item() == pytest.approx(1.0, abs=0.02)  # every frame stays N(0, I)
+    f0, f2 = x[:, :, 0].flatten(), x[:, :, 2].flatten()
+    assert torch.corrcoef(torch.stack([f0, f2]))[0, 1].item() == pytest.approx(0.7, abs=0.03)
+    with pytest.raises(ValueError, match="noise correlation 1.0"):
+        frame_noise(shape, 1.0)
+
+
+def test_coherence_stats_tell_rendered_clips_from_frames_of_different_clips():
+    from mmalign.toy.render import COLORS, SHAPES, ShapeSpec, render_video
+    from mmalign.toy.video_build import coherence_stats
+
+    prompts = [ShapeSpec(c, s).caption() for c in sorted(COLORS) for s in SHAPES][:24]
+    clips = torch.stack([render_video(p, seed=i, frames=8, size=32) for i, p in enumerate(prompts)])
+    steady = coherence_stats(clips, prompts)
+    assert steady["jump_rate"] == 0 and steady["colour_constant"] == 1 and steady["color_correct"] == 1
+    assert 0.15 <= steady["travel"] <= 0.3  # the rendered motion
+    g = torch.Generator().manual_seed(0)
+    mixed = torch.stack([clips[torch.randperm(len(clips), generator=g), t] for t in range(8)], dim=1)
+    torn = coherence_stats(mixed, prompts)
+    assert torn["jump_rate"] > 0.5 and torn["colour_constant"] < 0.2 and torn["color_correct"] < 0.5
+
+
+def test_generate_videos_starts_from_correlated_noise_when_asked(tiny_base, tmp_path):
+    from mmalign.pipelines.toy_video import frame_noise
+
+    pipe = toy_video_build(tmp_path / "v", base=tiny_base, **SMOKE)
+    seeds, prompts = [3, 4], ["a red circle", "a blue square"]
+    kw = dict(frames=4, size=16, steps=2)
+    iid = generate_videos(pipe, prompts, seeds, **kw)
+    assert torch.equal(iid, generate_videos(pipe, prompts, seeds, noise_correlation=0.0, **kw))
+    mixed = generate_videos(pipe, prompts, seeds, noise_correlation=0.9, **kw)
+    shape = (1, 4, 4, 8, 8)
+    latents = torch.cat([frame_noise(shape, 0.9, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    from mmalign.toy.sample import generate
+
+    direct = generate(
+        pipe, prompts, seeds, guidance_scale=1.0, steps=2, size=16, num_frames=4, latents=latents
+    )
+    assert torch.equal(mixed, direct) and not torch.equal(mixed, iid)
+
+
+def test_build_can_train_the_spatial_layers_with_an_x0_weighted_loss(tiny_base, tmp_path):
+    from diffusers import AnimateDiffPipeline, UNet2DConditionModel
+
+    toy_video_build(tmp_path / "v", base=tiny_base, **SMOKE, train_spatial=True, x0_weight_cap=5.0)
+    pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "v")
+    spatial = dict(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").named_parameters())
+    changed = [
+        name
+        for name, p in pipe.unet.named_parameters()
+        if "motion_modules" not in name and not torch.equal(p, spatial[name].half().float())
+    ]
+    assert any("attn2" in n for n in changed) and any("conv_in" in n for n in changed)
+    info = json.loads((tmp_path / "v" / "toy_video_build.json").read_text())
+    assert info["config"]["train_spatial"] is True and info["config"]["x0_weight_cap"] == 5.0
+
+
+def test_build_video_cli_parses_booleans(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mmalign.toy.video_build import cmd_toy_build_video
+
+    args = SimpleNamespace(set=["train_spatial=maybe"], out=str(tmp_path / "v"), base="unused", seed=0)
+    assert cmd_toy_build_video(args) == 2
+    assert "train_spatial takes true or false" in capsys.readouterr().out
