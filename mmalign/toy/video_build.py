@@ -99,7 +99,7 @@ def encode_clips(adapter: Any, clips: torch.Tensor, batch: int = 64) -> torch.Te
     return torch.cat(out)
 
 
-def train_motion_modules(
+def train_video_unet(
     adapter: Any,
     latents: torch.Tensor,
     captions: Sequence[str],
@@ -215,7 +215,7 @@ def toy_video_build(
         f"rendered and encoded {len(clips)} clips, {sum(s is not None for s in flicker)} with flicker "
         f"({time.time() - start:.0f}s)"
     )
-    loss = train_motion_modules(adapter, latents, captions, cfg, log)
+    loss = train_video_unet(adapter, latents, captions, cfg, log)
     pipe = AnimateDiffPipeline(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
