@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="recipe overrides for every run, e.g. train.learning_rate=2e-4"
     )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.noise_correlation < 1.0:
+        parser.error(f"--noise-correlation {args.noise_correlation} must be in [0, 1)")
     args.segments = round(args.frames / args.fps / args.segment_seconds)
     run(args)
     return 0

@@ -62,6 +62,13 @@ class ToyVideoBuildConfig:
     train_spatial: bool = True  # also train the image UNet's layers (False: only the motion modules)
     x0_weight_cap: float = 5.0  # > 0: weight each clip's eps loss by min(1/SNR(t), cap), an x0-space loss
 
+    def __post_init__(self) -> None:
+        # checked before the clips are rendered, so a bad value costs no build time
+        if not 0.0 <= self.noise_correlation < 1.0:
+            raise ValueError(f"noise_correlation={self.noise_correlation} must be in [0, 1)")
+        if self.x0_weight_cap < 0:
+            raise ValueError(f"x0_weight_cap={self.x0_weight_cap} must be >= 0 (0: plain epsilon loss)")
+
 
 def render_clips(cfg: ToyVideoBuildConfig) -> tuple[torch.Tensor, list[str], list[int | None]]:
     """The training clips [N,T,3,H,W] in [0,1], their captions and flicker segments (None = clean)."""
@@ -354,8 +361,17 @@ def cmd_toy_build_video(args: Any) -> int:
                 return 2
             overrides[key] = value.lower() in ("true", "1")
         else:
-            overrides[key] = kind(value)
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                print(f"mmalign toy build-video: --set {item!r}: {key} takes a {kind.__name__}")
+                return 2
     overrides.setdefault("seed", args.seed)
+    try:
+        ToyVideoBuildConfig(**overrides)
+    except ValueError as err:
+        print(f"mmalign toy build-video: {err}")
+        return 2
     toy_video_build(args.out, base=args.base, **overrides)
     print(f"toy video pipeline written to {args.out}")
     return 0

@@ -213,3 +213,21 @@ def test_build_video_cli_parses_booleans(tmp_path, capsys):
     args = SimpleNamespace(set=["train_spatial=maybe"], out=str(tmp_path / "v"), base="unused", seed=0)
     assert cmd_toy_build_video(args) == 2
     assert "train_spatial takes true or false" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("x0_weight_cap=abc", "x0_weight_cap takes a float"),
+        ("noise_correlation=1.5", "noise_correlation=1.5 must be in [0, 1)"),
+        ("x0_weight_cap=-1", "x0_weight_cap=-1.0 must be >= 0"),
+    ],
+)
+def test_build_video_cli_refuses_bad_values_in_one_line_before_building(item, message, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mmalign.toy.video_build import cmd_toy_build_video
+
+    args = SimpleNamespace(set=[item], out=str(tmp_path / "v"), base="unused", seed=0)
+    assert cmd_toy_build_video(args) == 2
+    assert message in capsys.readouterr().out and not (tmp_path / "v").exists()
