@@ -24,6 +24,7 @@ def dense_dpo_loss(
     labels: torch.Tensor,
     *,
     beta: float = 500.0,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DenseDPO: a DPO logit per latent frame, tie frames masked.
 
@@ -32,6 +33,7 @@ def dense_dpo_loss(
         dtheta_v,f = model_err_v,f - ref_err_v,f          # per latent frame, errors averaged over C,H,W
         z_f        = -(beta / 2) * l_f * (dtheta_0,f - dtheta_1,f)
         loss       = mean over frames with l_f != 0 of -log sigmoid(z_f)   (over the whole batch)
+        loss      += sft_weight * mean over the same frames of model_err of the preferred video at f
 
     ``l_f`` is +1 where video 0 is preferred, -1 where video 1 is, 0 for a tie (masked). ``beta`` is the
     paper's beta (500, constant); the 0.5 factor is the same as Diffusion-DPO's, so beta here has the
@@ -45,6 +47,9 @@ def dense_dpo_loss(
         ref_err_0, ref_err_1: [B,T] reference errors (no grad).
         labels: [B,T] in {+1, 0, -1}.
         beta: KL strength (paper: 500).
+        sft_weight: lambda of the added preferred-frame error term (0, the paper, disables), the per-frame
+            form of Diffusion-DPO's ``sft_weight``: it pulls the policy toward the preferred segments
+            themselves, not only away from the dispreferred ones.
 
     Returns:
         per-clip loss [B], each clip's share of the batch's frame mean (``loss.mean()`` is the mean above; 0,
@@ -60,7 +65,11 @@ def dense_dpo_loss(
     z = -(beta / 2.0) * labels * ((model_err_0 - ref_err_0) - (model_err_1 - ref_err_1))
     keep = labels != 0
     n = keep.sum()
-    per_frame = -F.logsigmoid(z) * keep
+    per_frame = -F.logsigmoid(z)
+    if sft_weight:
+        preferred_err, _ = _oriented(labels, model_err_0, model_err_1)
+        per_frame = per_frame + sft_weight * preferred_err
+    per_frame = per_frame * keep
     # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
     loss = per_frame.sum(dim=1) * (labels.shape[0] / n.clamp(min=1))
     with torch.no_grad():
@@ -84,6 +93,7 @@ def video_dpo_loss(
     labels: torch.Tensor,
     *,
     beta: float = 500.0,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla (whole-clip) video DPO, the comparison of the DenseDPO paper; tie clips masked.
 
@@ -98,6 +108,9 @@ def video_dpo_loss(
         model_err_0, model_err_1, ref_err_0, ref_err_1: [B,T] or [B] errors.
         labels: [B] in {+1, 0, -1}.
         beta: KL strength.
+        sft_weight: lambda of the added preferred-clip error term (0 disables).
     """
     errs = [e.mean(dim=1) if e.ndim == 2 else e for e in (model_err_0, model_err_1, ref_err_0, ref_err_1)]
-    return dense_dpo_loss(*(e[:, None] for e in errs), labels.reshape(-1, 1), beta=beta)
+    return dense_dpo_loss(
+        *(e[:, None] for e in errs), labels.reshape(-1, 1), beta=beta, sft_weight=sft_weight
+    )

@@ -40,6 +40,11 @@ class DenseDPOConfig:
         "Segment length the labels refer to (paper: 1 s; 0.5 s equally good at 2x labelling cost).",
         le=3600,
     )
+    sft_weight: float = _f(
+        0.0,
+        "Adds sft_weight x the preferred clip's error on each non-tie latent frame (0 = the paper). Keeps the colours of the training clips on the toy bench, see docs/dense_dpo.md.",
+        ge=0,
+    )
     min_non_tie: float = _f(
         0.2, "DenseDPO trains only on clips with more than this fraction of non-tie segments."
     )
@@ -111,7 +116,11 @@ def compute_loss(
         models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"], error=per_frame_mse
     )
     if cfg.loss == "dense":
-        loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta)
+        loss, metrics = dense_dpo_loss(
+            m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta, sft_weight=cfg.sft_weight
+        )
     else:
-        loss, metrics = video_dpo_loss(m_0, m_1, r_0, r_1, batch["clip_label"], beta=cfg.beta)
+        loss, metrics = video_dpo_loss(
+            m_0, m_1, r_0, r_1, batch["clip_label"], beta=cfg.beta, sft_weight=cfg.sft_weight
+        )
     return loss.mean(), metrics

@@ -39,6 +39,23 @@ def test_mixed_labels_by_hand():
     assert m0.grad[0, 0].item() == pytest.approx(250 / 2 * torch.sigmoid(torch.tensor(-2.5)).item(), rel=1e-5)
 
 
+def test_sft_term_adds_the_preferred_clips_error_on_non_tie_frames():
+    m0 = torch.tensor([[0.10, 0.50, 0.30]], requires_grad=True)
+    m1 = torch.tensor([[0.20, 0.10, 0.40]], requires_grad=True)
+    ref = torch.zeros(1, 3)
+    labels = torch.tensor([[1, 0, -1]])
+    base, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500)
+    with_sft, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500, sft_weight=2.0)
+    # preferred errors: frame 0 -> clip 0 (0.10), frame 2 -> clip 1 (0.40); the tie frame adds nothing
+    assert (with_sft - base).mean().item() == pytest.approx(2.0 * (0.10 + 0.40) / 2, rel=1e-5)
+    (with_sft - base).mean().backward()
+    assert m0.grad[0].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    assert m1.grad[0].tolist() == pytest.approx([0.0, 0.0, 1.0])
+    clip, _ = video_dpo_loss(m0, m1, ref, ref, torch.tensor([-1]), beta=500, sft_weight=1.0)
+    plain, _ = video_dpo_loss(m0, m1, ref, ref, torch.tensor([-1]), beta=500)
+    assert (clip - plain).item() == pytest.approx(m1.mean().item(), rel=1e-5)  # the whole preferred clip
+
+
 def test_mean_over_non_tie_frames_of_the_whole_batch():
     zero = torch.zeros(2, 2)
     m0 = torch.tensor([[0.01, 0.0], [0.0, 0.0]])
