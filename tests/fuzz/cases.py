@@ -240,6 +240,7 @@ OTHER_METHODS: dict[str, dict[str, tuple]] = {  # method -> key -> (valid values
         "num_frames": ([49], [0, -1, 10**9]),
         "fps": ([8, 16], [0, -1, ".nan"]),
         "straddle": (["tie", "agree"], ["x"]),
+        "sft_weight": ([0, 100.0], [-1, ".nan"]),
     },
 }
 
