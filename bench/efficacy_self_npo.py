@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         help="diffusion_npo: reuse the candidates an earlier run in --out sampled and scored at this --guidance",
     )
     parser.add_argument(
+        "--random-labels",
+        action="store_true",
+        help="diffusion_npo control: each pair's order is swapped with probability 1/2 (seed 0), so the negative "
+        "learns from the same images with no preference in them",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
     )
     args = parser.parse_args(argv)
@@ -143,6 +149,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             pairs = make_pairs(cand_p, scores, paths, 0.05, pairing=args.pairing)
             if not pairs:
                 raise RuntimeError("no candidate pair has a reward margin > 0.05; raise --candidates")
+            if args.random_labels:
+                coin = torch.rand(len(pairs), generator=torch.Generator().manual_seed(0)) < 0.5
+                for pair, swap in zip(pairs, coin.tolist()):
+                    if swap:
+                        pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
             source = run_dir / "pairs.jsonl"
             run_dir.mkdir(parents=True, exist_ok=True)
             source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -188,6 +199,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "npo_alpha": args.npo_alpha,
                     "npo_beta": npo_beta,
                     "pairing": args.pairing if method == "diffusion_npo" else None,
+                    "random_labels": args.random_labels if method == "diffusion_npo" else None,
                     "overrides": list(args.overrides),
                     "sample_steps": args.steps,
                     "train_steps": summary["steps"],
