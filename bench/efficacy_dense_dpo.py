@@ -95,8 +95,8 @@ def make_pairs(args: argparse.Namespace, pipe, adapter, prompts: list[str], out:
         )
         for j, i in enumerate(idx):
             names = [f"{i:05d}_0.mp4", f"{i:05d}_1.mp4"]
-            write_video(out / names[0], v0[j], args.fps)
-            write_video(out / names[1], v1[j], args.fps)
+            write_video(out / names[0], v0[j], args.fps, lossless=True)  # yuv420p costs 32 px clips colour
+            write_video(out / names[1], v1[j], args.fps, lossless=True)
             lab = labels[j].tolist()
             rows.append(
                 {

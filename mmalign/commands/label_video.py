@@ -102,8 +102,8 @@ def cmd_label_video(args: argparse.Namespace) -> int:
                 margin=args.margin,
             )[0].tolist()
         names = [f"{i:06d}_0.mp4", f"{i:06d}_1.mp4"]
-        write_video(out / names[0], v0[0], clip.fps)
-        write_video(out / names[1], v1[0], clip.fps)
+        write_video(out / names[0], v0[0], clip.fps, lossless=args.lossless)
+        write_video(out / names[1], v1[0], clip.fps, lossless=args.lossless)
         lines.append(
             {
                 "prompt": row["prompt"],
@@ -148,6 +148,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reward-arg", action="append", default=[], help="reward factory argument key=value (repeatable)"
     )
     p.add_argument("--margin", type=float, default=0.0, help="segment score differences within this are ties")
+    p.add_argument(
+        "--lossless",
+        action="store_true",
+        help="write the pair clips as lossless RGB H.264 (exact pixels; browsers may not play them) instead of "
+        "yuv420p, whose half-resolution chroma costs small clips colour that training then learns",
+    )
     p.add_argument("--segment-seconds", type=float, default=1.0)
     p.add_argument("--eta-min", type=float, default=0.65)
     p.add_argument("--eta-max", type=float, default=0.8)

@@ -80,10 +80,14 @@ def test_non_square_pairs_with_reward_labels(clips, tmp_path):
 
 def test_judge_labels_segments(clips, tmp_path):
     FakeJudge.calls.clear()
-    assert run(clips, tmp_path / "out", "--judge", "--reward", f"{__name__}:fake_judge") == 0
+    assert run(clips, tmp_path / "out", "--judge", "--reward", f"{__name__}:fake_judge", "--lossless") == 0
     rows = [json.loads(line) for line in (tmp_path / "out/pairs.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in rows] == [[1, -1], [1, -1]]
     assert FakeJudge.calls and FakeJudge.calls[0][1:] == (4, 4.0)  # 1 s segments = 4 frames at 4 fps
+    import av
+
+    with av.open(str(tmp_path / "out" / rows[0]["video_0"])) as container:  # --lossless: exact RGB clips
+        assert container.streams.video[0].codec_context.pix_fmt == "gbrp"  # not yuv420p
 
 
 def test_bad_input_is_one_line(clips, tmp_path, capsys):

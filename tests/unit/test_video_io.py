@@ -28,6 +28,25 @@ def test_roundtrip_close_to_the_written_frames(clip):
     assert video.timestamps.tolist() == pytest.approx([i / 8 for i in range(16)])
 
 
+def test_lossless_writes_exact_pixels_that_yuv420p_would_blur(tmp_path):
+    from mmalign.toy.rewards import color_match
+
+    frames = render_video("a small red circle", seed=3, frames=4, size=32)
+    exact = (frames * 255).round().to(torch.uint8)
+    odd = exact[..., :31, :29]  # rgb24 needs no even sides, so no padding either
+    for backend in available_backends():
+        for original in (exact, odd):
+            path = write_video(
+                tmp_path / f"{backend}-{original.shape[-1]}.mp4", original, fps=4, lossless=True
+            )
+            got = (read_video(path, backend=backend).frames * 255).round().to(torch.uint8)
+            assert torch.equal(got, original), backend
+    # the default (yuv420p) keeps chroma at half resolution: a small shape loses colour on a round trip
+    blurred = read_video(write_video(tmp_path / "yuv.mp4", frames, fps=4), backend="pyav").frames
+    prompt = ["a small red circle"]
+    assert color_match()(blurred[None], prompt) < color_match()(frames[None], prompt) - 0.05  # 0.71 vs 0.83
+
+
 def test_backends_agree(clip):
     path, _ = clip
     backends = available_backends()
