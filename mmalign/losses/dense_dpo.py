@@ -24,7 +24,7 @@ def dense_dpo_loss(
     labels: torch.Tensor,
     *,
     beta: float = 500.0,
-    sft_weight: float = 0.0,
+    sft_weight: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DenseDPO: a DPO logit per latent frame, tie frames masked.
 
@@ -49,7 +49,7 @@ def dense_dpo_loss(
         beta: KL strength (paper: 500).
         sft_weight: lambda of the added preferred-frame error term (0, the paper, disables), the per-frame
             form of Diffusion-DPO's ``sft_weight``: it pulls the policy toward the preferred segments
-            themselves, not only away from the dispreferred ones.
+            themselves, not only away from the dispreferred ones. A [B] tensor gives each clip its own lambda.
 
     Returns:
         per-clip loss [B], each clip's share of the batch's frame mean (``loss.mean()`` is the mean above; 0,
@@ -66,9 +66,10 @@ def dense_dpo_loss(
     keep = labels != 0
     n = keep.sum()
     per_frame = -F.logsigmoid(z)
-    if sft_weight:
+    if torch.is_tensor(sft_weight) or sft_weight:
         preferred_err, _ = _oriented(labels, model_err_0, model_err_1)
-        per_frame = per_frame + sft_weight * preferred_err
+        lam = sft_weight[:, None] if torch.is_tensor(sft_weight) else sft_weight
+        per_frame = per_frame + lam * preferred_err
     per_frame = per_frame * keep
     # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
     loss = per_frame.sum(dim=1) * (labels.shape[0] / n.clamp(min=1))
@@ -93,7 +94,7 @@ def video_dpo_loss(
     labels: torch.Tensor,
     *,
     beta: float = 500.0,
-    sft_weight: float = 0.0,
+    sft_weight: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Vanilla (whole-clip) video DPO, the comparison of the DenseDPO paper; tie clips masked.
 
@@ -108,7 +109,7 @@ def video_dpo_loss(
         model_err_0, model_err_1, ref_err_0, ref_err_1: [B,T] or [B] errors.
         labels: [B] in {+1, 0, -1}.
         beta: KL strength.
-        sft_weight: lambda of the added preferred-clip error term (0 disables).
+        sft_weight: lambda of the added preferred-clip error term (0 disables); a [B] tensor: one per clip.
     """
     errs = [e.mean(dim=1) if e.ndim == 2 else e for e in (model_err_0, model_err_1, ref_err_0, ref_err_1)]
     return dense_dpo_loss(

@@ -150,6 +150,26 @@ def x0_and_eps(
     raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon, sample, v_prediction)")
 
 
+def x0_error_weight(adapter: PipelineAdapter, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample factor [B] turning a squared error in the denoiser's target space into one in x0 space.
+
+    ddpm epsilon: (1 - abar) / abar = 1/SNR(t); v_prediction: 1 - abar; sample: 1; flow (target noise - x0,
+    x_t = (1-sigma) x0 + sigma eps, t = 1000 sigma): sigma^2. Large at high noise, where a small error in the
+    target moves the x0 estimate a lot, tiny at low noise.
+    """
+    if adapter.noise_process == "flow":
+        return (t.float() / 1000.0) ** 2
+    abar = adapter.scheduler.alphas_cumprod.to(t.device)[t.long()].float()
+    kind = adapter.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (1 - abar) / abar
+    if kind == "v_prediction":
+        return 1 - abar
+    if kind == "sample":
+        return torch.ones_like(abar)
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon, sample, v_prediction)")
+
+
 def guided_output(
     adapter: PipelineAdapter,
     denoiser: torch.nn.Module,

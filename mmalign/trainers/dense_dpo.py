@@ -18,6 +18,7 @@ from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.data.segments import STRADDLE
 from mmalign.losses.dense_dpo import dense_dpo_loss, video_dpo_loss
 from mmalign.pipelines import per_frame_mse
+from mmalign.pipelines.base import x0_error_weight
 from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repeat_cond
 
 LOSSES = ("dense", "vanilla")
@@ -43,6 +44,11 @@ class DenseDPOConfig:
     sft_weight: float = _f(
         0.0,
         "Adds sft_weight x the preferred clip's error on each non-tie latent frame (0 = the paper). Keeps the colours of the training clips on the toy bench, see docs/dense_dpo.md.",
+        ge=0,
+    )
+    sft_x0_cap: float = _f(
+        0.0,
+        "> 0: weight each clip's sft term by min(x0 factor of its timestep, cap) (its error in x0 units), which puts it at high noise, where text-to-video sets layout and colour (0 = unweighted).",
         ge=0,
     )
     min_non_tie: float = _f(
@@ -115,12 +121,12 @@ def compute_loss(
     m_0, m_1, r_0, r_1 = pair_errors(  # [B,T]: errors per latent frame (mean over C,H,W)
         models, pairs["xt"], pairs["t"], repeat_cond(batch["cond"]), pairs["target"], error=per_frame_mse
     )
+    sft = cfg.sft_weight
+    if sft and cfg.sft_x0_cap > 0:  # [B]: the preferred clip's error in x0 units, capped
+        sft = sft * x0_error_weight(models.adapter, pairs["t"][: m_0.shape[0]]).clamp(max=cfg.sft_x0_cap)
+    kw = {"beta": cfg.beta, "sft_weight": sft}
     if cfg.loss == "dense":
-        loss, metrics = dense_dpo_loss(
-            m_0, m_1, r_0, r_1, batch["labels"], beta=cfg.beta, sft_weight=cfg.sft_weight
-        )
+        loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], **kw)
     else:
-        loss, metrics = video_dpo_loss(
-            m_0, m_1, r_0, r_1, batch["clip_label"], beta=cfg.beta, sft_weight=cfg.sft_weight
-        )
+        loss, metrics = video_dpo_loss(m_0, m_1, r_0, r_1, batch["clip_label"], **kw)
     return loss.mean(), metrics

@@ -79,12 +79,17 @@ def video_cfg(model, manifest, out, *extra):
     )
 
 
-@pytest.mark.parametrize("loss", ["dense", "vanilla"])
-def test_toy_video_trainable_change_and_frozen_stay(loss, tiny_toy_video, video_pairs, tmp_path):
+@pytest.mark.parametrize(
+    "loss, extra",
+    [("dense", []), ("vanilla", ["method.sft_weight=10", "method.sft_x0_cap=5"])],
+    ids=["dense", "vanilla-x0-sft"],
+)
+def test_toy_video_trainable_change_and_frozen_stay(loss, extra, tiny_toy_video, video_pairs, tmp_path):
     from diffusers import UNetMotionModel
 
     result = train(
-        video_cfg(tiny_toy_video, video_pairs, tmp_path / "run", f"method.loss={loss}"), keep_initial=True
+        video_cfg(tiny_toy_video, video_pairs, tmp_path / "run", f"method.loss={loss}", *extra),
+        keep_initial=True,
     )
     pretrained = dict(UNetMotionModel.from_pretrained(tiny_toy_video, subfolder="unet").named_parameters())
     trainable, frozen = assert_only_trainable_changed(result, pretrained)

@@ -56,6 +56,15 @@ def test_sft_term_adds_the_preferred_clips_error_on_non_tie_frames():
     assert (clip - plain).item() == pytest.approx(m1.mean().item(), rel=1e-5)  # the whole preferred clip
 
 
+def test_sft_weight_per_clip():
+    m0, m1, ref = torch.tensor([[0.1, 0.2], [0.3, 0.4]]), torch.ones(2, 2), torch.zeros(2, 2)
+    labels = torch.ones(2, 2, dtype=torch.long)  # clip 0 preferred everywhere
+    base, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=10)
+    per_clip, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=10, sft_weight=torch.tensor([2.0, 0.0]))
+    # clip 0 adds 2 x (0.1 + 0.2) over the batch's 4 frames; clip 1 adds nothing
+    assert (per_clip - base).mean().item() == pytest.approx(2 * 0.3 / 4, rel=1e-5)
+
+
 def test_mean_over_non_tie_frames_of_the_whole_batch():
     zero = torch.zeros(2, 2)
     m0 = torch.tensor([[0.01, 0.0], [0.0, 0.0]])

@@ -5,7 +5,14 @@ import torch
 from diffusers import DDPMScheduler
 
 from mmalign.pipelines import detect_family, load_pipeline, make_adapter
-from mmalign.pipelines.base import ddpm_add_noise, ddpm_target, per_frame_mse, per_sample_mse
+from mmalign.pipelines.base import (
+    ddpm_add_noise,
+    ddpm_target,
+    per_frame_mse,
+    per_sample_mse,
+    x0_and_eps,
+    x0_error_weight,
+)
 from mmalign.pipelines.sdxl import sdxl_time_ids
 
 
@@ -25,6 +32,23 @@ def test_target_and_noise_match_diffusers_scheduler(prediction_type):
     # works for video latents [B,C,T,H,W] too
     video = x0.unsqueeze(2).repeat(1, 1, 3, 1, 1)
     assert ddpm_add_noise(sched, video, video, t).shape == video.shape
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_error_weight_is_the_x0_error_of_a_target_error(prediction_type):
+    from types import SimpleNamespace
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    adapter = SimpleNamespace(noise_process="ddpm", scheduler=sched)
+    t = torch.tensor([10, 500, 990])
+    x, out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    step = 1e-3 * torch.randn_like(out)  # an error in the target space ...
+    abar = sched.alphas_cumprod[t]
+    moved = x0_and_eps(out + step, x, abar, prediction_type)[0] - x0_and_eps(out, x, abar, prediction_type)[0]
+    ratio = moved.pow(2).flatten(1).mean(1) / step.pow(2).flatten(1).mean(1)  # ... moves x0 by this much
+    torch.testing.assert_close(x0_error_weight(adapter, t), ratio, rtol=1e-3, atol=1e-6)
+    flow = SimpleNamespace(noise_process="flow")  # x0 = x_t - sigma v, t = 1000 sigma
+    torch.testing.assert_close(x0_error_weight(flow, torch.tensor([250.0, 1000.0])), torch.tensor([0.0625, 1.0]))
 
 
 def test_per_sample_and_per_frame_mse():
