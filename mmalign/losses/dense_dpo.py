@@ -25,6 +25,7 @@ def dense_dpo_loss(
     *,
     beta: float = 500.0,
     sft_weight: float | torch.Tensor = 0.0,
+    sft_ties: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DenseDPO: a DPO logit per latent frame, tie frames masked.
 
@@ -34,6 +35,7 @@ def dense_dpo_loss(
         z_f        = -(beta / 2) * l_f * (dtheta_0,f - dtheta_1,f)
         loss       = mean over frames with l_f != 0 of -log sigmoid(z_f)   (over the whole batch)
         loss      += sft_weight * mean over the same frames of model_err of the preferred video at f
+                     (sft_ties: over every frame, a tie frame counting both videos' mean error)
 
     ``l_f`` is +1 where video 0 is preferred, -1 where video 1 is, 0 for a tie (masked). ``beta`` is the
     paper's beta (500, constant); the 0.5 factor is the same as Diffusion-DPO's, so beta here has the
@@ -50,6 +52,9 @@ def dense_dpo_loss(
         sft_weight: lambda of the added preferred-frame error term (0, the paper, disables), the per-frame
             form of Diffusion-DPO's ``sft_weight``: it pulls the policy toward the preferred segments
             themselves, not only away from the dispreferred ones. A [B] tensor gives each clip its own lambda.
+        sft_ties: the SFT term covers every frame, a tie frame with the mean error of both clips (equally
+            good there), as the mean over all frames of the batch (the default: on the toy bench it kept more
+            colour and more of DenseDPO's lead over whole-clip DPO); False: only the non-tie frames.
 
     Returns:
         per-clip loss [B], each clip's share of the batch's frame mean (``loss.mean()`` is the mean above; 0,
@@ -66,13 +71,17 @@ def dense_dpo_loss(
     keep = labels != 0
     n = keep.sum()
     per_frame = -F.logsigmoid(z)
-    if torch.is_tensor(sft_weight) or sft_weight:
+    sft = torch.is_tensor(sft_weight) or sft_weight != 0
+    if sft:
         preferred_err, _ = _oriented(labels, model_err_0, model_err_1)
         lam = sft_weight[:, None] if torch.is_tensor(sft_weight) else sft_weight
-        per_frame = per_frame + lam * preferred_err
+        if not sft_ties:
+            per_frame = per_frame + lam * preferred_err
     per_frame = per_frame * keep
     # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
     loss = per_frame.sum(dim=1) * (labels.shape[0] / n.clamp(min=1))
+    if sft and sft_ties:  # every frame: the preferred clip's error, or both clips' mean at a tie
+        loss = loss + (lam * torch.where(keep, preferred_err, (model_err_0 + model_err_1) / 2)).mean(dim=1)
     with torch.no_grad():
         lab = labels[keep]
         m_w, m_l = _oriented(lab, model_err_0[keep], model_err_1[keep])

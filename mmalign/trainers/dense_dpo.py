@@ -46,6 +46,10 @@ class DenseDPOConfig:
         "Adds sft_weight x the preferred clip's error on each non-tie latent frame (0 = the paper). Keeps the colours of the training clips on the toy bench, see docs/dense_dpo.md.",
         ge=0,
     )
+    sft_ties: bool = _f(
+        True,
+        "loss=dense: the sft term covers every frame, a tie frame with both clips' mean error (as vanilla's covers the whole preferred clip); false: only the non-tie frames, which measured worse on the toy bench.",
+    )
     sft_x0_cap: float = _f(
         0.0,
         "> 0: weight each clip's sft term by min(x0 factor of its timestep, cap) (its error in x0 units), which puts it at high noise, where text-to-video sets layout and colour (0 = unweighted).",
@@ -126,7 +130,7 @@ def compute_loss(
         sft = sft * x0_error_weight(models.adapter, pairs["t"][: m_0.shape[0]]).clamp(max=cfg.sft_x0_cap)
     kw = {"beta": cfg.beta, "sft_weight": sft}
     if cfg.loss == "dense":
-        loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], **kw)
+        loss, metrics = dense_dpo_loss(m_0, m_1, r_0, r_1, batch["labels"], sft_ties=cfg.sft_ties, **kw)
     else:
         loss, metrics = video_dpo_loss(m_0, m_1, r_0, r_1, batch["clip_label"], **kw)
     return loss.mean(), metrics

@@ -45,7 +45,7 @@ def test_sft_term_adds_the_preferred_clips_error_on_non_tie_frames():
     ref = torch.zeros(1, 3)
     labels = torch.tensor([[1, 0, -1]])
     base, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500)
-    with_sft, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500, sft_weight=2.0)
+    with_sft, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500, sft_weight=2.0, sft_ties=False)
     # preferred errors: frame 0 -> clip 0 (0.10), frame 2 -> clip 1 (0.40); the tie frame adds nothing
     assert (with_sft - base).mean().item() == pytest.approx(2.0 * (0.10 + 0.40) / 2, rel=1e-5)
     (with_sft - base).mean().backward()
@@ -61,8 +61,20 @@ def test_sft_weight_per_clip():
     labels = torch.ones(2, 2, dtype=torch.long)  # clip 0 preferred everywhere
     base, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=10)
     per_clip, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=10, sft_weight=torch.tensor([2.0, 0.0]))
+    # no ties here, so sft_ties makes no difference: a mean over the batch's 4 frames either way
     # clip 0 adds 2 x (0.1 + 0.2) over the batch's 4 frames; clip 1 adds nothing
     assert (per_clip - base).mean().item() == pytest.approx(2 * 0.3 / 4, rel=1e-5)
+
+
+def test_sft_ties_covers_every_frame():
+    m0 = torch.tensor([[0.10, 0.50, 0.30]])
+    m1 = torch.tensor([[0.20, 0.10, 0.40]])
+    ref = torch.zeros(1, 3)
+    labels = torch.tensor([[1, 0, -1]])
+    base, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500)
+    ties, _ = dense_dpo_loss(m0, m1, ref, ref, labels, beta=500, sft_weight=2.0, sft_ties=True)
+    # frame 0: clip 0 (0.10); frame 1, a tie: both clips' mean (0.30); frame 2: clip 1 (0.40); mean over 3
+    assert (ties - base).mean().item() == pytest.approx(2.0 * (0.10 + 0.30 + 0.40) / 3, rel=1e-5)
 
 
 def test_mean_over_non_tie_frames_of_the_whole_batch():

@@ -48,7 +48,9 @@ def test_x0_error_weight_is_the_x0_error_of_a_target_error(prediction_type):
     ratio = moved.pow(2).flatten(1).mean(1) / step.pow(2).flatten(1).mean(1)  # ... moves x0 by this much
     torch.testing.assert_close(x0_error_weight(adapter, t), ratio, rtol=1e-3, atol=1e-6)
     flow = SimpleNamespace(noise_process="flow")  # x0 = x_t - sigma v, t = 1000 sigma
-    torch.testing.assert_close(x0_error_weight(flow, torch.tensor([250.0, 1000.0])), torch.tensor([0.0625, 1.0]))
+    torch.testing.assert_close(
+        x0_error_weight(flow, torch.tensor([250.0, 1000.0])), torch.tensor([0.0625, 1.0])
+    )
 
 
 def test_per_sample_and_per_frame_mse():
