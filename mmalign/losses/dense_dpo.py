@@ -34,8 +34,8 @@ def dense_dpo_loss(
         dtheta_v,f = model_err_v,f - ref_err_v,f          # per latent frame, errors averaged over C,H,W
         z_f        = -(beta / 2) * l_f * (dtheta_0,f - dtheta_1,f)
         loss       = mean over frames with l_f != 0 of -log sigmoid(z_f)   (over the whole batch)
-        loss      += sft_weight * mean over the same frames of model_err of the preferred video at f
-                     (sft_ties: over every frame, a tie frame counting both videos' mean error)
+        loss      += sft_weight * mean over every frame of model_err of the preferred video at f
+                     (both videos' mean at a tie; sft_ties=False: over the non-tie frames only)
 
     ``l_f`` is +1 where video 0 is preferred, -1 where video 1 is, 0 for a tie (masked). ``beta`` is the
     paper's beta (500, constant); the 0.5 factor is the same as Diffusion-DPO's, so beta here has the
@@ -70,18 +70,18 @@ def dense_dpo_loss(
     z = -(beta / 2.0) * labels * ((model_err_0 - ref_err_0) - (model_err_1 - ref_err_1))
     keep = labels != 0
     n = keep.sum()
-    per_frame = -F.logsigmoid(z)
-    sft = torch.is_tensor(sft_weight) or sft_weight != 0
-    if sft:
+    # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
+    share = labels.shape[0] / n.clamp(min=1)
+    loss = (-F.logsigmoid(z) * keep).sum(dim=1) * share
+    if torch.is_tensor(sft_weight) or sft_weight != 0:
         preferred_err, _ = _oriented(labels, model_err_0, model_err_1)
         lam = sft_weight[:, None] if torch.is_tensor(sft_weight) else sft_weight
-        if not sft_ties:
-            per_frame = per_frame + lam * preferred_err
-    per_frame = per_frame * keep
-    # each clip's share of the batch's frame mean: loss.mean() = sum over non-tie frames / their count
-    loss = per_frame.sum(dim=1) * (labels.shape[0] / n.clamp(min=1))
-    if sft and sft_ties:  # every frame: the preferred clip's error, or both clips' mean at a tie
-        loss = loss + (lam * torch.where(keep, preferred_err, (model_err_0 + model_err_1) / 2)).mean(dim=1)
+        if sft_ties:  # every frame: the preferred clip's error, or both clips' mean at a tie
+            loss = loss + (lam * torch.where(keep, preferred_err, (model_err_0 + model_err_1) / 2)).mean(
+                dim=1
+            )
+        else:
+            loss = loss + (lam * preferred_err * keep).sum(dim=1) * share
     with torch.no_grad():
         lab = labels[keep]
         m_w, m_l = _oriented(lab, model_err_0[keep], model_err_1[keep])

@@ -43,7 +43,7 @@ class DenseDPOConfig:
     )
     sft_weight: float = _f(
         0.0,
-        "Adds sft_weight x the preferred clip's error on each non-tie latent frame (0 = the paper). Keeps the colours of the training clips on the toy bench, see docs/dense_dpo.md.",
+        "Adds sft_weight x the preferred clip's error per latent frame (0 = the paper; see sft_ties). Kept colour on the toy bench, at a cost, see docs/dense_dpo.md.",
         ge=0,
     )
     sft_ties: bool = _f(
