@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
+    for run in map(Path, args.runs):
+        for need in (run / "pairs.jsonl", run / "run" / "final"):
+            if not need.exists():
+                parser.error(f"{need}: not found (a bench/efficacy_self_npo.py diffusion_npo run folder?)")
 
     import torch
     from torchvision.io import read_image
