@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="700,400", help="comma-separated timesteps T")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if not Path(args.lora).exists():
+        parser.error(f"{args.lora}: not found (a DenseDPO run's final/ LoRA)")
 
     import torch
     from efficacy_dense_dpo import split, video_prompts
