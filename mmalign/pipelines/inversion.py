@@ -1,4 +1,4 @@
-"""Deterministic DDIM inversion (and its inverse, DDIM sampling) for any :class:`PipelineAdapter`.
+"""DDIM inversion (deterministic, or with InPO's small stochastic term) and DDIM sampling for any :class:`PipelineAdapter`.
 
 Inversion walks a clean latent ``x_0`` up a K-step timestep grid ``t_1 < ... < t_K`` with the DDIM (eta = 0)
 update, evaluating the (frozen) denoiser at the current, less noisy latent with the *next* timestep's label::
@@ -63,6 +63,22 @@ def grid_alphas(scheduler: Any, timesteps: torch.Tensor, *, set_alpha_to_one: bo
     return torch.cat([start, acp[timesteps.long().cpu()]])
 
 
+def inversion_noise_std(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Std [K] of InPO's stochastic inversion term, before its ``eta``: one per grid step ``t_k``.
+
+    InPO (JaydenLyh/InPO ``train.py``) adds ``eta * sqrt(var) * N(0, I)`` after the inverse step to ``t_k``, with
+    ``var = DDIMScheduler._get_variance(t_k + T // N, t_k)``, the DDPM posterior variance between ``t_k`` and
+    the next grid level: ``(1 - abar_{t_k}) / (1 - abar_next) * (1 - abar_next / abar_{t_k})``. The next
+    level is clamped to ``T - 1`` (the released code indexes past the schedule after its last grid point).
+    """
+    acp = scheduler.alphas_cumprod.float().cpu()
+    t = timesteps.long().cpu()
+    num_train = len(acp)
+    nxt = (t + num_train // len(t)).clamp_max(num_train - 1)
+    a_t, a_next = acp[t], acp[nxt]
+    return ((1 - a_t) / (1 - a_next) * (1 - a_next / a_t)).clamp_min(0).sqrt()
+
+
 def zero_conditioning(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """All-zero text embeddings (pooled ones included); micro-conditioning such as SDXL ``time_ids`` kept."""
     return {k: (v if k in NON_TEXT_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
@@ -109,6 +125,7 @@ def ddim_invert(
     uncond: dict[str, torch.Tensor] | None = None,
     set_alpha_to_one: bool = False,
     num_steps: int | None = None,
+    eta: float = 0.0,
 ) -> Inversion:
     """Invert clean latents ``x0`` [B, ...] along ``timesteps`` (ascending, from :func:`inversion_timesteps`).
 
@@ -122,6 +139,8 @@ def ddim_invert(
         uncond: unconditional conditioning for CFG; default :func:`zero_conditioning` of ``cond``.
         set_alpha_to_one: start level 1 instead of ``alphas_cumprod[0]``.
         num_steps: stop after this many steps (``x_{num_steps}``); default all K.
+        eta: InPO's stochastic term: after step k add ``eta * inversion_noise_std(t_k) * N(0, I)``
+            (InPO: 0.1); 0 = the deterministic DDIM inversion.
 
     Returns:
         :class:`Inversion` with the trajectory and the eps of every step, in fp32.
@@ -131,6 +150,7 @@ def ddim_invert(
     alphas = grid_alphas(adapter.scheduler, timesteps, set_alpha_to_one=set_alpha_to_one).to(x0.device)
     kind = adapter.scheduler.config.prediction_type
     steps = len(timesteps) if num_steps is None else num_steps
+    noise_std = eta * inversion_noise_std(adapter.scheduler, timesteps).to(x0.device) if eta else None
     b = x0.shape[0]
     x = x0.float()
     latents, eps_all = [], []
@@ -139,6 +159,8 @@ def ddim_invert(
         out = guided_output(adapter, denoiser, x, t, cond, uncond, guidance_scale).float()
         x0_hat, eps = x0_and_eps(out, x, alphas[k - 1].expand(b), kind)
         x = ddim_step(x, eps, x0_hat, alphas[k].expand(b))
+        if noise_std is not None:
+            x = x + noise_std[k - 1] * torch.randn_like(x)
         latents.append(x)
         eps_all.append(eps)
     return Inversion(torch.stack(latents, 1), torch.stack(eps_all, 1), timesteps.cpu(), alphas.cpu())

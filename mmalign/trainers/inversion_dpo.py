@@ -14,6 +14,7 @@ Latents are the VAE posterior *mean* (the trajectory belongs to one deterministi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repe
 
 MODES = ("inverted_noise", "trajectory")
 UNCOND = ("zeros", "empty_prompt")
+INVERTERS = ("reference", "policy")
+TIMESTEP_SAMPLING = ("grid", "continuous")
 
 
 @dataclass
@@ -83,6 +86,19 @@ class InversionDPOConfig:
         ge=0,
         le=1,
     )
+    inverter: str = _f(
+        "reference",
+        "inverted_noise mode: the network that inverts. reference: the frozen base (cacheable; the released code) | policy: the current trained model under no_grad, every step (InPO; needs cache_inversions=false).",
+    )
+    timestep_sampling: str = _f(
+        "grid",
+        "inverted_noise mode: grid: t is a grid step and x_t its inverted latent | continuous: t uniform in [0, T), x_t the latent inverted to the last grid point below t, used as x_t (InPO; needs cache_inversions=false).",
+    )
+    inversion_eta: float = _f(
+        0.0,
+        "inverted_noise mode: InPO's stochastic term, eta x the DDPM posterior std added after each inversion step (InPO: 0.1; needs cache_inversions=false).",
+        ge=0,
+    )
     loss_type: str = _f("sigmoid", "inverted_noise mode: sigmoid | hinge | ipo (as diffusion_dpo).")
     sft_weight: float = _f(0.0, "inverted_noise mode: adds sft_weight x winner error.", ge=0)
     cache_inversions: bool = _f(
@@ -124,11 +140,28 @@ class InversionDPOConfig:
             raise ConfigError(f"method.cache_dtype={short(self.cache_dtype)}: choose from {tuple(DTYPES)}")
         if self.inversion_batch_size < 1:
             raise ConfigError("method.inversion_batch_size must be >= 1")
+        if self.inverter not in INVERTERS:
+            raise ConfigError(f"method.inverter={short(self.inverter)}: choose from {INVERTERS}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ConfigError(
+                f"method.timestep_sampling={short(self.timestep_sampling)}: choose from {TIMESTEP_SAMPLING}"
+            )
+        online = {
+            "method.inverter=policy": self.inverter == "policy",
+            "method.timestep_sampling=continuous": self.timestep_sampling == "continuous",
+            f"method.inversion_eta={self.inversion_eta}": self.inversion_eta > 0,
+        }
+        online = [k for k, on in online.items() if on]
         if self.mode == "trajectory" and (
-            self.standardize_noise or self.forward_mix or self.skip_identity_step
+            self.standardize_noise or self.forward_mix or self.skip_identity_step or online
         ):
             raise ConfigError(
-                "method.standardize_noise, method.forward_mix and method.skip_identity_step apply to mode=inverted_noise"
+                "method.standardize_noise, method.forward_mix, method.skip_identity_step, method.inverter, "
+                "method.timestep_sampling and method.inversion_eta apply to mode=inverted_noise"
+            )
+        if online and self.cache_inversions:
+            raise ConfigError(
+                f"{', '.join(online)} inverts every step (InPO), nothing is cacheable: set method.cache_inversions=false"
             )
 
 
@@ -154,13 +187,19 @@ def compute_loss(
 
 
 def _invert_now(batch: dict, models: TrainModels, cfg: InversionDPOConfig, num_steps: int):
-    """Online inversion of winners then losers with the reference (no cache): [2B] trajectories."""
+    """Online inversion of winners then losers (no cache) with the reference or, for
+    ``inverter=policy``, the current model: [2B] trajectories."""
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     uncond = batch["inv_uncond"]
-    with models.reference() as ref:
+    with contextlib.ExitStack() as stack:
+        if cfg.inverter == "policy":
+            stack.enter_context(torch.no_grad())
+            net = models.denoiser
+        else:
+            net = stack.enter_context(models.reference())
         return inversion.ddim_invert(
             models.adapter,
-            ref,
+            net,
             x0,
             repeat_cond(batch["inv_cond"]),
             timesteps=batch["grid"],
@@ -168,23 +207,29 @@ def _invert_now(batch: dict, models: TrainModels, cfg: InversionDPOConfig, num_s
             uncond=None if uncond is None else repeat_cond(uncond),
             set_alpha_to_one=cfg.set_alpha_to_one,
             num_steps=num_steps,
+            eta=cfg.inversion_eta,
         )
 
 
 def _inverted_noise_loss(batch, models, cfg):
     x_w, x_l = batch["latents_w"], batch["latents_l"]
     b, device = x_w.shape[0], x_w.device
-    if "xt_w" in batch:
-        step, xt = batch["step"].long(), torch.cat([batch["xt_w"], batch["xt_l"]])
+    x0 = torch.cat([x_w, x_l])
+    if cfg.timestep_sampling == "continuous":
+        t, xt = _continuous_inversion(batch, models, cfg)
+        abar = models.adapter.scheduler.alphas_cumprod.to(device).float()[t.long()]
     else:
-        low = first_step(batch["grid"], cfg.skip_identity_step)
-        step = torch.randint(low, len(batch["grid"]), (b,), device=device)
-        inv = _invert_now(batch, models, cfg, int(step.max()) + 1)
-        xt = inv.latents[torch.arange(2 * b), step.repeat(2).cpu()].to(device)
-    step = step.to(device)
-    t = batch["grid"].to(device)[step]
-    abar = batch["alphas"].to(device)[step + 1]
-    noise = implied_noise(xt, torch.cat([x_w, x_l]), abar.repeat(2))
+        if "xt_w" in batch:
+            step, xt = batch["step"].long(), torch.cat([batch["xt_w"], batch["xt_l"]])
+        else:
+            low = first_step(batch["grid"], cfg.skip_identity_step)
+            step = torch.randint(low, len(batch["grid"]), (b,), device=device)
+            inv = _invert_now(batch, models, cfg, int(step.max()) + 1)
+            xt = inv.latents[torch.arange(2 * b), step.repeat(2).cpu()].to(device)
+        step = step.to(device)
+        t = batch["grid"].to(device)[step]
+        abar = batch["alphas"].to(device)[step + 1]
+    noise = implied_noise(xt, x0, abar.repeat(2))
     if cfg.standardize_noise:
         noise = standardize(noise)
     if cfg.forward_mix > 0:  # these pairs are Diffusion-DPO pairs: fresh noise shared by winner and loser
@@ -201,6 +246,25 @@ def _inverted_noise_loss(batch, models, cfg):
     )
     metrics["inversion_t"] = t.float().mean()
     return loss.mean(), metrics
+
+
+def _continuous_inversion(
+    batch: dict, models: TrainModels, cfg: InversionDPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InPO's noising: t ~ U{0, ..., T-1} per pair; each image inverted through the grid points below t.
+
+    Returns ``t`` [B] and ``x_t`` [2B, ...] (winners then losers): the latent at the last grid point below
+    ``t``, which the loss then labels ``t`` (as InPO does); the clean latent when no grid point is below ``t``.
+    """
+    x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
+    b, device, grid = batch["latents_w"].shape[0], x0.device, batch["grid"]
+    t = torch.randint(0, models.adapter.scheduler.config.num_train_timesteps, (b,), device=device)
+    below = (grid.to(device)[None] < t[:, None]).sum(1).repeat(2)  # [2B] inversion steps to run
+    if int(below.max()) == 0:
+        return t, x0.float()
+    inv = _invert_now(batch, models, cfg, int(below.max()))
+    path = torch.cat([x0[:, None].float(), inv.latents.to(device)], 1)  # [2B, 1 + S, ...]: x_0 .. x_S
+    return t, path[torch.arange(2 * b, device=device), below]
 
 
 def first_step(grid: torch.Tensor, skip_identity: bool) -> int:

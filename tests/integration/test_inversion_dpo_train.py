@@ -224,3 +224,123 @@ def test_forward_mix_one_ignores_the_inversion(tiny_sd15, pair_manifest, tmp_pat
         batch["xt_w"], batch["xt_l"] = batch["xt_w"] * scale, batch["xt_l"] * scale
         losses.append(compute_loss(batch, TrainModels(adapter, pipe.unet), cfg.method)[0].item())
     assert losses[0] == losses[1] and losses[2] != losses[3]
+
+
+INPO = (
+    "method.inverter=policy",
+    "method.timestep_sampling=continuous",
+    "method.inversion_eta=0.1",
+    "method.inversion_guidance=1.0",
+    "method.cache_inversions=false",
+)
+
+
+def test_inpo_options_need_the_online_inversion(tiny_sd15, pair_manifest, tmp_path):
+    from mmalign.config import ConfigError
+
+    for option in INPO[:3]:
+        with pytest.raises(ConfigError, match="cache_inversions=false"):
+            tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", option)
+        with pytest.raises(ConfigError, match="apply to mode=inverted_noise"):
+            tiny_cfg(
+                tiny_sd15,
+                pair_manifest,
+                tmp_path / "run",
+                option,
+                "method.mode=trajectory",
+                "method.cache_inversions=false",
+            )
+
+
+def _inpo_batch(model, manifest, tmp_path, *extra, perturb: float = 0.0):
+    cfg = tiny_cfg(model, manifest, tmp_path / "run", *extra)
+    pipe, family = load_pipeline(str(model))
+    adapter = make_adapter(pipe, family)
+    pipe.unet.requires_grad_(False)
+    data = inversion_pair_data(cfg, adapter, _SingleProcess())
+    add_lora(pipe.unet, cfg.lora)
+    if perturb:
+        with torch.no_grad():
+            for name, p in pipe.unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, perturb, generator=torch.Generator().manual_seed(0))
+    batch = data.prepare(data.collate([data.dataset[i] for i in range(4)]), torch.device("cpu"))
+    return cfg, TrainModels(adapter, pipe.unet), batch
+
+
+def test_continuous_t_uses_the_latent_inverted_to_the_grid_point_below(tiny_sd15, pair_manifest, tmp_path):
+    """InPO: t ~ U{0..T-1}; x_t is the inversion through every grid point < t (x_0 when there is none)."""
+    from mmalign.trainers.inversion_dpo import _continuous_inversion
+
+    cfg, models, batch = _inpo_batch(
+        tiny_sd15,
+        pair_manifest,
+        tmp_path,
+        "method.timestep_sampling=continuous",
+        "method.cache_inversions=false",
+    )
+    x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
+    full = inversion.ddim_invert(
+        models.adapter,
+        models.unwrap(models.denoiser),
+        x0,
+        {k: torch.cat([v, v]) for k, v in batch["inv_cond"].items()},
+        timesteps=batch["grid"],
+        guidance_scale=cfg.method.inversion_guidance,
+        uncond=None,
+    )
+    grid, seen = batch["grid"], set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        t, xt = _continuous_inversion(batch, models, cfg.method)
+        for i, ti in enumerate(t.repeat(2).tolist()):
+            below = int((grid < ti).sum())
+            seen.add(below)
+            expect = x0[i] if below == 0 else full.latents[i, below - 1]
+            torch.testing.assert_close(xt[i], expect, rtol=1e-4, atol=1e-5)
+    assert len(seen) >= 4 and any(int(x) not in grid.tolist() for x in t)  # t is not restricted to the grid
+
+
+def test_policy_inverter_inverts_with_the_current_model(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
+    """inverter=policy: the LoRA is on while inverting (the reference inverts with it off); at LoRA init both agree."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    seen = []  # per inversion: were the LoRA layers switched off?
+    real = inversion.ddim_invert
+
+    def spy(adapter, denoiser, x0, *args, **kwargs):
+        layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and not torch.is_grad_enabled()
+        seen.append(all(m.disable_adapters for m in layers))
+        return real(adapter, denoiser, x0, *args, **kwargs)
+
+    monkeypatch.setattr(inversion, "ddim_invert", spy)
+    losses = {}
+    for inverter in ("reference", "policy"):
+        for perturb in (0.0, 0.05):
+            cfg, models, batch = _inpo_batch(
+                tiny_sd15,
+                pair_manifest,
+                tmp_path,
+                f"method.inverter={inverter}",
+                "method.cache_inversions=false",
+                perturb=perturb,
+            )
+            torch.manual_seed(0)
+            losses[inverter, perturb] = compute_loss(batch, models, cfg.method)[0].item()
+            assert seen[-1] == (inverter == "reference")  # adapters disabled only for the reference
+    assert losses["reference", 0.0] == pytest.approx(losses["policy", 0.0], abs=1e-6)
+    assert losses["reference", 0.05] != pytest.approx(losses["policy", 0.05], abs=1e-6)
+
+
+def test_inpo_recipe_trains(tiny_sd15, pair_manifest, tmp_path, count_inversions):
+    from diffusers import UNet2DConditionModel
+
+    result = train(
+        tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", *INPO, "train.max_steps=2"), keep_initial=True
+    )
+    pretrained = dict(UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet").named_parameters())
+    trainable, frozen = assert_only_trainable_changed(result, pretrained)
+    assert trainable > 0 and frozen > 0
+    assert result.summary["data"]["inversions_built"] == 0 and 0 < count_inversions["images"] <= 2 * 2 * 2
+    assert math.isfinite(result.summary["final_metrics"]["loss"])

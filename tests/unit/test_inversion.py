@@ -11,6 +11,7 @@ from mmalign.pipelines.inversion import (
     ddim_invert,
     ddim_sample,
     grid_alphas,
+    inversion_noise_std,
     inversion_timesteps,
     zero_conditioning,
 )
@@ -137,3 +138,35 @@ def test_guidance_runs_one_batched_call_with_zero_uncond():
     inv = ddim_invert(adapter, None, x0, cond, timesteps=inversion_timesteps(1000, 2), guidance_scale=2.0)
     assert seen == [4, 4]  # uncond + cond in one call per step
     torch.testing.assert_close(inv.eps, torch.full_like(inv.eps, 1.0 + 2.0 * (3.0 - 1.0)))
+
+
+def test_inpo_noise_std_is_the_released_codes_variance():
+    """InPO adds eta * sqrt(DDIMScheduler._get_variance(t + T // N, t)) after the inverse step to t."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    grid = inversion_timesteps(1000, 10, steps_offset=1)  # 1, 101, ..., 901 (SD1.5's offset)
+    std = inversion_noise_std(sched, grid)
+    for k, t in enumerate(grid.tolist()[:-1]):
+        expect = float(sched._get_variance(t + 100, t)) ** 0.5
+        assert std[k].item() == pytest.approx(expect, rel=1e-5)
+    assert std[-1].item() == pytest.approx(float(sched._get_variance(999, 901)) ** 0.5, rel=1e-5)
+    assert (std > 0).all() and (std < 1).all()
+
+
+def test_eta_adds_the_scaled_noise_after_each_step():
+    """With the exact point-mass denoiser the deterministic step is known; eta adds eta * std_k * z_k."""
+    gen = torch.Generator().manual_seed(3)
+    x_star = torch.randn(1, 4, 8, 8, generator=gen)
+    adapter, net = point_mass_adapter(x_star)
+    x0 = torch.randn(2, 4, 8, 8, generator=gen)
+    grid = inversion_timesteps(1000, 10)
+    cond = {"encoder_hidden_states": torch.zeros(2, 1)}
+    plain = ddim_invert(adapter, net, x0, cond, timesteps=grid, num_steps=1)
+    torch.manual_seed(7)
+    noisy = ddim_invert(adapter, net, x0, cond, timesteps=grid, num_steps=1, eta=0.1)
+    torch.manual_seed(7)
+    z = torch.randn_like(x0)
+    std = inversion_noise_std(adapter.scheduler, grid)[0]
+    torch.testing.assert_close(noisy.final, plain.final + 0.1 * std * z, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(noisy.final, plain.final)
