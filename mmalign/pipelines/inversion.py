@@ -114,6 +114,25 @@ class Inversion:
 
 
 @torch.no_grad()
+def inverse_step(
+    adapter: PipelineAdapter,
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    abar_from: torch.Tensor,
+    abar_to: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM inverse step of ``x`` [B, ...] from level ``abar_from`` [B] to ``abar_to`` [B], the denoiser
+    labelled with the target timesteps ``t`` [B]. Returns (the moved latent, the eps used), fp32."""
+    out = guided_output(adapter, denoiser, x, t, cond, uncond, guidance_scale).float()
+    x0_hat, eps = x0_and_eps(out, x, abar_from, adapter.scheduler.config.prediction_type)
+    return ddim_step(x, eps, x0_hat, abar_to), eps
+
+
+@torch.no_grad()
 def ddim_invert(
     adapter: PipelineAdapter,
     denoiser: torch.nn.Module,
@@ -148,7 +167,6 @@ def ddim_invert(
     if uncond is None and guidance_scale != 1.0:
         uncond = zero_conditioning(cond)
     alphas = grid_alphas(adapter.scheduler, timesteps, set_alpha_to_one=set_alpha_to_one).to(x0.device)
-    kind = adapter.scheduler.config.prediction_type
     steps = len(timesteps) if num_steps is None else num_steps
     noise_std = eta * inversion_noise_std(adapter.scheduler, timesteps).to(x0.device) if eta else None
     b = x0.shape[0]
@@ -156,9 +174,17 @@ def ddim_invert(
     latents, eps_all = [], []
     for k in range(1, steps + 1):
         t = timesteps[k - 1].to(x0.device).expand(b)
-        out = guided_output(adapter, denoiser, x, t, cond, uncond, guidance_scale).float()
-        x0_hat, eps = x0_and_eps(out, x, alphas[k - 1].expand(b), kind)
-        x = ddim_step(x, eps, x0_hat, alphas[k].expand(b))
+        x, eps = inverse_step(
+            adapter,
+            denoiser,
+            x,
+            t,
+            alphas[k - 1].expand(b),
+            alphas[k].expand(b),
+            cond,
+            uncond,
+            guidance_scale,
+        )
         if noise_std is not None:
             x = x + noise_std[k - 1] * torch.randn_like(x)
         latents.append(x)

@@ -30,7 +30,7 @@ from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repe
 MODES = ("inverted_noise", "trajectory")
 UNCOND = ("zeros", "empty_prompt")
 INVERTERS = ("reference", "policy")
-TIMESTEP_SAMPLING = ("grid", "continuous")
+TIMESTEP_SAMPLING = ("grid", "continuous", "continuous_exact")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class InversionDPOConfig:
     )
     timestep_sampling: str = _f(
         "grid",
-        "inverted_noise mode: grid: t is a grid step and x_t its inverted latent | continuous: t uniform in [0, T), x_t the latent inverted to the last grid point below t, used as x_t (InPO; needs cache_inversions=false).",
+        "inverted_noise mode: grid: t is a grid step and x_t its inverted latent | continuous: t uniform in [0, T), x_t the latent inverted to the last grid point below t, used as x_t (InPO; needs cache_inversions=false) | continuous_exact: as continuous plus one last inverse step from that grid point to t itself, so x_t sits at t's noise level.",
     )
     inversion_eta: float = _f(
         0.0,
@@ -148,7 +148,7 @@ class InversionDPOConfig:
             )
         online = {
             "method.inverter=policy": self.inverter == "policy",
-            "method.timestep_sampling=continuous": self.timestep_sampling == "continuous",
+            f"method.timestep_sampling={self.timestep_sampling}": self.timestep_sampling != "grid",
             f"method.inversion_eta={self.inversion_eta}": self.inversion_eta > 0,
         }
         online = [k for k, on in online.items() if on]
@@ -186,17 +186,23 @@ def compute_loss(
     return _trajectory_loss(batch, models, cfg)
 
 
+@contextlib.contextmanager
+def _inverter(models: TrainModels, cfg: InversionDPOConfig):
+    """The network that inverts, under no_grad: the reference, or the current model (``inverter=policy``)."""
+    if cfg.inverter == "reference":
+        with models.reference() as ref:
+            yield ref
+        return
+    with torch.no_grad():
+        yield models.denoiser
+
+
 def _invert_now(batch: dict, models: TrainModels, cfg: InversionDPOConfig, num_steps: int):
     """Online inversion of winners then losers (no cache) with the reference or, for
     ``inverter=policy``, the current model: [2B] trajectories."""
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     uncond = batch["inv_uncond"]
-    with contextlib.ExitStack() as stack:
-        if cfg.inverter == "policy":
-            stack.enter_context(torch.no_grad())
-            net = models.denoiser
-        else:
-            net = stack.enter_context(models.reference())
+    with _inverter(models, cfg) as net:
         return inversion.ddim_invert(
             models.adapter,
             net,
@@ -215,7 +221,7 @@ def _inverted_noise_loss(batch, models, cfg):
     x_w, x_l = batch["latents_w"], batch["latents_l"]
     b, device = x_w.shape[0], x_w.device
     x0 = torch.cat([x_w, x_l])
-    if cfg.timestep_sampling == "continuous":
+    if cfg.timestep_sampling != "grid":
         t, xt = _continuous_inversion(batch, models, cfg)
         abar = models.adapter.scheduler.alphas_cumprod.to(device).float()[t.long()]
     else:
@@ -255,16 +261,34 @@ def _continuous_inversion(
 
     Returns ``t`` [B] and ``x_t`` [2B, ...] (winners then losers): the latent at the last grid point below
     ``t``, which the loss then labels ``t`` (as InPO does); the clean latent when no grid point is below ``t``.
+    ``continuous_exact`` then takes one more inverse step, from that point's level to ``t``'s.
     """
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     b, device, grid = batch["latents_w"].shape[0], x0.device, batch["grid"]
     t = torch.randint(0, models.adapter.scheduler.config.num_train_timesteps, (b,), device=device)
     below = (grid.to(device)[None] < t[:, None]).sum(1).repeat(2)  # [2B] inversion steps to run
-    if int(below.max()) == 0:
-        return t, x0.float()
-    inv = _invert_now(batch, models, cfg, int(below.max()))
-    path = torch.cat([x0[:, None].float(), inv.latents.to(device)], 1)  # [2B, 1 + S, ...]: x_0 .. x_S
-    return t, path[torch.arange(2 * b, device=device), below]
+    xt = x0.float()
+    if int(below.max()) > 0:
+        inv = _invert_now(batch, models, cfg, int(below.max()))
+        path = torch.cat([x0[:, None].float(), inv.latents.to(device)], 1)  # [2B, 1 + S, ...]: x_0 .. x_S
+        xt = path[torch.arange(2 * b, device=device), below]
+    if cfg.timestep_sampling == "continuous_exact":
+        t2, levels = t.repeat(2), batch["alphas"].to(device)[below]
+        abar_t = models.adapter.scheduler.alphas_cumprod.to(device).float()[t2]
+        with _inverter(models, cfg) as net:
+            uncond = batch["inv_uncond"]
+            xt, _ = inversion.inverse_step(
+                models.adapter,
+                net,
+                xt,
+                t2,
+                levels,
+                abar_t,
+                repeat_cond(batch["inv_cond"]),
+                None if uncond is None else repeat_cond(uncond),
+                cfg.inversion_guidance,
+            )
+    return t, xt
 
 
 def first_step(grid: torch.Tensor, skip_identity: bool) -> int:

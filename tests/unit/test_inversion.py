@@ -170,3 +170,46 @@ def test_eta_adds_the_scaled_noise_after_each_step():
     std = inversion_noise_std(adapter.scheduler, grid)[0]
     torch.testing.assert_close(noisy.final, plain.final + 0.1 * std * z, rtol=1e-5, atol=1e-6)
     assert not torch.equal(noisy.final, plain.final)
+
+
+@pytest.mark.parametrize("sampling", ["continuous", "continuous_exact"])
+def test_continuous_exact_puts_x_t_at_t_level(sampling):
+    """With the exact point-mass denoiser every DDIM trajectory is ``sqrt(abar) x* + sqrt(1 - abar) e0``, so an
+    x_t at t's level is known exactly. InPO's x_t (the grid point below t, labelled t) sits at a lower noise
+    level; ``continuous_exact`` steps on to t and lands on it."""
+    from mmalign.trainers.common import TrainModels
+    from mmalign.trainers.inversion_dpo import InversionDPOConfig, _continuous_inversion
+
+    gen = torch.Generator().manual_seed(4)
+    x_star = torch.randn(1, 4, 8, 8, generator=gen)
+    adapter, net = point_mass_adapter(x_star)
+    x0 = torch.randn(8, 4, 8, 8, generator=gen)
+    grid = inversion_timesteps(1000, 10)
+    alphas = grid_alphas(adapter.scheduler, grid)
+    batch = {
+        "latents_w": x0[:4],
+        "latents_l": x0[4:],
+        "grid": grid,
+        "alphas": alphas,
+        "inv_cond": {"encoder_hidden_states": torch.zeros(4, 1)},
+        "inv_uncond": None,
+    }
+    cfg = InversionDPOConfig(
+        inverter="policy",
+        timestep_sampling=sampling,
+        inversion_guidance=1.0,
+        cache_inversions=False,
+        num_inversion_steps=10,
+    )
+    e0 = (x0 - alphas[0].sqrt() * x_star) / (1 - alphas[0]).sqrt()
+    errors = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        t, xt = _continuous_inversion(batch, TrainModels(adapter, net), cfg)
+        abar = adapter.scheduler.alphas_cumprod[t.repeat(2)]
+        expect = abar.sqrt().view(-1, 1, 1, 1) * x_star + (1 - abar).sqrt().view(-1, 1, 1, 1) * e0
+        errors.append((xt - expect).abs().max().item())
+    if sampling == "continuous_exact":
+        assert max(errors) < 1e-4
+    else:  # up to 99 steps less noisy than t: far off t's marginal
+        assert min(errors) > 0.1
