@@ -305,7 +305,12 @@ def _setup_data(run: _Run) -> None:
 def _setup_trainable(run: _Run, keep_initial: bool) -> None:
     """LoRA adapters (the reference is the same network with them off) or the whole denoiser plus a frozen copy;
     a method's own trainable modules (``Method.add_trainable``, e.g. personal_dpo's user path) with or without LoRA."""
+    from accelerate.utils import set_seed
+
     cfg, accelerator, denoiser = run.cfg, run.accelerator, run.denoiser
+    # Seeded again: building a cache may draw from the global RNG (an inversion cache does), so without this
+    # the same config trained differently depending on whether its caches already existed.
+    set_seed(cfg.train.seed)
     if cfg.lora.enabled:
         add_lora(denoiser, cfg.lora)
     if run.method.add_trainable is not None:  # after peft, which freezes every non-LoRA weight

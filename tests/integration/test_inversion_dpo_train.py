@@ -344,3 +344,15 @@ def test_inpo_recipe_trains(tiny_sd15, pair_manifest, tmp_path, count_inversions
     assert trainable > 0 and frozen > 0
     assert result.summary["data"]["inversions_built"] == 0 and 0 < count_inversions["images"] <= 2 * 2 * 2
     assert math.isfinite(result.summary["final_metrics"]["loss"])
+
+
+def test_a_run_trains_the_same_whether_or_not_its_inversion_cache_existed(tiny_sd15, pair_manifest, tmp_path):
+    """Building the cache draws from the global RNG; training must not depend on whether it had to be built."""
+    runs = []
+    for name in ("builds", "reuses"):
+        result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / name, "train.max_steps=3"))
+        assert (result.summary["data"]["inversions_built"] > 0) == (name == "builds")
+        lora = {k: p.detach().clone() for k, p in result.denoiser.named_parameters() if "lora_" in k}
+        runs.append((result.summary["final_metrics"]["loss"], lora))
+    assert runs[0][0] == runs[1][0] and runs[0][1].keys() == runs[1][1].keys()
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
