@@ -7,6 +7,8 @@ the pair counts as ranked right when the tuned model lowers its denoising error 
 winner than on the loser: ``(err_tuned_w - err_base_w) < (err_tuned_l - err_base_l)``. 0.5 means no preference
 was learned *under forward noising*; a method that trains on other noisy inputs (Inversion-DPO's inverted x_t)
 can score high there and near 0.5 here (issue 13). The base is the same network with the LoRA disabled.
+The row also splits the draws into timestep bands: the accuracy per band and the relative change of the tuned
+model's denoising error on winners and on losers (``err_change_w``/``_l``; > 0 means it denoises them worse).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+# Timestep bands of the per-band rows: where in the schedule the tuned model ranks the pairs, and how its plain
+# denoising error on winners and losers moved against the base's (err_change = tuned / base - 1).
+BANDS = ((0, 100), (100, 300), (300, 600), (600, 1000))
 
 
 def implicit_accuracy(
@@ -39,6 +46,9 @@ def implicit_accuracy(
     data = PairDataset(records, resolution, random_flip=False, joint_crop=adapter.micro_conditioning)
     torch.manual_seed(seed)
     right, total = 0, 0
+    sums = {
+        band: torch.zeros(6) for band in BANDS
+    }  # right, n, tuned err w, base err w, tuned err l, base err l
     with torch.no_grad():
         for start in range(0, len(data), batch):
             raw = collate_pairs([data[i] for i in range(start, min(start + batch, len(data)))])
@@ -48,9 +58,44 @@ def implicit_accuracy(
                 m_w, m_l, r_w, r_l = pair_errors(
                     models, noisy["xt"], noisy["t"], repeat_cond(b["cond"]), noisy["target"]
                 )
-                right += int(((m_w - r_w) < (m_l - r_l)).sum())
+                ok = (m_w - r_w) < (m_l - r_l)
+                right += int(ok.sum())
                 total += m_w.shape[0]
-    return {"implicit_acc_forward": round(right / total, 4), "n": total, "pairs": len(data), "draws": draws}
+                t = noisy["t"][: m_w.shape[0]].cpu()
+                for lo, hi in BANDS:
+                    sel = (t >= lo) & (t < hi)
+                    sums[lo, hi] += (
+                        torch.stack(
+                            [
+                                ok[sel].sum(),
+                                sel.sum(),
+                                m_w[sel].sum(),
+                                r_w[sel].sum(),
+                                m_l[sel].sum(),
+                                r_l[sel].sum(),
+                            ]
+                        )
+                        .float()
+                        .cpu()
+                    )
+    bands = [
+        {
+            "t": [lo, hi],
+            "n": int(v[1]),
+            "implicit_acc": round(float(v[0] / v[1]), 4),
+            "err_change_w": round(float(v[2] / v[3] - 1), 4),
+            "err_change_l": round(float(v[4] / v[5] - 1), 4),
+        }
+        for (lo, hi), v in sums.items()
+        if v[1] > 0
+    ]
+    return {
+        "implicit_acc_forward": round(right / total, 4),
+        "n": total,
+        "pairs": len(data),
+        "draws": draws,
+        "bands": bands,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -305,3 +305,8 @@ def test_implicit_accuracy_bench_sees_what_dpo_learned(tiny_sd15, pair_manifest,
         str(tiny_sd15), result.summary["export"], str(pair_manifest), resolution=16, draws=8
     )
     assert row["n"] == 4 * 8 and row["implicit_acc_forward"] > 0.5, row
+    bands = row["bands"]  # every draw falls in exactly one band, and the bands add up to the whole
+    assert sum(b["n"] for b in bands) == row["n"]
+    assert sum(b["implicit_acc"] * b["n"] for b in bands) == pytest.approx(
+        row["implicit_acc_forward"] * row["n"], abs=1e-2
+    )
