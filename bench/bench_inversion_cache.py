@@ -1,10 +1,10 @@
-"""Inversion-DPO seconds per step with the inversion cache on vs off, beside Diffusion-DPO, in one process.
+"""Inversion-DPO seconds per step with the inversion cache on vs off and InPO's online recipe, beside Diffusion-DPO, in one process.
 
 Each run goes through the real loop (`mmalign.trainers.loop.train`) on a tiny random SD1.5 pipeline, after a
 warm-up run, so the three are measured under the same conditions side by side:
 
     python bench/bench_inversion_cache.py                     # 80-step grid, CFG 2 (the paper's settings)
-    python bench/bench_inversion_cache.py --grid 50 --steps 20
+    python bench/bench_inversion_cache.py --grid 10 --steps 20    # InPO's 10-step grid
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def main() -> None:
         ("diffusion_dpo", []),
         ("inversion_dpo inverted_noise, cache on", inversion),
         ("inversion_dpo inverted_noise, cache off", [*inversion, "method.cache_inversions=false"]),
+        (  # InPO: the current model inverts up to a continuous t every step; nothing is cacheable
+            "inversion_dpo InPO (policy inverter, continuous t, eta 0.1, g = 1)",
+            [
+                *inversion,
+                "method.inverter=policy",
+                "method.timestep_sampling=continuous",
+                "method.inversion_eta=0.1",
+                "method.inversion_guidance=1.0",
+                "method.cache_inversions=false",
+            ],
+        ),
     ]
     rows = {}
     for i, (name, extra) in enumerate(runs):
@@ -77,10 +88,13 @@ def main() -> None:
             }
             print(json.dumps({"run": name, **rows[name]}), flush=True)
     on, off = (rows[f"inversion_dpo inverted_noise, cache {x}"]["s_per_step"] for x in ("on", "off"))
+    dpo, inpo = rows["diffusion_dpo"]["s_per_step"], rows[runs[-1][0]]["s_per_step"]
     print(
         json.dumps(
             {
                 "cache_speedup": round(off / on, 2),
+                "cached_vs_dpo": round(on / dpo, 2),
+                "inpo_vs_dpo": round(inpo / dpo, 2),
                 "grid": args.grid,
                 "guidance": args.guidance,
                 "threads": torch.get_num_threads(),

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--npo-betas",
         default="1.0,0.5",
-        help="comma-separated NPO guidance beta values (the negative delta's scale), one evaluation row each; 1 = the released scripts, 0.5 measured better in every toy row",
+        help="comma-separated NPO guidance beta values (the negative delta's scale), one evaluation row each; 1 = the released scripts; 0.5 measured better in most toy rows",
     )
     parser.add_argument("--npo-alpha", type=float, default=1.0, help="NPO guidance alpha (positive offset)")
     parser.add_argument(
@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="diffusion_npo control: each pair's order is swapped with probability 1/2 (seed 0), so the negative "
         "learns from the same images with no preference in them",
+    )
+    parser.add_argument(
+        "--real-images",
+        action="store_true",
+        help="self_npo with the released code's start=real: one clean rendered image per training prompt (the toy "
+        "world's real data) in a JSONL manifest, and method.start=real",
     )
     parser.add_argument(
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
@@ -117,7 +123,22 @@ def run(args: argparse.Namespace) -> list[dict]:
         label_seconds = 0.0
         run_dir = out / f"{method}{args.tag}"
         scored_file = out / f"diffusion_npo-candidates-cfg{args.guidance:g}.pt"
-        if method == "self_npo":
+        extra = []
+        if method == "self_npo" and args.real_images:
+            from torchvision.utils import save_image
+
+            from mmalign.toy.render import render_image
+
+            (run_dir / "real").mkdir(parents=True, exist_ok=True)
+            rows_real = []
+            for i, prompt in enumerate(train_prompts):  # clean: no speckle, the prompt's colour
+                path = run_dir / "real" / f"{i:04d}.png"
+                save_image(render_image(prompt, seed=TRAIN_SEED_BASE + i, size=args.size), path)
+                rows_real.append({"prompt": prompt, "image": str(path)})
+            source = run_dir / "real.jsonl"
+            source.write_text("".join(json.dumps(r) + "\n" for r in rows_real))
+            n_data, extra = len(train_prompts), ["method.start=real"]
+        elif method == "self_npo":
             source = run_dir / "prompts.txt"
             source.parent.mkdir(parents=True, exist_ok=True)
             source.write_text("\n".join(train_prompts) + "\n")
@@ -163,7 +184,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"unknown method {method!r}: self_npo or diffusion_npo")
         cfg = load_config(
             ROOT / "configs" / "toy" / f"{method}.yaml",
-            [*common, f"data.source={source}", f"train.output_dir={run_dir / 'run'}", "train.overwrite=true"],
+            [
+                *common,
+                *extra,
+                f"data.source={source}",
+                f"train.output_dir={run_dir / 'run'}",
+                "train.overwrite=true",
+            ],
         )
         log(f"{method}: training on {n_data} {'prompts' if method == 'self_npo' else 'pairs'}")
         summary = train(cfg).summary
