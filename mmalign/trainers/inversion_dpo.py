@@ -2,7 +2,9 @@
 
 Diffusion-DPO's random forward noising is replaced by a deterministic DDIM inversion of each clean latent
 with the frozen reference (:mod:`mmalign.pipelines.inversion`), cached once per (image, prompt, inverter,
-grid, guidance) by :mod:`mmalign.data.inversion_pairs`. Two modes (docs/inversion_dpo.md):
+grid, guidance) by :mod:`mmalign.data.inversion_pairs`; or, as InPO, by an online inversion with the current
+model to a continuous t, with a small stochastic term (``inverter``, ``timestep_sampling``, ``inversion_eta``).
+Two modes (docs/inversion_dpo.md):
 
 - ``inverted_noise`` (default, InPO-style): sample a grid step k per pair, take the inverted ``x_{t_k}`` of
   winner and loser, form the implied noise and apply the Diffusion-DPO loss with it;
@@ -197,20 +199,26 @@ def _inverter(models: TrainModels, cfg: InversionDPOConfig):
         yield models.denoiser
 
 
+def _inversion_conds(batch: dict) -> tuple[dict, dict | None]:
+    """The inverter's conditioning and unconditional branch, for winners then losers [2B]."""
+    uncond = batch["inv_uncond"]
+    return repeat_cond(batch["inv_cond"]), None if uncond is None else repeat_cond(uncond)
+
+
 def _invert_now(batch: dict, models: TrainModels, cfg: InversionDPOConfig, num_steps: int):
     """Online inversion of winners then losers (no cache) with the reference or, for
     ``inverter=policy``, the current model: [2B] trajectories."""
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
-    uncond = batch["inv_uncond"]
+    cond, uncond = _inversion_conds(batch)
     with _inverter(models, cfg) as net:
         return inversion.ddim_invert(
             models.adapter,
             net,
             x0,
-            repeat_cond(batch["inv_cond"]),
+            cond,
             timesteps=batch["grid"],
             guidance_scale=cfg.inversion_guidance,
-            uncond=None if uncond is None else repeat_cond(uncond),
+            uncond=uncond,
             set_alpha_to_one=cfg.set_alpha_to_one,
             num_steps=num_steps,
             eta=cfg.inversion_eta,
@@ -276,17 +284,8 @@ def _continuous_inversion(
         t2, levels = t.repeat(2), batch["alphas"].to(device)[below]
         abar_t = models.adapter.scheduler.alphas_cumprod.to(device).float()[t2]
         with _inverter(models, cfg) as net:
-            uncond = batch["inv_uncond"]
             xt, _ = inversion.inverse_step(
-                models.adapter,
-                net,
-                xt,
-                t2,
-                levels,
-                abar_t,
-                repeat_cond(batch["inv_cond"]),
-                None if uncond is None else repeat_cond(uncond),
-                cfg.inversion_guidance,
+                models.adapter, net, xt, t2, levels, abar_t, *_inversion_conds(batch), cfg.inversion_guidance
             )
     return t, xt
 

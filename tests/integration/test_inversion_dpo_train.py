@@ -107,23 +107,29 @@ def test_online_inversion_without_the_cache(tiny_sd15, pair_manifest, tmp_path, 
     assert count_inversions["images"] == 2 * 2 * 2  # every step inverts its 2 winners and 2 losers
 
 
-def _init_step(model, manifest, tmp_path, *extra, perturb: float = 0.0):
-    """One compute_loss + backward at LoRA init (the model equals the reference); returns (grad norm, metrics)."""
+def _setup_batch(model, manifest, tmp_path, *extra, perturb: float = 0.0, pairs: int = 4):
+    """Config, models and one prepared batch of ``pairs`` pairs at LoRA init (B perturbed by ``perturb``)."""
     cfg = tiny_cfg(model, manifest, tmp_path / "run", *extra)
     pipe, family = load_pipeline(str(model))
     adapter = make_adapter(pipe, family)
     pipe.unet.requires_grad_(False)
     data = inversion_pair_data(cfg, adapter, _SingleProcess())
     add_lora(pipe.unet, cfg.lora)
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
     if perturb:
         with torch.no_grad():
             for name, p in pipe.unet.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, perturb, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    batch = data.prepare(data.collate([data.dataset[0], data.dataset[1]]), torch.device("cpu"))
-    loss, metrics = compute_loss(batch, TrainModels(adapter, pipe.unet), cfg.method)
+    batch = data.prepare(data.collate([data.dataset[i] for i in range(pairs)]), torch.device("cpu"))
+    return cfg, TrainModels(adapter, pipe.unet), batch
+
+
+def _init_step(model, manifest, tmp_path, *extra, perturb: float = 0.0):
+    """One compute_loss + backward at LoRA init (the model equals the reference); returns (grad norm, metrics)."""
+    cfg, models, batch = _setup_batch(model, manifest, tmp_path, *extra, perturb=perturb, pairs=2)
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
+    loss, metrics = compute_loss(batch, models, cfg.method)
     loss.backward()
     return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)), loss, metrics
 
@@ -252,27 +258,11 @@ def test_inpo_options_need_the_online_inversion(tiny_sd15, pair_manifest, tmp_pa
             )
 
 
-def _inpo_batch(model, manifest, tmp_path, *extra, perturb: float = 0.0):
-    cfg = tiny_cfg(model, manifest, tmp_path / "run", *extra)
-    pipe, family = load_pipeline(str(model))
-    adapter = make_adapter(pipe, family)
-    pipe.unet.requires_grad_(False)
-    data = inversion_pair_data(cfg, adapter, _SingleProcess())
-    add_lora(pipe.unet, cfg.lora)
-    if perturb:
-        with torch.no_grad():
-            for name, p in pipe.unet.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, perturb, generator=torch.Generator().manual_seed(0))
-    batch = data.prepare(data.collate([data.dataset[i] for i in range(4)]), torch.device("cpu"))
-    return cfg, TrainModels(adapter, pipe.unet), batch
-
-
 def test_continuous_t_uses_the_latent_inverted_to_the_grid_point_below(tiny_sd15, pair_manifest, tmp_path):
     """InPO: t ~ U{0..T-1}; x_t is the inversion through every grid point < t (x_0 when there is none)."""
     from mmalign.trainers.inversion_dpo import _continuous_inversion
 
-    cfg, models, batch = _inpo_batch(
+    cfg, models, batch = _setup_batch(
         tiny_sd15,
         pair_manifest,
         tmp_path,
@@ -318,7 +308,7 @@ def test_policy_inverter_inverts_with_the_current_model(tiny_sd15, pair_manifest
     losses = {}
     for inverter in ("reference", "policy"):
         for perturb in (0.0, 0.05):
-            cfg, models, batch = _inpo_batch(
+            cfg, models, batch = _setup_batch(
                 tiny_sd15,
                 pair_manifest,
                 tmp_path,
