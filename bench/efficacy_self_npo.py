@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="recipe overrides for both trainings, e.g. train.max_steps=100"
     )
     args = parser.parse_args(argv)
+    if args.real_images and "self_npo" not in args.methods.split(","):
+        parser.error("--real-images applies to self_npo (Self-NPO's start=real): add it to --methods")
     if args.guidance <= 1:
         parser.error("--guidance must be > 1: NPO guidance replaces the unconditional branch of CFG")
     rows = run(args)

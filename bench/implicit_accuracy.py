@@ -46,9 +46,8 @@ def implicit_accuracy(
     data = PairDataset(records, resolution, random_flip=False, joint_crop=adapter.micro_conditioning)
     torch.manual_seed(seed)
     right, total = 0, 0
-    sums = {
-        band: torch.zeros(6) for band in BANDS
-    }  # right, n, tuned err w, base err w, tuned err l, base err l
+    # per band: right, n, tuned err w, base err w, tuned err l, base err l
+    sums = {band: torch.zeros(6) for band in BANDS}
     with torch.no_grad():
         for start in range(0, len(data), batch):
             raw = collate_pairs([data[i] for i in range(start, min(start + batch, len(data)))])
