@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmalign.trainers.sharding import gathered, is_sharded, shard_like
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_META = "optimizer.safetensors", "optimizer.json"
@@ -112,25 +114,51 @@ def _sha256(path: Path) -> str:
 # what goes in: optimizer, RNG, trainable weights as plain tensors + JSON
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().to("cpu", copy=True).contiguous()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable weights as full CPU tensors. Sharded (FSDP2) weights are gathered, a collective: every
+    process calls this, and those with ``keep=False`` return ``{}`` (only the writer holds the copy)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            full = gathered(p.detach())
+            if keep:
+                out[n] = full.to("cpu", copy=True).contiguous()
+    return out
 
 
-def optimizer_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer ``state_dict`` as (tensors keyed ``"<param>/<name>"``, JSON with scalars and param groups)."""
+def optimizer_files(
+    state: dict[str, Any], keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer ``state_dict`` as (tensors keyed ``"<param>/<name>"``, JSON with scalars and param groups).
+
+    Sharded (FSDP2) state is gathered in a fixed order, a collective, as in :func:`trainable_state`."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for pid, entries in state["state"].items():
-        for name, value in entries.items():
+    for pid in sorted(state["state"]):
+        for name, value in sorted(state["state"][pid].items()):
             if isinstance(value, torch.Tensor):
-                tensors[f"{pid}/{name}"] = value
+                value = gathered(value)
+                if keep:
+                    tensors[f"{pid}/{name}"] = value
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def sharded_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A full optimizer state (as read from a checkpoint) cut to this process's shards where the optimizer's
+    parameters are sharded (FSDP2): each per-parameter tensor of the parameter's shape is laid out like it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not is_sharded(params):
+        return state
+    out = {}
+    for pid, entries in state["state"].items():
+        like = params[int(pid)]
+        out[pid] = {
+            name: shard_like(v, like) if isinstance(v, torch.Tensor) and v.shape == like.shape else v
+            for name, v in entries.items()
+        }
+    return {"state": out, "param_groups": state["param_groups"]}
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -270,12 +298,14 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     fault("ckpt-begin", step)
+    if main or is_sharded(parts.model.parameters()):  # gathering shards: every process takes part
+        weights = trainable_state(parts.model, keep=main)
+        opt_tensors, opt_meta = optimizer_files(parts.optimizer.state_dict(), keep=main)
     if main:
-        write_tensors(tmp / TRAINABLE_FILE, trainable_state(parts.model))
+        write_tensors(tmp / TRAINABLE_FILE, weights)
         fault("ckpt-weights", step)
-        tensors, meta = optimizer_files(parts.optimizer.state_dict())
-        write_tensors(tmp / OPTIMIZER_TENSORS, tensors)
-        write_json(tmp / OPTIMIZER_META, meta)
+        write_tensors(tmp / OPTIMIZER_TENSORS, opt_tensors)
+        write_json(tmp / OPTIMIZER_META, opt_meta)
         write_json(tmp / SCHEDULER_FILE, parts.scheduler.state_dict())
         if parts.scaler is not None:
             write_json(tmp / SCALER_FILE, parts.scaler.state_dict())
@@ -433,8 +463,8 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
     try:
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(ckpt.trainable[name])
-        parts.optimizer.load_state_dict(ckpt.optimizer)
+                p.copy_(shard_like(ckpt.trainable[name], p))
+        parts.optimizer.load_state_dict(sharded_optimizer_state(ckpt.optimizer, parts.optimizer))
         parts.scheduler.load_state_dict(ckpt.scheduler)
         if parts.scaler is not None and ckpt.scaler is not None:
             parts.scaler.load_state_dict(ckpt.scaler)

@@ -49,6 +49,7 @@ from mmalign.trainers.checkpoint import (
 )
 from mmalign.trainers.common import TrainModels
 from mmalign.trainers.report import log_validation, write_training_curves
+from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded
 
 
 @dataclass
@@ -176,10 +177,16 @@ class _Run:
     models: TrainModels | None = None
     global_batch: int = 0
     lr: float = 0.0
+    sharded: bool = False  # FSDP2: weights are DTensor shards (mmalign/trainers/sharding.py)
 
     @property
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
+
+    @property
+    def samples_here(self) -> bool:
+        """Whether this process runs validation sampling: the main one, or all of them when sharded."""
+        return self.sharded or self.accelerator.is_main_process
 
     def parts(self) -> Saveable:
         return Saveable(
@@ -374,6 +381,9 @@ def _setup_optimizer(run: _Run) -> None:
     run.denoiser, run.optimizer, run.loader, run.lr_scheduler = accelerator.prepare(
         run.denoiser, optimizer, run.loader, lr_scheduler
     )
+    # FSDP2 swaps each parameter for a sharded DTensor in prepare (and points the optimizer at the new ones)
+    run.params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    run.sharded = is_sharded(run.params)
     run.models = TrainModels(run.adapter, run.denoiser, run.reference, unwrap=accelerator.unwrap_model)
     if run.method.make_state is not None:
         run.models.state = run.method.make_state(run.models, run.cfg.method)  # checkpointed with the run
@@ -435,7 +445,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
         desc=method.name,
         disable=not (t_cfg.progress and accelerator.is_local_main_process),
     )
-    if t_cfg.validation_every and step == 0 and accelerator.is_main_process:
+    if t_cfg.validation_every and step == 0 and run.samples_here:
         _validate(run, 0)  # the base, to compare every later grid with
     t0, last_metrics = time.perf_counter(), {}
     with StopOnSignal() as stop:
@@ -479,11 +489,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                         "continue with train.resume=latest",
                         128 + signum,
                     )
-                if (
-                    t_cfg.validation_every
-                    and step % t_cfg.validation_every == 0
-                    and accelerator.is_main_process
-                ):
+                if t_cfg.validation_every and step % t_cfg.validation_every == 0 and run.samples_here:
                     _validate(run, step)
                 if step >= t_cfg.max_steps:
                     break
@@ -554,8 +560,8 @@ def _finish(
     if step != start.step or not final_ckpt.is_dir():  # not already there (a resume of a finished run)
         final_ckpt = _save(run, end)
     unwrapped = accelerator.unwrap_model(run.denoiser)
-    checksum = torch.tensor(
-        [sum(float(p.detach().double().sum()) for p in unwrapped.parameters() if p.requires_grad)],
+    checksum = torch.tensor(  # sharded: of the gathered weights, so equal on every process by construction
+        [sum(float(gathered(p.detach()).double().sum()) for p in unwrapped.parameters() if p.requires_grad)],
         dtype=torch.float64,
         device=accelerator.device,
     )
@@ -572,18 +578,21 @@ def _finish(
         "num_processes": accelerator.num_processes,
         "replica_checksums": all_sums,
         "replicas_identical": len(set(all_sums)) == 1,
+        "sharded": run.sharded,
         "final_metrics": last_metrics,
         "data": run.data.counts,
         "skipped_items": skipped,
         "checkpoint": str(final_ckpt),
     }
+    exporter = (
+        run.method.export or export
+    )  # a method may write its own artefact (personal_dpo: a user adapter)
+    with full_state_dict(unwrapped):  # FSDP2: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            summary["export"] = str(
+                exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final")
+            )
     if accelerator.is_main_process:
-        exporter = (
-            run.method.export or export
-        )  # a method may write its own artefact (personal_dpo: a user adapter)
-        summary["export"] = str(
-            exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final")
-        )
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         history = (
             [
@@ -694,9 +703,12 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
 
 
 def _validate(run: _Run, step: int) -> None:
-    media = sample_validation(
-        run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train
-    )
+    with run.accelerator.autocast():  # the training step's precision (FSDP2 gathers bf16 weights under bf16)
+        media = sample_validation(  # sharded: on every process (each forward gathers the weights)
+            run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train
+        )
+    if not run.accelerator.is_main_process:
+        return
     log_validation(
         run.accelerator,
         media,

@@ -1,48 +1,57 @@
-"""Worker for test_distributed.py: two Diffusion-DPO steps on the tiny SD1.5 UNet with LoRA under whatever
-accelerate set-up the environment describes (torchrun + an accelerate config's env, or one plain process).
+"""Worker for test_distributed.py: two Diffusion-DPO steps on the tiny SD1.5 UNet (LoRA, or full fine-tuning
+against a frozen reference copy) under whatever accelerate set-up the environment describes (torchrun + an
+accelerate config's env, or one plain process; an FSDP env runs accelerate's FSDP2 path, fsdp_on_cpu.py).
 
 A fixed global batch of 4 pairs with fixed noise and timesteps; each process takes its contiguous share, so
 the mean of the per-process gradients equals the 1-process gradient. Rank 0 writes the full (unsharded)
 gradients of both steps to OUT/grads.pt.
 
-    python tests/integration/dist_grads.py TINY_SD15_DIR OUT_DIR
+    python tests/integration/dist_grads.py TINY_SD15_DIR OUT_DIR [lora|full]
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from fsdp_on_cpu import force_fsdp_on_cpu
 
 from mmalign.config import LoraConfig
 from mmalign.losses.diffusion_dpo import diffusion_dpo_loss
 from mmalign.pipelines import load_pipeline, make_adapter
 from mmalign.trainers.common import TrainModels, noised_pairs, pair_errors, repeat_cond
 from mmalign.trainers.loop import add_lora
+from mmalign.trainers.sharding import gathered, is_sharded
 
 PAIRS, STEPS = 4, 2
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards gradients as DTensors
-
-
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, mode: str = "lora") -> None:
+    force_fsdp_on_cpu()
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
     pipe = load_pipeline(model_dir, family="sd15")[0]
     adapter = make_adapter(pipe, "sd15")
-    unet = pipe.unet.requires_grad_(False)
-    add_lora(unet, LoraConfig(rank=2))
+    unet, reference = pipe.unet, None
     gen = torch.Generator().manual_seed(3)
-    for name, p in unet.named_parameters():
-        if "lora_" in name:
-            p.data = 0.1 * torch.randn(p.shape, generator=gen)  # policy != reference from the first step
-    opt = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0)
+    if mode == "lora":
+        add_lora(unet.requires_grad_(False), LoraConfig(rank=2))
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.data = 0.1 * torch.randn(p.shape, generator=gen)  # policy != reference from the first step
+    else:
+        reference = copy.deepcopy(unet).requires_grad_(False)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))  # policy != reference
+    opt = torch.optim.SGD(
+        [p for p in unet.parameters() if p.requires_grad], lr=0.1 if mode == "full" else 1.0
+    )
     unet, opt = acc.prepare(unet, opt)
-    models = TrainModels(adapter, unet, unwrap=acc.unwrap_model)
+    models = TrainModels(adapter, unet, reference, unwrap=acc.unwrap_model)
 
     per = PAIRS // acc.num_processes
     mine = slice(acc.process_index * per, (acc.process_index + 1) * per)
@@ -64,7 +73,7 @@ def main(model_dir: str, out_dir: str) -> None:
         loss, _ = diffusion_dpo_loss(*errs, beta=2.0)
         acc.backward(loss.mean())
         step = {
-            n: full_tensor(p.grad).detach().clone()
+            n: gathered(p.grad).detach().clone()  # FSDP2 shards gradients as DTensors
             for n, p in acc.unwrap_model(unet).named_parameters()
             if p.requires_grad and p.grad is not None
         }
@@ -77,6 +86,7 @@ def main(model_dir: str, out_dir: str) -> None:
             {
                 "num_processes": acc.num_processes,
                 "distributed_type": str(acc.distributed_type),
+                "sharded": is_sharded(unet.parameters()),
                 "grads": grads,
             },
             Path(out_dir) / "grads.pt",
@@ -86,4 +96,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
