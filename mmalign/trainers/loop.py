@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ class _Run:
     global_batch: int = 0
     lr: float = 0.0
     sharded: bool = False  # FSDP2: weights are DTensor shards (mmalign/trainers/sharding.py)
+    data_wait: list[float] = field(default_factory=lambda: [0.0])  # seconds the steps waited for a batch
 
     @property
     def checkpoints(self) -> Path:
@@ -297,6 +299,8 @@ def _setup_data(run: _Run) -> None:
         run.items,
         collate_fn=data.collate,
         num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous host-to-device copies
+        # not persistent_workers: a persistent worker keeps its copy of SeededItems, which set_epoch cannot reach
         # its own generator, also with a batch sampler: each iterator draws a base seed from it, and drawn from
         # the global RNG that would shift the training noise of a resumed run (which starts one more iterator)
         generator=torch.Generator().manual_seed(t_cfg.seed),
@@ -457,7 +461,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
             if run.batch_sampler is not None:
                 run.batch_sampler.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, done) if done else loader
-            for raw in epoch_loader:
+            for raw in _timed(epoch_loader, run.data_wait):
                 done += 1
                 skipped.extend(raw.get("skipped", []))
                 if "prompt" not in raw:  # every item of this batch was unreadable and skipped
@@ -497,6 +501,19 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 epoch, done = epoch + 1, 0
     bar.close()
     return _Position(step, epoch, done, accelerator.step), time.perf_counter() - t0, last_metrics, skipped
+
+
+def _timed(batches: Any, wait: list[float]) -> Iterator[Any]:
+    """``batches``, adding the seconds spent waiting for each one to ``wait[0]``."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        wait[0] += time.perf_counter() - t0
+        yield batch
 
 
 def _micro_step(run: _Run, raw: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -574,6 +591,9 @@ def _finish(
         "seconds": seconds,
         "steps_per_second": done / seconds if seconds > 0 else math.nan,
         "pairs_per_second": done * run.global_batch / seconds if seconds > 0 else math.nan,
+        # host time spent waiting for the next batch: near 0 when the loader keeps up (else raise data.num_workers)
+        "data_wait_seconds": run.data_wait[0],
+        "data_wait_fraction": run.data_wait[0] / seconds if seconds > 0 else math.nan,
         "trainable_params": sum(p.numel() for p in run.params),
         "num_processes": accelerator.num_processes,
         "replica_checksums": all_sums,
@@ -607,6 +627,11 @@ def _finish(
         if skipped:
             accelerator.print(
                 f"skipped {len(skipped)} unreadable item(s); first: {skipped[0]} (all listed in summary.json)"
+            )
+        if summary["data_wait_fraction"] > 0.25:
+            accelerator.print(
+                f"note: the steps waited for data {summary['data_wait_fraction']:.0%} of the run "
+                f"(data.num_workers={cfg.data.num_workers}): more workers, or `mmalign cache`, would keep up"
             )
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
     accelerator.end_training()

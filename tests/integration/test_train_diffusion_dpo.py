@@ -310,3 +310,23 @@ def test_implicit_accuracy_bench_sees_what_dpo_learned(tiny_sd15, pair_manifest,
     assert sum(b["implicit_acc"] * b["n"] for b in bands) == pytest.approx(
         row["implicit_acc_forward"] * row["n"], abs=1e-2
     )
+
+
+def test_summary_measures_time_spent_waiting_for_data(tiny_sd15, pair_manifest, tmp_path, monkeypatch):
+    """summary.json's data_wait_fraction: small when batches are ready, most of the run when reading is slow."""
+    import time
+
+    from mmalign.data.seeded import SeededItems
+
+    fast = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "fast")).summary
+    assert 0 <= fast["data_wait_seconds"] <= fast["seconds"]
+    read = SeededItems.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.5)
+        return read(self, index)
+
+    monkeypatch.setattr(SeededItems, "__getitem__", slow)
+    slow_run = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "slow")).summary
+    assert slow_run["data_wait_seconds"] >= 3 * 2 * 0.5  # 3 steps x 2 items, each read waited for
+    assert slow_run["data_wait_fraction"] > max(0.5, fast["data_wait_fraction"])
