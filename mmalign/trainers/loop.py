@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -239,6 +240,14 @@ def _setup_run(cfg: RunConfig) -> _Run:
 
     t_cfg = cfg.train
     out = Path(t_cfg.output_dir)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # ZeRO's optimizer.state_dict() is its own partitioned format (no "state" entries, a pickled loss scaler):
+        # refused here rather than at the first checkpoint, after the training it would cost
+        raise ConfigError(
+            "accelerate launch with DeepSpeed: not supported (mmalign's checkpoints cannot hold ZeRO's "
+            "partitioned optimizer state); for sharded training use --config_file configs/accelerate/fsdp.yaml "
+            "(FSDP2)"
+        )
     _check_output_dir(t_cfg, out)
     method = get_method(cfg.method.name)
     _reset_single_process_state()

@@ -221,3 +221,17 @@ def test_fsdp_full_finetune_checkpoints_resume_and_export(tiny_sd15, tmp_path):
     finally:
         _reset_single_process_state()
     assert result.summary["steps"] == 5 and not result.summary["sharded"]
+
+
+def test_deepspeed_is_refused_before_training(tiny_sd15, tmp_path, monkeypatch):
+    """ZeRO's partitioned optimizer state does not fit mmalign's checkpoints: refused at start, not at the
+    first checkpoint (exit 2 through the CLI)."""
+    from mmalign.config import ConfigError
+    from mmalign.trainers import load_config
+    from mmalign.trainers.loop import train
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = load_config(None, [f"model.pretrained={tiny_sd15}", f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="DeepSpeed.*fsdp.yaml"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
