@@ -59,6 +59,7 @@ from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss  # noqa: E402
 from mmalign.trainers.inversion_dpo import InversionDPOConfig  # noqa: E402
 from mmalign.trainers.loop import add_lora  # noqa: E402
+from mmalign.trainers.master_weights import MasterWeights  # noqa: E402
 
 WORDS = "a photo of red green blue yellow circle square triangle cat dog on the moon".split()
 
@@ -271,13 +272,17 @@ def run(args) -> list[dict]:
             unet.requires_grad_(False)
             add_lora(unet, LoraConfig(rank=args.rank))
         params = [p for p in unet.parameters() if p.requires_grad]
-        if not args.full:
-            # the loop keeps LoRA weights in fp32; --lora-dtype bf16 measures the autocast-cast tax of that
-            lora_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.lora_dtype]
-            for p in params:
-                p.data = p.data.to(lora_dtype)
+        for p in params:
+            p.data = (
+                p.data.float()
+            )  # as the loop: trained weights fp32 (peft made the LoRA in the UNet's dtype)
         unet.train()
-        opt = torch.optim.AdamW(params, lr=1e-5)
+        if (
+            args.trainable_dtype == "bf16"
+        ):  # the loop's train.trainable_dtype=bf16: bf16 weights, fp32 masters
+            opt = MasterWeights(params, lambda masters: torch.optim.AdamW(masters, lr=1e-5))
+        else:  # the loop's default: fp32 trained weights, cast by autocast at every use
+            opt = torch.optim.AdamW(params, lr=1e-5)
         models = TrainModels(adapter, unet, reference_denoiser=reference)
         n_pairs = args.batch * (args.steps + args.warmup)
         records, _ = load_pairs(write_pairs(tmp, n_pairs, res))
@@ -372,7 +377,7 @@ def run(args) -> list[dict]:
                         "attention_backend": args.attention_backend,
                         "gradient_checkpointing": args.gradient_checkpointing,
                         "checkpoint_policy": policy if args.gradient_checkpointing else None,
-                        "trained": "full" if args.full else f"lora r{args.rank} {args.lora_dtype}",
+                        "trained": f"{'full' if args.full else f'lora r{args.rank}'} {args.trainable_dtype}",
                         "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
                         "step_tflop": sig(step_flops / 1e12),
                         "matmul_tflops": sig(rate / 1e12),
@@ -584,10 +589,18 @@ def profile_steps(
     wall_us = (time.perf_counter() - t0) * 1e6
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    # host-side work per step: every op is a dispatch (and on a GPU at least one kernel launch); the casts are
+    # what train.trainable_dtype=bf16 removes
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    row = {
+        "profile_steps": n,
+        "profiled_s_per_step": round(wall_us / n / 1e6, 4),
+        "aten_ops_per_step": sum(e.count for e in ops) / n,
+        "cast_ops_per_step": sum(e.count for e in ops if e.key in ("aten::_to_copy", "aten::copy_")) / n,
+    }
     if device.type == "cuda":
-        row = {"profile_steps": n, "profiled_s_per_step": round(wall_us / n / 1e6, 4)}
         row["gpu_busy_fraction"] = round(busy_fraction(prof.events(), wall_us), 3)
-        print(json.dumps(row), flush=True)
+    print(json.dumps(row), flush=True)
 
 
 def busy_fraction(events, wall_us: float) -> float:
@@ -638,7 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
-        "--lora-dtype", choices=["fp32", "bf16"], default="fp32", help="LoRA weights' dtype (the loop: fp32)"
+        "--trainable-dtype",
+        "--lora-dtype",
+        dest="trainable_dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the trained weights' dtype (the loop's train.trainable_dtype; bf16 keeps fp32 masters)",
     )
     parser.add_argument(
         "--full", action="store_true", help="full fine-tuning (fp32 weights, frozen reference copy)"

@@ -281,6 +281,11 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate). Frozen parts are cast to this dtype.")
+    trainable_dtype: str = _f(
+        "fp32",
+        "How the trained weights are stored: fp32 (autocast casts them at every use); bf16 (with mixed_precision=bf16: no casts; the optimizer keeps fp32 master copies and writes the rounded result back).",
+        choices=("fp32", "bf16"),
+    )
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
     checkpoint_policy: str = _f(
         "recompute_all",
@@ -335,6 +340,11 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision={short(self.mixed_precision)}: use no, fp16 or bf16.")
         if self.optimizer not in ("adamw", "adafactor", "adamw8bit"):
             raise ConfigError(f"train.optimizer={short(self.optimizer)}: use adamw, adafactor or adamw8bit.")
+        if self.trainable_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ConfigError(
+                f"train.trainable_dtype=bf16 needs train.mixed_precision=bf16 (it is {self.mixed_precision}): "
+                "the forward must run in bf16 for bf16 weights"
+            )
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"train.report_to={short(self.report_to)}: use tensorboard, wandb or none.")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmalign.trainers.master_weights import MASTER, MasterWeights
 from mmalign.trainers.sharding import gathered, is_sharded, shard_like
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -458,6 +459,12 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
         raise CheckpointError(
             f"{ckpt.path}: method state {'missing' if ckpt.method_state is None else 'unexpected'} "
             f"({METHOD_STATE_FILE}): was it written by another method or method.ema_decay?"
+        )
+    saved_masters = any(MASTER in entries for entries in ckpt.optimizer["state"].values())
+    if saved_masters != isinstance(getattr(parts.optimizer, "optimizer", parts.optimizer), MasterWeights):
+        was, now = ("bf16", "fp32") if saved_masters else ("fp32", "bf16")
+        raise CheckpointError(
+            f"{ckpt.path}: written with train.trainable_dtype={was}, this run has {now}: resume with the same setting"
         )
     _restore_tuples(ckpt.optimizer["param_groups"], parts.optimizer.state_dict()["param_groups"])
     try:

@@ -50,6 +50,7 @@ from mmalign.trainers.checkpoint import (
     write_json,
 )
 from mmalign.trainers.common import TrainModels
+from mmalign.trainers.master_weights import MasterWeights
 from mmalign.trainers.report import log_validation, write_training_curves
 from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded
 
@@ -379,12 +380,21 @@ def _fast_paths(net: torch.nn.Module, t_cfg: Any, accelerator: Any) -> None:
 
 def _setup_optimizer(run: _Run) -> None:
     """Optimizer and lr schedule; accelerate wraps them with the denoiser and the loader; method state."""
+    from accelerate.utils import DistributedType
     from diffusers.optimization import get_scheduler
 
     t_cfg, accelerator = run.cfg.train, run.accelerator
     run.global_batch = t_cfg.batch_size * t_cfg.gradient_accumulation_steps * accelerator.num_processes
     run.lr = t_cfg.learning_rate * (run.global_batch if t_cfg.scale_lr else 1)
-    optimizer = build_optimizer(run.params, t_cfg, run.lr)
+    if t_cfg.trainable_dtype == "bf16":  # bf16 weights in the model, fp32 masters in the optimizer
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError(
+                "train.trainable_dtype=bf16 under FSDP: FSDP keeps fp32 shards and gathers them in the mixed "
+                "precision of its config; leave train.trainable_dtype=fp32"
+            )
+        optimizer = MasterWeights(run.params, lambda masters: build_optimizer(masters, t_cfg, run.lr))
+    else:
+        optimizer = build_optimizer(run.params, t_cfg, run.lr)
     lr_scheduler = get_scheduler(
         t_cfg.lr_scheduler,
         optimizer,
@@ -539,7 +549,9 @@ def _micro_step(run: _Run, raw: dict, step: int) -> tuple[torch.Tensor, dict[str
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and t_cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(run.params, t_cfg.max_grad_norm)
+            inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds it
+            clipped = inner.master_grads() if isinstance(inner, MasterWeights) else run.params  # fp32 masters
+            accelerator.clip_grad_norm_(clipped, t_cfg.max_grad_norm)
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

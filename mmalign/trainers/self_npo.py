@@ -110,7 +110,8 @@ class EMATeacher:
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.shadow = [p.detach().clone() for p in self.params]
+        # fp32 even for bf16 weights (train.trainable_dtype=bf16): a 1 - decay = 0.001 step vanishes in bf16
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow weights by parameter name: plain tensors, which the loop saves as safetensors (no pickle)."""
@@ -144,7 +145,7 @@ class EMATeacher:
         try:
             with torch.no_grad():
                 for p, s in zip(self.params, self.shadow):
-                    p.data = s
+                    p.data = s.to(p.dtype)  # the shadow itself when the weights are fp32
                 yield net
         finally:
             for p, d in zip(self.params, saved):

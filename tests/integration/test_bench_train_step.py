@@ -34,7 +34,7 @@ def test_tiny_full_fine_tuning_trains_every_weight_against_a_frozen_copy(capsys)
         "--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached --full".split()
     )
     (row,) = bench.run(args)
-    assert row["trained"] == "full"
+    assert row["trained"] == "full fp32"
     lora = bench.run(
         bench.build_parser().parse_args("--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached".split())
     )[0]
@@ -109,3 +109,19 @@ def test_inversion_mode_times_a_warm_cache_step_beside_dpo(capsys):
     assert ratio["inversion_step_over_dpo_step_none"] == pytest.approx(
         inv["seconds_per_step"] / dpo["seconds_per_step"], rel=1e-2
     )
+
+
+def test_tiny_bf16_trainable_weights_and_the_profile_counts_casts(capsys):
+    """--trainable-dtype bf16 runs the loop's MasterWeights; --profile prints host ops and casts per step."""
+    bench = load_bench()
+    args = bench.build_parser().parse_args(
+        "--preset tiny --batch 1 --steps 1 --warmup 0 --modes cached --dtype bf16 --trainable-dtype bf16 --profile".split()
+    )
+    (row,) = bench.run(args)
+    assert row["trained"] == "lora r8 bf16"
+    printed = [
+        json.loads(line)
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith('{"profile_steps"')
+    ]
+    assert printed and 0 < printed[0]["cast_ops_per_step"] < printed[0]["aten_ops_per_step"]
