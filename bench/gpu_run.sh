@@ -60,8 +60,8 @@ item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV 
 item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
 # 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
 item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
-# 7. levers, if time is left: bf16 LoRA weights (the autocast-cast tax), channels-last with the compiled blocks
-item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 4 --warmup 1 --gradient-checkpointing --lora-dtype bf16
+# 7. levers, if time is left: bf16 LoRA weights with fp32 masters (train.trainable_dtype: the autocast-cast tax), channels-last with the compiled blocks
+item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 4 --warmup 1 --gradient-checkpointing --trainable-dtype bf16 --profile
 item sdxl-lora-regional-cl 150 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional \
   --channels-last
 # 8. the 11 pairs/s levers: 8 pairs per step compiled (12.5 GiB of 24 used at 4), and selective checkpointing
