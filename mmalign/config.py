@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from mmalign.utils import safe_load
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key and how to fix it."""
@@ -34,6 +36,8 @@ class ConfigError(ValueError):
 MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few KB
 MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (a 300-byte "billion laughs" file is 1e9)
 MAX_STRING = 4096  # longest string value (PATH_MAX on Linux)
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
 
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 4, 4, 2
@@ -436,6 +440,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:  # YAML 1.1's spellings (see safe_load)
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{key}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -554,7 +560,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {short(item)} is not key=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as err:
             raise ConfigError(
                 f"override {short(item)}: the value is not valid YAML ({_first_line(err)})"
@@ -618,7 +624,7 @@ def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = MAX_
     if "\x00" in text:
         raise ConfigError(f"{_name(path)}: the {what} contains NUL bytes (a binary file?)")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except (yaml.YAMLError, RecursionError) as err:
         raise ConfigError(f"{_name(path)}: not valid YAML: {_first_line(err)}") from None
     check_size(data, str(path))

@@ -1,13 +1,15 @@
-"""Small helpers every floor may use (the lowest floor: imports the standard library and torch only)."""
+"""Small helpers every floor may use (the lowest floor: imports the standard library, torch and yaml only)."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import yaml
 
 
 def expand_like(
@@ -39,6 +41,30 @@ def load_object(path: str) -> Any:
         raise ValueError(f"module {module!r} has no {name!r} ({path!r})") from err
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false (any case), not YAML 1.1's yes/no/on/off."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans: only ``true``/``false`` are booleans.
+
+    PyYAML follows YAML 1.1, where ``no``, ``yes``, ``on`` and ``off`` are booleans too, so
+    ``train.mixed_precision=no`` (accelerate's own spelling) arrived as ``False`` and was refused. Boolean keys
+    still take yes/no/on/off (``_BOOL_WORDS``).
+    """
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+
+
 def parse_key_values(items: Iterable[str], *, flag: str = "--set") -> dict[str, Any]:
     """``["scale=2", "mode=fast", "ids=[1, 2]"]`` -> ``{"scale": 2, "mode": "fast", "ids": [1, 2]}``.
 
@@ -53,7 +79,7 @@ def parse_key_values(items: Iterable[str], *, flag: str = "--set") -> dict[str, 
         if not sep or not key.strip():
             raise ValueError(f"{flag} {item!r}: expected key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out[key.strip()] = value

@@ -20,16 +20,10 @@ from typing import Any
 import torch
 
 
-def _kwargs(items: list[str]) -> dict[str, Any]:
-    import yaml
+def _kwargs(items: list[str], flag: str) -> dict[str, Any]:
+    from mmalign.utils import parse_key_values
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
-    return out
+    return parse_key_values(items, flag=flag)
 
 
 def _one_line_errors(fn):
@@ -76,7 +70,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.pairs}: no user has {args.shots} usable pairs ({counts['skipped_users']} user(s) skipped)"
         )
-    encoder = get_encoder(args.encoder, **_kwargs(args.encoder_arg))
+    encoder = get_encoder(args.encoder, **_kwargs(args.encoder_arg, "--encoder-arg"))
     shots = {u: [decode_shots(g) for g in gs] for u, gs in groups.items()}
     cache = None if args.no_cache else (args.cache_dir or str(Path(args.out).parent / ".user_cache"))
     vectors, profiles, hits = embed_users(encoder, shots, cache_dir=cache, progress=not args.quiet)
@@ -110,7 +104,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     records, _ = load_pairs(args.pairs)
     by_user = group_by_user(records)
     users = sorted(by_user)
-    features = get_features(args.features, **_kwargs(args.features_arg))
+    features = get_features(args.features, **_kwargs(args.features_arg, "--features-arg"))
     fw, fl, idx, prompts = [], [], [], []
     flat = [(i, r) for i, u in enumerate(users) for r in by_user[u]]
     for start in tqdm(range(0, len(flat), args.batch_size), desc="features", disable=args.quiet):
@@ -139,7 +133,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         logits = model.user_logits[torch.tensor(idx)]
         acc = (model.score(fw, text, logits) > model.score(fl, text, logits)).float().mean().item()
     save_pal(
-        model, args.out, users, {"features": args.features, "features_kwargs": _kwargs(args.features_arg)}
+        model,
+        args.out,
+        users,
+        {"features": args.features, "features_kwargs": _kwargs(args.features_arg, "--features-arg")},
     )
     print(
         json.dumps(

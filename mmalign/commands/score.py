@@ -31,6 +31,7 @@ def parse_reward_args(items: list[str]) -> dict[str, Any]:
     import yaml
 
     from mmalign.config import check_size
+    from mmalign.utils import safe_load
 
     out: dict[str, Any] = {}
     for item in items:
@@ -38,7 +39,7 @@ def parse_reward_args(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--reward-arg {item[:100]!r}: expected key=value")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = safe_load(value)
         except (yaml.YAMLError, RecursionError) as e:
             raise ValueError(
                 f"--reward-arg {item[:100]!r}: the value is not valid YAML ({type(e).__name__})"

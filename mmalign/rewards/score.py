@@ -199,9 +199,9 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
     With ``combine: hybrid`` or ``combine: ensemble`` (plus ``normalizer``, ``aggregate``, ``lam``), the specs
     become the members of one combined reward named ``combine`` (spec weights are the hybrid weights).
     """
-    import yaml
+    from mmalign.utils import safe_load
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = safe_load(Path(path).read_text()) or {}
     if isinstance(data, list):
         data = {"rewards": data}
     valid = {"rewards", "combine", "normalizer", "normalize_over", "aggregate", "lam", "name"}

@@ -133,11 +133,13 @@ def test_config_two_processes_match_one_process_gradients(
 
 def test_fsdp_config_launches_fsdp2():
     """The launch environment the shipped FSDP config gives its processes (accelerate's own launcher code):
-    FSDP2, wrapping the UNet's transformer blocks. The tests around this one run that path (fsdp_on_cpu.py)."""
+    FSDP2, wrapping the block classes each model names in ``_no_split_modules`` (any family). The tests around
+    this one run that path (fsdp_on_cpu.py)."""
     config = Path(__file__).resolve().parents[2] / "mmalign/configs/accelerate/fsdp.yaml"
     env = accelerate_env(str(config), free_port())
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
-    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "BasicTransformerBlock"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # accelerate then wraps the model's _no_split_modules
 
 
 def _train_two_processes(config: Path, out: Path, overrides: list[str], shim: bool) -> None:

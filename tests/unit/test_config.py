@@ -91,3 +91,15 @@ def test_every_accelerate_config_loads(path):
 
     cfg = ClusterConfig.from_yaml_file(str(path))
     assert cfg.num_processes >= 1
+
+
+def test_yaml_1_1_booleans_read_as_users_mean_them(tmp_path):
+    """`no` is accelerate's spelling of mixed_precision off; YAML 1.1 read it as False and the key refused it.
+    Strings stay strings; boolean keys still take yes/no/on/off."""
+    from mmalign.trainers import load_config as load_run_config
+
+    cfg = load_run_config(None, ["train.mixed_precision=no", "lora.enabled=no", "train.progress=off"])
+    assert cfg.train.mixed_precision == "no" and cfg.lora.enabled is False and cfg.train.progress is False
+    (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n  overwrite: yes\n  scale_lr: False\n")
+    cfg = load_run_config(tmp_path / "r.yaml")
+    assert cfg.train.mixed_precision == "no" and cfg.train.overwrite is True and cfg.train.scale_lr is False
