@@ -156,7 +156,13 @@ def open_pickapic(source: str | Path, split: str = "train"):
     files = sorted(map(str, path.glob("**/*.parquet"))) if path.is_dir() else [str(path)]
     if not files:
         raise DataError(f"{path}: no parquet files found")
-    return datasets.load_dataset("parquet", data_files=files, split="train")
+    try:
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    except Exception as err:  # pyarrow's ArrowInvalid for a file that is not parquet, and others
+        raise DataError(
+            f"data.source={path}: cannot read it as Pick-a-Pic parquet data "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from None
 
 
 class ArrowPairRecords(Sequence):
@@ -252,6 +258,11 @@ def load_pairs(
         raise DataError(f"data.source {path}: not a regular file or folder (a device, FIFO or socket)")
     if format == "auto":
         format = "manifest" if path.suffix in (".jsonl", ".json", ".csv") else "pickapic"
+    if format == "pickapic" and path.is_file() and path.suffix in (".jsonl", ".json", ".csv"):
+        raise DataError(
+            f"data.source={path} is a {path.suffix} manifest but data.format=pickapic (parquet, a save_to_disk "
+            "folder or a hub id; a recipe for Pick-a-Pic sets it): set data.format=manifest or auto"
+        )
     if format == "pickapic":
         records = ArrowPairRecords(
             open_pickapic(source, split), str(source), keep_ties=keep_ties, max_items=max_items

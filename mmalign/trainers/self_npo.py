@@ -38,6 +38,7 @@ from mmalign.config import ConfigError, _f, check_fields, short
 from mmalign.losses.self_npo import renoise, self_npo_loss
 from mmalign.pipelines.base import guided_output, x0_and_eps
 from mmalign.trainers.common import TrainModels
+from mmalign.trainers.sharding import is_sharded
 
 STARTS = ("noise", "real")
 NULL_CONDITIONS = ("empty", "zeros")
@@ -110,6 +111,13 @@ class EMATeacher:
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        if is_sharded(self.params):
+            # FSDP2 gathers each block from its own flat shard storage, not from p.data: a swapped-in teacher
+            # would silently be the student
+            raise ConfigError(
+                "method self_npo under FSDP: the EMA teacher swaps weights into the network, which sharded "
+                "parameters do not allow; launch with configs/accelerate/ddp_multi_gpu.yaml (or one process)"
+            )
         # fp32 even for bf16 weights (train.trainable_dtype=bf16): a 1 - decay = 0.001 step vanishes in bf16
         self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.params]
 

@@ -81,6 +81,21 @@ def test_pickapic_parquet_layout(tmp_path):
     assert len(saved) == 2
 
 
+def test_a_manifest_or_a_broken_file_under_format_pickapic_is_named(tmp_path):
+    """A Pick-a-Pic recipe (data.format: pickapic) pointed at a JSONL manifest, or a file that is not parquet:
+    one line naming the file and the fix, not pyarrow's traceback."""
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "a.png", "rejected": "b.png"}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=r"pairs.jsonl is a .jsonl manifest but data.format=pickapic.*format=manifest"
+    ):
+        load_pairs(tmp_path / "pairs.jsonl", format="pickapic")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"broken.parquet: cannot read it as Pick-a-Pic parquet data"):
+        load_pairs(tmp_path / "broken.parquet")
+
+
 def test_missing_column_and_bad_label_name_the_row(image_dir):
     (image_dir / "m.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a.png"}) + "\n")
     with pytest.raises(DataError, match=r"m.jsonl:1: missing column 'rejected'"):
