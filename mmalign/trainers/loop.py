@@ -181,7 +181,7 @@ class _Run:
     global_batch: int = 0
     lr: float = 0.0
     sharded: bool = False  # FSDP2: weights are DTensor shards (mmalign/trainers/sharding.py)
-    data_wait: list[float] = field(default_factory=lambda: [0.0])  # seconds the steps waited for a batch
+    data_wait_s: float = 0.0  # seconds the steps waited for a batch
 
     @property
     def checkpoints(self) -> Path:
@@ -480,7 +480,7 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
             if run.batch_sampler is not None:
                 run.batch_sampler.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, done) if done else loader
-            for raw in _timed(epoch_loader, run.data_wait):
+            for raw in _timed(epoch_loader, run):
                 done += 1
                 skipped.extend(raw.get("skipped", []))
                 if "prompt" not in raw:  # every item of this batch was unreadable and skipped
@@ -522,8 +522,8 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     return _Position(step, epoch, done, accelerator.step), time.perf_counter() - t0, last_metrics, skipped
 
 
-def _timed(batches: Any, wait: list[float]) -> Iterator[Any]:
-    """``batches``, adding the seconds spent waiting for each one to ``wait[0]``."""
+def _timed(batches: Any, run: _Run) -> Iterator[Any]:
+    """``batches``, adding the seconds spent waiting for each one to ``run.data_wait_s``."""
     it = iter(batches)
     while True:
         t0 = time.perf_counter()
@@ -531,7 +531,7 @@ def _timed(batches: Any, wait: list[float]) -> Iterator[Any]:
             batch = next(it)
         except StopIteration:
             return
-        wait[0] += time.perf_counter() - t0
+        run.data_wait_s += time.perf_counter() - t0
         yield batch
 
 
@@ -613,8 +613,8 @@ def _finish(
         "steps_per_second": done / seconds if seconds > 0 else math.nan,
         "pairs_per_second": done * run.global_batch / seconds if seconds > 0 else math.nan,
         # host time spent waiting for the next batch: near 0 when the loader keeps up (else raise data.num_workers)
-        "data_wait_seconds": run.data_wait[0],
-        "data_wait_fraction": run.data_wait[0] / seconds if seconds > 0 else math.nan,
+        "data_wait_seconds": run.data_wait_s,
+        "data_wait_fraction": run.data_wait_s / seconds if seconds > 0 else math.nan,
         "trainable_params": sum(p.numel() for p in run.params),
         "num_processes": accelerator.num_processes,
         "replica_checksums": all_sums,
@@ -625,9 +625,8 @@ def _finish(
         "skipped_items": skipped,
         "checkpoint": str(final_ckpt),
     }
-    exporter = (
-        run.method.export or export
-    )  # a method may write its own artefact (personal_dpo: a user adapter)
+    # a method may write its own artefact (personal_dpo: a user adapter)
+    exporter = run.method.export or export
     with full_state_dict(unwrapped):  # FSDP2: every process gathers, the main one writes
         if accelerator.is_main_process:
             summary["export"] = str(
