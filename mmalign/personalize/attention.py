@@ -153,19 +153,21 @@ def user_embeds_for_pipeline(user: torch.Tensor, *, guidance: bool = True) -> to
 
 
 def user_adapter_state(unet: Any) -> dict[str, torch.Tensor]:
-    """The installed path as flat ``image_proj.*`` / ``ip_adapter.*`` tensors (``load_ip_adapter``'s safetensors layout)."""
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    """The installed path as flat ``image_proj.*`` / ``ip_adapter.*`` tensors (``load_ip_adapter``'s safetensors layout).
+
+    Read through ``unet.state_dict()``, so a sharded (FSDP2) UNet exports from its gathered weights."""
+    sd = unet.state_dict()
+    proj = "encoder_hid_proj.image_projection_layers.0."
     out = {
-        "image_proj.proj.weight": proj.image_embeds.weight,
-        "image_proj.proj.bias": proj.image_embeds.bias,
-        "image_proj.norm.weight": proj.norm.weight,
-        "image_proj.norm.bias": proj.norm.bias,
+        "image_proj.proj.weight": sd[proj + "image_embeds.weight"],
+        "image_proj.proj.bias": sd[proj + "image_embeds.bias"],
+        "image_proj.norm.weight": sd[proj + "norm.weight"],
+        "image_proj.norm.bias": sd[proj + "norm.bias"],
     }
-    processors = unet.attn_processors
     for i, (name, _) in enumerate(cross_attention_layers(unet)):
         key_id = 2 * i + 1
-        out[f"ip_adapter.{key_id}.to_k_ip.weight"] = processors[name].to_k_ip[0].weight
-        out[f"ip_adapter.{key_id}.to_v_ip.weight"] = processors[name].to_v_ip[0].weight
+        out[f"ip_adapter.{key_id}.to_k_ip.weight"] = sd[f"{name}.to_k_ip.0.weight"]
+        out[f"ip_adapter.{key_id}.to_v_ip.weight"] = sd[f"{name}.to_v_ip.0.weight"]
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
