@@ -237,3 +237,38 @@ def test_deepspeed_is_refused_before_training(tiny_sd15, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="DeepSpeed.*fsdp.yaml"):
         train(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_run_exports_the_trained_adapter(tiny_sd15, tmp_path):
+    """LoRA under the FSDP config (2 gloo processes): the exported LoRA loads into the stock pipeline and holds
+    the weights of the final checkpoint (gathered from both processes' shards)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    config = Path(__file__).resolve().parents[2] / "mmalign/configs/accelerate/fsdp.yaml"
+    manifest = write_pair_images(tmp_path / "pairs", n=4)
+    (tmp_path / "run.yaml").write_text("{}\n")
+    overrides = [
+        str(tmp_path / "run.yaml"),
+        f"model.pretrained={tiny_sd15}",
+        "model.resolution=16",
+        f"data.source={manifest}",
+        "lora.rank=2",
+        "train.batch_size=1",
+        "train.max_steps=2",
+        "train.learning_rate=1e-3",
+        "train.scale_lr=false",
+        "train.report_to=none",
+        "train.progress=false",
+    ]
+    _train_two_processes(config, tmp_path / "out", overrides, shim=True)
+    assert json.loads((tmp_path / "out/summary.json").read_text())["sharded"]
+    trained = load_file(tmp_path / "out/checkpoints/checkpoint-2/trainable.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "out/final")
+    loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(trained) > 0
+    assert any(v.abs().max() > 0 for n, v in trained.items() if "lora_B" in n)  # trained away from B = 0
+    for name, value in trained.items():
+        assert torch.equal(loaded[name.replace(".default.", ".default_0.")], value), name
