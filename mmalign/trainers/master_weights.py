@@ -1,8 +1,9 @@
 """Trainable weights in bf16 with fp32 master copies in the optimizer (``train.trainable_dtype: bf16``).
 
-By default the trained weights (LoRA or the whole denoiser) stay fp32 and autocast casts each one to bf16 at
-every use: on an SDXL LoRA step that is most of the ``aten::copy_`` kernels in the profile (BENCHMARKS.md). Storing
-them in bf16 removes those casts; updating bf16 weights directly would lose small updates to rounding (an update
+By default the trained weights (LoRA or the whole denoiser) stay fp32 and autocast casts each one to bf16 in every
+forward (``aten::copy_`` was the largest row of the eager SDXL LoRA step's GPU profile, BENCHMARKS.md; on a tiny
+CPU step bf16 weights remove 276 of its 1,585 casts, and whether that pays on a GPU is still to be measured).
+Storing them in bf16 removes those casts; updating bf16 weights directly would lose small updates to rounding (an update
 below 2^-8 of a weight vanishes), so the optimizer keeps an fp32 master of each weight, steps the masters with the
 gradients cast up, and writes the rounded result back into the model (the mixed-precision recipe of Micikevicius
 et al., 2018, "master weights").
