@@ -19,11 +19,7 @@ from typing import Any
 
 import torch
 
-
-def _kwargs(items: list[str], flag: str) -> dict[str, Any]:
-    from mmalign.utils import parse_key_values
-
-    return parse_key_values(items, flag=flag)
+from mmalign.utils import parse_key_values
 
 
 def _one_line_errors(fn):
@@ -70,7 +66,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.pairs}: no user has {args.shots} usable pairs ({counts['skipped_users']} user(s) skipped)"
         )
-    encoder = get_encoder(args.encoder, **_kwargs(args.encoder_arg, "--encoder-arg"))
+    encoder = get_encoder(args.encoder, **parse_key_values(args.encoder_arg, flag="--encoder-arg"))
     shots = {u: [decode_shots(g) for g in gs] for u, gs in groups.items()}
     cache = None if args.no_cache else (args.cache_dir or str(Path(args.out).parent / ".user_cache"))
     vectors, profiles, hits = embed_users(encoder, shots, cache_dir=cache, progress=not args.quiet)
@@ -104,7 +100,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     records, _ = load_pairs(args.pairs)
     by_user = group_by_user(records)
     users = sorted(by_user)
-    features = get_features(args.features, **_kwargs(args.features_arg, "--features-arg"))
+    features = get_features(args.features, **parse_key_values(args.features_arg, flag="--features-arg"))
     fw, fl, idx, prompts = [], [], [], []
     flat = [(i, r) for i, u in enumerate(users) for r in by_user[u]]
     for start in tqdm(range(0, len(flat), args.batch_size), desc="features", disable=args.quiet):
@@ -136,7 +132,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model,
         args.out,
         users,
-        {"features": args.features, "features_kwargs": _kwargs(args.features_arg, "--features-arg")},
+        {
+            "features": args.features,
+            "features_kwargs": parse_key_values(args.features_arg, flag="--features-arg"),
+        },
     )
     print(
         json.dumps(
