@@ -3,7 +3,7 @@
 #   bash bench/gpu_run.sh                 # through the device tool, from the repo root (writes to $OUT)
 #   BUDGET=900 bash bench/gpu_run.sh      # elsewhere, with more time
 #   ONLY="wan-dense sdxl-full" BUDGET=230 bash bench/gpu_run.sh    # just the items named
-# Wheels for the packages the GPU image lacks (diffusers, open_clip, ...) travel in .whl (BENCHMARKS.md says which).
+# Wheels for the packages the GPU image lacks (diffusers, open_clip, ...) travel in .whl: `bash bench/gpu_wheels.sh` fills it.
 # $OUT gets three files: gpu.txt (card, versions), log.txt (everything, profiles included) and results.jsonl (one
 # JSON row per figure; each training row carries the floor: FLOPs counted from the model / matmul rate measured
 # in the same run). An item that would not finish inside what is left of the budget is skipped, and says so.
@@ -60,6 +60,8 @@ item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV 
 item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
 # 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
 item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
+# 6b. Wan with its repeated blocks compiled (the lever that gave SDXL 1.41x), against the eager row above
+item wan-dense-regional 150 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 2 --compile regional
 # 7. levers, if time is left: bf16 LoRA weights with fp32 masters (train.trainable_dtype: the autocast-cast tax), channels-last with the compiled blocks
 item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 4 --warmup 1 --gradient-checkpointing --trainable-dtype bf16 --profile
 item sdxl-lora-regional-cl 150 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional \

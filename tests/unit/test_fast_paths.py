@@ -191,3 +191,58 @@ def test_xformers_error_is_one_line(tiny_pipe):
     with pytest.raises(FastPathError, match="xformers") as err:
         set_attention_backend(tiny_pipe.unet, "xformers")
     assert "\n" not in str(err.value)
+
+
+def _video_step(family: str, *, checkpointing=False, policy="recompute_all", **fast):
+    """One DenseDPO loss + backward on the tiny Wan or CogVideoX transformer (bench_video_step's tiny presets,
+    random weights, non-zero LoRA B), fp32, from fixed seeds; returns (loss, {name: grad})."""
+    from conftest import load_bench
+
+    from mmalign.trainers.dense_dpo import DenseDPOConfig
+    from mmalign.trainers.dense_dpo import compute_loss as dense_loss
+
+    bench = load_bench("bench_video_step")
+    preset = bench.PRESETS[f"{family}-tiny"]
+    pipe = bench.build_pipeline(preset, "cpu", torch.float32)
+    net = pipe.transformer
+    net.requires_grad_(False)
+    torch.manual_seed(2)
+    add_lora(net, LoraConfig(rank=2))
+    gen = torch.Generator().manual_seed(3)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            p.data = 0.1 * torch.randn(p.shape, generator=gen)  # policy != reference
+    if checkpointing:
+        enable_checkpointing(net, policy)
+    net.train()
+    apply_fast_paths(net, compile_backend="aot_eager", **fast)
+    if fast.get("compile") == "regional":  # every repeated block, and only those, compiled in place
+        compiled = {type(m).__name__ for m in net.modules() if getattr(m, "_compiled_call_impl", None)}
+        assert compiled == {"WanTransformerBlock" if family == "wan" else "CogVideoXBlock"}, compiled
+    batch = bench.make_batch(preset, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    torch.manual_seed(1)  # noise and timesteps
+    loss, _ = dense_loss(
+        batch, TrainModels(make_adapter(pipe, preset["family"]), net), DenseDPOConfig(beta=2.0)
+    )
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_video_fast_paths_match_eager(family):
+    """The video transformers get the same fast paths (the repeated WanTransformerBlock / CogVideoXBlock
+    compiled, selective checkpointing) with eager's DenseDPO loss and gradients, within the UNet test's bounds."""
+    ref_loss, ref_grads = _video_step(family)
+    assert ref_loss.item() != 0 and any(g.abs().sum() > 0 for g in ref_grads.values())
+    for fast in (
+        {"compile": "regional"},
+        {"checkpointing": True, "policy": "save_attention"},
+        {"compile": "regional", "checkpointing": True, "policy": "save_matmuls"},
+    ):
+        torch._dynamo.reset()
+        loss, grads = _video_step(family, **fast)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0, msg=str(fast))
+        assert grads.keys() == ref_grads.keys() and len(grads) > 0
+        for name, ref in ref_grads.items():
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-5 * scale, msg=f"{fast} {name}")
