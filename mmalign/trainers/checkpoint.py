@@ -18,7 +18,9 @@ renamed into place; an older folder of the same name is moved aside first and de
 rotation then deletes the oldest *complete* checkpoints *of this run* (``checkpoint-<int>`` only; foreign,
 incomplete and other runs' folders are never touched). :func:`recover` undoes a save cut short at any point.
 Loading verifies the marker's checksums and parses every file before touching the model, so a corrupt
-newest checkpoint is reported and the previous complete one is used instead.
+newest checkpoint is reported and the previous complete one is used instead. Weights and optimizer tensors are
+read when applied, one tensor at a time, and under FSDP2 each process reads only the rows it holds
+(:class:`StoredTensors`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from mmalign.trainers.master_weights import MASTER, MasterWeights
-from mmalign.trainers.sharding import gathered, is_sharded, shard_like
+from mmalign.trainers.sharding import gathered, is_sharded, shard_from
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -146,27 +149,55 @@ def optimizer_files(
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def sharded_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    """A full optimizer state (as read from a checkpoint) cut to this process's shards where the optimizer's
-    parameters are sharded (FSDP2): each per-parameter tensor of the parameter's shape is laid out like it."""
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """The tensors of one checkpoint file, read when used rather than when the checkpoint is parsed: ``[key]``
+    reads that whole tensor, :meth:`read_like` only the part this process holds of a sharded (FSDP2) weight. A
+    resume on N processes then reads each tensor once in all instead of N times (SDXL full fine-tuning with
+    AdamW: 31 GB of weights and optimizer state, which every process used to hold in host memory at once)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")  # parses the header; data is memory-mapped
+        self._keys = dict.fromkeys(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __delitem__(self, key: str) -> None:
+        del self._keys[key]  # from this view; the file is untouched
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def read_like(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """Tensor ``key`` laid out as ``like``: the whole tensor, or only this process's shard when ``like`` is one."""
+        return shard_from(
+            lambda region: self[key] if region is None else self._file.get_slice(key)[region], like
+        )
+
+
+def optimizer_state(tensors: StoredTensors, meta: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """The optimizer ``state_dict`` from its files, for ``optimizer``. Where its parameters are sharded (FSDP2),
+    each per-parameter tensor of its parameter's shape is read in that parameter's layout: only this process's
+    shard."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not is_sharded(params):
-        return state
-    out = {}
-    for pid, entries in state["state"].items():
-        like = params[int(pid)]
-        out[pid] = {
-            name: shard_like(v, like) if isinstance(v, torch.Tensor) and v.shape == like.shape else v
-            for name, v in entries.items()
-        }
-    return {"state": out, "param_groups": state["param_groups"]}
-
-
-def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    sharded = is_sharded(params)
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
+    for key in tensors:
         pid, _, name = key.partition("/")
-        state.setdefault(int(pid), {})[name] = value
+        like = params[int(pid)] if sharded else None
+        keep_layout = like is not None and tensors.shape(key) == tuple(like.shape)
+        state.setdefault(int(pid), {})[name] = tensors.read_like(key, like) if keep_layout else tensors[key]
     for pid, entries in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(entries)
     return {"state": state, "param_groups": meta["param_groups"]}
@@ -362,8 +393,9 @@ class Checkpoint:
 
     path: Path
     state: dict[str, Any]
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    trainable: StoredTensors
+    optimizer_tensors: StoredTensors
+    optimizer_meta: dict[str, Any]
     scheduler: dict[str, Any]
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]]
     scaler: dict[str, Any] | None = None
@@ -375,7 +407,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
-    """Verify ``path`` against its marker and parse every file (safetensors and JSON only, never pickle).
+    """Verify ``path`` against its marker and parse every file (safetensors and JSON only, never pickle). The
+    weights' and optimizer's tensors stay in their files until :func:`apply_checkpoint` reads them.
 
     Raises:
         CheckpointError: naming the folder, the file and the problem.
@@ -410,9 +443,9 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
         if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
             raise CheckpointError(f"{path}: {name} is corrupt (size or sha256 differs from {COMPLETE_FILE})")
 
-    def tensors(name: str) -> dict[str, torch.Tensor]:
+    def tensors(name: str, lazy: bool = False) -> Mapping[str, torch.Tensor]:
         try:
-            return load_file(str(path / name))
+            return StoredTensors(path / name) if lazy else load_file(str(path / name))
         except Exception as err:  # safetensors raises its own error type for every malformed file
             raise CheckpointError(f"{path}/{name}: not a safetensors file ({str(err)[:100]})") from err
 
@@ -430,8 +463,9 @@ def read_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
     return Checkpoint(
         path=path,
         state=state,
-        trainable=tensors(TRAINABLE_FILE),
-        optimizer=optimizer_state(tensors(OPTIMIZER_TENSORS), js(OPTIMIZER_META)),
+        trainable=tensors(TRAINABLE_FILE, lazy=True),
+        optimizer_tensors=tensors(OPTIMIZER_TENSORS, lazy=True),
+        optimizer_meta=js(OPTIMIZER_META),
         scheduler=js(SCHEDULER_FILE),
         rng=(tensors(f"rng-{rank}.safetensors"), js(f"rng-{rank}.json")),
         scaler=js(SCALER_FILE) if SCALER_FILE in listed else None,
@@ -450,9 +484,9 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
             "was it written with another lora/model setting?"
         )
     for name, p in params.items():
-        if ckpt.trainable[name].shape != p.shape:
+        if ckpt.trainable.shape(name) != tuple(p.shape):
             raise CheckpointError(
-                f"{ckpt.path}/{TRAINABLE_FILE}: {name} has shape {tuple(ckpt.trainable[name].shape)}, "
+                f"{ckpt.path}/{TRAINABLE_FILE}: {name} has shape {ckpt.trainable.shape(name)}, "
                 f"the model {tuple(p.shape)}"
             )
     if (ckpt.method_state is None) != (parts.method_state is None):
@@ -460,18 +494,20 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
             f"{ckpt.path}: method state {'missing' if ckpt.method_state is None else 'unexpected'} "
             f"({METHOD_STATE_FILE}): was it written by another method or method.ema_decay?"
         )
-    saved_masters = any(MASTER in entries for entries in ckpt.optimizer["state"].values())
+    saved_masters = any(key.partition("/")[2] == MASTER for key in ckpt.optimizer_tensors)
     if saved_masters != isinstance(getattr(parts.optimizer, "optimizer", parts.optimizer), MasterWeights):
         was, now = ("bf16", "fp32") if saved_masters else ("fp32", "bf16")
         raise CheckpointError(
             f"{ckpt.path}: written with train.trainable_dtype={was}, this run has {now}: resume with the same setting"
         )
-    _restore_tuples(ckpt.optimizer["param_groups"], parts.optimizer.state_dict()["param_groups"])
+    _restore_tuples(ckpt.optimizer_meta["param_groups"], parts.optimizer.state_dict()["param_groups"])
     try:
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(shard_like(ckpt.trainable[name], p))
-        parts.optimizer.load_state_dict(sharded_optimizer_state(ckpt.optimizer, parts.optimizer))
+                p.copy_(ckpt.trainable.read_like(name, p))
+        parts.optimizer.load_state_dict(
+            optimizer_state(ckpt.optimizer_tensors, ckpt.optimizer_meta, parts.optimizer)
+        )
         parts.scheduler.load_state_dict(ckpt.scheduler)
         if parts.scaler is not None and ckpt.scaler is not None:
             parts.scaler.load_state_dict(ckpt.scaler)

@@ -5,7 +5,7 @@ holds a slice. Three things in the loop then need every process, not just the ma
 
 - **checkpoints** hold full tensors (the same files as an unsharded run, so a sharded run's checkpoint resumes
   on any number of processes): each shard is gathered (a collective), the main process keeps and writes it, and on
-  resume each process cuts its own slice out of the full tensor again (:func:`shard_like`);
+  resume each process reads only its own slice of each stored tensor (:func:`shard_from`);
 - **export** (``final/``): the weights are gathered (:func:`full_state_dict`) while the main process writes them;
 - **validation sampling**: a sharded forward all-gathers each block's weights, so every process samples.
 
@@ -14,7 +14,7 @@ None of this runs for DDP or one process: :func:`is_sharded` is false there and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,14 +40,35 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
 
 
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as ``like``: this process's shard when ``like`` is a DTensor, else ``full`` unchanged."""
+def local_region(like: torch.Tensor) -> tuple[slice, ...] | None:
+    """The part of the full tensor this process holds in ``like``'s layout, one slice per dimension; None when
+    ``like`` is a plain tensor (the process holds all of it). No communication: the layout alone decides it."""
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(like, dtensor):
-        return full
-    from torch.distributed.tensor import distribute_tensor
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def shard_from(read: Callable[[tuple[slice, ...] | None], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A stored tensor laid out as ``like``, reading only what this process holds: ``read(region)`` returns that
+    region of the full tensor (``read(None)``: all of it). A DTensor shard when ``like`` is one, else the whole."""
+    region = local_region(like)
+    if region is None:
+        return read(None)
+    from torch.distributed.tensor import DTensor
+
+    local = read(region).to(like.device).contiguous()
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: this process's shard when ``like`` is a DTensor, else ``full`` unchanged."""
+    return shard_from(lambda region: full if region is None else full[region], like)
 
 
 @contextmanager
