@@ -38,7 +38,7 @@ from torch.utils.flop_counter import flop_registry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmalign.config import LoraConfig  # noqa: E402
+from mmalign.config import LoraConfig, TrainConfig  # noqa: E402
 from mmalign.data.cache import CachedPairDataset, LatentCache  # noqa: E402
 from mmalign.data.inversion_cache import InversionCache  # noqa: E402
 from mmalign.data.inversion_pairs import (  # noqa: E402
@@ -58,7 +58,7 @@ from mmalign.trainers import inversion_dpo  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.diffusion_dpo import DiffusionDPOConfig, compute_loss  # noqa: E402
 from mmalign.trainers.inversion_dpo import InversionDPOConfig  # noqa: E402
-from mmalign.trainers.loop import add_lora  # noqa: E402
+from mmalign.trainers.loop import add_lora, build_optimizer  # noqa: E402
 from mmalign.trainers.master_weights import MasterWeights  # noqa: E402
 
 WORDS = "a photo of red green blue yellow circle square triangle cat dog on the moon".split()
@@ -277,12 +277,10 @@ def run(args) -> list[dict]:
                 p.data.float()
             )  # as the loop: trained weights fp32 (peft made the LoRA in the UNet's dtype)
         unet.train()
-        if (
-            args.trainable_dtype == "bf16"
-        ):  # the loop's train.trainable_dtype=bf16: bf16 weights, fp32 masters
-            opt = MasterWeights(params, lambda masters: torch.optim.AdamW(masters, lr=1e-5))
-        else:  # the loop's default: fp32 trained weights, cast by autocast at every use
-            opt = torch.optim.AdamW(params, lr=1e-5)
+        optimizer_row = time_optimizer_steps(
+            params, args.trainable_dtype, device
+        )  # before the run's own state
+        opt = make_optimizer(params, args.trainable_dtype)
         models = TrainModels(adapter, unet, reference_denoiser=reference)
         n_pairs = args.batch * (args.steps + args.warmup)
         records, _ = load_pairs(write_pairs(tmp, n_pairs, res))
@@ -384,6 +382,7 @@ def run(args) -> list[dict]:
                         "floor_s_per_step": sig(floor_s),
                         "floor_pairs_per_s": round(args.batch / floor_s, 3),
                         "floor_ratio": sig(floor_s / step_s, 4),
+                        **optimizer_row,
                     }
                     if device.type == "cuda":
                         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -416,6 +415,41 @@ def run(args) -> list[dict]:
             ratio = by_mode["inversion"] / by_mode["cached"]
             print(json.dumps({f"inversion_step_over_dpo_step_{how}": round(ratio, 3)}))
     return results
+
+
+def make_optimizer(params: list, trainable_dtype: str, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The loop's AdamW (``build_optimizer`` with the default train config: the fused kernel unless ``fused``
+    says otherwise); with ``trainable_dtype`` bf16, behind fp32 masters (``train.trainable_dtype: bf16``)."""
+    if trainable_dtype == "bf16":
+        return MasterWeights(params, lambda masters: build_optimizer(masters, TrainConfig(), 1e-5, fused))
+    return build_optimizer(params, TrainConfig(), 1e-5, fused)
+
+
+def time_optimizer_steps(params: list, trainable_dtype: str, device: torch.device, steps: int = 3) -> dict:
+    """The optimizer step alone, torch's fused AdamW kernel (the loop's) vs its multi-tensor ``foreach`` path (torch's
+    default), on the trained weights with random gradients: one warm-up step and ``steps`` timed each. Run before
+    the timed training steps (the weights it moves are random either way); each optimizer is freed after."""
+    row = {"optimizer_params_m": round(sum(p.numel() for p in params) / 1e6, 2)}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for fused in (True, False):
+        opt = make_optimizer(params, trainable_dtype, fused)
+        opt.step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        row[f"optimizer_step_s_{'fused' if fused else 'foreach'}"] = round(
+            (time.perf_counter() - t) / steps, 4
+        )
+        del opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for p in params:
+        p.grad = None
+    row["optimizer_fused_speedup"] = round(row["optimizer_step_s_foreach"] / row["optimizer_step_s_fused"], 2)
+    return row
 
 
 def warm_inversion_cache(records, keys, cache, adapter, models, res, device, steps: int):

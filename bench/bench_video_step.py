@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train_step import count_flops, device_name, matmul_rate, sig, sync  # noqa: E402
 
-from mmalign.config import LoraConfig  # noqa: E402
+from mmalign.config import LoraConfig, TrainConfig  # noqa: E402
 from mmalign.pipelines import make_adapter  # noqa: E402
 from mmalign.pipelines.fast import apply_fast_paths, enable_checkpointing  # noqa: E402
 from mmalign.trainers.common import TrainModels  # noqa: E402
 from mmalign.trainers.dense_dpo import DenseDPOConfig, compute_loss  # noqa: E402
-from mmalign.trainers.loop import add_lora  # noqa: E402
+from mmalign.trainers.loop import add_lora, build_optimizer  # noqa: E402
 
 # latent = [C, T, H, W] for the clip size named; text = (tokens, width) of the cached T5 embeddings
 PRESETS = {
@@ -210,7 +210,7 @@ def run(args) -> dict:
     net.train()
     if args.gradient_checkpointing:
         net.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = build_optimizer(params, TrainConfig(), 1e-5)  # the loop's AdamW (fused kernel)
     models = TrainModels(adapter, net)
     method = DenseDPOConfig(loss=args.loss)
     gen = torch.Generator().manual_seed(0)

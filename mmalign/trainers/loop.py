@@ -115,14 +115,25 @@ def trains_what(cfg: RunConfig, method: Any) -> str:
     return lora or "full fine-tune"
 
 
-def build_optimizer(params: list[torch.nn.Parameter], train: Any, lr: float) -> torch.optim.Optimizer:
+FUSED_DEVICES = ("cuda", "cpu")  # where torch's fused AdamW kernel runs (torch >= 2.4)
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], train: Any, lr: float, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names. AdamW runs torch's fused kernel (one kernel for every parameter's
+    update) wherever the parameters allow it, rather than torch's default multi-tensor ``foreach`` path; the two
+    compute the same update. ``fused=False`` forces ``foreach`` (for the benchmark's side-by-side)."""
     if train.optimizer == "adamw":
+        if fused is None:
+            fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
         return torch.optim.AdamW(
             params,
             lr=lr,
             betas=(train.adam_beta1, train.adam_beta2),
             weight_decay=train.weight_decay,
             eps=train.adam_epsilon,
+            **({"fused": True} if fused else {"foreach": True}),
         )
     if train.optimizer == "adafactor":
         from transformers.optimization import Adafactor

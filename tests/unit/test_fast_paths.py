@@ -246,3 +246,40 @@ def test_video_fast_paths_match_eager(family):
         for name, ref in ref_grads.items():
             scale = ref.abs().max().item()
             torch.testing.assert_close(grads[name], ref, rtol=0, atol=1e-5 * scale, msg=f"{fast} {name}")
+
+
+def test_fused_adamw_is_the_default_and_matches_foreach():
+    """The loop's AdamW runs torch's fused kernel (on CPU and CUDA parameters) and gives the multi-tensor path's
+    weights: 5 steps on the same gradients agree within float32 rounding (measured: at most 1.2e-7 apart)."""
+    from mmalign.trainers.loop import build_optimizer
+    from mmalign.trainers.master_weights import MasterWeights
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(33, 7, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(5)]
+    cfg = TrainConfig(weight_decay=0.1)
+
+    def train(fused, bf16=False):
+        params = [torch.nn.Parameter(t.clone().to(torch.bfloat16 if bf16 else torch.float32)) for t in start]
+        if bf16:
+            opt = MasterWeights(params, lambda masters: build_optimizer(masters, cfg, 1e-2, fused))
+        else:
+            opt = build_optimizer(params, cfg, 1e-2, fused)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.to(p.dtype)
+            opt.step()
+        inner = getattr(opt, "optimizer", opt)
+        return [p.detach().float() for p in params], inner.param_groups[0]
+
+    fused, group = train(None)  # the default
+    assert group["fused"] is True
+    foreach, group = train(False)
+    assert not group["fused"] and group["foreach"] is True
+    assert any(not torch.equal(a, b) for a, b in zip(fused, start))  # the weights moved
+    for a, b in zip(fused, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    masters_fused, group = train(None, bf16=True)  # train.trainable_dtype=bf16: the fp32 masters' optimizer
+    assert group["fused"] is True
+    for a, b in zip(masters_fused, train(False, bf16=True)[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # measured: identical once rounded to bf16
