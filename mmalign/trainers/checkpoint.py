@@ -500,7 +500,7 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
         raise CheckpointError(
             f"{ckpt.path}: written with train.trainable_dtype={was}, this run has {now}: resume with the same setting"
         )
-    _restore_tuples(ckpt.optimizer_meta["param_groups"], parts.optimizer.state_dict()["param_groups"])
+    _fit_param_groups(ckpt.optimizer_meta["param_groups"], parts.optimizer.state_dict()["param_groups"])
     try:
         with torch.no_grad():
             for name, p in params.items():
@@ -520,12 +520,19 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
         ) from err
 
 
-def _restore_tuples(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> None:
-    """JSON turned tuples (AdamW's betas) into lists; give them back the type the optimizer uses."""
+_KERNEL_KEYS = ("fused", "foreach", "capturable")  # how this run's optimizer computes, not what it has learnt
+
+
+def _fit_param_groups(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> None:
+    """Saved param groups as this run's optimizer needs them: JSON turned tuples (AdamW's betas) into lists, given
+    back their type; and the kernel choice (fused / foreach) is this run's, so a checkpoint resumes on a device or
+    torch where the saving run's kernel does not exist, and an older checkpoint gets the fused kernel."""
     for group, now in zip(saved, current):
         for key, value in now.items():
             if isinstance(value, tuple) and isinstance(group.get(key), list):
                 group[key] = tuple(group[key])
+            elif key in _KERNEL_KEYS:
+                group[key] = value
 
 
 def load_latest(root: Path, run_id: str | None, rank: int, warn: Any = print) -> Checkpoint | None:

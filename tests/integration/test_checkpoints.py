@@ -225,6 +225,32 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path, opti
     assert torch.equal(a.model.weight, b.model.weight)
 
 
+def test_resume_takes_this_runs_optimizer_kernel(tmp_path):
+    """The fused/foreach choice is the resuming run's, not the checkpoint's: a checkpoint from a foreach AdamW (what
+    runs before the fused default wrote) resumes into a fused one with the same state and the same next step."""
+
+    def make(seed, **kernel):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, **kernel)
+        return ck.Saveable(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s))
+
+    a = make(0, foreach=True)
+    a.model(torch.randn(4, 3)).sum().backward()
+    a.optimizer.step()
+    a.optimizer.zero_grad()
+    path = ck.save_checkpoint(tmp_path, 1, {"run_id": "me"}, a, OneProcess(), None)
+    b = make(1, fused=True)
+    ck.apply_checkpoint(ck.read_checkpoint(path), b)
+    group = b.optimizer.param_groups[0]
+    assert group["fused"] is True and not group["foreach"]
+    x = torch.randn(4, 3)
+    for p in (a, b):
+        p.model(x).sum().backward()
+        p.optimizer.step()
+    torch.testing.assert_close(a.model.weight, b.model.weight, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte", "delete", "garbage-marker", "no-marker"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     root = tmp_path / "checkpoints"
