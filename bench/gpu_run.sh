@@ -44,24 +44,27 @@ VIDEO="bench/bench_video_step.py --device $DEV --dtype bf16 --gradient-checkpoin
 item smoke 90 bench/bench_train_step.py --preset sdxl-small --device $DEV --dtype bf16 --modes cached \
   --batch 1 --steps 1 --warmup 0 && item smoke-video 60 bench/bench_video_step.py --preset wan-tiny --device $DEV \
   --dtype bf16 --steps 1 || { echo "### smoke failed: stopping" | tee -a "$LOG"; exit 1; }
-# 1. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, then the repeated blocks
-#    compiled, in one process (side by side; warm-up steps absorb the compile, first_step_s shows it), each profiled
-item sdxl-lora 240 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile none regional --profile
-# 3. Wan 2.1 1.3B DenseDPO, 81 frames 480x832, LoRA r8
+# The rows never measured on a card come first (one device call gets through about five items), then the rows
+# measured on 2026-11-27 again with what changed since, then the levers.
+# 1. Wan 2.1 1.3B DenseDPO, 81 frames 480x832, LoRA r8
 item wan-dense 120 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 1
-# 4. SDXL full fine-tuning DPO (fp32 weights + AdamW, bf16 frozen reference), 4 pairs, checkpointing
+# 2. SDXL full fine-tuning DPO (fp32 weights + fused AdamW, bf16 frozen reference), 4 pairs, checkpointing; every
+#    row also times the optimizer step alone, fused vs foreach
 item sdxl-full 130 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --full
-# 5. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 / 14
+# 3. Inversion-DPO step on a warm inversion cache (10-step grid, CFG-2 inverter) beside the Diffusion-DPO step
+item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
+# 4. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 / 14
 #    workers; 1024 images so that starting the workers is not the figure), then the data path alone (no model)
 item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
   --dtype bfloat16 --disk-workers 0 8 14
+# 5. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, then the repeated blocks
+#    compiled, in one process (side by side; warm-up steps absorb the compile, first_step_s shows it), each profiled
+item sdxl-lora 240 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile none regional --profile
 item rewards-data-path 60 bench/bench_rewards.py --data-path-only --device $DEV --n $N --batch-size 64 --disk-workers 8 14
-# 6. Inversion-DPO step on a warm inversion cache (10-step grid, CFG-2 inverter) beside the Diffusion-DPO step
-item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
-# 6. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8
-item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
-# 6b. Wan with its repeated blocks compiled (the lever that gave SDXL 1.41x), against the eager row above
+# 6. Wan with its repeated blocks compiled (the lever that gave SDXL 1.41x), against the eager row above
 item wan-dense-regional 150 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 2 --compile regional
+# 6b. CogVideoX-2B DenseDPO, 49 frames 480x720, LoRA r8 (measured 2026-11-27: 3.63 s/pair)
+item cogvideox-dense 90 $VIDEO --preset ${COG:-cogvideox-2b} --steps 2 --warmup 1
 # 7. levers, if time is left: bf16 LoRA weights with fp32 masters (train.trainable_dtype: the autocast-cast tax), channels-last with the compiled blocks
 item sdxl-lora-bf16 90 $SDXL --batch 4 --steps 4 --warmup 1 --gradient-checkpointing --trainable-dtype bf16 --profile
 item sdxl-lora-regional-cl 150 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile regional \
