@@ -283,6 +283,10 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    fused_adamw: bool = _f(
+        True,
+        "AdamW's update in torch's fused kernel (CPU and CUDA parameters); false: torch's multi-tensor foreach path. Same weights.",
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", ge=0)
     mixed_precision: str = _f("no", "no | fp16 | bf16 (accelerate). Frozen parts are cast to this dtype.")
     trainable_dtype: str = _f(

@@ -122,11 +122,14 @@ def build_optimizer(
     params: list[torch.nn.Parameter], train: Any, lr: float, fused: bool | None = None
 ) -> torch.optim.Optimizer:
     """The optimizer ``train.optimizer`` names. AdamW runs torch's fused kernel (one kernel for every parameter's
-    update) wherever the parameters allow it, rather than torch's default multi-tensor ``foreach`` path; the two
-    compute the same update. ``fused=False`` forces ``foreach`` (for the benchmark's side-by-side)."""
+    update) with ``train.fused_adamw`` wherever the parameters allow it, rather than torch's default multi-tensor
+    ``foreach`` path; the two compute the same update. ``fused`` overrides the config (the benchmark's
+    side-by-side)."""
     if train.optimizer == "adamw":
         if fused is None:
-            fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+            fused = train.fused_adamw and all(
+                p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params
+            )
         return torch.optim.AdamW(
             params,
             lr=lr,

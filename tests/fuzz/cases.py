@@ -204,6 +204,7 @@ BOOLS = [
     "data.cache",
     "data.buckets",
     "train.channels_last",
+    "train.fused_adamw",
     "train.scale_lr",
     "train.gradient_checkpointing",
     "train.allow_tf32",

@@ -276,6 +276,9 @@ def test_fused_adamw_is_the_default_and_matches_foreach():
     assert group["fused"] is True
     foreach, group = train(False)
     assert not group["fused"] and group["foreach"] is True
+    cfg = TrainConfig(weight_decay=0.1, fused_adamw=False)  # the config's switch: the same as fused=False
+    assert train(None)[1]["foreach"] is True
+    cfg = TrainConfig(weight_decay=0.1)
     assert any(not torch.equal(a, b) for a, b in zip(fused, start))  # the weights moved
     for a, b in zip(fused, foreach):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
