@@ -11,6 +11,19 @@ import torch
 from conftest import write_pair_images
 
 
+def torchrun(port: int) -> list[str]:
+    """The command that starts 2 processes of what follows it on this machine (a real gloo group on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+
+
 def free_port() -> int:
     import socket
 
@@ -24,13 +37,7 @@ def test_torchrun_two_processes_keep_replicas_identical(tiny_sd15, tmp_path):
     manifest = write_pair_images(tmp_path / "pairs", n=8)
     (tmp_path / "run.yaml").write_text("{}\n")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+        *torchrun(free_port()),
         "-m",
         "mmalign",
         "train",
@@ -98,7 +105,7 @@ def test_config_two_processes_match_one_process_gradients(
     port = free_port()
     env = {**accelerate_env(str(config_path), port), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     worker = Path(dist_grads.__file__)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = torchrun(port)
     proc = subprocess.run(
         [*cmd, str(worker), str(tiny_sd15), str(tmp_path / "two"), mode],
         env=env,
@@ -147,7 +154,7 @@ def _train_two_processes(config: Path, out: Path, overrides: list[str], shim: bo
     port = free_port()
     env = {**accelerate_env(str(config), port), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     entry = [str(Path(__file__).with_name("fsdp_on_cpu.py"))] if shim else ["-m", "mmalign"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = torchrun(port)
     proc = subprocess.run(
         [*cmd, *entry, "train", *overrides, f"train.output_dir={out}"],
         env=env,
@@ -285,17 +292,12 @@ def test_sharded_resume_reads_only_each_process_rows(tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}, str(tmp_path / "t.safetensors"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     proc = subprocess.run(
-        [*cmd, str(Path(__file__).with_name("dist_read_like.py")), str(tmp_path / "t.safetensors")],
+        [
+            *torchrun(free_port()),
+            str(Path(__file__).with_name("dist_read_like.py")),
+            str(tmp_path / "t.safetensors"),
+        ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
