@@ -152,8 +152,9 @@ def optimizer_files(
 class StoredTensors(Mapping[str, torch.Tensor]):
     """The tensors of one checkpoint file, read when used rather than when the checkpoint is parsed: ``[key]``
     reads that whole tensor, :meth:`read_like` only the part this process holds of a sharded (FSDP2) weight. A
-    resume on N processes then reads each tensor once in all instead of N times (SDXL full fine-tuning with
-    AdamW: 31 GB of weights and optimizer state, which every process used to hold in host memory at once)."""
+    resume on N processes then reads each tensor once in all, with no communication; before, every process
+    read every whole tensor (and copied it to its GPU) and rank 0's copy was scattered
+    (``bench/bench_resume_memory.py``: 4 processes loaded a 1 GB file in 0.14-0.34 s instead of 1.1 s)."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open

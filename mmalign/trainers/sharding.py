@@ -46,6 +46,7 @@ def local_region(like: torch.Tensor) -> tuple[slice, ...] | None:
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(like, dtensor):
         return None
+    # torch's own arithmetic for every placement (uneven shards, several mesh dimensions); a private module
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
@@ -64,11 +65,6 @@ def shard_from(read: Callable[[tuple[slice, ...] | None], torch.Tensor], like: t
     return DTensor.from_local(
         local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     )
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as ``like``: this process's shard when ``like`` is a DTensor, else ``full`` unchanged."""
-    return shard_from(lambda region: full if region is None else full[region], like)
 
 
 @contextmanager

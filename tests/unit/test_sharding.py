@@ -7,14 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded, shard_like
+from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded, local_region, shard_from
 
 
 def test_plain_tensors_pass_through():
     net = torch.nn.Linear(3, 2)
     assert not is_sharded(net.parameters())
     w = net.weight.detach()
-    assert gathered(w) is w and shard_like(torch.ones(2, 3), w).equal(torch.ones(2, 3))
+    assert gathered(w) is w and local_region(w) is None
+    assert shard_from(lambda region: torch.ones(2, 3) if region is None else None, w).equal(torch.ones(2, 3))
     with full_state_dict(net) as same:
         assert same is net and "state_dict" not in vars(net)  # nothing shadowed outside FSDP
 
