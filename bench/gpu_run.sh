@@ -50,9 +50,9 @@ item smoke 90 bench/bench_train_step.py --preset sdxl-small --device $DEV --dtyp
 item wan-dense 120 $VIDEO --preset ${WAN:-wan-1.3b} --steps 2 --warmup 1
 # 2. SDXL full fine-tuning DPO (fp32 weights + fused AdamW, bf16 frozen reference), 4 pairs, checkpointing; every
 #    row also times the optimizer step alone, fused vs foreach
-item sdxl-full 130 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --full
+item sdxl-full 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --full --profile
 # 3. Inversion-DPO step on a warm inversion cache (10-step grid, CFG-2 inverter) beside the Diffusion-DPO step
-item sdxl-inversion 150 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion
+item sdxl-inversion 170 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpointing --modes cached inversion --profile
 # 4. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 / 14
 #    workers; 1024 images so that starting the workers is not the figure), then the data path alone (no model)
 item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
