@@ -12,6 +12,10 @@ into its shard:
 - ``scatter``: ``safetensors.torch.load_file``, then ``distribute_tensor`` of each full tensor (rank 0's data);
 - ``sliced``: ``StoredTensors(path).read_like(key, param)``: only this process's rows are read.
 
+Both are checked, not only timed: every process's shard must equal its rows of the stored tensor exactly
+(``same_weights``; uneven shards and one a process holds none of), and the sliced load must read no whole tensor
+(``sliced_whole_tensor_reads``).
+
 Reported per mode and process: the file's pages resident in the process's mappings once every tensor is loaded
 (``/proc/self/smaps``: what it read of the file, plus the kernel's read-around of each page fault), the largest
 growth of ``RssAnon`` (private memory: copies, communication buffers; sampled after every tensor) over its level
@@ -57,10 +61,11 @@ def _file_pages_mb(path: str) -> float:
 
 
 def shapes(gb: float, cols: int = 2048) -> dict[str, tuple[int, int]]:
-    """float32 matrices adding up to ``gb``, with an odd row count so the shards are uneven."""
+    """float32 matrices adding up to ``gb``, with an odd row count so the shards are uneven, and one single-row
+    matrix, of which every process but the first holds no row."""
     rows = 1023
     n = max(1, round(gb * 1e9 / (rows * cols * 4)))
-    return {f"layers.{i}.weight": (rows, cols) for i in range(n)}
+    return {**{f"layers.{i}.weight": (rows, cols) for i in range(n)}, "head.weight": (1, cols)}
 
 
 def worker(mode: str, path: str, gb: float) -> None:
@@ -69,6 +74,14 @@ def worker(mode: str, path: str, gb: float) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from mmalign.trainers.checkpoint import StoredTensors
+    from mmalign.trainers.sharding import local_region
+
+    class Counted(StoredTensors):  # counts whole-tensor reads: a sharded load should make none
+        whole_reads = 0
+
+        def __getitem__(self, key):
+            Counted.whole_reads += 1
+            return super().__getitem__(key)
 
     dist.init_process_group("gloo")
     with torch.device("meta"):
@@ -92,15 +105,19 @@ def worker(mode: str, path: str, gb: float) -> None:
             full = load_file(path)
             source = lambda key, p: distribute_tensor(full[key], p.device_mesh, p.placements)  # noqa: E731
         else:
-            source = StoredTensors(Path(path)).read_like
+            source = Counted(Path(path)).read_like
         for key, p in params.items():
             p.copy_(source(key, p))
             peak = max(peak, _anon_mb())
     seconds = time.perf_counter() - t0
     file_mb = _file_pages_mb(path)  # the file is still mapped, and mapped pages only accumulate
-    checksum = sum(float(p.to_local().double().sum()) for p in params.values())
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:  # every shard is exactly its rows of the stored tensor
+        exact = all(torch.equal(p.to_local(), f.get_slice(k)[local_region(p)]) for k, p in params.items())
+    held = sum(p.to_local().numel() for p in params.values())
     rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, (file_mb, peak - before, seconds, checksum))
+    dist.all_gather_object(rows, (file_mb, peak - before, seconds, exact, held, Counted.whole_reads))
     if dist.get_rank() == 0:
         print(
             json.dumps(
@@ -109,7 +126,9 @@ def worker(mode: str, path: str, gb: float) -> None:
                     "file_pages_mb": [round(r[0], 1) for r in rows],
                     "rss_anon_growth_mb": [round(r[1], 1) for r in rows],
                     "seconds": [round(r[2], 3) for r in rows],
-                    "checksum": sum(r[3] for r in rows),
+                    "exact": all(r[3] for r in rows),
+                    "elements": sum(r[4] for r in rows),
+                    "whole_tensor_reads": [r[5] for r in rows],
                 }
             )
         )
@@ -122,14 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--procs", type=int, default=2)
     args = parser.parse_args(argv)
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimizer.safetensors"
         gen = torch.Generator().manual_seed(0)
         save_file({k: torch.randn(s, generator=gen) for k, s in shapes(args.gb).items()}, str(path))
-        expected = sum(float(t.double().sum()) for t in load_file(str(path)).values())
         file_gb = path.stat().st_size / 1e9
         for mode in ("scatter", "sliced"):
             with socket.socket() as sock:
@@ -145,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"file_gb": round(file_gb, 3), "procs": args.procs}
     for m, row in rows.items():
         result.update({f"{m}_{k}": row[k] for k in ("file_pages_mb", "rss_anon_growth_mb", "seconds")})
-    result["same_weights"] = all(abs(r["checksum"] - expected) <= 1e-6 * abs(expected) for r in rows.values())
+    total = sum(a * b for a, b in shapes(args.gb).values())
+    result["same_weights"] = all(r["exact"] and r["elements"] == total for r in rows.values())
+    result["sliced_whole_tensor_reads"] = rows["sliced"]["whole_tensor_reads"]
     print(json.dumps(result))
     return result
 
