@@ -277,9 +277,8 @@ def run(args) -> list[dict]:
                 p.data.float()
             )  # as the loop: trained weights fp32 (peft made the LoRA in the UNet's dtype)
         unet.train()
-        optimizer_row = time_optimizer_steps(
-            params, args.trainable_dtype, device
-        )  # before the run's own state
+        # the optimizer step alone, fused vs foreach, before the run's own optimizer state exists
+        optimizer_row = time_optimizer_steps(params, args.trainable_dtype, device)
         opt = make_optimizer(params, args.trainable_dtype)
         models = TrainModels(adapter, unet, reference_denoiser=reference)
         n_pairs = args.batch * (args.steps + args.warmup)
