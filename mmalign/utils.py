@@ -1,4 +1,5 @@
-"""Small helpers every floor may use (the lowest floor: imports the standard library, torch and yaml only)."""
+"""Small helpers every floor may use (the lowest floor: imports the standard library, torch and yaml only; torch
+where a helper needs it, so that the command line starts without it)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import hashlib
 import importlib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 def expand_like(
@@ -17,6 +20,8 @@ def expand_like(
 ) -> torch.Tensor:
     """Per-sample coefficients [B] (or a scalar) -> [B, 1, ..., 1] on ``like``'s device, broadcastable against
     ``like`` [B, ...], in ``dtype`` (default: ``like``'s dtype)."""
+    import torch
+
     coef = torch.as_tensor(coef, device=like.device).to(dtype or like.dtype)
     return coef.reshape(-1, *([1] * (like.ndim - 1))) if coef.ndim else coef
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.commands.options import one_line_errors
-from mmalign.toy.sample import DEFAULT_TOY_MODEL
+from mmalign.toy import DEFAULT_TOY_MODEL
 
 
 def is_toy_model(model: str) -> bool:

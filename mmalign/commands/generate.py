@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mmalign.commands.options import one_line_errors
 from mmalign.data.manifest import MANIFEST_NAME, MediaRecord, PromptSpec, read_prompts, write_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 
 def generate(

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mmalign.utils import parse_key_values
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _one_line_errors(fn):
@@ -89,6 +90,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 @_one_line_errors
 def cmd_fit(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from mmalign.data.pairs import load_pairs

@@ -18,12 +18,14 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mmalign.commands.options import check_out, check_table, one_line_errors
-from mmalign.rewards import Reward, RewardSpec
+
+if TYPE_CHECKING:  # torch and the rewards load when a command runs, not when the parser is built
+    import torch
+
+    from mmalign.rewards import Reward
 
 
 def parse_reward_args(items: list[str]) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def build_rewards(
     named rewards whose factory takes them (model rewards; rule rewards run wherever the media are).
     """
     from mmalign.config import read_yaml
-    from mmalign.rewards import _resolve, all_rewards
+    from mmalign.rewards import RewardSpec, _resolve, all_rewards
     from mmalign.rewards.score import build_named_rewards, load_reward_config
 
     kwargs = parse_reward_args(reward_args or [])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmalign import limits
 from mmalign.limits import MediaError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -72,6 +75,7 @@ def resize_crop(
         pixels [3,H,W], the original (height, width), and the crop's (top, left) in resized coordinates
         (what SDXL's add_time_ids records).
     """
+    import torch
     from torchvision.transforms.functional import InterpolationMode, pil_to_tensor, resize
 
     original = (img.height, img.width)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmalign.toy import DEFAULT_TOY_MODEL
 from mmalign.toy.render import TOY_WORDS, sample_dataset
 from mmalign.toy.tokenizer import build_word_tokenizer
 
-DEFAULT_ASSET_DIR = Path(__file__).parent / "assets" / "toy-sd"
+DEFAULT_ASSET_DIR = DEFAULT_TOY_MODEL
 
 
 @dataclass

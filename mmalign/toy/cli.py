@@ -10,12 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from mmalign.toy.build import DEFAULT_ASSET_DIR, ToyBuildConfig
-from mmalign.toy.sample import QUICKSTART_GUIDANCE
+from mmalign.toy import DEFAULT_TOY_MODEL as DEFAULT_ASSET_DIR
+from mmalign.toy import DEFAULT_VIDEO_ASSET_DIR, QUICKSTART_CONFIG, QUICKSTART_GUIDANCE
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from mmalign.toy.build import toy_build
+    from mmalign.toy.build import ToyBuildConfig, toy_build
 
     overrides = {}
     for item in args.set or []:
@@ -98,6 +98,30 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy_build_video(args: argparse.Namespace) -> int:
+    from mmalign.toy.video_build import cmd_toy_build_video as build_video
+
+    return build_video(args)
+
+
+def _add_build_video_parser(actions: argparse._SubParsersAction) -> None:
+    """Add ``build-video`` to the ``mmalign toy`` actions."""
+    p = actions.add_parser(
+        "build-video",
+        help="train motion modules (and the UNet) on the toy image model -> the toy video "
+        "pipeline (AnimateDiff, about 20-30 min, 2 cores)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help=f"output directory (to replace the shipped weights, pass {DEFAULT_VIDEO_ASSET_DIR} explicitly)",
+    )
+    p.add_argument("--base", default=str(DEFAULT_ASSET_DIR), help="toy image pipeline whose parts are reused")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ToyVideoBuildConfig field")
+    p.set_defaults(func=cmd_toy_build_video)
+
+
 def register(subparsers) -> None:
     """Add ``toy`` with its ``build``, ``render`` and ``sample`` actions to ``mmalign``'s subparsers."""
     toy = subparsers.add_parser("toy", help="the toy shapes world: build its pipeline, render, sample")
@@ -143,11 +167,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="outputs/toy/sample.png")
     p.set_defaults(func=cmd_toy_sample)
 
-    from mmalign.toy.video_build import add_build_video_parser
-
-    add_build_video_parser(actions)
-
-    from mmalign.toy.quickstart import DEFAULT_CONFIG
+    _add_build_video_parser(actions)
 
     p = subparsers.add_parser(
         "quickstart",
@@ -155,6 +175,6 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="outputs/quickstart")
     p.add_argument("--model", default=str(DEFAULT_ASSET_DIR))
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--config", default=str(QUICKSTART_CONFIG))
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=100")
     p.set_defaults(func=cmd_quickstart)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mmalign.toy import QUICKSTART_CONFIG
 from mmalign.toy.render import COLORS, POSITIONS, SHAPES, SIZES, ShapeSpec, image_grid, to_pil
 from mmalign.toy.sample import (
     DEFAULT_TOY_MODEL,
@@ -30,7 +31,7 @@ from mmalign.toy.sample import (
     load_toy_pipeline,
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy" / "quickstart.yaml"
+DEFAULT_CONFIG = QUICKSTART_CONFIG
 TRAIN_SEED_BASE = 1_000
 EVAL_SEED_BASE = 900_000
 

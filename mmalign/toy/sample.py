@@ -13,11 +13,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_TOY_MODEL = Path(__file__).parent / "assets" / "toy-sd"
-# No CFG: the toy base then leaves a flaw (speckle or a wrong colour) in two thirds of its samples (a third at
-# CFG 2), which is what the quickstart's DPO visibly fixes (BENCHMARKS.md, "The quickstart at CFG 1").
-QUICKSTART_GUIDANCE = 1.0
-QUICKSTART_STEPS = 20
+from mmalign.toy import DEFAULT_TOY_MODEL, QUICKSTART_GUIDANCE, QUICKSTART_STEPS  # noqa: F401 (re-exported)
 
 
 def load_toy_pipeline(path: str | Path = DEFAULT_TOY_MODEL):

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.pipelines.toy_video import frame_noise
+from mmalign.toy import DEFAULT_VIDEO_ASSET_DIR  # noqa: F401 (re-exported)
 from mmalign.toy.build import DEFAULT_ASSET_DIR, _ema_update, _lr_factor
-
-DEFAULT_VIDEO_ASSET_DIR = Path(__file__).parent / "assets" / "toy-video"
 
 
 @dataclass
@@ -375,21 +374,3 @@ def cmd_toy_build_video(args: Any) -> int:
     toy_video_build(args.out, base=args.base, **overrides)
     print(f"toy video pipeline written to {args.out}")
     return 0
-
-
-def add_build_video_parser(actions: Any) -> None:
-    """Add ``build-video`` to the ``mmalign toy`` actions."""
-    p = actions.add_parser(
-        "build-video",
-        help="train motion modules (and the UNet) on the toy image model -> the toy video "
-        "pipeline (AnimateDiff, about 20-30 min, 2 cores)",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help=f"output directory (to replace the shipped weights, pass {DEFAULT_VIDEO_ASSET_DIR} explicitly)",
-    )
-    p.add_argument("--base", default=str(DEFAULT_ASSET_DIR), help="toy image pipeline whose parts are reused")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ToyVideoBuildConfig field")
-    p.set_defaults(func=cmd_toy_build_video)

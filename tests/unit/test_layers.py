@@ -128,6 +128,21 @@ def test_importing_the_library_does_not_import_the_toy_world():
     assert out == "[]"
 
 
+def test_the_command_line_parser_starts_without_torch():
+    """`mmalign --help`, `--version` and a command's `--help` build every command's parser: no torch import (3 s
+    here), which waits for the command that needs it."""
+    import subprocess
+
+    code = (
+        "import sys, mmalign.cli; mmalign.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]"
+
+
 if __name__ == "__main__":  # python tests/unit/test_layers.py: print the violations
     print("\n".join(violations()) or "no upward imports")
     pytest.main([__file__, "-q"])
