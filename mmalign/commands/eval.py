@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.commands.options import one_line_errors
-from mmalign.toy import DEFAULT_TOY_MODEL
+from mmalign.toy import DEFAULT_TOY_MODEL, QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
 
 def is_toy_model(model: str) -> bool:
@@ -100,7 +100,6 @@ def evaluate(
     from mmalign.pipelines.runtime import load_for_inference, quiet_libraries, sample
     from mmalign.toy.evaluate import compare_scores, score_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
-    from mmalign.toy.sample import QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
     if prompts is None:

@@ -26,8 +26,6 @@ from mmalign.toy import DEFAULT_TOY_MODEL
 from mmalign.toy.render import TOY_WORDS, sample_dataset
 from mmalign.toy.tokenizer import build_word_tokenizer
 
-DEFAULT_ASSET_DIR = DEFAULT_TOY_MODEL
-
 
 @dataclass
 class ToyBuildConfig:
@@ -227,7 +225,7 @@ def train_unet(
     return running
 
 
-def toy_build(out_dir: str | Path = DEFAULT_ASSET_DIR, *, log: Callable[[str], None] = print, **overrides):
+def toy_build(out_dir: str | Path = DEFAULT_TOY_MODEL, *, log: Callable[[str], None] = print, **overrides):
     """Build the toy StableDiffusionPipeline and save it to ``out_dir`` (diffusers format, safetensors).
 
     Args:

@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmalign.toy import DEFAULT_TOY_MODEL as DEFAULT_ASSET_DIR
-from mmalign.toy import DEFAULT_VIDEO_ASSET_DIR, QUICKSTART_CONFIG, QUICKSTART_GUIDANCE
+from mmalign.toy import DEFAULT_TOY_MODEL, DEFAULT_VIDEO_ASSET_DIR, QUICKSTART_CONFIG, QUICKSTART_GUIDANCE
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
@@ -116,7 +115,7 @@ def _add_build_video_parser(actions: argparse._SubParsersAction) -> None:
         required=True,
         help=f"output directory (to replace the shipped weights, pass {DEFAULT_VIDEO_ASSET_DIR} explicitly)",
     )
-    p.add_argument("--base", default=str(DEFAULT_ASSET_DIR), help="toy image pipeline whose parts are reused")
+    p.add_argument("--base", default=str(DEFAULT_TOY_MODEL), help="toy image pipeline whose parts are reused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ToyVideoBuildConfig field")
     p.set_defaults(func=cmd_toy_build_video)
@@ -133,7 +132,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help=f"output directory (to replace the shipped weights, pass {DEFAULT_ASSET_DIR} explicitly)",
+        help=f"output directory (to replace the shipped weights, pass {DEFAULT_TOY_MODEL} explicitly)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a ToyBuildConfig field")
@@ -156,7 +155,7 @@ def register(subparsers) -> None:
     p = actions.add_parser(
         "sample", help="sample the toy pipeline on every caption; print colour/defect rates"
     )
-    p.add_argument("--model", default=str(DEFAULT_ASSET_DIR))
+    p.add_argument("--model", default=str(DEFAULT_TOY_MODEL))
     p.add_argument("--lora", help="LoRA directory to load first")
     p.add_argument("--n", type=int, default=450, help="samples, cycling over the 225 toy captions")
     p.add_argument("--seed", type=int, default=50_000)
@@ -174,7 +173,7 @@ def register(subparsers) -> None:
         help="toy workflow end to end: generate -> score -> pairs -> Diffusion-DPO -> eval -> report",
     )
     p.add_argument("--out", default="outputs/quickstart")
-    p.add_argument("--model", default=str(DEFAULT_ASSET_DIR))
+    p.add_argument("--model", default=str(DEFAULT_TOY_MODEL))
     p.add_argument("--config", default=str(QUICKSTART_CONFIG))
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=100")
     p.set_defaults(func=cmd_quickstart)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.pipelines.toy_video import frame_noise
-from mmalign.toy import DEFAULT_VIDEO_ASSET_DIR  # noqa: F401 (re-exported)
-from mmalign.toy.build import DEFAULT_ASSET_DIR, _ema_update, _lr_factor
+from mmalign.toy import DEFAULT_TOY_MODEL, DEFAULT_VIDEO_ASSET_DIR  # noqa: F401 (DEFAULT_VIDEO_ASSET_DIR: re-exported)
+from mmalign.toy.build import _ema_update, _lr_factor
 
 
 @dataclass
@@ -178,7 +178,7 @@ def train_video_unet(
 def toy_video_build(
     out_dir: str | Path = DEFAULT_VIDEO_ASSET_DIR,
     *,
-    base: str | Path = DEFAULT_ASSET_DIR,
+    base: str | Path = DEFAULT_TOY_MODEL,
     log: Callable[[str], None] = print,
     **overrides: Any,
 ) -> Any:

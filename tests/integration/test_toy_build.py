@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.toy.build import DEFAULT_ASSET_DIR, toy_build
+from mmalign.toy import DEFAULT_TOY_MODEL
+from mmalign.toy.build import toy_build
 from mmalign.toy.render import TOY_WORDS
 
 
@@ -55,11 +56,11 @@ def test_build_is_deterministic(smoke_build, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
-@pytest.mark.skipif(not (DEFAULT_ASSET_DIR / "model_index.json").is_file(), reason="toy weights not built")
+@pytest.mark.skipif(not (DEFAULT_TOY_MODEL / "model_index.json").is_file(), reason="toy weights not built")
 def test_shipped_weights_are_small_and_load():
     from mmalign.toy.sample import load_toy_pipeline
 
-    size = sum(p.stat().st_size for p in DEFAULT_ASSET_DIR.rglob("*.safetensors"))
+    size = sum(p.stat().st_size for p in DEFAULT_TOY_MODEL.rglob("*.safetensors"))
     assert size <= 20 * 2**20
     pipe = load_toy_pipeline()
     assert pipe.unet.config.block_out_channels == [64, 128] or pipe.unet.config.block_out_channels == (

@@ -115,32 +115,29 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     assert any("mmalign.losses.sneaky:1" in v and "mmalign.trainers.loop" in v for v in found)
 
 
-def test_importing_the_library_does_not_import_the_toy_world():
+def _modules_after(statements: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules named ``prefixes``... that a fresh interpreter holds after running ``statements``."""
+    import json
     import subprocess
 
     code = (
-        "import sys, mmalign.trainers.loop, mmalign.rewards.score, mmalign.data.structural; "
-        "print(sorted(m for m in sys.modules if m.startswith(('mmalign.toy', 'mmalign.cli', 'mmalign.commands'))))"
+        f"import json, sys; {statements}; "
+        f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_importing_the_library_does_not_import_the_toy_world():
+    imports = "import mmalign.trainers.loop, mmalign.rewards.score, mmalign.data.structural"
+    assert _modules_after(imports, ("mmalign.toy", "mmalign.cli", "mmalign.commands")) == []
 
 
 def test_the_command_line_parser_starts_without_torch():
     """`mmalign --help`, `--version` and a command's `--help` build every command's parser: no torch import (3 s
     here), which waits for the command that needs it."""
-    import subprocess
-
-    code = (
-        "import sys, mmalign.cli; mmalign.cli.build_parser(); "
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "[]"
+    parser = "import mmalign.cli; mmalign.cli.build_parser()"
+    assert _modules_after(parser, ("torch", "diffusers", "transformers")) == []
 
 
 if __name__ == "__main__":  # python tests/unit/test_layers.py: print the violations
