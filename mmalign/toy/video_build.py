@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.pipelines.toy_video import frame_noise
-from mmalign.toy import DEFAULT_TOY_MODEL, DEFAULT_VIDEO_ASSET_DIR  # noqa: F401 (DEFAULT_VIDEO_ASSET_DIR: re-exported)
+from mmalign.toy import DEFAULT_TOY_MODEL, DEFAULT_VIDEO_ASSET_DIR
 from mmalign.toy.build import _ema_update, _lr_factor
 
 
