@@ -1,7 +1,8 @@
 """``mmalign eval``: model A against model B on paired prompts and seeds under a reward suite.
 
 Both models sample one image or clip per (prompt, seed) from the same initial noise; every reward scores both
-(in one call, so a normalised reward puts A and B on one scale). Writes into ``--out``: ``metrics.json`` (win
+as one set (a normalised reward puts A and B on one scale). Each batch is scored as it is sampled and only the
+grid's columns are kept, so memory holds scores, not media. Writes into ``--out``: ``metrics.json`` (win
 rate with a paired-bootstrap 95% interval, mean rewards), ``table.md`` and ``grid.png`` (labelled: prompt per
 column, rows named after B and A, primary score under each tile; videos show their first frame).
 
@@ -24,6 +25,8 @@ from typing import Any
 
 from mmalign.commands.options import one_line_errors
 from mmalign.toy import DEFAULT_TOY_MODEL, QUICKSTART_GUIDANCE, QUICKSTART_STEPS
+
+GRID_COLUMNS = 8  # (prompt, seed) columns shown in grid.png
 
 
 def is_toy_model(model: str) -> bool:
@@ -95,10 +98,13 @@ def evaluate(
         progress: Overall progress bars.
         n_boot: Bootstrap resamples.
     """
+    import torch
+
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
-    from mmalign.pipelines.runtime import load_for_inference, quiet_libraries, sample
-    from mmalign.toy.evaluate import compare_scores, score_pair, write_eval_report
+    from mmalign.pipelines.runtime import iter_samples, load_for_inference, quiet_libraries
+    from mmalign.rewards.score import SetScores
+    from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
 
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
@@ -153,9 +159,18 @@ def evaluate(
     )
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
-    media_a = sample(pipe_a, eval_p, eval_s, desc=f"eval {label_a}", **kwargs)
-    media_b = sample(pipe_b, eval_p, eval_s, desc=f"eval {label_b}", **kwargs)
-    scores = score_pair(built, media_a, media_b, eval_p)
+    # Stream: each batch is scored as it comes and only the grid's first columns are kept, so memory holds
+    # scores, not the whole evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
+    scorer = SetScores(built)
+    shown = []
+    for pipe, label in ((pipe_a, label_a), (pipe_b, label_b)):
+        kept = []
+        for i, media in iter_samples(pipe, eval_p, eval_s, desc=f"eval {label}", **kwargs):
+            scorer.add(media, eval_p[i : i + len(media)])
+            if i < GRID_COLUMNS:
+                kept.append(media[: GRID_COLUMNS - i])
+        shown.append(torch.cat(kept))
+    scores = split_pair(scorer.result(), len(eval_p))
     metrics = compare_scores(scores, n_boot=n_boot)
     metrics.update(
         labels={"a": label_a, "b": label_b},
@@ -163,10 +178,17 @@ def evaluate(
         loras={"a": lora_a, "b": lora_b},
         guidance_scale=guidance,
         steps=steps,
-        kind="video" if media_a.dim() == 5 else "image",
+        kind="video" if shown[0].dim() == 5 else "image",
     )
     write_eval_report(
-        metrics, media_a, media_b, out, label_a=label_a, label_b=label_b, prompts=eval_p, scores=scores
+        metrics,
+        *shown,
+        out,
+        label_a=label_a,
+        label_b=label_b,
+        prompts=eval_p,
+        scores=scores,
+        columns=GRID_COLUMNS,
     )
     return metrics
 

@@ -1,8 +1,10 @@
 """``mmalign generate``: sample images or videos from a pipeline into a folder with a media manifest.
 
 Writes, into ``out``: one file per sample (``00000.png``, or ``00000.mp4`` for a video pipeline) and
-``manifest.jsonl`` (prompt, negative prompt, seed, guidance, steps, model, LoRA, path, kind, group; see
-``mmalign/data/manifest.py``). A contact sheet (first frame of each sample, titled with its prompt) goes *outside*
+``manifest.jsonl`` (prompt, negative prompt, seed, guidance, steps, model, LoRA, path, kind, group, and the other
+settings that shaped the file; see ``mmalign/data/manifest.py``). Files are written batch by batch; an interrupted
+run leaves ``manifest.jsonl.partial``, and rerunning the same command samples only what is missing
+(``--overwrite``: all again). A contact sheet (first frame of each sample, titled with its prompt) goes *outside*
 the media folder, to ``<out>_grid.png`` by default, so ``score``/``label`` never see it as a candidate.
 
 Example::
@@ -14,15 +16,27 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmalign.commands.options import one_line_errors
-from mmalign.data.manifest import MANIFEST_NAME, MediaRecord, PromptSpec, read_prompts, write_manifest
+from mmalign.data.manifest import (
+    MANIFEST_NAME,
+    MediaRecord,
+    PromptSpec,
+    append_manifest,
+    manifest_row,
+    read_prompts,
+    read_rows_lenient,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
+
+SHEET_SIZE = 64  # samples shown in the contact sheet
 
 
 def generate(
@@ -54,8 +68,13 @@ def generate(
     user_shots: str | None = None,
     user: str | None = None,
     user_scale: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Sample ``n_per_prompt`` candidates per prompt (seeds ``seed, seed+1, ...`` in order) and write the manifest.
+
+    Each batch is written as it is sampled (memory holds one batch) and recorded in ``manifest.jsonl.partial``;
+    ``manifest.jsonl`` replaces it once every file is written. A rerun with the same arguments keeps the files
+    that an interrupted (or finished) run already wrote with the same settings and samples only the rest.
 
     Args:
         model: Hub id or local pipeline directory (family detected from its model_index.json).
@@ -85,12 +104,15 @@ def generate(
         user_shots: that person's choices (pair manifest), embedded by the adapter's encoder.
         user: ``USERS.safetensors:ID`` of a known person, or the row filter of ``user_shots``.
         user_scale: strength of the user path (0 = the base model).
+        overwrite: Sample every file again, even those a previous run with the same settings finished.
 
     Returns:
         The manifest path.
     """
+    from mmalign.data.video import video_writer
     from mmalign.pipelines import get_family
-    from mmalign.pipelines.runtime import load_for_inference, sample
+    from mmalign.pipelines.runtime import iter_samples, load_for_inference
+    from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet
 
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(str(p)) for p in prompts]
@@ -105,6 +127,9 @@ def generate(
     pipe, family, _ = load_for_inference(
         model, family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, lora=lora, verbose=verbose
     )
+    is_video = get_family(family).video
+    if is_video:
+        video_writer()  # fail now, not after the sampling
     if negative_lora:
         from mmalign.pipelines.npo import enable_npo_guidance
 
@@ -122,11 +147,55 @@ def generate(
         )
         extra.update(user_pipeline_kwargs(pipe, who, guidance=guidance > 1))
         batch_size = 1  # the embeds are one person's for one prompt; diffusers does not repeat them per batch
-    media = sample(
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {  # what else shapes a file, so a resumed run only keeps files made the same way
+        "height": height,
+        "width": width,
+        "num_frames": num_frames,
+        "fps": fps if is_video else None,
+        "negative_lora": negative_lora,
+        "npo_alpha": npo_alpha if negative_lora else None,
+        "npo_beta": npo_beta if negative_lora else None,
+        "user_adapter": user_adapter if (user_shots or user) else None,
+        "user_shots": user_shots,
+        "user": user,
+        "user_scale": user_scale if (user_shots or user) else None,
+    }
+    records = [
+        MediaRecord(
+            path=str((out / (f"{i:05d}.mp4" if is_video else f"{i:05d}.png")).resolve()),
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            seed=s,
+            guidance=guidance,
+            steps=steps,
+            model=str(model),
+            lora=lora,
+            kind="video" if is_video else "image",
+            group=job.group,
+            extra={k: v for k, v in settings.items() if v is not None},
+        )
+        for i, (job, s) in enumerate(zip(jobs, seeds))
+    ]
+    manifest, partial = out / MANIFEST_NAME, out / f"{MANIFEST_NAME}.partial"
+    done = set() if overwrite else finished_samples(records, [manifest, partial])
+    # The folder holds manifest.jsonl only once every file in it is written; until then the finished rows
+    # are in manifest.jsonl.partial, which a rerun with the same settings resumes from.
+    write_manifest([records[i] for i in sorted(done)], partial)
+    manifest.unlink(missing_ok=True)
+    todo = [i for i in range(len(records)) if i not in done]
+    if done:
+        print(
+            f"generate: {len(done)} of {len(records)} samples already in {out} (same settings); sampling {len(todo)}"
+        )
+    sheet = {i: load_media(records[i].path)[0] for i in sorted(done) if i < SHEET_SIZE}
+    batches = iter_samples(
         pipe,
-        [j.prompt for j in jobs],
-        seeds,
-        negative_prompts=[j.negative_prompt for j in jobs],
+        [jobs[i].prompt for i in todo],
+        [seeds[i] for i in todo],
+        negative_prompts=[jobs[i].negative_prompt for i in todo],
         steps=steps,
         guidance=guidance,
         height=height,
@@ -136,32 +205,45 @@ def generate(
         desc="generate",
         **extra,
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    is_video = media.dim() == 5 or get_family(family).video
-    records = []
-    for i, (job, s) in enumerate(zip(jobs, seeds)):
-        path = out / (f"{i:05d}.mp4" if is_video else f"{i:05d}.png")
-        write_media(path, media[i], fps)
-        records.append(
-            MediaRecord(
-                path=str(path.resolve()),
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                seed=s,
-                guidance=guidance,
-                steps=steps,
-                model=str(model),
-                lora=lora,
-                kind="video" if is_video else "image",
-                group=job.group,
-                extra={"negative_lora": negative_lora} if negative_lora else {},
-            )
-        )
-    manifest = write_manifest(records, out / MANIFEST_NAME)
+    for first, media in batches:
+        batch = todo[first : first + len(media)]
+        for i, m in zip(batch, media):
+            write_media(Path(records[i].path), m, fps)
+            if i < SHEET_SIZE:
+                sheet[i] = m
+        append_manifest([records[i] for i in batch], partial)
+    write_manifest(records, manifest)
+    partial.unlink()
     grid = Path(grid) if grid else out.parent / f"{out.name}_grid.png"
-    contact_sheet(media[:64], [j.prompt for j in jobs[:64]]).save(grid)
+    contact_sheet(
+        first_frames([sheet[i] for i in sorted(sheet)]), [j.prompt for j in jobs[:SHEET_SIZE]]
+    ).save(grid)
     return manifest
+
+
+def finished_samples(records: Sequence[MediaRecord], manifests: Sequence[Path]) -> set[int]:
+    """Indices of ``records`` whose file exists and whose row in one of ``manifests`` is the one this run writes."""
+    wanted = {json.dumps(manifest_row(r, manifests[0]), sort_keys=True): i for i, r in enumerate(records)}
+    done = set()
+    for path in manifests:
+        for row in read_rows_lenient(path):
+            i = wanted.get(json.dumps(row, sort_keys=True))
+            if i is not None and Path(records[i].path).is_file():
+                done.add(i)
+    return done
+
+
+def first_frames(media: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N,3,H,W]: each image, or each clip's first frame, cropped to the smallest size among them.
+
+    Clips read back from mp4 can be a pixel larger than sampled (yuv420p pads odd sides).
+    """
+    import torch
+
+    frames = [m[0] if m.dim() == 4 else m for m in media]
+    h = min(f.shape[-2] for f in frames)
+    w = min(f.shape[-1] for f in frames)
+    return torch.stack([f[..., :h, :w] for f in frames])
 
 
 def write_media(path: Path, media: torch.Tensor, fps: float) -> Path:
@@ -213,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         user_shots=args.user_shots,
         user=args.user,
         user_scale=args.user_scale,
+        overwrite=args.overwrite,
         **runtime_kwargs(args),
     )
     out = Path(args.out)
@@ -258,6 +341,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (video pipelines)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="sample every file again (default: keep those a previous run with the same settings wrote)",
+    )
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of written mp4 files")
     p.add_argument(
         "--out", default="outputs/generate", help="media folder (manifest.jsonl is written inside)"

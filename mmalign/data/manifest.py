@@ -179,19 +179,58 @@ def read_manifest(path: str | Path) -> list[MediaRecord]:
     return records
 
 
-def write_manifest(records: Iterable[MediaRecord], path: str | Path) -> Path:
-    """Write records as JSONL with paths relative to ``path``'s folder, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    base = path.parent.resolve()
+def _manifest_lines(records: Iterable[MediaRecord], base: Path) -> list[str]:
     lines = []
     for rec in records:
         row = rec.to_row()
         p = Path(rec.path)
         row["path"] = Path(os.path.relpath(p.resolve(), base)).as_posix() if p.is_absolute() else p.as_posix()
         lines.append(json.dumps(row) + "\n")
+    return lines
+
+
+def manifest_row(record: MediaRecord, path: str | Path) -> dict[str, Any]:
+    """The JSON object :func:`write_manifest` writes for ``record`` into the manifest at ``path``."""
+    return json.loads(_manifest_lines([record], Path(path).parent.resolve())[0])
+
+
+def write_manifest(records: Iterable[MediaRecord], path: str | Path) -> Path:
+    """Write records as JSONL with paths relative to ``path``'s folder, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = _manifest_lines(records, path.parent.resolve())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.writelines(lines)
     os.replace(tmp, path)
     return path
+
+
+def append_manifest(records: Iterable[MediaRecord], path: str | Path) -> Path:
+    """Append records to a JSONL manifest (paths relative to its folder) and flush them to the OS.
+
+    A crash can leave at most a torn last line, which :func:`read_rows_lenient` skips.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.writelines(_manifest_lines(records, path.parent.resolve()))
+        fh.flush()
+    return path
+
+
+def read_rows_lenient(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON-object rows of a JSONL file, skipping lines that do not parse (a crash's torn last line); [] if absent."""
+    rows = []
+    try:
+        with Path(path).open() as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows

@@ -193,6 +193,19 @@ def read_video(
     return Video(out.contiguous(), out_fps, torch.tensor(idx, dtype=torch.float64) / native_fps)
 
 
+def video_writer():
+    """The PyAV module that :func:`write_video` uses; call it before hours of sampling to fail in a second instead.
+
+    Raises:
+        ImportError: naming the extra to install when PyAV is missing.
+    """
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError("writing videos needs PyAV: pip install 'mmalign[video]'") from err
+    return av
+
+
 def write_video(
     path: str | Path, frames: torch.Tensor, fps: float, *, crf: int = 12, lossless: bool = False
 ) -> Path:
@@ -204,10 +217,7 @@ def write_video(
     0.5). ``lossless=True`` writes RGB exactly (libx264rgb, crf 0; decord and PyAV read it back bit for bit,
     browsers may not play it): use it for clips that will be trained on at small sizes.
     """
-    try:
-        import av
-    except ImportError as err:
-        raise ImportError("writing videos needs PyAV: pip install 'mmalign[video]'") from err
+    av = video_writer()
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"write_video needs frames [T,3,H,W], got {tuple(frames.shape)}")
     if frames.dtype != torch.uint8:

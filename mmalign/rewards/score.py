@@ -29,7 +29,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,54 @@ def _call_reward(
         if is_combined(reward):
             return {"." + k: v for k, v in reward.raw(media, prompts, **kwargs).items()}
         return {"": reward(media, prompts, **kwargs)}
+
+
+class SetScores:
+    """Score a set batch by batch, with the result one call on the whole set would give; holds scores, not media.
+
+    A plain reward scores each item on its own, so each batch is scored as it comes. A hybrid/ensemble keeps its
+    members' raw scores per batch and normalises them once over the whole set in :meth:`result` (within each
+    prompt when its ``normalize_over`` is ``prompt``, over the set otherwise, as its ``__call__`` does).
+
+    Example::
+
+        scores = SetScores(rewards)
+        for i, media in iter_samples(pipe, prompts, seeds, batch_size=8):
+            scores.add(media, prompts[i : i + len(media)])
+        totals = scores.result()  # reward name -> [N] (or [N,S] per-segment) scores
+    """
+
+    def __init__(self, rewards: Mapping[str, Reward]) -> None:
+        if not rewards:
+            raise ValueError("SetScores needs at least one reward")
+        self.rewards = dict(rewards)
+        self.prompts: list[str] = []
+        self._columns: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in self.rewards}
+
+    def add(self, media: torch.Tensor, prompts: Sequence[str], fps: float | None = None) -> None:
+        """Score one batch: media [B,...] in [0, 1] with its B prompts."""
+        if len(media) != len(prompts):
+            raise ValueError(f"SetScores.add: {len(media)} media but {len(prompts)} prompts")
+        for name, reward in self.rewards.items():
+            columns = _call_reward(reward, media, list(prompts), fps)
+            self._columns[name].append({k: v.detach().float().cpu() for k, v in columns.items()})
+        self.prompts.extend(prompts)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Reward name -> scores of every item added, in order: [N], or [N,S] for per-segment scores."""
+        if not self.prompts:
+            raise ValueError("SetScores.result: no media were added")
+        out = {}
+        for name, reward in self.rewards.items():
+            batches = self._columns[name]
+            columns = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+            if is_combined(reward):
+                over_prompt = getattr(reward, "normalize_over", None) == "prompt"
+                raw = {key.removeprefix("."): value for key, value in columns.items()}
+                out[name] = reward.combine(raw, self.prompts if over_prompt else None)["total"]
+            else:
+                out[name] = columns[""]
+        return out
 
 
 def _jsonable(value: torch.Tensor) -> Any:

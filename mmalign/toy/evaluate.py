@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mmalign.rewards.score import SetScores
+
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
@@ -74,11 +76,22 @@ def paired_stats(
 def score_pair(
     rewards: Mapping[str, Reward], images_a: torch.Tensor, images_b: torch.Tensor, prompts: Sequence[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Score A's and B's images [N,...] in one call per reward; returns name -> (scores_a [N], scores_b [N])."""
-    n = len(prompts)
+    """Score A's and B's images [N,...] in one call per reward; returns name -> (scores_a [N], scores_b [N]).
+
+    One call, so even a reward that normalises within its batch measures both sides on one scale.
+    ``mmalign eval`` streams instead (:class:`~mmalign.rewards.score.SetScores`), for batch-invariant rewards.
+    """
+    scores = SetScores(rewards)
+    scores.add(torch.cat([images_a, images_b]), list(prompts) * 2)
+    return split_pair(scores.result(), len(prompts))
+
+
+def split_pair(totals: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Scores of A's n items then B's n -> name -> (scores_a [n], scores_b [n]); a clip's segments averaged."""
     out = {}
-    for name, reward in rewards.items():
-        scores = reward(torch.cat([images_a, images_b]), list(prompts) * 2).float().cpu()
+    for name, scores in totals.items():
+        if len(scores) != 2 * n:
+            raise ValueError(f"{name}: {len(scores)} scores for {n} pairs")
         if scores.dim() > 1:  # per-segment video scores: the clip score is their mean
             scores = scores.mean(dim=tuple(range(1, scores.dim())))
         out[name] = (scores[:n], scores[n:])

@@ -51,3 +51,80 @@ def test_generate_with_and_without_a_trained_lora(tiny_sd15, pair_manifest, tmp_
     )  # the sheet is outside the media
     assert not (tmp_path / "base/grid.png").exists()
     assert not torch.equal(base, tuned)  # same seed, the LoRA changed the sample
+
+
+def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, monkeypatch):
+    """Files are written batch by batch; a rerun samples only what is missing and gives the uninterrupted result."""
+    import json
+
+    import mmalign.commands.generate as generate_cmd
+    import mmalign.pipelines.runtime as runtime
+
+    torch.set_num_threads(1)
+    sampled = []
+    real_iter = runtime.iter_samples
+
+    def counting(pipe, prompts, seeds, **kwargs):
+        for first, media in real_iter(pipe, prompts, seeds, **kwargs):
+            sampled.extend(seeds[first : first + len(media)])
+            yield first, media
+
+    monkeypatch.setattr(runtime, "iter_samples", counting)
+    args = ["generate", "--model", str(tiny_sd15), "--prompt", "a red square", "--prompt", "a blue circle"]
+    args += ["--n", "3", "--steps", "2", "--height", "16", "--width", "16", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = tmp_path / "whole"
+
+    real_write, written = generate_cmd.write_media, []
+
+    def dies_on_the_fourth_file(path, media, fps):
+        if len(written) == 3:
+            raise RuntimeError("killed")
+        written.append(path.name)
+        return real_write(path, media, fps)
+
+    monkeypatch.setattr(generate_cmd, "write_media", dies_on_the_fourth_file)
+    out = tmp_path / "cut"
+    assert main([*args, "--out", str(out)]) == 3  # the crash: a traceback log, exit 3
+    assert not (out / "manifest.jsonl").exists()  # no manifest claims files that were never written
+    assert len((out / "manifest.jsonl.partial").read_text().splitlines()) == 2  # the first whole batch
+
+    monkeypatch.setattr(generate_cmd, "write_media", real_write)
+    sampled.clear()
+    assert main([*args, "--out", str(out)]) == 0
+    assert sampled == [2, 3, 4, 5]  # seeds 0 and 1 were kept
+    assert not (out / "manifest.jsonl.partial").exists()
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) for line in (whole / "manifest.jsonl").read_text().splitlines()]
+    assert (
+        rows[0]["height"] == 16 and rows[0]["width"] == 16
+    )  # the settings that shaped the file are recorded
+    for row in rows:
+        assert (out / row["path"]).read_bytes() == (whole / row["path"]).read_bytes()
+
+    sampled.clear()
+    assert main([*args, "--out", str(out)]) == 0 and sampled == []  # finished: nothing to sample
+    assert main([*args, "--guidance", "3", "--out", str(out)]) == 0 and sampled == [0, 1, 2, 3, 4, 5]
+    sampled.clear()
+    assert main([*args, "--guidance", "3", "--overwrite", "--out", str(out)]) == 0 and len(sampled) == 6
+
+
+def test_generate_without_a_video_writer_fails_before_sampling(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import mmalign.data.video as video
+    import mmalign.pipelines.runtime as runtime
+
+    def no_pyav():
+        raise ImportError("writing videos needs PyAV: pip install 'mmalign[video]'")
+
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("sampled before checking the writer")
+
+    monkeypatch.setattr(video, "video_writer", no_pyav)
+    monkeypatch.setattr(runtime, "iter_samples", must_not_sample)
+    toy_video = Path(__file__).resolve().parents[2] / "mmalign" / "toy" / "assets" / "toy-video"
+    code = main(
+        ["generate", "--model", str(toy_video), "--prompt", "a red circle", "--out", str(tmp_path / "v")]
+    )
+    assert code == 2 and "writing videos needs PyAV: pip install 'mmalign[video]'" in capsys.readouterr().err

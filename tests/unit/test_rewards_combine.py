@@ -144,3 +144,40 @@ def test_hybrid_broadcasts_per_segment_members():
         ]
     )
     assert torch.equal(r(MEDIA[:2], PROMPTS[:2]), torch.tensor([[11.0, 12.0], [23.0, 24.0]]))
+
+
+@pytest.mark.parametrize("over", ["prompt", "set", None])
+def test_set_scores_batch_by_batch_equal_one_call_on_the_whole_set(over):
+    """What ``mmalign eval`` relies on to stream: hybrids and ensembles normalise once over everything added."""
+    from mmalign.rewards.score import SetScores
+
+    rewards = {
+        "hybrid": hybrid(
+            [{"name": "brightness"}, {"name": "color_match", "gate": 0.5, "normalizer": "rank"}],
+            normalize_over=over,
+        ),
+        "ensemble": ensemble(["brightness", "contrast"], normalize_over=over),
+        "contrast": lambda media, prompts: media.std(dim=(1, 2, 3)),
+    }
+    media = torch.rand(7, 3, 8, 8)
+    prompts = [
+        "a red circle",
+        "a blue square",
+        "a red circle",
+        "a circle",
+        "a blue square",
+        "a red circle",
+        "x",
+    ]
+    scores = SetScores(rewards)
+    for i in range(0, 7, 3):  # batches of 3, 3, 1: a prompt's items fall in different batches
+        scores.add(media[i : i + 3], prompts[i : i + 3])
+    streamed = scores.result()
+    for name, reward in rewards.items():
+        whole = reward(media, prompts)
+        assert torch.allclose(streamed[name], whole, atol=1e-6), name
+    assert not torch.allclose(
+        rewards["hybrid"](media[:3], prompts[:3]), streamed["hybrid"][:3]
+    )  # normalising per batch would have given other numbers
+    with pytest.raises(ValueError, match="2 media but 1 prompts"):
+        scores.add(media[:2], prompts[:1])
