@@ -19,18 +19,16 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmalign.commands.options import one_line_errors
 from mmalign.data.manifest import (
     MANIFEST_NAME,
     MediaRecord,
     PromptSpec,
-    append_manifest,
+    ResumableRows,
     manifest_row,
     read_prompts,
-    read_rows_lenient,
-    write_manifest,
 )
 
 if TYPE_CHECKING:
@@ -179,12 +177,10 @@ def generate(
         )
         for i, (job, s) in enumerate(zip(jobs, seeds))
     ]
-    manifest, partial = out / MANIFEST_NAME, out / f"{MANIFEST_NAME}.partial"
-    done = set() if overwrite else finished_samples(records, [manifest, partial])
-    # The folder holds manifest.jsonl only once every file in it is written; until then the finished rows
-    # are in manifest.jsonl.partial, which a rerun with the same settings resumes from.
-    write_manifest([records[i] for i in sorted(done)], partial)
-    manifest.unlink(missing_ok=True)
+    manifest = ResumableRows(out / MANIFEST_NAME, resume=not overwrite)
+    rows = [manifest_row(r, manifest.path) for r in records]
+    done = finished_samples(records, rows, manifest.previous)
+    manifest.start([rows[i] for i in sorted(done)])
     todo = [i for i in range(len(records)) if i not in done]
     if done:
         print(
@@ -211,26 +207,22 @@ def generate(
             write_media(Path(records[i].path), m, fps)
             if i < SHEET_SIZE:
                 sheet[i] = m
-        append_manifest([records[i] for i in batch], partial)
-    write_manifest(records, manifest)
-    partial.unlink()
+        manifest.append([rows[i] for i in batch])
+    manifest.finish(rows)
     grid = Path(grid) if grid else out.parent / f"{out.name}_grid.png"
     contact_sheet(
         first_frames([sheet[i] for i in sorted(sheet)]), [j.prompt for j in jobs[:SHEET_SIZE]]
     ).save(grid)
-    return manifest
+    return manifest.path
 
 
-def finished_samples(records: Sequence[MediaRecord], manifests: Sequence[Path]) -> set[int]:
-    """Indices of ``records`` whose file exists and whose row in one of ``manifests`` is the one this run writes."""
-    wanted = {json.dumps(manifest_row(r, manifests[0]), sort_keys=True): i for i, r in enumerate(records)}
-    done = set()
-    for path in manifests:
-        for row in read_rows_lenient(path):
-            i = wanted.get(json.dumps(row, sort_keys=True))
-            if i is not None and Path(records[i].path).is_file():
-                done.add(i)
-    return done
+def finished_samples(
+    records: Sequence[MediaRecord], rows: Sequence[dict[str, Any]], previous: Sequence[dict[str, Any]]
+) -> set[int]:
+    """Indices of ``records`` whose file exists and whose manifest row ``rows[i]`` an earlier run wrote."""
+    wanted = {json.dumps(row, sort_keys=True): i for i, row in enumerate(rows)}
+    found = (wanted.get(json.dumps(row, sort_keys=True)) for row in previous)
+    return {i for i in found if i is not None and Path(records[i].path).is_file()}
 
 
 def first_frames(media: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -4,16 +4,18 @@ by a reward (:mod:`mmalign.data.structural`)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mmalign.commands.options import add_runtime_args
+
+VIDEO_KEYS = ("video", "path", "media", "file")  # a clip's column; `path` is what `mmalign generate` writes
 
 
 def cmd_label_video(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from mmalign.data.images import DataError
+    from mmalign.data.manifest import ResumableRows, read_rows
     from mmalign.data.segments import clip_label, fit_frames
     from mmalign.data.structural import reward_segment_labels, structural_pairs
     from mmalign.data.video import read_video, write_video
@@ -28,15 +30,12 @@ def cmd_label_video(args: argparse.Namespace) -> int:
     if not src.is_file():
         raise DataError(f"--videos {src}: file not found")
     rows = []
-    for i, line in enumerate(src.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{src}:{i}: not valid JSON: {err}") from None
-            if not isinstance(row, dict) or "prompt" not in row or "video" not in row:
-                raise DataError(f"{src}:{i}: a row needs prompt and video")
-            rows.append((f"{src}:{i}", row))
+    for where, row in read_rows(src):
+        key = next((k for k in VIDEO_KEYS if row.get(k)), None)
+        if not str(row.get("prompt") or "").strip() or key is None:
+            raise DataError(f"{where}: a row needs a prompt and a video (one of {', '.join(VIDEO_KEYS)})")
+        path = Path(str(row[key]))
+        rows.append((where, str(row["prompt"]), path if path.is_absolute() else src.parent / path))
     try:
         reward_kwargs = parse_key_values(args.reward_arg, flag="--reward-arg")
     except ValueError as err:
@@ -58,11 +57,41 @@ def cmd_label_video(args: argparse.Namespace) -> int:
     height, width = args.height or args.resolution, args.width or args.resolution
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (where, row) in enumerate(
-        tqdm(rows, desc="StructuralDPO pairs", unit="clip", disable=args.no_progress)
-    ):
-        path = Path(row["video"]) if Path(row["video"]).is_absolute() else src.parent / row["video"]
+    settings = {  # what shapes a pair besides its clip and seed, so a resumed run keeps only pairs made the same way
+        "model": str(args.model),
+        "reward": args.reward or ("vlm_judge" if args.judge else "toy_flicker"),
+        "reward_args": list(args.reward_arg),
+        "judge": args.judge,
+        "margin": args.margin,
+        "eta_range": [args.eta_min, args.eta_max],
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "fps": args.fps,
+        "num_frames": args.num_frames,
+        "size": [height, width],
+        "lossless": args.lossless,
+    }
+    pairs = ResumableRows(out / "pairs.jsonl", resume=not args.overwrite)
+    done = {}
+    for row in pairs.previous:
+        i = row.get("index")
+        if (
+            isinstance(i, int)
+            and 0 <= i < len(rows)
+            and row.get("source") == str(rows[i][2])
+            and row.get("prompt") == rows[i][1]
+            and row.get("seed") == args.seed + i
+            and row.get("settings") == settings
+            and all((out / str(row.get(k))).is_file() for k in ("video_0", "video_1"))
+        ):
+            done[i] = row
+    pairs.start(done[i] for i in sorted(done))
+    if done:
+        print(f"label-video: {len(done)} of {len(rows)} pairs already in {out} (same settings)")
+    lines = dict(done)
+    todo = [i for i in range(len(rows)) if i not in done]
+    for i in tqdm(todo, desc="StructuralDPO pairs", unit="clip", disable=args.no_progress):
+        where, prompt, path = rows[i]
         try:
             clip = read_video(path, fps=args.fps, num_frames=args.num_frames)
         except DataError as err:
@@ -72,7 +101,7 @@ def cmd_label_video(args: argparse.Namespace) -> int:
             adapter,
             pipe,
             frames,
-            [row["prompt"]],
+            [prompt],
             seed=args.seed + i,
             eta_range=(args.eta_min, args.eta_max),
             steps=args.steps,
@@ -84,7 +113,7 @@ def cmd_label_video(args: argparse.Namespace) -> int:
                 reward.compare_segments(
                     v0,
                     v1,
-                    [row["prompt"]],
+                    [prompt],
                     segment_frames=max(1, round(clip.fps * args.segment_seconds)),
                     fps=clip.fps,
                 )[0]
@@ -96,7 +125,7 @@ def cmd_label_video(args: argparse.Namespace) -> int:
                 reward,
                 v0,
                 v1,
-                [row["prompt"]],
+                [prompt],
                 fps=clip.fps,
                 segment_seconds=args.segment_seconds,
                 margin=args.margin,
@@ -104,21 +133,23 @@ def cmd_label_video(args: argparse.Namespace) -> int:
         names = [f"{i:06d}_0.mp4", f"{i:06d}_1.mp4"]
         write_video(out / names[0], v0[0], clip.fps, lossless=args.lossless)
         write_video(out / names[1], v1[0], clip.fps, lossless=args.lossless)
-        lines.append(
-            {
-                "prompt": row["prompt"],
-                "video_0": names[0],
-                "video_1": names[1],
-                "labels": labels,
-                "label": clip_label(labels),
-                "segment_seconds": args.segment_seconds,
-                "eta": etas[0],
-                "seeds": [(args.seed + i) * 1000, (args.seed + i) * 1000 + 1],
-                "source": str(path),
-            }
-        )
-    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    print(f"wrote {len(lines)} StructuralDPO pairs with segment labels to {out / 'pairs.jsonl'}")
+        lines[i] = {
+            "prompt": prompt,
+            "video_0": names[0],
+            "video_1": names[1],
+            "labels": labels,
+            "label": clip_label(labels),
+            "segment_seconds": args.segment_seconds,
+            "eta": etas[0],
+            "seeds": [(args.seed + i) * 1000, (args.seed + i) * 1000 + 1],
+            "source": str(path),
+            "index": i,
+            "seed": args.seed + i,
+            "settings": settings,
+        }
+        pairs.append([lines[i]])
+    pairs.finish(lines[i] for i in range(len(rows)))
+    print(f"wrote {len(rows)} StructuralDPO pairs with segment labels to {out / 'pairs.jsonl'}")
     return 0
 
 
@@ -129,7 +160,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--structural", action="store_true", help="make StructuralDPO pairs (the only mode so far)"
     )
-    p.add_argument("--videos", required=True, help="JSONL of ground-truth clips: {prompt, video}")
+    p.add_argument(
+        "--videos",
+        required=True,
+        help="JSONL or CSV of ground-truth clips: {prompt, video} (or a `generate` manifest: {prompt, path})",
+    )
     p.add_argument("--model", required=True, help="video pipeline (hub id or local directory)")
     p.add_argument("--family", default="auto")
     p.add_argument("--out", required=True, help="folder for the pair clips and pairs.jsonl")
@@ -168,5 +203,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="make every pair again (default: keep those a previous run with the same settings wrote)",
+    )
     add_runtime_args(p, batch_size=1)
     p.set_defaults(func=cmd_label_video)

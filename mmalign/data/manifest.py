@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.data.images import DataError
+from mmalign.data.index_file import write_atomic
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -86,7 +87,7 @@ class PromptSpec:
     group: str = ""
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) for every row of a JSONL or CSV file; bad JSON names its line."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as fh:
@@ -119,7 +120,7 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
         specs = [PromptSpec(line.strip()) for line in path.read_text().splitlines() if line.strip()]
     else:
         specs, seen = [], set()
-        for where, row in _read_rows(path):
+        for where, row in read_rows(path):
             prompt = row.get("prompt", row.get("caption"))
             if prompt is None or str(prompt).strip() == "":
                 raise DataError(f"{where}: no 'prompt' (or 'caption'); keys are {sorted(row)}")
@@ -145,7 +146,7 @@ def find_manifest(source: str | Path) -> Path | None:
 
 def is_media_manifest(path: str | Path) -> bool:
     """True when the first row has ``path`` and ``prompt`` (a pair manifest has chosen/rejected instead)."""
-    rows = _read_rows(Path(path))
+    rows = read_rows(Path(path))
     return bool(rows) and "path" in rows[0][1] and "prompt" in rows[0][1]
 
 
@@ -161,7 +162,7 @@ def read_manifest(path: str | Path) -> list[MediaRecord]:
         raise DataError(f"{source}: no media manifest ({MANIFEST_NAME}); `mmalign generate` writes one")
     base = found.parent
     records = []
-    for where, row in _read_rows(found):
+    for where, row in read_rows(found):
         if not row.get("path"):
             raise DataError(f"{where}: missing 'path'")
         if "prompt" not in row or row["prompt"] is None:
@@ -206,17 +207,50 @@ def write_manifest(records: Iterable[MediaRecord], path: str | Path) -> Path:
     return path
 
 
-def append_manifest(records: Iterable[MediaRecord], path: str | Path) -> Path:
-    """Append records to a JSONL manifest (paths relative to its folder) and flush them to the OS.
+class ResumableRows:
+    """A JSONL file that a long command fills row by row, so a rerun after an interruption redoes only the rest.
 
-    A crash can leave at most a torn last line, which :func:`read_rows_lenient` skips.
+    Finished rows are appended to ``<path>.partial`` as they come; :meth:`finish` writes ``<path>`` atomically and
+    removes the partial, so ``<path>`` exists only once the whole job is done and no reader takes a half-done
+    folder for a finished one. ``previous`` holds an earlier run's rows (its finished file, then its partial; a
+    torn last line is skipped) for the command to decide which it can keep.
+
+    Example::
+
+        rows = ResumableRows(out / "pairs.jsonl")
+        kept = [r for r in rows.previous if made_the_same_way(r)]
+        rows.start(kept)
+        for job in jobs_not_in(kept):
+            rows.append([do(job)])
+        rows.finish(kept + new_rows)
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.writelines(_manifest_lines(records, path.parent.resolve()))
-        fh.flush()
-    return path
+
+    def __init__(self, path: str | Path, *, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(f"{self.path.name}.partial")
+        self.previous = read_rows_lenient(self.path) + read_rows_lenient(self.partial) if resume else []
+
+    def start(self, kept: Iterable[dict[str, Any]] = ()) -> None:
+        """Begin with ``kept`` rows of the previous run; ``path`` is removed until :meth:`finish`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.partial, _jsonl(kept))
+        self.path.unlink(missing_ok=True)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Record finished rows (flushed to the OS; a crash can tear at most the last line)."""
+        with self.partial.open("a") as fh:
+            fh.write(_jsonl(rows))
+            fh.flush()
+
+    def finish(self, rows: Iterable[dict[str, Any]]) -> Path:
+        """Write the complete file atomically (in the order given) and drop the partial one."""
+        write_atomic(self.path, _jsonl(rows))
+        self.partial.unlink(missing_ok=True)
+        return self.path
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def read_rows_lenient(path: str | Path) -> list[dict[str, Any]]:

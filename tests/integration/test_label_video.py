@@ -104,7 +104,56 @@ def test_bad_input_is_one_line(clips, tmp_path, capsys):
             str(tmp_path / "o"),
         ]
     )
-    assert code == 2 and "bad.jsonl:1: a row needs prompt and video" in capsys.readouterr().err
+    assert (
+        code == 2
+        and "bad.jsonl:1: a row needs a prompt and a video (one of video, path, media, file)"
+        in capsys.readouterr().err
+    )
     assert run(clips, tmp_path / "o2", "--judge", "--reward", "toy_flicker") == 2
     assert "pairwise judge" in capsys.readouterr().err
     assert run(clips, tmp_path / "o3", "--reward-arg", "oops") == 2
+
+
+def test_an_interrupted_run_resumes_and_a_generate_manifest_is_read(clips, tmp_path, monkeypatch):
+    """Pairs are recorded as they finish; a rerun makes only the missing ones and ends with the whole file."""
+    import mmalign.data.structural as structural
+    import mmalign.data.video as video
+
+    (clips / "generated.jsonl").write_text(  # `mmalign generate` writes the clip under `path`
+        "".join(
+            json.dumps({"path": f"gt{i}.mp4", "prompt": p, "seed": i, "kind": "video"}) + "\n"
+            for i, p in enumerate(["a red circle moving", "a blue square moving"])
+        )
+    )
+    assert run(clips, tmp_path / "whole") == 0
+    made, real_pairs, real_write = [], structural.structural_pairs, video.write_video
+
+    def counting(adapter, pipe, frames, prompts, **kwargs):
+        made.append(prompts[0])
+        return real_pairs(adapter, pipe, frames, prompts, **kwargs)
+
+    def dies_on_the_third_clip(path, *args, **kwargs):
+        if path.name.startswith("000001_0"):
+            raise RuntimeError("killed")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(structural, "structural_pairs", counting)
+    monkeypatch.setattr(video, "write_video", dies_on_the_third_clip)
+    generated = ["--videos", str(clips / "generated.jsonl")]
+    assert run(clips, tmp_path / "cut", *generated) == 3  # the crash: a traceback log, exit 3
+    assert not (tmp_path / "cut/pairs.jsonl").exists()  # only the finished pair, in the partial file
+    assert len((tmp_path / "cut/pairs.jsonl.partial").read_text().splitlines()) == 1
+
+    monkeypatch.setattr(video, "write_video", real_write)
+    made.clear()
+    assert run(clips, tmp_path / "cut", *generated) == 0
+    assert made == ["a blue square moving"] and not (tmp_path / "cut/pairs.jsonl.partial").exists()
+    rows = [json.loads(line) for line in (tmp_path / "cut/pairs.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (tmp_path / "whole/pairs.jsonl").read_text().splitlines()]
+    assert [(r["labels"], r["eta"], r["seeds"], r["settings"]) for r in rows] == [
+        (r["labels"], r["eta"], r["seeds"], r["settings"]) for r in whole
+    ]
+    made.clear()
+    assert (
+        run(clips, tmp_path / "cut", *generated, "--steps", "3") == 0 and len(made) == 2
+    )  # settings changed
