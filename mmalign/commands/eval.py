@@ -19,6 +19,7 @@ The family of each model is read from its ``model_index.json`` (local directory 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def evaluate(
 
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
-    from mmalign.pipelines.runtime import iter_samples, load_for_inference, quiet_libraries
+    from mmalign.pipelines.runtime import iter_samples, load_for_inference, lora_disabled, quiet_libraries
     from mmalign.rewards.score import SetScores
     from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
@@ -142,13 +143,15 @@ def evaluate(
     first = EVAL_SEED_BASE if seed is None else seed
     eval_s = [first + i for i in range(len(eval_p))]
     runtime = dict(family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, verbose=verbose)
-    pipe_b, _, _ = load_for_inference(model_b or model_a, lora=lora_b, **runtime)
+    # A LoRA against its own base: one pipeline, the LoRA switched off for B (one copy of the model in memory).
+    share = lora_a is not None and lora_b is None and model_b in (None, model_a) and not negative_lora_a
+    pipe_b, _, _ = load_for_inference(model_b or model_a, lora=lora_a if share else lora_b, **runtime)
     if negative_lora_a:  # NPO guidance on (A) vs off (B): A shares B's weights, only its CFG branch differs
         from mmalign.pipelines.npo import npo_guided_pipeline
 
         pipe_a = npo_guided_pipeline(pipe_b, negative_lora_a, alpha=npo_alpha, beta=npo_beta)
         label_a = label_a or f"NPO-guided ({Path(negative_lora_a).name})"
-    elif lora_a is None and lora_b is None and (model_b is None or model_b == model_a):
+    elif share or (lora_a is None and lora_b is None and model_b in (None, model_a)):
         pipe_a = pipe_b
     else:
         pipe_a, _, _ = load_for_inference(model_a, lora=lora_a, **runtime)
@@ -163,12 +166,17 @@ def evaluate(
     # scores, not the whole evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
     scorer = SetScores(built)
     shown = []
-    for pipe, label in ((pipe_a, label_a), (pipe_b, label_b)):
+    sides = (
+        (pipe_a, label_a, contextlib.nullcontext),
+        (pipe_b, label_b, lora_disabled if share else contextlib.nullcontext),
+    )
+    for pipe, label, switch in sides:
         kept = []
-        for i, media in iter_samples(pipe, eval_p, eval_s, desc=f"eval {label}", **kwargs):
-            scorer.add(media, eval_p[i : i + len(media)])
-            if i < GRID_COLUMNS:
-                kept.append(media[: GRID_COLUMNS - i])
+        with switch(pipe):
+            for i, media in iter_samples(pipe, eval_p, eval_s, desc=f"eval {label}", **kwargs):
+                scorer.add(media, eval_p[i : i + len(media)])
+                if i < GRID_COLUMNS:
+                    kept.append(media[: GRID_COLUMNS - i])
         shown.append(torch.cat(kept))
     scores = split_pair(scorer.result(), len(eval_p))
     metrics = compare_scores(scores, n_boot=n_boot)

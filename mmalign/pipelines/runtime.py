@@ -8,6 +8,7 @@ GPU only while it runs).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -81,6 +82,19 @@ def load_for_inference(
     place_pipeline(pipe, dev, cpu_offload=cpu_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, dev
+
+
+@contextlib.contextmanager
+def lora_disabled(pipe: Any) -> Iterator[Any]:
+    """The pipeline's loaded LoRA switched off inside the block (diffusers' ``disable_lora``/``enable_lora``).
+
+    The base model's outputs without loading a second copy of it (peft runs only the base layers).
+    """
+    pipe.disable_lora()
+    try:
+        yield pipe
+    finally:
+        pipe.enable_lora()
 
 
 class quiet_libraries:

@@ -151,8 +151,25 @@ def test_image_chain_from_outside_the_repo(tmp_path, monkeypatch, capsys):
         )
         == 0
     )
-    check_eval_report(Path("eval"), 32, "tuned", "base")
+    shared = check_eval_report(Path("eval"), 32, "tuned", "base")
     assert "| toy_color_mean (primary) |" in capsys.readouterr().out
+    # eval loads one pipeline and switches the LoRA off for the base; two separate pipelines agree exactly
+    from mmalign.commands.eval import evaluate
+
+    separate = evaluate(
+        str(TOY / "toy-sd"),
+        model_b=str(TOY / "toy-sd") + "/",  # another name for the same model: loaded on its own
+        lora_a="run/final",
+        prompts="prompts.txt",
+        rewards=["toy_color_mean", "toy_defect"],
+        seeds_per_prompt=1,
+        steps=2,
+        out="eval-separate",
+        progress=False,
+    )
+    assert separate["mean_reward_a"] == shared["mean_reward_a"]
+    assert separate["mean_reward_b"] == shared["mean_reward_b"]
+    assert shared["mean_reward_a"] != shared["mean_reward_b"]  # and the LoRA did change the samples
 
 
 def test_video_chain_from_outside_the_repo(tmp_path, monkeypatch):
