@@ -56,6 +56,7 @@ def evaluate(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
+    fps: float | None = None,
     label_a: str | None = None,
     label_b: str | None = None,
     out: str | Path = "outputs/eval",
@@ -88,6 +89,8 @@ def evaluate(
         height: Pixel height (None: pipeline default).
         width: Pixel width (None: pipeline default).
         num_frames: Frames per clip for video pipelines.
+        fps: Frame rate of the clips, given to rewards that need it (per-second segments, duration; None: the
+            family's, e.g. Wan 16, CogVideoX 8).
         label_a: Row name of A (default ``tuned`` with a LoRA, else the model name).
         label_b: Row name of B (default ``base``).
         out: Report directory.
@@ -103,6 +106,7 @@ def evaluate(
 
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
+    from mmalign.pipelines import clip_fps
     from mmalign.pipelines.runtime import iter_samples, load_for_inference, lora_disabled, quiet_libraries
     from mmalign.rewards.score import SetScores
     from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
@@ -145,7 +149,7 @@ def evaluate(
     runtime = dict(family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, verbose=verbose)
     # A LoRA against its own base: one pipeline, the LoRA switched off for B (one copy of the model in memory).
     share = lora_a is not None and lora_b is None and model_b in (None, model_a) and not negative_lora_a
-    pipe_b, _, _ = load_for_inference(model_b or model_a, lora=lora_a if share else lora_b, **runtime)
+    pipe_b, family_b, _ = load_for_inference(model_b or model_a, lora=lora_a if share else lora_b, **runtime)
     if negative_lora_a:  # NPO guidance on (A) vs off (B): A shares B's weights, only its CFG branch differs
         from mmalign.pipelines.npo import npo_guided_pipeline
 
@@ -162,6 +166,7 @@ def evaluate(
     )
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
+    fps = clip_fps(family_b, fps)
     # Stream: each batch is scored as it comes and only the grid's first columns are kept, so memory holds
     # scores, not the whole evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
     scorer = SetScores(built)
@@ -174,7 +179,7 @@ def evaluate(
         kept = []
         with switch(pipe):
             for i, media in iter_samples(pipe, eval_p, eval_s, desc=f"eval {label}", **kwargs):
-                scorer.add(media, eval_p[i : i + len(media)])
+                scorer.add(media, eval_p[i : i + len(media)], fps=fps if media.dim() == 5 else None)
                 if i < GRID_COLUMNS:
                     kept.append(media[: GRID_COLUMNS - i])
         shown.append(torch.cat(kept))
@@ -187,6 +192,7 @@ def evaluate(
         guidance_scale=guidance,
         steps=steps,
         kind="video" if shown[0].dim() == 5 else "image",
+        **({"fps": fps} if shown[0].dim() == 5 else {}),
     )
     write_eval_report(
         metrics,
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         height=height,
         width=width,
         num_frames=args.num_frames,
+        fps=args.fps,
         label_a=args.label_a,
         label_b=args.label_b,
         out=args.out,
@@ -284,6 +291,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pixel width (default: the pipeline's)")
     p.add_argument("--size", type=int, default=None, help="square size, shorthand for --height/--width")
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (video pipelines)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="clip frame rate for rewards with per-second segments or durations (default: the family's: Wan 16, "
+        "CogVideoX 8)",
+    )
     p.add_argument("--out", default="outputs/eval", help="report directory")
     add_runtime_args(p, batch_size=8)
     p.set_defaults(func=run)

@@ -49,7 +49,7 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
-    fps: float = 8.0,
+    fps: float | None = None,
     family: str = "auto",
     lora: str | None = None,
     negative_lora: str | None = None,
@@ -85,7 +85,7 @@ def generate(
         height: Pixel height (None: the pipeline's default).
         width: Pixel width (None: the pipeline's default).
         num_frames: Frames per clip for video pipelines (None: the pipeline's default).
-        fps: Frame rate of written mp4 files.
+        fps: Frame rate of written mp4 files (None: the family's, e.g. Wan 16, CogVideoX 8).
         family: Pipeline family or ``auto``.
         lora: LoRA directory (``mmalign train``'s ``final/``).
         negative_lora: Negative LoRA for NPO guidance.
@@ -108,7 +108,7 @@ def generate(
         The manifest path.
     """
     from mmalign.data.video import video_writer
-    from mmalign.pipelines import get_family
+    from mmalign.pipelines import clip_fps, get_family
     from mmalign.pipelines.runtime import iter_samples, load_for_inference
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet
@@ -126,6 +126,7 @@ def generate(
         model, family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, lora=lora, verbose=verbose
     )
     is_video = get_family(family).video
+    fps = clip_fps(family, fps)
     if is_video:
         video_writer()  # fail now, not after the sampling
     if negative_lora:
@@ -338,7 +339,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="sample every file again (default: keep those a previous run with the same settings wrote)",
     )
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of written mp4 files")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of written mp4 files (default: the family's: Wan 16, CogVideoX 8, others 8)",
+    )
     p.add_argument(
         "--out", default="outputs/generate", help="media folder (manifest.jsonl is written inside)"
     )

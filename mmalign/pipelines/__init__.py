@@ -37,12 +37,15 @@ class Family:
         adapter: the adapter class; called with the loaded pipeline.
         noise_process: "ddpm" or "flow", known before any weight is loaded (config validation uses it).
         video: whether the adapter is a :class:`VideoAdapter`.
+        fps: the frame rate a video family's clips are made to play at (Wan 2.1: 16, CogVideoX: 8): what
+            ``generate`` writes into mp4 files and ``eval`` gives to rewards when ``--fps`` is not set.
     """
 
     pipeline_class: str | type
     adapter: type
     noise_process: NoiseProcess
     video: bool = False
+    fps: float | None = None
 
     @property
     def pipeline_class_name(self) -> str:
@@ -52,9 +55,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
-    "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True),
-    "wan": Family("WanPipeline", WanAdapter, "flow", video=True),
-    "toy_video": Family("AnimateDiffPipeline", ToyVideoAdapter, "ddpm", video=True),
+    "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
+    "wan": Family("WanPipeline", WanAdapter, "flow", video=True, fps=16.0),
+    "toy_video": Family("AnimateDiffPipeline", ToyVideoAdapter, "ddpm", video=True, fps=8.0),
 }
 
 
@@ -111,6 +114,14 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"model.family={name!r} is unknown; choose from {sorted(FAMILIES)} or auto")
     return FAMILIES[name]
+
+
+DEFAULT_FPS = 8.0
+
+
+def clip_fps(family: str, fps: float | None = None) -> float:
+    """``fps`` when given, else the family's own frame rate (:attr:`Family.fps`), else 8."""
+    return float(fps or get_family(family).fps or DEFAULT_FPS)
 
 
 def load_pipeline(

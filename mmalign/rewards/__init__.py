@@ -118,15 +118,15 @@ def list_rewards() -> list[str]:
 def describe_rewards() -> list[tuple[str, str]]:
     """(name, one-line description) for every registered reward.
 
-    Descriptions come from the factory docstring's first line; factory modules are imported to read them
+    Descriptions come from the factory docstring's first paragraph; factory modules are imported to read them
     (their heavy dependencies are not).
     """
     rows = []
     registry = all_rewards()
     for name in sorted(registry):
         try:
-            doc = (_resolve(registry[name]).__doc__ or "").strip().splitlines()
-            desc = doc[0] if doc else ""
+            doc = (_resolve(registry[name]).__doc__ or "").strip()
+            desc = " ".join(doc.split("\n\n")[0].split())  # the summary, even when it wraps
         except (ValueError, ImportError) as e:  # a plugin whose module is missing still gets listed
             desc = f"(unavailable: {e})"
         rows.append((name, desc))

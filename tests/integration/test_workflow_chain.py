@@ -15,6 +15,7 @@ from mmalign.data.manifest import read_manifest
 from mmalign.rewards.score import read_table
 
 TOY = Path(__file__).resolve().parents[2] / "mmalign" / "toy" / "assets"
+CONFIGS = Path(__file__).resolve().parents[2] / "mmalign" / "configs"
 
 
 def check_pairs_share_prompts(pairs_file: Path, manifest: Path) -> list[dict]:
@@ -248,6 +249,8 @@ def test_video_chain_from_outside_the_repo(tmp_path, monkeypatch):
                 "8",
                 "--reward",
                 "toy_color_mean",
+                "--reward",
+                str(CONFIGS / "rewards" / "video_rules.yaml"),  # per-second segments: needs the clips' fps
                 "--label-b",
                 "base",
                 "--label-a",
@@ -262,3 +265,6 @@ def test_video_chain_from_outside_the_repo(tmp_path, monkeypatch):
     assert (
         metrics["kind"] == "video" and metrics["win_rate"] == 0.5
     )  # the same model on the same seeds: all ties
+    assert metrics["fps"] == 8.0 and {"flicker", "duration"} <= set(
+        metrics["rewards"]
+    )  # the toy family's fps
