@@ -469,6 +469,11 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
         f"{sum(p.numel() for p in run.params):,} trainable params "
         f"({trains_what(cfg, run.method)}), global batch {run.global_batch}, lr {run.lr:.3g}"
     )
+    if len(run.data.dataset) < run.global_batch:
+        accelerator.print(
+            f"note: {len(run.data.dataset)} items are fewer than one global batch ({run.global_batch}), so each "
+            "step sees items more than once; lower train.gradient_accumulation_steps or add data"
+        )
     if accelerator.is_main_process and t_cfg.report_to != "none":
         accelerator.init_trackers(
             "mmalign",
@@ -677,10 +682,18 @@ def _finish(
 
 
 def _check_output_dir(t_cfg: Any, out: Path) -> None:
-    """Runs never mix: a non-empty output_dir needs train.resume (continue) or train.overwrite (a new run)."""
+    """Runs never mix: an output_dir holding a run needs train.resume (continue) or train.overwrite (a new run)."""
     if t_cfg.resume and t_cfg.resume != "latest" and not (Path(t_cfg.resume) / STATE_FILE).is_file():
         raise TrainingError(f"train.resume={t_cfg.resume}: not a checkpoint directory (no {STATE_FILE})")
-    if not t_cfg.resume and not t_cfg.overwrite and out.is_dir() and any(out.iterdir()):
+    # What a run writes before it loads anything: a run that failed there (bad data, a missing model) left
+    # nothing to lose, so fixing the input and running the same command again just works.
+    unstarted = {RUN_FILE, "config.yaml"}
+    if (
+        not t_cfg.resume
+        and not t_cfg.overwrite
+        and out.is_dir()
+        and any(p.name not in unstarted for p in out.iterdir())
+    ):
         raise ConfigError(
             f"train.output_dir={out} is not empty (another run?): add train.resume=latest to continue "
             "that run or train.overwrite=true to start a new one there"

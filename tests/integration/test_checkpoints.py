@@ -400,6 +400,17 @@ def test_a_non_empty_output_dir_needs_resume_or_overwrite(tiny_sd15, pair_manife
         train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1"))
 
 
+def test_a_run_that_failed_before_loading_leaves_a_dir_the_next_run_may_use(
+    tiny_sd15, pair_manifest, tmp_path
+):
+    out, bad = tmp_path / "run", tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "chosen": "missing.png", "rejected": "missing.png"}\n')
+    with pytest.raises(ValueError, match="missing.png"):
+        train(tiny_cfg(tiny_sd15, bad, out, "train.max_steps=1"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run.json"]  # nothing a run made
+    assert train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1")).summary["steps"] == 1
+
+
 def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(
     tiny_sd15, pair_manifest, tmp_path
 ):
