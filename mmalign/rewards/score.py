@@ -157,6 +157,11 @@ def collect_items(source: str | Path) -> list[Item]:
     source = Path(source)
     if source.is_dir() and (source / "manifest.jsonl").is_file():
         return collect_items(source / "manifest.jsonl")
+    if source.is_dir() and (source / "manifest.jsonl.partial").is_file():
+        raise ValueError(
+            f"{source}: `mmalign generate` has not finished writing this folder (manifest.jsonl.partial, no "
+            "manifest.jsonl); run the same generate command again to complete it"
+        )
     if source.is_dir():
         files = sorted(
             p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file()

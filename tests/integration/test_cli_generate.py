@@ -53,7 +53,7 @@ def test_generate_with_and_without_a_trained_lora(tiny_sd15, pair_manifest, tmp_
     assert not torch.equal(base, tuned)  # same seed, the LoRA changed the sample
 
 
-def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, monkeypatch):
+def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, monkeypatch, capsys):
     """Files are written batch by batch; a rerun samples only what is missing and gives the uninterrupted result."""
     import json
 
@@ -88,6 +88,8 @@ def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, m
     assert main([*args, "--out", str(out)]) == 3  # the crash: a traceback log, exit 3
     assert not (out / "manifest.jsonl").exists()  # no manifest claims files that were never written
     assert len((out / "manifest.jsonl.partial").read_text().splitlines()) == 2  # the first whole batch
+    assert main(["score", str(out), "--reward", "brightness", "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "has not finished writing this folder" in capsys.readouterr().err  # not scored as a bare folder
 
     monkeypatch.setattr(generate_cmd, "write_media", real_write)
     sampled.clear()
