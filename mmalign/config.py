@@ -294,6 +294,11 @@ class TrainConfig:
         "How the trained weights are stored: fp32 (autocast casts them at every use); bf16 (with mixed_precision=bf16: no casts; the optimizer keeps fp32 master copies and writes the rounded result back).",
         choices=("fp32", "bf16"),
     )
+    frozen_dtype: str = _f(
+        "compute",
+        "How the denoiser's frozen weights are stored when LoRA (or a method's own modules) trains: compute (the mixed_precision dtype, as the text encoders; the model's _keep_in_fp32_modules stay fp32; not under FSDP) or fp32 (autocast casts each at every use; twice the memory).",
+        choices=("compute", "fp32"),
+    )
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the denoiser.")
     checkpoint_policy: str = _f(
         "recompute_all",
