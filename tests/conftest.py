@@ -69,7 +69,8 @@ def pair_manifest(tmp_path_factory) -> Path:
 
 def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
     """Every trainable weight of ``result.denoiser`` moved from its initial value; every frozen one still equals
-    ``pretrained`` (names with peft's ``.base_layer`` mapped back). Returns (trainable, frozen) counts."""
+    ``pretrained`` as stored in its dtype (names with peft's ``.base_layer`` mapped back). Returns (trainable,
+    frozen) counts."""
     import torch
 
     trainable = frozen = 0
@@ -81,9 +82,8 @@ def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
             )
         else:
             frozen += 1
-            assert torch.equal(param.detach().cpu(), pretrained[name.replace(".base_layer", "")]), (
-                f"frozen {name} changed"
-            )
+            stored = pretrained[name.replace(".base_layer", "")].to(param.dtype)  # (train.frozen_dtype)
+            assert torch.equal(param.detach().cpu(), stored), f"frozen {name} changed"
     return trainable, frozen
 
 

@@ -87,7 +87,9 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def cast_frozen(net: torch.nn.Module, dtype: torch.dtype) -> int:
     """The frozen floating-point weights of ``net`` to ``dtype`` (the compute dtype, as the text encoders), except
-    in the modules the model keeps in fp32 (diffusers' ``_keep_in_fp32_modules``: Wan's norms and modulation).
+    in the modules the model keeps in fp32 (diffusers' ``_keep_in_fp32_modules``: Wan's norms and modulation)
+    and in modules that also own a trained weight (personal_dpo's LayerNorm trains its scale, not its shift:
+    a norm's weight and bias must share a dtype).
 
     A LoRA run's frozen base then costs half the memory (SDXL's UNet: 5 GB instead of 10) and autocast no longer
     casts every base weight in every forward; the matmuls ran in ``dtype`` already. Returns how many were cast.
@@ -96,13 +98,14 @@ def cast_frozen(net: torch.nn.Module, dtype: torch.dtype) -> int:
         return 0
     keep = tuple(getattr(net, "_keep_in_fp32_modules", None) or ())
     cast = 0
-    for name, p in net.named_parameters():
-        if p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+    for prefix, module in net.named_modules():
+        own = dict(module.named_parameters(prefix=prefix, recurse=False))
+        if any(p.requires_grad for p in own.values()):
             continue
-        if any(k in name.split(".") for k in keep):
-            continue
-        p.data = p.data.to(dtype)
-        cast += 1
+        for name, p in own.items():
+            if p.is_floating_point() and p.dtype != dtype and not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+                cast += 1
     return cast
 
 

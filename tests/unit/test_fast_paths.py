@@ -326,28 +326,31 @@ def test_frozen_weights_in_bf16_move_gradients_less_than_bf16_autocast_does(fami
 
 def test_cast_frozen_keeps_trained_and_fp32_modules():
     class Net(torch.nn.Module):
-        _keep_in_fp32_modules = ["norm1"]
+        _keep_in_fp32_modules = ["norm1", "table"]  # a module and a parameter name, as Wan's
 
         def __init__(self):
             super().__init__()
-            self.proj, self.norm1, self.lora = (
-                torch.nn.Linear(2, 2),
-                torch.nn.LayerNorm(2),
-                torch.nn.Linear(2, 2),
-            )
+            self.proj, self.lora = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            self.norm1 = torch.nn.LayerNorm(2)
+            self.norm2 = torch.nn.LayerNorm(2)  # trains its scale only, as personal_dpo's user projection
+            self.table = torch.nn.Parameter(torch.zeros(2))
             self.steps = torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
 
     net = Net().requires_grad_(False)
     net.lora.requires_grad_(True)
+    net.norm2.weight.requires_grad_(True)
     assert cast_frozen(net, torch.bfloat16) == 2  # proj.weight, proj.bias
     dtypes = {n: p.dtype for n, p in net.named_parameters()}
     assert dtypes == {
         "proj.weight": torch.bfloat16,
         "proj.bias": torch.bfloat16,
-        "norm1.weight": torch.float32,
-        "norm1.bias": torch.float32,
         "lora.weight": torch.float32,
         "lora.bias": torch.float32,
+        "norm1.weight": torch.float32,
+        "norm1.bias": torch.float32,
+        "norm2.weight": torch.float32,
+        "norm2.bias": torch.float32,  # frozen, but its module's weight trains: one dtype per norm
+        "table": torch.float32,
         "steps": torch.long,
     }
     assert cast_frozen(net, torch.float32) == 0  # mixed_precision=no: nothing to do
