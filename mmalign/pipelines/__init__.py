@@ -8,6 +8,7 @@ class and its noise process. Adding a family is one adapter module plus one line
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,19 @@ def _load_pipeline(
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if vae is not None:
-        kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+        try:
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(vae, torch_dtype=torch_dtype)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            from mmalign.config import clip
+
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            hint = (
+                " (offline: a hub id must already be in the cache; or give a local directory, or drop model.vae "
+                "to use the pipeline's own)"
+                if os.environ.get("HF_HUB_OFFLINE") == "1"
+                else ""
+            )
+            raise ConfigError(f"cannot load the VAE {clip(vae)} (model.vae): {clip(reason)}{hint}") from err
     pipe = cls.from_pretrained(pretrained, **kwargs)
     return pipe, family
 

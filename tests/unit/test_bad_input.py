@@ -330,6 +330,15 @@ def test_missing_model_is_one_config_error(tmp_path):
             load_pipeline(name)
 
 
+def test_a_missing_vae_is_blamed_on_model_vae_not_the_pipeline(tiny_sd15, monkeypatch):
+    """The SDXL recipes name madebyollin/sdxl-vae-fp16-fix; offline without it the error must point at model.vae."""
+    from mmalign.pipelines import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"cannot load the VAE someone/no-such-vae \(model.vae\).*offline"):
+        load_pipeline(str(tiny_sd15), vae="someone/no-such-vae")
+
+
 def test_internal_errors_exit_3_with_a_log(tmp_path, monkeypatch, capsys):
     import mmalign.cli as cli
     import mmalign.commands.train as train_commands
