@@ -204,7 +204,7 @@ def _load_pipeline(
 
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             hint = (
-                " (offline: a hub id must already be in the cache; or give a local directory, or drop model.vae "
+                " (offline: a hub id must already be in the cache; or give a local directory, or set model.vae=null "
                 "to use the pipeline's own)"
                 if os.environ.get("HF_HUB_OFFLINE") == "1"
                 else ""

@@ -83,6 +83,19 @@ def test_every_shipped_recipe_loads(path):
     assert cfg.method.name
 
 
+def test_every_image_recipe_reads_the_pair_manifest_that_label_writes(pair_manifest):
+    """The README's chain: `mmalign cp sdxl/diffusion_dpo_lora.yaml` then `train ... data.source=pairs.jsonl`.
+    The Pick-a-Pic recipes once set data.format=pickapic, which refused the manifest."""
+    from mmalign.data.pairs import load_pairs
+
+    recipes = [p for p in RECIPES if p.parent.name in ("sd15", "sdxl")]
+    assert len(recipes) >= 8
+    for path in recipes:
+        cfg = load_config(path, [f"data.source={pair_manifest}"])
+        records, counts = load_pairs(cfg.data.source, format=cfg.data.format)
+        assert len(records) == counts["rows"] == 4, path
+
+
 @pytest.mark.parametrize(
     "path", [p for p in shipped_configs() if p.parent.name == "accelerate"], ids=lambda p: p.name
 )
