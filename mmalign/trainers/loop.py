@@ -300,6 +300,13 @@ def _setup_run(cfg: RunConfig) -> _Run:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if (
+        t_cfg.mixed_precision == "fp16" and not accelerator.native_amp
+    ):  # accelerate runs no fp16 autocast on CPU
+        raise ConfigError(
+            f"train.mixed_precision=fp16 needs a GPU (no fp16 autocast on {accelerator.device.type}); "
+            "set train.mixed_precision=bf16 or no"
+        )
     if t_cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(t_cfg.seed)  # same seed on every process: identical LoRA init on every replica

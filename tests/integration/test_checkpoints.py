@@ -400,6 +400,14 @@ def test_a_non_empty_output_dir_needs_resume_or_overwrite(tiny_sd15, pair_manife
         train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1"))
 
 
+def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_sd15, pair_manifest, tmp_path):
+    """accelerate runs no fp16 autocast on CPU: the frozen parts would be fp16 and the step would crash later."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16 needs a GPU .*bf16 or no"):
+        train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.mixed_precision=fp16"))
+    assert not out.exists()
+
+
 def test_a_run_that_failed_before_loading_leaves_a_dir_the_next_run_may_use(
     tiny_sd15, pair_manifest, tmp_path
 ):
