@@ -40,7 +40,10 @@ def model_fingerprint(
     variant: str | None = None,
     vae: str | None = None,
 ) -> dict[str, Any]:
-    """What identifies the encoders a cache entry came from (the model, its VAE config, the family)."""
+    """What identifies the encoders a cache entry came from (the model, its VAE config, the family, and the dtype
+    the text encoders run in: embeddings cached under fp16 are other numbers than under bf16 or fp32, and a batch
+    that mixed them would not even stack under autocast)."""
+    text_dtypes = sorted({str(p.dtype) for enc in adapter.text_encoders for p in enc.parameters()})
     return {
         "model": pretrained,
         "revision": revision,
@@ -48,6 +51,7 @@ def model_fingerprint(
         "vae": vae,
         "family": adapter.family,
         "vae_config": dict(adapter.vae.config),
+        "text_dtype": ",".join(text_dtypes),
     }
 
 

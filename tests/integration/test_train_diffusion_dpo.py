@@ -387,3 +387,22 @@ def test_bf16_trainable_weights_train_like_fp32_and_resume_exactly(tiny_sd15, pa
                 f"train.resume={tmp_path / 'fp32/checkpoints/checkpoint-2'}",
             )
         )
+
+
+def test_a_cache_built_in_one_precision_is_not_read_in_another(tiny_sd15, pair_manifest, tmp_path):
+    """Text embeddings cached by fp32 text encoders are other numbers than bf16 ones (and a batch mixing the two
+    does not stack under autocast): the text encoders' dtype is part of the cache's fingerprint."""
+    cache = tmp_path / "cache"
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        train(
+            tiny_cfg(
+                tiny_sd15,
+                pair_manifest,
+                tmp_path / f"run{i}",
+                f"train.mixed_precision={precision}",
+                f"data.cache_dir={cache}",
+                "train.max_steps=1",
+            )
+        )
+    dtypes = sorted(json.loads(p.read_text())["text_dtype"] for p in cache.glob("*/fingerprint.json"))
+    assert dtypes == ["torch.bfloat16", "torch.float32"]  # the third run reused the first run's cache
