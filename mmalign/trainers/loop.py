@@ -720,19 +720,29 @@ def _check_output_dir(t_cfg: Any, out: Path) -> None:
     """Runs never mix: an output_dir holding a run needs train.resume (continue) or train.overwrite (a new run)."""
     if t_cfg.resume and t_cfg.resume != "latest" and not (Path(t_cfg.resume) / STATE_FILE).is_file():
         raise TrainingError(f"train.resume={t_cfg.resume}: not a checkpoint directory (no {STATE_FILE})")
-    # What a run writes before it loads anything: a run that failed there (bad data, a missing model) left
-    # nothing to lose, so fixing the input and running the same command again just works.
-    unstarted = {RUN_FILE, "config.yaml"}
-    if (
-        not t_cfg.resume
-        and not t_cfg.overwrite
-        and out.is_dir()
-        and any(p.name not in unstarted for p in out.iterdir())
-    ):
+    if not t_cfg.resume and not t_cfg.overwrite and _holds_a_run(out):
         raise ConfigError(
             f"train.output_dir={out} is not empty (another run?): add train.resume=latest to continue "
             "that run or train.overwrite=true to start a new one there"
         )
+
+
+# What a run writes before its first step ends: a run that failed there (bad data, a missing model, a crash in
+# step 1) left nothing to resume or lose, so fixing the cause and running the same command again just works.
+_BEFORE_STEP_1 = {RUN_FILE, "config.yaml", "history.jsonl", "logs", "validation", "checkpoints"}
+
+
+def _holds_a_run(out: Path) -> bool:
+    """Whether ``out`` holds something a new run must not mix with: a checkpoint, a step in history.jsonl, an
+    export, a summary, or any file a run does not write before its first step ends."""
+    if not out.is_dir():
+        return False
+    if any(p.name not in _BEFORE_STEP_1 for p in out.iterdir()):
+        return True
+    history, checkpoints = out / "history.jsonl", out / "checkpoints"
+    return (history.is_file() and history.stat().st_size > 0) or (
+        checkpoints.is_dir() and any(checkpoints.iterdir())
+    )
 
 
 def _run_id(t_cfg: Any, out: Path) -> str:

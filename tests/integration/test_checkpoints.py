@@ -408,7 +408,7 @@ def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_sd15, pai
     assert not out.exists()
 
 
-def test_a_run_that_failed_before_loading_leaves_a_dir_the_next_run_may_use(
+def test_a_run_that_failed_before_its_first_step_leaves_a_dir_the_next_run_may_use(
     tiny_sd15, pair_manifest, tmp_path
 ):
     out, bad = tmp_path / "run", tmp_path / "bad.jsonl"
@@ -417,6 +417,16 @@ def test_a_run_that_failed_before_loading_leaves_a_dir_the_next_run_may_use(
         train(tiny_cfg(tiny_sd15, bad, out, "train.max_steps=1"))
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run.json"]  # nothing a run made
     assert train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1")).summary["steps"] == 1
+    # a run that crashed inside its first step (its step-0 grid and an empty history written) is not one either
+    crashed = tmp_path / "crashed"
+    for name in ("validation", "logs", "checkpoints"):
+        (crashed / name).mkdir(parents=True)
+    (crashed / "validation" / "step-000000.png").write_bytes(b"png")
+    (crashed / "history.jsonl").write_text("")
+    assert train(tiny_cfg(tiny_sd15, pair_manifest, crashed, "train.max_steps=1")).summary["steps"] == 1
+    (crashed / "history.jsonl").write_text("")  # but a checkpoint, a logged step or an export is a run
+    with pytest.raises(ConfigError, match="not empty"):
+        train(tiny_cfg(tiny_sd15, pair_manifest, crashed, "train.max_steps=1"))
 
 
 def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(
