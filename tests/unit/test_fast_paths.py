@@ -324,6 +324,25 @@ def test_frozen_weights_in_bf16_move_gradients_less_than_bf16_autocast_does(fami
     assert gap <= autocast_gap and cosine > 0.9998, (gap, autocast_gap, cosine)
 
 
+def test_wan_keeps_its_fp32_modules_and_its_attention_norms_follow_the_activations():
+    """After cast_frozen, Wan's frozen fp32 weights are exactly its _keep_in_fp32_modules, and the attention
+    RMSNorms are bf16 like their inputs (fp32 weights on bf16 activations leave torch's fused RMSNorm kernel:
+    "Mismatch dtype between input and weight")."""
+    from conftest import load_bench
+
+    bench = load_bench("bench_video_step")
+    net = bench.build_pipeline(bench.PRESETS["wan-tiny"], "cpu", torch.float32).transformer
+    net.requires_grad_(False)
+    add_lora(net, LoraConfig(rank=2))
+    cast_frozen(net, torch.bfloat16)
+    keep = net._keep_in_fp32_modules
+    kept = [n for n, p in net.named_parameters() if p.dtype == torch.float32 and not p.requires_grad]
+    assert kept and all(any(k in n.split(".") for k in keep) for n in kept), kept
+    assert {"scale_shift_table"} <= {n.split(".")[-1] for n in kept}  # a parameter, not a module
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.RMSNorm) and m.weight is not None]
+    assert norms and all(m.weight.dtype == torch.bfloat16 for m in norms)
+
+
 def test_cast_frozen_keeps_trained_and_fp32_modules():
     class Net(torch.nn.Module):
         _keep_in_fp32_modules = ["norm1", "table"]  # a module and a parameter name, as Wan's
