@@ -26,7 +26,7 @@ class SingleProcess:
 def cmd_cache(args: argparse.Namespace) -> int:
     from mmalign.config import ConfigError
     from mmalign.pipelines import load_model
-    from mmalign.pipelines.runtime import resolve_device, resolve_dtype
+    from mmalign.pipelines.runtime import quiet_libraries, resolve_device, resolve_dtype
     from mmalign.trainers import data as method_data
     from mmalign.trainers import get_method, load_config
     from mmalign.trainers.loop import weight_dtype
@@ -44,7 +44,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     dtype = (
         weight_dtype(cfg.train.mixed_precision) if args.dtype is None else resolve_dtype(args.dtype, device)
     )
-    pipe, family, adapter = load_model(cfg.model)
+    with quiet_libraries(not args.verbose):  # diffusers' loading bars and notices, as every other command
+        pipe, family, adapter = load_model(cfg.model)
     pipe.to(device)
     for encoder in adapter.text_encoders:
         encoder.to(device, dtype)
@@ -90,4 +91,5 @@ def register(subparsers) -> None:
         help="text encoders' (and, with --inversion, the denoiser's) precision; default: the recipe's "
         "train.mixed_precision, as `mmalign train` would cache (the VAE always runs in fp32)",
     )
+    p.add_argument("--verbose", action="store_true", help="show library loading bars and warnings")
     p.set_defaults(func=cmd_cache)
