@@ -59,6 +59,8 @@ def cmd_label_video(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {  # what shapes a pair besides its clip and seed, so a resumed run keeps only pairs made the same way
         "model": str(args.model),
+        "family": args.family,
+        "segment_seconds": args.segment_seconds,
         "reward": args.reward or ("vlm_judge" if args.judge else "toy_flicker"),
         "reward_args": list(args.reward_arg),
         "judge": args.judge,
