@@ -157,3 +157,6 @@ def test_an_interrupted_run_resumes_and_a_generate_manifest_is_read(clips, tmp_p
     assert (
         run(clips, tmp_path / "cut", *generated, "--steps", "3") == 0 and len(made) == 2
     )  # settings changed
+    made.clear()
+    assert run(clips, tmp_path / "cut", *generated, "--steps", "3", "--segment-seconds", "0.5") == 0
+    assert len(made) == 2  # other segments, other labels: made again
