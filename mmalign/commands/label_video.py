@@ -123,15 +123,21 @@ def cmd_label_video(args: argparse.Namespace) -> int:
                 .tolist()
             )
         else:
-            labels = reward_segment_labels(
-                reward,
-                v0,
-                v1,
-                [prompt],
-                fps=clip.fps,
-                segment_seconds=args.segment_seconds,
-                margin=args.margin,
-            )[0].tolist()
+            try:
+                labels = reward_segment_labels(
+                    reward,
+                    v0,
+                    v1,
+                    [prompt],
+                    fps=clip.fps,
+                    segment_seconds=args.segment_seconds,
+                    margin=args.margin,
+                )[0].tolist()
+            except ValueError as err:  # the reward's own settings do not fit a segment (e.g. too few frames)
+                raise DataError(
+                    f"{where}: --reward {settings['reward']} on --segment-seconds {args.segment_seconds:g} "
+                    f"({v0.shape[1]} frames at {clip.fps:g} fps): {err}"
+                ) from None
         names = [f"{i:06d}_0.mp4", f"{i:06d}_1.mp4"]
         write_video(out / names[0], v0[0], clip.fps, lossless=args.lossless)
         write_video(out / names[1], v1[0], clip.fps, lossless=args.lossless)

@@ -114,7 +114,7 @@ def test_bad_input_is_one_line(clips, tmp_path, capsys):
     assert run(clips, tmp_path / "o3", "--reward-arg", "oops") == 2
 
 
-def test_an_interrupted_run_resumes_and_a_generate_manifest_is_read(clips, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_and_a_generate_manifest_is_read(clips, tmp_path, monkeypatch, capsys):
     """Pairs are recorded as they finish; a rerun makes only the missing ones and ends with the whole file."""
     import mmalign.data.structural as structural
     import mmalign.data.video as video
@@ -158,5 +158,11 @@ def test_an_interrupted_run_resumes_and_a_generate_manifest_is_read(clips, tmp_p
         run(clips, tmp_path / "cut", *generated, "--steps", "3") == 0 and len(made) == 2
     )  # settings changed
     made.clear()
-    assert run(clips, tmp_path / "cut", *generated, "--steps", "3", "--segment-seconds", "0.5") == 0
+    assert run(clips, tmp_path / "cut", *generated, "--steps", "3", "--segment-seconds", "2") == 0
     assert len(made) == 2  # other segments, other labels: made again
+    # toy_flicker's 4 sub-segments do not fit a 0.5 s segment of 2 frames: one line naming the row, not a crash
+    assert run(clips, tmp_path / "half", *generated, "--segment-seconds", "0.5") == 2
+    assert (
+        "generated.jsonl:1: --reward toy_flicker on --segment-seconds 0.5 (8 frames"
+        in capsys.readouterr().err
+    )
