@@ -300,9 +300,8 @@ def _setup_run(cfg: RunConfig) -> _Run:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    if (
-        t_cfg.mixed_precision == "fp16" and not accelerator.native_amp
-    ):  # accelerate runs no fp16 autocast on CPU
+    # accelerate runs no fp16 autocast on CPU: the frozen fp16 parts would meet fp32 ones deep in a forward
+    if t_cfg.mixed_precision == "fp16" and not accelerator.native_amp:
         raise ConfigError(
             f"train.mixed_precision=fp16 needs a GPU (no fp16 autocast on {accelerator.device.type}); "
             "set train.mixed_precision=bf16 or no"
@@ -727,14 +726,15 @@ def _check_output_dir(t_cfg: Any, out: Path) -> None:
         )
 
 
-# What a run writes before its first step ends: a run that failed there (bad data, a missing model, a crash in
-# step 1) left nothing to resume or lose, so fixing the cause and running the same command again just works.
+# What a run writes before it has anything to resume or keep: a run that stopped there (bad data, a missing
+# model, a crash in its first steps) left no checkpoint, logged step or export, so fixing the cause and running
+# the same command again just works (its validation grids and tensorboard logs are written anew).
 _BEFORE_STEP_1 = {RUN_FILE, "config.yaml", "history.jsonl", "logs", "validation", "checkpoints"}
 
 
 def _holds_a_run(out: Path) -> bool:
     """Whether ``out`` holds something a new run must not mix with: a checkpoint, a step in history.jsonl, an
-    export, a summary, or any file a run does not write before its first step ends."""
+    export, a summary, or any file a run does not write itself."""
     if not out.is_dir():
         return False
     if any(p.name not in _BEFORE_STEP_1 for p in out.iterdir()):
