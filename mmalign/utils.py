@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -89,3 +91,21 @@ def parse_key_values(items: Iterable[str], *, flag: str = "--set") -> dict[str, 
             value = raw
         out[key.strip()] = value
     return out
+
+
+def read_jsonl_lenient(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON-object rows of a JSONL file that a crash may have cut: lines that do not parse (a torn last line)
+    are skipped; a missing file has none. For files a command appends to as it goes (``.partial`` files)."""
+    rows = []
+    try:
+        with Path(path).open() as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows

@@ -26,6 +26,7 @@ from typing import Any
 
 from mmalign.data.images import DataError
 from mmalign.data.index_file import write_atomic
+from mmalign.utils import read_jsonl_lenient
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -228,7 +229,7 @@ class ResumableRows:
     def __init__(self, path: str | Path, *, resume: bool = True) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(f"{self.path.name}.partial")
-        self.previous = read_rows_lenient(self.path) + read_rows_lenient(self.partial) if resume else []
+        self.previous = read_jsonl_lenient(self.path) + read_jsonl_lenient(self.partial) if resume else []
 
     def start(self, kept: Iterable[dict[str, Any]] = ()) -> None:
         """Begin with ``kept`` rows of the previous run; ``path`` is removed until :meth:`finish`."""
@@ -251,20 +252,3 @@ class ResumableRows:
 
 def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def read_rows_lenient(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON-object rows of a JSONL file, skipping lines that do not parse (a crash's torn last line); [] if absent."""
-    rows = []
-    try:
-        with Path(path).open() as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except FileNotFoundError:
-        pass
-    return rows

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from mmalign.rewards import Reward, RewardSpec
+from mmalign.utils import read_jsonl_lenient
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
@@ -485,7 +486,7 @@ def score_items(
     if resume:
         for source in (out, partial):
             if source.is_file():
-                for row in read_table(source) if source == out else _read_jsonl(source):
+                for row in read_table(source) if source == out else read_jsonl_lenient(source):
                     if isinstance(row, dict):
                         done[_row_key(row)] = row
     else:
@@ -595,16 +596,6 @@ def _item_key(item: Item) -> tuple[str, str]:
 
 def _row_key(row: dict[str, Any]) -> tuple[str, str]:
     return str(row.get("id")), str(row.get("prompt") or "")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return rows
 
 
 def _relpath(path: Path, base: Path) -> str:
