@@ -111,6 +111,7 @@ def evaluate(
     from mmalign.rewards.score import SetScores
     from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
+    from mmalign.trainers.report import previews
 
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
     if prompts is None:
@@ -167,10 +168,10 @@ def evaluate(
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
     fps = clip_fps(family_b, fps)
-    # Stream: each batch is scored as it comes and only the grid's first columns are kept, so memory holds
-    # scores, not the whole evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
+    # Stream: each batch is scored as it comes and only small previews of the grid's first columns are kept, so
+    # memory holds scores, not the evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
     scorer = SetScores(built)
-    shown = []
+    shown, is_video = [], False
     sides = (
         (pipe_a, label_a, contextlib.nullcontext),
         (pipe_b, label_b, lora_disabled if share else contextlib.nullcontext),
@@ -179,9 +180,10 @@ def evaluate(
         kept = []
         with switch(pipe):
             for i, media in iter_samples(pipe, eval_p, eval_s, desc=f"eval {label}", **kwargs):
-                scorer.add(media, eval_p[i : i + len(media)], fps=fps if media.dim() == 5 else None)
+                is_video = media.dim() == 5
+                scorer.add(media, eval_p[i : i + len(media)], fps=fps if is_video else None)
                 if i < GRID_COLUMNS:
-                    kept.append(media[: GRID_COLUMNS - i])
+                    kept.append(previews(media[: GRID_COLUMNS - i]))
         shown.append(torch.cat(kept))
     scores = split_pair(scorer.result(), len(eval_p))
     metrics = compare_scores(scores, n_boot=n_boot)
@@ -191,8 +193,8 @@ def evaluate(
         loras={"a": lora_a, "b": lora_b},
         guidance_scale=guidance,
         steps=steps,
-        kind="video" if shown[0].dim() == 5 else "image",
-        **({"fps": fps} if shown[0].dim() == 5 else {}),
+        kind="video" if is_video else "image",
+        **({"fps": fps} if is_video else {}),
     )
     write_eval_report(
         metrics,

@@ -111,7 +111,7 @@ def generate(
     from mmalign.pipelines import clip_fps, get_family
     from mmalign.pipelines.runtime import iter_samples, load_for_inference
     from mmalign.rewards.score import load_media
-    from mmalign.trainers.report import contact_sheet
+    from mmalign.trainers.report import contact_sheet, previews
 
     specs = [p if isinstance(p, PromptSpec) else PromptSpec(str(p)) for p in prompts]
     if not specs:
@@ -187,7 +187,7 @@ def generate(
         print(
             f"generate: {len(done)} of {len(records)} samples already in {out} (same settings); sampling {len(todo)}"
         )
-    sheet = {i: load_media(records[i].path)[0] for i in sorted(done) if i < SHEET_SIZE}
+    sheet = {i: previews(load_media(records[i].path)[0][None])[0] for i in sorted(done) if i < SHEET_SIZE}
     batches = iter_samples(
         pipe,
         [jobs[i].prompt for i in todo],
@@ -207,12 +207,12 @@ def generate(
         for i, m in zip(batch, media):
             write_media(Path(records[i].path), m, fps)
             if i < SHEET_SIZE:
-                sheet[i] = m
+                sheet[i] = previews(m[None])[0]  # a small copy: the batch itself is not kept
         manifest.append([rows[i] for i in batch])
     manifest.finish(rows)
     grid = Path(grid) if grid else out.parent / f"{out.name}_grid.png"
     contact_sheet(
-        first_frames([sheet[i] for i in sorted(sheet)]), [j.prompt for j in jobs[:SHEET_SIZE]]
+        stack_cropped([sheet[i] for i in sorted(sheet)]), [j.prompt for j in jobs[:SHEET_SIZE]]
     ).save(grid)
     return manifest.path
 
@@ -226,14 +226,11 @@ def finished_samples(
     return {i for i in found if i is not None and Path(records[i].path).is_file()}
 
 
-def first_frames(media: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[N,3,H,W]: each image, or each clip's first frame, cropped to the smallest size among them.
-
-    Clips read back from mp4 can be a pixel larger than sampled (yuv420p pads odd sides).
-    """
+def stack_cropped(frames: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[N,3,h,w] from [3,h,w] previews, cropped to the smallest among them (a clip read back from mp4 can be a pixel
+    larger than sampled: yuv420p pads odd sides)."""
     import torch
 
-    frames = [m[0] if m.dim() == 4 else m for m in media]
     h = min(f.shape[-2] for f in frames)
     w = min(f.shape[-1] for f in frames)
     return torch.stack([f[..., :h, :w] for f in frames])

@@ -20,6 +20,22 @@ def first_frames(media: torch.Tensor) -> torch.Tensor:
     return media[:, 0] if media.dim() == 5 else media
 
 
+PREVIEW_SIDE = 256  # longest side of a sample kept for a grid or a contact sheet
+
+
+def previews(media: torch.Tensor, max_side: int = PREVIEW_SIDE) -> torch.Tensor:
+    """What a grid shows of each sample, small enough to keep many while the rest streams past: [N,3,h,w] first
+    frames (of clips), area-downscaled so the longer side is at most ``max_side``; new tensors, never views that
+    would keep a whole batch alive (a 1024 px SDXL image is 12.6 MB as float32, one 81-frame Wan clip 388 MB)."""
+    frames = first_frames(media).float()
+    h, w = frames.shape[-2:]
+    if max(h, w) <= max_side:
+        return frames.clone()
+    scale = max_side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(frames, size=size, mode="area")
+
+
 def _to_pil(image: torch.Tensor, scale: int):
     from PIL import Image
 

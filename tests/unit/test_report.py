@@ -36,3 +36,18 @@ def test_training_curves_and_validation_to_tensorboard(tmp_path):
     acc.end_training()
     assert (tmp_path / "val" / "step-0.png").is_file()
     assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+
+
+def test_previews_are_small_first_frames_that_keep_no_batch_alive():
+    """What generate and eval keep of each streamed batch for their grids: not the batch (nor a view of it)."""
+    from mmalign.trainers.report import PREVIEW_SIDE, previews
+
+    clips = torch.rand(2, 5, 3, 600, 1024)  # [B,T,3,H,W]
+    small = previews(clips)
+    assert small.shape == (2, 3, 150, PREVIEW_SIDE)  # the first frame, longer side 256, aspect kept
+    assert torch.allclose(small.mean(), clips[:, 0].mean(), atol=1e-3)  # area resampling keeps the mean
+    tiny = torch.rand(4, 3, 32, 32)
+    kept = previews(tiny[:1])
+    assert (
+        torch.equal(kept, tiny[:1]) and kept.untyped_storage().nbytes() == 3 * 32 * 32 * 4
+    )  # a copy, not a view
