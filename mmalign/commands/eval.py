@@ -1,8 +1,8 @@
 """``mmalign eval``: model A against model B on paired prompts and seeds under a reward suite.
 
 Both models sample one image or clip per (prompt, seed) from the same initial noise; every reward scores both
-as one set (a normalised reward puts A and B on one scale). Each batch is scored as it is sampled and only the
-grid's columns are kept, so memory holds scores, not media. Writes into ``--out``: ``metrics.json`` (win
+as one set (a normalised reward puts A and B on one scale). Each batch is scored as it is sampled and only small
+previews of the grid's columns are kept, so memory holds scores, not media. Writes into ``--out``: ``metrics.json`` (win
 rate with a paired-bootstrap 95% interval, mean rewards), ``table.md`` and ``grid.png`` (labelled: prompt per
 column, rows named after B and A, primary score under each tile; videos show their first frame).
 

@@ -153,11 +153,14 @@ def load_pipeline(
         KeyError,
         TypeError,
     ) as err:  # hub/offline/missing files, bad model_index.json
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
             f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
-            f"{clip(reason)}"
+            f"{clip(_first_line(err))}"
         ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_pipeline(
@@ -202,14 +205,15 @@ def _load_pipeline(
         except (OSError, ValueError, KeyError, TypeError) as err:
             from mmalign.config import clip
 
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             hint = (
                 " (offline: a hub id must already be in the cache; or give a local directory, or set model.vae=null "
                 "to use the pipeline's own)"
                 if os.environ.get("HF_HUB_OFFLINE") == "1"
                 else ""
             )
-            raise ConfigError(f"cannot load the VAE {clip(vae)} (model.vae): {clip(reason)}{hint}") from err
+            raise ConfigError(
+                f"cannot load the VAE {clip(vae)} (model.vae): {clip(_first_line(err))}{hint}"
+            ) from err
     pipe = cls.from_pretrained(pretrained, **kwargs)
     return pipe, family
 
