@@ -249,6 +249,28 @@ def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:
     return cls(pipeline, **options)
 
 
+def prompt_length(pipe: Any, adapter: Any = None) -> dict[str, int]:
+    """``{"max_sequence_length": n}`` for a pipeline call: the prompt length the family's adapter trains with.
+
+    diffusers' video pipelines pad prompts to their own default (CogVideoX 226 tokens, Wan 512). A checkpoint built
+    for another length fails there (CogVideoX's positional table covers exactly ``max_text_seq_length`` text
+    tokens), and Wan would attend over other padding than in training. Empty for families without the keyword.
+
+    Args:
+        pipe: A loaded pipeline of a registered family (other pipelines: empty).
+        adapter: Its adapter, if one is at hand (otherwise one is made: cheap, no weights are touched).
+    """
+    import inspect
+
+    if "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
+        return {}
+    if adapter is None:
+        family = family_of_class(type(pipe).__name__)
+        adapter = make_adapter(pipe, family) if family else None
+    n = getattr(adapter, "max_text_len", None)
+    return {"max_sequence_length": int(n)} if n else {}
+
+
 __all__ = [
     "FAMILIES",
     "Family",
@@ -265,5 +287,6 @@ __all__ = [
     "per_frame_mse",
     "per_sample_mse",
     "pipeline_class_name",
+    "prompt_length",
     "resolve_pretrained",
 ]

@@ -180,7 +180,8 @@ def iter_samples(
         batch_size: Samples per pipeline call.
         progress: One overall tqdm bar (samples, not denoising steps).
         desc: Bar label.
-        pipe_kwargs: Passed on (e.g. ``num_frames`` for a video pipeline).
+        pipe_kwargs: Passed on (e.g. ``num_frames`` for a video pipeline; ``max_sequence_length`` defaults to
+            :func:`mmalign.pipelines.prompt_length`).
 
     Yields:
         ``(i, media)``: the index of the batch's first sample and its [B,3,H,W] images or [B,T,3,H,W] clips,
@@ -188,13 +189,16 @@ def iter_samples(
     """
     from tqdm.auto import tqdm
 
+    from mmalign.pipelines import prompt_length
+
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    text_length = prompt_length(pipe)  # the length the model was trained with, not the pipeline's default
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
-            kwargs = dict(pipe_kwargs)
+            kwargs = {**text_length, **pipe_kwargs}
             if negative_prompts is not None and any(negative_prompts[i : i + batch_size]):
                 kwargs["negative_prompt"] = list(negative_prompts[i : i + batch_size])
             if height is not None:

@@ -25,7 +25,7 @@ import torch
 from mmalign.config import ConfigError, RunConfig, save_config, short, to_dict
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
-from mmalign.pipelines import is_video, load_model
+from mmalign.pipelines import is_video, load_model, prompt_length
 from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
@@ -822,7 +822,11 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
 def _validate(run: _Run, step: int) -> None:
     with run.accelerator.autocast():  # the training step's precision (FSDP2 gathers bf16 weights under bf16)
         media = sample_validation(  # sharded: on every process (each forward gathers the weights)
-            run.pipe, run.accelerator.unwrap_model(run.denoiser), run.adapter, run.cfg.train
+            run.pipe,
+            run.accelerator.unwrap_model(run.denoiser),
+            run.adapter,
+            run.cfg.train,
+            **_clip_shape(run.cfg) if is_video(run.adapter) else {},
         )
     if not run.accelerator.is_main_process:
         return
@@ -835,9 +839,27 @@ def _validate(run: _Run, step: int) -> None:
     )
 
 
+def _clip_shape(cfg: RunConfig) -> dict[str, int]:
+    """A video run's clip shape (frames, height, width) as its method trains on them, for its validation clips.
+
+    Not the pipeline's defaults: Wan samples 81 frames at 480x832 and the toy video model 16 frames whatever the run
+    trains on, so validation of a 33-frame run would cost 2.5x its clip and show another shape than it learns.
+    """
+    mc, res = cfg.method, cfg.model.resolution
+    if not hasattr(mc, "num_frames"):  # a method without a clip shape of its own: the pipeline's defaults
+        return {}
+    shape = {"height": mc.height or res, "width": mc.width or res}
+    return {**shape, "num_frames": mc.num_frames} if mc.num_frames else shape
+
+
 @torch.no_grad()
-def sample_validation(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg: Any) -> torch.Tensor:
-    """The fixed validation prompts sampled with a fixed seed: images [N,3,H,W] or clips [N,T,3,H,W] in [0, 1]."""
+def sample_validation(
+    pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg: Any, **pipe_kwargs: Any
+) -> torch.Tensor:
+    """The fixed validation prompts sampled with a fixed seed: images [N,3,H,W] or clips [N,T,3,H,W] in [0, 1].
+
+    ``pipe_kwargs`` go to the pipeline call (a video run's ``num_frames``/``height``/``width``).
+    """
     was_training = denoiser.training
     denoiser.eval()
     setattr(pipe, adapter.denoiser_name, denoiser)
@@ -849,6 +871,8 @@ def sample_validation(pipe: Any, denoiser: torch.nn.Module, adapter: Any, t_cfg:
         guidance_scale=t_cfg.validation_guidance,
         generator=generator,
         output_type="pt",
+        **prompt_length(pipe, adapter),
+        **pipe_kwargs,
     )
     denoiser.train(was_training)
     return torch.as_tensor(out.frames if is_video(adapter) else out.images).float().cpu()

@@ -178,3 +178,42 @@ def test_cogvideox_15_refuses_an_odd_number_of_latent_frames(tmp_path):
         adapter.latent_moments(pixels)
     assert "\n" not in str(err.value)
     assert adapter.latent_moments(pixels[:, :5])[0].shape[2] == 2
+
+
+@pytest.mark.parametrize("name", ["cog", "wan"])
+def test_sampling_pads_prompts_to_the_trained_length(name, request):
+    """generate/eval sample a checkpoint at the prompt length its adapter trains with, not the pipeline's default.
+
+    The tiny CogVideoX transformer's positional table covers 16 text tokens: at CogVideoXPipeline's default of 226
+    every sample failed ("size of tensor a (229) must match ... (19)"); Wan would pad to 512, not the 16 it trains on.
+    """
+    from mmalign.pipelines import prompt_length
+    from mmalign.pipelines.runtime import sample
+
+    adapter, pipe, _ = request.getfixturevalue(name)
+    assert prompt_length(pipe) == {"max_sequence_length": 16} == prompt_length(pipe, adapter)
+    clips = sample(pipe, ["a red circle"], [0], steps=2, height=16, width=16, num_frames=9, progress=False)
+    assert clips.shape == (1, 9, 3, 16, 16) and torch.isfinite(clips).all()
+
+
+def test_validation_clips_take_the_runs_shape_not_the_pipelines_default(toy):
+    """A video run's validation samples its method's num_frames/height/width (AnimateDiff's default: 16 frames)."""
+    from mmalign.trainers import load_config
+    from mmalign.trainers.loop import _clip_shape, sample_validation
+
+    adapter, pipe, _ = toy
+    cfg = load_config(
+        None,
+        [
+            "method.name=dense_dpo",
+            "method.num_frames=4",
+            "model.resolution=16",
+            "train.validation_steps=2",
+            "train.validation_prompts=[a red circle]",
+        ],
+    )
+    shape = _clip_shape(cfg)
+    assert shape == {"height": 16, "width": 16, "num_frames": 4}
+    clips = sample_validation(pipe, pipe.unet, adapter, cfg.train, **shape)
+    assert clips.shape == (1, 4, 3, 16, 16)
+    assert _clip_shape(load_config(None, ["method.name=diffusion_dpo"])) == {}
