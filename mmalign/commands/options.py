@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, *, batch_size: int = 1, offload: bool = True) -> None:
@@ -111,3 +112,25 @@ def check_out(path) -> None:
 
     if Path(path).is_dir():
         raise ValueError(f"--out {path}: is a directory; give a file")
+
+
+def configs_root() -> Path:
+    """The recipes shipped inside the package (``mmalign/configs``)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> list[Path]:
+    root = configs_root()
+    return sorted(p for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def resolve_recipe(path: str) -> str:
+    """``path`` if it exists, else the shipped file of that name (``toy/quickstart``, ``configs/toy/quickstart.yaml``,
+    ``configs/rewards/video_rules.yaml``): the README's paths work after a wheel install, from any directory."""
+    if Path(path).exists():
+        return path
+    name = path[len("configs/") :] if path.startswith("configs/") else path
+    for candidate in (name, name + ".yaml"):
+        if (configs_root() / candidate).is_file():
+            return str(configs_root() / candidate)
+    return path

@@ -62,6 +62,7 @@ def build_rewards(
     ``--reward-arg key=value`` (YAML values) go to every named (non-file) reward; ``device``/``dtype`` go to the
     named rewards whose factory takes them (model rewards; rule rewards run wherever the media are).
     """
+    from mmalign.commands.options import resolve_recipe
     from mmalign.config import read_yaml
     from mmalign.rewards import RewardSpec, _resolve, all_rewards
     from mmalign.rewards.score import build_named_rewards, load_reward_config
@@ -70,7 +71,7 @@ def build_rewards(
     out: dict[str, Reward] = {}
     specs = []
     for name in names:
-        path = Path(name)
+        path = Path(resolve_recipe(name))  # configs/rewards/*.yaml: the shipped spec when not found here
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
             if not path.exists():
                 raise ValueError(f"--reward {name}: reward spec file not found")

@@ -10,26 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def configs_root() -> Path:
-    """The recipes shipped inside the package (``mmalign/configs``)."""
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
-def shipped_configs() -> list[Path]:
-    root = configs_root()
-    return sorted(p for p in root.rglob("*.yaml")) if root.is_dir() else []
-
-
-def resolve_recipe(path: str) -> str:
-    """``path`` if it exists, else the shipped recipe of that name (``toy/quickstart``, ``configs/toy/quickstart.yaml``)."""
-    if Path(path).exists():
-        return path
-    name = path[len("configs/") :] if path.startswith("configs/") else path
-    for candidate in (name, name + ".yaml"):
-        if (configs_root() / candidate).is_file():
-            return str(configs_root() / candidate)
-    return path
+from mmalign.commands.options import configs_root, resolve_recipe, shipped_configs
 
 
 def cmd_train(args: argparse.Namespace) -> int:

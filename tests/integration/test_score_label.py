@@ -232,3 +232,21 @@ def test_label_manifest_trains_with_mmalign_train(candidates, tiny_sd15, tmp_pat
         )
     )
     assert result.summary["steps"] == 2 and math.isfinite(result.summary["final_metrics"]["loss"])
+
+
+def test_shipped_reward_specs_resolve_from_any_directory(tmp_path, monkeypatch):
+    """The README's ``--reward configs/rewards/*.yaml`` works outside the repository (a wheel install ships them)."""
+    from mmalign.commands.score import build_rewards
+
+    monkeypatch.chdir(tmp_path)
+    assert sorted(build_rewards(["configs/rewards/video_rules.yaml"])) == [
+        "duration",
+        "flicker",
+        "frame_rate",
+        "motion",
+    ]
+    (tmp_path / "configs" / "rewards").mkdir(parents=True)
+    (tmp_path / "configs" / "rewards" / "video_rules.yaml").write_text("rewards:\n  - {name: sharpness}\n")
+    assert list(build_rewards(["configs/rewards/video_rules.yaml"])) == ["sharpness"]  # a local file wins
+    with pytest.raises(ValueError, match="no_such.yaml: reward spec file not found"):
+        build_rewards(["configs/rewards/no_such.yaml"])
