@@ -37,6 +37,42 @@ if TYPE_CHECKING:
 SHEET_SIZE = 64  # samples shown in the contact sheet
 
 
+def _load_sampler(
+    model: str,
+    family: str,
+    *,
+    runtime: dict[str, Any],
+    lora: str | None,
+    negative_lora: str | None,
+    npo: tuple[float, float],
+    who: tuple[str | None, str | None, str | None, float],
+    guidance: float,
+) -> tuple[Any, dict[str, Any]]:
+    """The pipeline ``generate`` samples with (LoRA, NPO guidance, a person's user path) and its extra call keywords."""
+    from mmalign.pipelines.runtime import load_for_inference, quiet_libraries
+
+    pipe, _, _ = load_for_inference(model, family=family, lora=lora, **runtime)
+    quiet = not runtime.get("verbose")
+    if negative_lora:
+        from mmalign.pipelines.npo import enable_npo_guidance
+
+        with quiet_libraries(quiet):
+            enable_npo_guidance(pipe, negative_lora, alpha=npo[0], beta=npo[1])
+    extra: dict[str, Any] = {}
+    user_adapter, user_shots, user, user_scale = who
+    if user_shots or user:
+        from types import SimpleNamespace
+
+        from mmalign.commands.personalize import user_pipeline_kwargs
+
+        person = SimpleNamespace(
+            user_adapter=user_adapter, user_shots=user_shots, user=user, user_scale=user_scale
+        )
+        with quiet_libraries(quiet):  # diffusers' IP-Adapter loader notes the image encoder it skips
+            extra.update(user_pipeline_kwargs(pipe, person, guidance=guidance > 1))
+    return pipe, extra
+
+
 def generate(
     model: str,
     prompts: Sequence[str | PromptSpec],
@@ -108,8 +144,8 @@ def generate(
         The manifest path.
     """
     from mmalign.data.video import video_writer
-    from mmalign.pipelines import clip_fps, get_family
-    from mmalign.pipelines.runtime import iter_samples, load_for_inference
+    from mmalign.pipelines import clip_fps, detect_family, get_family
+    from mmalign.pipelines.runtime import iter_samples
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet, previews
 
@@ -122,29 +158,15 @@ def generate(
         raise ValueError(
             f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
         )
-    pipe, family, _ = load_for_inference(
-        model, family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, lora=lora, verbose=verbose
-    )
+    if family == "auto":  # from model_index.json: the weights load only once there is something to sample
+        family = detect_family(model)
     is_video = get_family(family).video
     fps = clip_fps(family, fps)
     if is_video:
         video_writer()  # fail now, not after the sampling
-    if negative_lora:
-        from mmalign.pipelines.npo import enable_npo_guidance
-
-        enable_npo_guidance(pipe, negative_lora, alpha=npo_alpha, beta=npo_beta)
     jobs = [spec for spec in specs for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(jobs))]
-    extra = {"num_frames": num_frames} if num_frames is not None else {}
     if user_shots or user:
-        from types import SimpleNamespace
-
-        from mmalign.commands.personalize import user_pipeline_kwargs
-
-        who = SimpleNamespace(
-            user_adapter=user_adapter, user_shots=user_shots, user=user, user_scale=user_scale
-        )
-        extra.update(user_pipeline_kwargs(pipe, who, guidance=guidance > 1))
         batch_size = 1  # the embeds are one person's for one prompt; diffusers does not repeat them per batch
 
     out = Path(out)
@@ -188,20 +210,34 @@ def generate(
             f"generate: {len(done)} of {len(records)} samples already in {out} (same settings); sampling {len(todo)}"
         )
     sheet = {i: previews(load_media(records[i].path)[0][None])[0] for i in sorted(done) if i < SHEET_SIZE}
-    batches = iter_samples(
-        pipe,
-        [jobs[i].prompt for i in todo],
-        [seeds[i] for i in todo],
-        negative_prompts=[jobs[i].negative_prompt for i in todo],
-        steps=steps,
-        guidance=guidance,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        progress=progress,
-        desc="generate",
-        **extra,
-    )
+    batches = []  # every sample done: no weights to load
+    if todo:
+        pipe, extra = _load_sampler(
+            model,
+            family,
+            runtime={"device": device, "dtype": dtype, "cpu_offload": cpu_offload, "verbose": verbose},
+            lora=lora,
+            negative_lora=negative_lora,
+            npo=(npo_alpha, npo_beta),
+            who=(user_adapter, user_shots, user, user_scale),
+            guidance=guidance,
+        )
+        if num_frames is not None:
+            extra["num_frames"] = num_frames
+        batches = iter_samples(
+            pipe,
+            [jobs[i].prompt for i in todo],
+            [seeds[i] for i in todo],
+            negative_prompts=[jobs[i].negative_prompt for i in todo],
+            steps=steps,
+            guidance=guidance,
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            progress=progress,
+            desc="generate",
+            **extra,
+        )
     for first, media in batches:
         batch = todo[first : first + len(media)]
         for i, m in zip(batch, media):

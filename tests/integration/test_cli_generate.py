@@ -104,8 +104,16 @@ def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, m
     for row in rows:
         assert (out / row["path"]).read_bytes() == (whole / row["path"]).read_bytes()
 
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded the model with nothing to sample")
+
+    monkeypatch.setattr(runtime, "load_for_inference", must_not_load)
     sampled.clear()
-    assert main([*args, "--out", str(out)]) == 0 and sampled == []  # finished: nothing to sample
+    assert (
+        main([*args, "--out", str(out)]) == 0 and sampled == []
+    )  # finished: nothing to sample, nothing loaded
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "iter_samples", counting)
     assert main([*args, "--guidance", "3", "--out", str(out)]) == 0 and sampled == [0, 1, 2, 3, 4, 5]
     sampled.clear()
     assert main([*args, "--guidance", "3", "--overwrite", "--out", str(out)]) == 0 and len(sampled) == 6
