@@ -36,6 +36,12 @@ def is_toy_model(model: str) -> bool:
     return (path / "toy_build.json").is_file() or (path / "toy_video_build.json").is_file()
 
 
+def _run_name(path: str) -> str:
+    """A label for a trained adapter: its run folder for a run's ``final/`` export (every run has one), else its name."""
+    p = Path(path)
+    return p.parent.name or p.name if p.name == "final" else p.name
+
+
 def evaluate(
     model_a: str = str(DEFAULT_TOY_MODEL),
     *,
@@ -154,14 +160,15 @@ def evaluate(
     if negative_lora_a:  # NPO guidance on (A) vs off (B): A shares B's weights, only its CFG branch differs
         from mmalign.pipelines.npo import npo_guided_pipeline
 
-        pipe_a = npo_guided_pipeline(pipe_b, negative_lora_a, alpha=npo_alpha, beta=npo_beta)
-        label_a = label_a or f"NPO-guided ({Path(negative_lora_a).name})"
+        with quiet_libraries(not verbose):
+            pipe_a = npo_guided_pipeline(pipe_b, negative_lora_a, alpha=npo_alpha, beta=npo_beta)
+        label_a = label_a or f"NPO-guided ({_run_name(negative_lora_a)})"
     elif share or (lora_a is None and lora_b is None and model_b in (None, model_a)):
         pipe_a = pipe_b
     else:
         pipe_a, _, _ = load_for_inference(model_a, lora=lora_a, **runtime)
     label_a = label_a or ("tuned" if lora_a else Path(model_a).name)
-    label_b = label_b or ("base" if not lora_b else Path(lora_b).name)
+    label_b = label_b or ("base" if not lora_b else _run_name(lora_b))
     kwargs = dict(
         steps=steps, guidance=guidance, height=height, width=width, batch_size=batch_size, progress=progress
     )

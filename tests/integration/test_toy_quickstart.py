@@ -141,7 +141,10 @@ def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path, capsys):
     ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n"] == 4 and metrics["labels"]["a"].startswith("NPO-guided")
+    assert metrics["n"] == 4 and metrics["labels"]["a"] == "NPO-guided (neg)"
+    from mmalign.commands.eval import _run_name
+
+    assert _run_name("outputs/sdxl-self-npo/final") == "sdxl-self-npo"  # a run's export: named by its run
     assert metrics["mean_reward_a"]["toy_color"] != metrics["mean_reward_b"]["toy_color"]
     # without CFG NPO guidance would do nothing: one line says so (the toy world samples at CFG 1 by default)
     no_cfg = [a for a in args if a not in ("--guidance", "3")]
