@@ -173,7 +173,14 @@ def build_pipeline(preset: dict, device: str, dtype: torch.dtype) -> SimpleNames
         if any(k in name.split(".") for k in keep):
             module.float()
     return SimpleNamespace(
-        transformer=transformer, vae=vae, scheduler=scheduler, tokenizer=None, text_encoder=None
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        tokenizer=None,
+        text_encoder=None,
+        config=SimpleNamespace(
+            boundary_ratio=None
+        ),  # one transformer (Wan 2.1; not a Wan 2.2 A14B expert pair)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from mmalign.pipelines.cogvideox import CogVideoXAdapter
 from mmalign.pipelines.sd15 import SD15Adapter
 from mmalign.pipelines.sdxl import SDXLAdapter
 from mmalign.pipelines.toy_video import ToyVideoAdapter
-from mmalign.pipelines.wan import WanAdapter
+from mmalign.pipelines.wan import WanAdapter, other_expert
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Family:
         video: whether the adapter is a :class:`VideoAdapter`.
         fps: the frame rate a video family's clips are made to play at (Wan 2.1: 16, CogVideoX: 8): what
             ``generate`` writes into mp4 files and ``eval`` gives to rewards when ``--fps`` is not set.
+        unused_components: ``model.adapter_options`` -> pipeline components a training run need not load (Wan 2.2
+            A14B: the expert it does not train).
     """
 
     pipeline_class: str | type
@@ -47,6 +50,7 @@ class Family:
     noise_process: NoiseProcess
     video: bool = False
     fps: float | None = None
+    unused_components: Callable[[dict[str, Any]], list[str]] | None = None
 
     @property
     def pipeline_class_name(self) -> str:
@@ -57,7 +61,7 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
     "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
-    "wan": Family("WanPipeline", WanAdapter, "flow", video=True, fps=16.0),
+    "wan": Family("WanPipeline", WanAdapter, "flow", video=True, fps=16.0, unused_components=other_expert),
     "toy_video": Family("AnimateDiffPipeline", ToyVideoAdapter, "ddpm", video=True, fps=8.0),
 }
 
@@ -134,8 +138,11 @@ def load_pipeline(
     vae: str | None = None,
     torch_dtype: Any = None,
     trust_remote_code: bool = False,
+    skip: Sequence[str] = (),
 ) -> tuple[Any, str]:
     """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family).
+
+    ``skip`` names components not to load (None in the pipeline), e.g. the Wan 2.2 expert a run does not train.
 
     Raises:
         ConfigError: one line naming ``pretrained`` when it is missing (locally, or offline and not in the hub
@@ -144,7 +151,9 @@ def load_pipeline(
     from mmalign.config import clip
 
     try:
-        return _load_pipeline(pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code)
+        return _load_pipeline(
+            pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code, skip
+        )
     except ConfigError:
         raise
     except (
@@ -171,6 +180,7 @@ def _load_pipeline(
     vae: str | None,
     torch_dtype: Any,
     trust_remote_code: bool,
+    skip: Sequence[str] = (),
 ) -> tuple[Any, str]:
     import diffusers
 
@@ -194,7 +204,7 @@ def _load_pipeline(
         if isinstance(spec.pipeline_class, str)
         else spec.pipeline_class
     )
-    kwargs: dict[str, Any] = {"revision": revision, "variant": variant}
+    kwargs: dict[str, Any] = {"revision": revision, "variant": variant, **dict.fromkeys(skip)}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if trust_remote_code:
@@ -219,15 +229,26 @@ def _load_pipeline(
 
 
 def load_model(model: Any, *, torch_dtype: Any = None) -> tuple[Any, str, PipelineAdapter]:
-    """A run config's ``model`` section -> (pipeline, family, adapter): :func:`load_pipeline` + :func:`make_adapter`."""
+    """A run config's ``model`` section -> (pipeline, family, adapter): :func:`load_pipeline` + :func:`make_adapter`.
+
+    Components the adapter's options leave untrained and unused are not loaded (``Family.unused_components``).
+    """
+    family, unused = model.family, None
+    try:
+        if family == "auto":
+            family = detect_family(model.pretrained, model.revision)
+        unused = get_family(family).unused_components
+    except ValueError:  # an unknown family or an unreadable model: load_pipeline says which, in its words
+        family = model.family
     pipe, family = load_pipeline(
         model.pretrained,
-        family=model.family,
+        family=family,
         revision=model.revision,
         variant=model.variant,
         vae=model.vae,
         torch_dtype=torch_dtype,
         trust_remote_code=model.trust_remote_code,
+        skip=unused(model.adapter_options) if unused else (),
     )
     return pipe, family, make_adapter(pipe, family, **model.adapter_options)
 

@@ -78,10 +78,31 @@ def load_for_inference(
     with quiet_libraries(not verbose):
         pipe, family = load_pipeline(model, family=family, torch_dtype=torch_dtype)
         if lora:
-            pipe.load_lora_weights(lora)
+            load_lora(pipe, lora)
     place_pipeline(pipe, dev, cpu_offload=cpu_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, dev
+
+
+LORA_TARGET_FILE = "lora_target.json"  # beside a LoRA for another component than diffusers' default
+
+
+def load_lora(pipe: Any, lora: str) -> None:
+    """``pipe.load_lora_weights(lora)``, into the component the LoRA was trained on.
+
+    A Wan 2.2 low-noise expert's LoRA (``transformer_2``) is saved as a transformer LoRA, as diffusers saves it;
+    the ``lora_target.json`` that ``mmalign train`` writes beside it says to load it with
+    ``load_into_transformer_2=True``.
+    """
+    import json
+    from pathlib import Path
+
+    target = Path(lora) / LORA_TARGET_FILE
+    component = json.loads(target.read_text()).get("component") if target.is_file() else None
+    if component == "transformer_2":
+        pipe.load_lora_weights(lora, load_into_transformer_2=True)
+    else:
+        pipe.load_lora_weights(lora)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import ConfigError
 from mmalign.utils import expand_like
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -25,9 +26,33 @@ def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The inverse of :func:`shift_sigmas`: u = sigma / (shift - (shift - 1) sigma)."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # Wan 2.2 A14B: which expert is which
+
+
+def other_expert(options: dict[str, Any]) -> list[str]:
+    """The pipeline component a run of one Wan 2.2 expert does not load (``model.adapter_options.expert``).
+
+    A14B's experts are 14B transformers each (57 GB in fp32 on the host while loading); a run trains one.
+    """
+    expert = options.get("expert")
+    return [name for key, name in EXPERTS.items() if expert in EXPERTS and key != expert]
+
+
 @dataclass
 class WanAdapter:
-    """Adapter for WanPipeline text-to-video checkpoints (Wan 2.1 T2V 1.3B/14B)."""
+    """Adapter for WanPipeline text-to-video checkpoints: Wan 2.1 T2V 1.3B/14B and Wan 2.2 T2V.
+
+    Wan 2.2 TI2V-5B (48-channel VAE, 16x spatial) needs nothing more: its pipeline gives every latent token the same
+    timestep in text-to-video (``expand_timesteps``), which the transformer takes as one per clip (tested equal).
+    Wan 2.2 A14B has two experts: ``transformer`` denoises t >= ``boundary_ratio`` x 1000 (875: high noise, layout
+    and motion) and ``transformer_2`` below it. A run trains one of them on its own timesteps
+    (``expert: high_noise | low_noise``), as the pipeline would use it.
+    """
 
     pipeline: Any
     family: str = "wan"
@@ -37,10 +62,22 @@ class WanAdapter:
     causal: bool = True
     timestep_sampling: str = "uniform"  # or "logit_normal" (the DenseDPO paper's rectified-flow training)
     max_text_len: int = 512
+    expert: str | None = None  # Wan 2.2 A14B: "high_noise" (transformer) or "low_noise" (transformer_2)
 
     def __post_init__(self) -> None:
         if self.timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"timestep_sampling={self.timestep_sampling!r}: use uniform or logit_normal")
+        if self.expert is not None and self.expert not in EXPERTS:
+            raise ConfigError(f"model.adapter_options.expert={self.expert!r}: use one of {sorted(EXPERTS)}")
+        ratio = getattr(self.pipeline.config, "boundary_ratio", None)
+        self.boundary = (
+            None if ratio is None else float(ratio) * NUM_TRAIN_TIMESTEPS
+        )  # two experts split here
+        self.t_range = (0.0, NUM_TRAIN_TIMESTEPS)
+        if self.expert is not None and self.boundary is not None:
+            self.denoiser_name = EXPERTS[self.expert]
+            low = self.expert == "low_noise"
+            self.t_range = (0.0, self.boundary) if low else (self.boundary, NUM_TRAIN_TIMESTEPS)
         cfg = dict(self.pipeline.scheduler.config)
         self.shift = float(cfg.get("flow_shift") or cfg.get("shift") or 1.0)
         self.scheduler = self.pipeline.scheduler  # sampling only; training maths are the flow formulas below
@@ -108,10 +145,45 @@ class WanAdapter:
             return_dict=False,
         )[0]
 
+    def check_run(self, cfg: Any) -> None:
+        """Refuse, before any step, a run this pipeline cannot do as configured (the loop calls this)."""
+        if self.boundary is None:
+            if self.expert is not None:
+                raise ConfigError(
+                    f"model.adapter_options.expert={self.expert} is for a two-expert Wan 2.2 A14B pipeline; "
+                    f"{cfg.model.pretrained} has one transformer: remove the option"
+                )
+            return
+        if self.expert is None:
+            raise ConfigError(
+                f"{cfg.model.pretrained} is a two-expert Wan 2.2 pipeline (transformer for t >= {self.boundary:g}, "
+                "transformer_2 below): train one per run with model.adapter_options.expert=high_noise or low_noise"
+            )
+        if cfg.train.validation_every:
+            raise ConfigError(
+                "train.validation_every: a Wan 2.2 expert run loads only the trained expert, and sampling needs both; "
+                "set it to 0 and compare with `mmalign eval --lora-a <run>/final`"
+            )
+
     def sample_timesteps(self, n, generator, device):
-        """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1)."""
+        """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1); within the expert's range for a Wan 2.2 expert.
+
+        An expert's range [t0, t1) is drawn by inverting the shift and the CDF: u ~ U(u0, u1) (uniform), or
+        u = sigmoid(ndtri(p)) with p ~ U(ndtr(logit u0), ndtr(logit u1)) (logit-normal), i.e. the full-range
+        distribution conditioned on the expert's timesteps.
+        """
+        if self.t_range == (0.0, NUM_TRAIN_TIMESTEPS):
+            if self.timestep_sampling == "logit_normal":
+                u = torch.sigmoid(torch.randn(n, generator=generator))
+            else:
+                u = torch.rand(n, generator=generator)
+            return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).to(device)
+        lo, hi = (torch.tensor(t / NUM_TRAIN_TIMESTEPS, dtype=torch.float64) for t in self.t_range)
+        u_lo, u_hi = unshift_sigmas(lo, self.shift), unshift_sigmas(hi, self.shift)
+        r = torch.rand(n, generator=generator, dtype=torch.float64)
         if self.timestep_sampling == "logit_normal":
-            u = torch.sigmoid(torch.randn(n, generator=generator))
+            p_lo, p_hi = (torch.special.ndtr(torch.logit(u)) for u in (u_lo, u_hi))
+            u = torch.sigmoid(torch.special.ndtri(p_lo + (p_hi - p_lo) * r))
         else:
-            u = torch.rand(n, generator=generator)
-        return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).to(device)
+            u = u_lo + (u_hi - u_lo) * r
+        return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).float().to(device)

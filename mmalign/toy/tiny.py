@@ -319,11 +319,19 @@ def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
     return pipe
 
 
-def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0) -> Any:
+WAN_VARIANTS = ("2.1", "2.2-a14b", "2.2-ti2v-5b")
+
+
+def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0, variant: str = "2.1") -> Any:
     """A tiny random WanPipeline (diffusers' dummy-component sizes) saved in diffusers format.
 
     The tokenizer is the word-level toy tokenizer (no hub download); the UMT5 encoder is 1 layer, width 32.
+    ``variant``: ``2.1``; ``2.2-a14b`` (two experts, ``transformer_2`` below ``boundary_ratio`` 0.875);
+    ``2.2-ti2v-5b`` (48-channel VAE with 16x spatial compression, per-token timesteps), as diffusers' Wan 2.2
+    pipeline tests build them.
     """
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose from {WAN_VARIANTS}")
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -335,24 +343,39 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0) ->
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
     torch.manual_seed(seed)
+    five_b = variant == "2.2-ti2v-5b"
+    z = 48 if five_b else 16
+    vae_5b = dict(in_channels=12, out_channels=12, is_residual=True, patch_size=2, scale_factor_spatial=16)
     vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        base_dim=3,
+        z_dim=z,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        **(dict(vae_5b, latents_mean=[0.0] * z, latents_std=[1.0] * z) if five_b else {}),
     )
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=z,
+            out_channels=z,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
     torch.manual_seed(seed + 1)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    experts = {"transformer": transformer()}
+    if variant == "2.2-a14b":
+        torch.manual_seed(seed + 3)
+        experts.update(transformer_2=transformer(), boundary_ratio=0.875)
     torch.manual_seed(seed + 2)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -370,8 +393,9 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0) ->
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         vae=vae,
-        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        expand_timesteps=five_b,
+        **experts,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe

@@ -27,6 +27,7 @@ from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model, prompt_length
 from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
+from mmalign.pipelines.runtime import LORA_TARGET_FILE
 from mmalign.trainers import check_noise_process, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -326,6 +327,8 @@ def _setup_models(run: _Run) -> None:
     dtype = weight_dtype(cfg.train.mixed_precision)
     pipe, family, adapter = load_model(cfg.model)
     check_noise_process(run.method.name, family, adapter.noise_process)
+    if hasattr(adapter, "check_run"):  # optional: a family's own refusals (Wan 2.2 A14B: which expert)
+        adapter.check_run(cfg)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:
         encoder.requires_grad_(False).to(accelerator.device, dtype)
@@ -498,8 +501,14 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     from tqdm.auto import tqdm
 
     cfg, t_cfg, accelerator, method, loader = run.cfg, run.cfg.train, run.accelerator, run.method, run.loader
+    expert = getattr(run.adapter, "expert", None)
+    if expert:  # Wan 2.2 A14B: one of two experts, on its own timesteps
+        lo, hi = run.adapter.t_range
+        which = f"; {expert} expert {run.adapter.denoiser_name}, t in [{lo:g}, {hi:g})"
+    else:
+        which = ""
     accelerator.print(
-        f"{method.name} on {run.family} ({cfg.model.pretrained}): {len(run.data.dataset)} items, "
+        f"{method.name} on {run.family} ({cfg.model.pretrained}{which}): {len(run.data.dataset)} items, "
         f"{sum(p.numel() for p in run.params):,} trainable params "
         f"({trains_what(cfg, run.method)}), global batch {run.global_batch}, lr {run.lr:.3g}"
     )
@@ -803,7 +812,9 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
     """LoRA -> ``pipe.load_lora_weights(out_dir)``-loadable weights; full -> the denoiser in diffusers format.
 
     ``denoiser_name`` is the pipeline attribute ("unet" or "transformer"); diffusers' ``save_lora_weights``
-    takes the layers as ``<name>_lora_layers``.
+    takes the layers as ``<name>_lora_layers``. Wan 2.2's low-noise expert (``transformer_2``) is saved as
+    diffusers saves it, as a transformer LoRA, with ``lora_target.json`` saying to load it with
+    ``load_into_transformer_2=True`` (as :func:`mmalign.pipelines.runtime.load_lora` does).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.lora.enabled:
@@ -811,9 +822,16 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        type(pipe).save_lora_weights(
-            out_dir, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True
-        )
+        name = "transformer" if denoiser_name == "transformer_2" else denoiser_name
+        type(pipe).save_lora_weights(out_dir, **{f"{name}_lora_layers": layers}, safe_serialization=True)
+        if denoiser_name == "transformer_2":
+            write_json(
+                out_dir / LORA_TARGET_FILE,
+                {
+                    "component": denoiser_name,
+                    "load": f"pipe.load_lora_weights('{out_dir}', load_into_transformer_2=True)",
+                },
+            )
     else:
         denoiser.save_pretrained(out_dir / denoiser_name, safe_serialization=True)
     return out_dir

@@ -1,0 +1,142 @@
+"""Wan 2.2 on tiny pipelines: an A14B run trains one expert on its own timesteps; TI2V-5B trains as Wan 2.1 does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_only_trainable_changed
+from test_dense_dpo_train import video_cfg, write_video_pairs
+
+from mmalign.config import ConfigError
+from mmalign.pipelines import load_model, load_pipeline, make_adapter
+from mmalign.trainers.loop import train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    from mmalign.toy.tiny import build_tiny_wan
+
+    path = tmp_path_factory.mktemp("tiny-wan22-a14b")
+    build_tiny_wan(path, variant="2.2-a14b")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_video_pairs(tmp_path_factory.mktemp("wan22-pairs"), frames=9)
+
+
+def model_cfg(path, *extra):
+    from mmalign.trainers import load_config
+
+    return load_config(None, [f"model.pretrained={path}", "method.name=dense_dpo", *extra]).model
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_each_expert_loads_alone_and_draws_its_own_timesteps(a14b, sampling):
+    """The pipeline switches experts at t = 875 (transformer above); an expert's draws are the full-range
+    distribution conditioned on its range: the same quantiles as full-range draws that fall there."""
+    full = make_adapter(load_pipeline(str(a14b))[0], "wan", timestep_sampling=sampling)
+    g = torch.Generator().manual_seed(0)
+    ref = full.sample_timesteps(200_000, g, torch.device("cpu"))
+    q = torch.linspace(0.05, 0.95, 19)
+    for expert, name, other in [
+        ("high_noise", "transformer", "transformer_2"),
+        ("low_noise", "transformer_2", "transformer"),
+    ]:
+        opts = f"model.adapter_options={{expert: {expert}, timestep_sampling: {sampling}}}"
+        pipe, _, adapter = load_model(model_cfg(a14b, opts))
+        assert adapter.denoiser_name == name and getattr(pipe, name) is not None
+        assert getattr(pipe, other) is None  # the expert a run does not train is not loaded
+        t = adapter.sample_timesteps(20_000, torch.Generator().manual_seed(1), torch.device("cpu"))
+        inside = (t >= 875) if expert == "high_noise" else (t < 875)
+        assert inside.all()
+        kept = ref[(ref >= 875) if expert == "high_noise" else (ref < 875)]
+        assert torch.allclose(t.quantile(q), kept.quantile(q), atol=4.0)  # timesteps in [0, 1000]
+
+
+def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a14b, tmp_path):
+    from mmalign.toy.tiny import build_tiny_wan
+
+    pipe, family, adapter = load_model(model_cfg(a14b))
+    from mmalign.trainers import load_config
+
+    base = [f"model.pretrained={a14b}", "method.name=dense_dpo"]
+    with pytest.raises(
+        ConfigError, match="two-expert Wan 2.2 pipeline .*adapter_options.expert=high_noise or low_noise"
+    ):
+        adapter.check_run(load_config(None, base))
+    expert = make_adapter(pipe, family, expert="high_noise")
+    expert.check_run(load_config(None, base))
+    with pytest.raises(ConfigError, match="train.validation_every: a Wan 2.2 expert run loads only"):
+        expert.check_run(
+            load_config(None, [*base, "train.validation_every=5", "train.validation_prompts=[a]"])
+        )
+    build_tiny_wan(tmp_path / "wan21")
+    one = make_adapter(load_pipeline(str(tmp_path / "wan21"))[0], "wan", expert="low_noise")
+    assert one.denoiser_name == "transformer" and one.t_range == (0.0, 1000)
+    with pytest.raises(ConfigError, match="expert=low_noise is for a two-expert Wan 2.2 A14B pipeline"):
+        one.check_run(load_config(None, [f"model.pretrained={tmp_path / 'wan21'}", "method.name=dense_dpo"]))
+
+
+def test_low_noise_expert_trains_exports_and_loads_into_transformer_2(a14b, pairs, tmp_path):
+    """Only transformer_2's LoRA moves; the export loads back into transformer_2 (lora_target.json), so sampling
+    with it changes only the steps below the boundary."""
+    from diffusers import WanTransformer3DModel
+
+    from mmalign.pipelines.runtime import load_for_inference, sample
+
+    cfg = video_cfg(
+        a14b,
+        pairs,
+        tmp_path / "run",
+        "model.adapter_options={expert: low_noise}",
+        "method.num_frames=9",
+        "train.learning_rate=3e-2",
+        "train.max_steps=2",
+    )
+    result = train(cfg, keep_initial=True)
+    assert result.denoiser is result.pipeline.transformer_2 and result.pipeline.transformer is None
+    start = dict(WanTransformer3DModel.from_pretrained(a14b, subfolder="transformer_2").named_parameters())
+    trainable, frozen = assert_only_trainable_changed(result, start)
+    assert trainable > 0 and frozen > 0
+    final = tmp_path / "run" / "final"
+    assert (final / "lora_target.json").is_file()
+
+    pipe, _, _ = load_for_inference(str(a14b), lora=str(final), device="cpu")
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    assert any("lora" in n for n, _ in pipe.transformer_2.named_parameters())
+    base, _, _ = load_for_inference(str(a14b), device="cpu")
+    kw = dict(steps=1, height=16, width=16, num_frames=9, guidance=1.0, progress=False)
+    # FlowMatchEuler at shift 7: 1 step is t = 1000 only (the high-noise expert); the LoRA is not used
+    assert torch.equal(sample(pipe, ["a red circle"], [0], **kw), sample(base, ["a red circle"], [0], **kw))
+    kw["steps"] = 2  # t = 1000, 47: the second step is the low-noise expert's, with its LoRA
+    assert not torch.equal(
+        sample(pipe, ["a red circle"], [0], **kw), sample(base, ["a red circle"], [0], **kw)
+    )
+
+
+def test_ti2v_5b_trains_like_wan21(tmp_path):
+    """48-channel VAE with 16x spatial compression; its pipeline's per-token timesteps equal one per clip."""
+    from mmalign.toy.tiny import build_tiny_wan
+
+    build_tiny_wan(tmp_path / "5b", variant="2.2-ti2v-5b")
+    pipe, family = load_pipeline(str(tmp_path / "5b"))
+    adapter = make_adapter(pipe, family)
+    assert pipe.config.expand_timesteps and adapter.denoiser_name == "transformer"
+    clip = torch.rand(1, 9, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0 = adapter.encode_media(clip)
+    assert x0.shape == (1, 48, 3, 2, 2)
+    cond = adapter.encode_prompts(["a red circle"])
+    t = torch.tensor([700.0])
+    per_clip = adapter.predict(pipe.transformer, x0, t, cond)
+    tokens = 3 * 1 * 1  # latent frames x (h / 2) x (w / 2) patches, as WanPipeline expands them
+    per_token = adapter.predict(pipe.transformer, x0, t[:, None].expand(1, tokens), cond)
+    assert torch.allclose(per_clip, per_token, atol=1e-5)
+    pairs = write_video_pairs(tmp_path / "pairs", frames=9, size=32)
+    cfg = video_cfg(tmp_path / "5b", pairs, tmp_path / "run", "model.resolution=32", "method.num_frames=9")
+    result = train(cfg, keep_initial=True)
+    trainable, _ = assert_only_trainable_changed(result, dict(pipe.transformer.named_parameters()))
+    assert trainable > 0
