@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.commands.options import one_line_errors
+from mmalign.commands.options import one_line_errors, one_or_many
 from mmalign.toy import DEFAULT_TOY_MODEL, QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
 GRID_COLUMNS = 8  # (prompt, seed) columns shown in grid.png
@@ -36,8 +36,11 @@ def is_toy_model(model: str) -> bool:
     return (path / "toy_build.json").is_file() or (path / "toy_video_build.json").is_file()
 
 
-def _run_name(path: str) -> str:
-    """A label for a trained adapter: its run folder for a run's ``final/`` export (every run has one), else its name."""
+def _run_name(path: str | list[str]) -> str:
+    """A label for a trained adapter: its run folder for a run's ``final/`` export (every run has one), else its name;
+    several joined with ``+``."""
+    if not isinstance(path, str):
+        return "+".join(_run_name(p) for p in path)
     p = Path(path)
     return p.parent.name or p.name if p.name == "final" else p.name
 
@@ -46,8 +49,8 @@ def evaluate(
     model_a: str = str(DEFAULT_TOY_MODEL),
     *,
     model_b: str | None = None,
-    lora_a: str | None = None,
-    lora_b: str | None = None,
+    lora_a: str | list[str] | None = None,
+    lora_b: str | list[str] | None = None,
     negative_lora_a: str | None = None,
     npo_alpha: float = 1.0,
     npo_beta: float = 1.0,
@@ -79,8 +82,8 @@ def evaluate(
     Args:
         model_a: Pipeline under test (hub id or directory); default the toy model.
         model_b: Baseline pipeline (default: ``model_a``).
-        lora_a: LoRA loaded into A (e.g. a run's ``final/``).
-        lora_b: LoRA loaded into B.
+        lora_a: LoRA loaded into A (e.g. a run's ``final/``), or several (all active).
+        lora_b: LoRA(s) loaded into B.
         negative_lora_a: NPO guidance on/off: A = B with this negative LoRA in its CFG branch.
         npo_alpha: NPO weight offset alpha.
         npo_beta: NPO weight offset beta.
@@ -226,8 +229,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.model_a,
         model_b=args.model_b,
-        lora_a=args.lora_a,
-        lora_b=args.lora_b,
+        lora_a=one_or_many(args.lora_a),
+        lora_b=one_or_many(args.lora_b),
         negative_lora_a=args.negative_lora_a,
         npo_alpha=args.npo_alpha,
         npo_beta=args.npo_beta,
@@ -267,9 +270,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-a", default=str(DEFAULT_TOY_MODEL), help="pipeline of A: hub id or directory (default: toy)"
     )
-    p.add_argument("--lora-a", help="LoRA loaded into A (e.g. a run's final/)")
+    p.add_argument(
+        "--lora-a",
+        action="append",
+        help="LoRA loaded into A (e.g. a run's final/); repeat for several (Wan 2.2 A14B: one per expert)",
+    )
     p.add_argument("--model-b", help="pipeline of B (default: same as A)")
-    p.add_argument("--lora-b", help="LoRA loaded into B")
+    p.add_argument("--lora-b", action="append", help="LoRA loaded into B (repeatable)")
     p.add_argument(
         "--negative-lora-a", help="NPO guidance on/off: A = B with this negative LoRA in its CFG branch"
     )

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmalign.commands.options import one_line_errors
+from mmalign.commands.options import one_line_errors, one_or_many
 from mmalign.data.manifest import (
     MANIFEST_NAME,
     MediaRecord,
@@ -42,7 +42,7 @@ def _load_sampler(
     family: str,
     *,
     runtime: dict[str, Any],
-    lora: str | None,
+    lora: str | list[str] | None,
     negative_lora: str | None,
     npo: tuple[float, float],
     who: tuple[str | None, str | None, str | None, float],
@@ -87,7 +87,7 @@ def generate(
     num_frames: int | None = None,
     fps: float | None = None,
     family: str = "auto",
-    lora: str | None = None,
+    lora: str | list[str] | None = None,
     negative_lora: str | None = None,
     npo_alpha: float = 1.0,
     npo_beta: float = 1.0,
@@ -123,7 +123,7 @@ def generate(
         num_frames: Frames per clip for video pipelines (None: the pipeline's default).
         fps: Frame rate of written mp4 files (None: the family's, e.g. Wan 16, CogVideoX 8).
         family: Pipeline family or ``auto``.
-        lora: LoRA directory (``mmalign train``'s ``final/``).
+        lora: LoRA directory (``mmalign train``'s ``final/``), or several (all active).
         negative_lora: Negative LoRA for NPO guidance.
         npo_alpha: NPO weight offset alpha.
         npo_beta: NPO weight offset beta.
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.num_frames,
         fps=args.fps,
         family=args.family,
-        lora=args.lora,
+        lora=one_or_many(args.lora),
         negative_lora=args.negative_lora,
         npo_alpha=args.npo_alpha,
         npo_beta=args.npo_beta,
@@ -344,7 +344,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="hub id or local pipeline directory")
     p.add_argument("--family", default="auto", help="pipeline family (default: from model_index.json)")
-    p.add_argument("--lora", help="LoRA directory from `mmalign train` (final/)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        help="LoRA directory from `mmalign train` (final/); repeat to load several (Wan 2.2 A14B: one per expert)",
+    )
     p.add_argument("--negative-lora", help="negative LoRA for NPO guidance")
     p.add_argument("--npo-alpha", type=float, default=1.0)
     p.add_argument(

@@ -134,3 +134,10 @@ def resolve_recipe(path: str) -> str:
         if (configs_root() / candidate).is_file():
             return str(configs_root() / candidate)
     return path
+
+
+def one_or_many(values: list[str] | None) -> str | list[str] | None:
+    """A repeatable flag's values (``action="append"``): None, the one value, or the list of several."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)

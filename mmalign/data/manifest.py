@@ -51,7 +51,7 @@ class MediaRecord:
         guidance: CFG scale.
         steps: Sampler steps.
         model: Hub id or directory of the pipeline.
-        lora: LoRA directory loaded into it, or None.
+        lora: LoRA directory loaded into it (a list for several), or None.
         kind: ``image`` or ``video``.
         group: Candidates of one prompt share it (default: the prompt).
         extra: Any other keys, kept.
@@ -64,7 +64,7 @@ class MediaRecord:
     guidance: float | None = None
     steps: int | None = None
     model: str | None = None
-    lora: str | None = None
+    lora: str | list[str] | None = None
     kind: str = "image"
     group: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

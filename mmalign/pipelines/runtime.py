@@ -63,7 +63,7 @@ def load_for_inference(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     cpu_offload: bool = False,
-    lora: str | None = None,
+    lora: str | Sequence[str] | None = None,
     verbose: bool = False,
 ) -> tuple[Any, str, torch.device]:
     """``load_pipeline`` + LoRA + placement, with diffusers' loading bars and warnings off unless ``verbose``.
@@ -87,22 +87,26 @@ def load_for_inference(
 LORA_TARGET_FILE = "lora_target.json"  # beside a LoRA for another component than diffusers' default
 
 
-def load_lora(pipe: Any, lora: str) -> None:
-    """``pipe.load_lora_weights(lora)``, into the component the LoRA was trained on.
+def load_lora(pipe: Any, lora: str | Sequence[str]) -> None:
+    """``pipe.load_lora_weights``, each LoRA into the component it was trained on; several are all active.
 
     A Wan 2.2 low-noise expert's LoRA (``transformer_2``) is saved as a transformer LoRA, as diffusers saves it;
     the ``lora_target.json`` that ``mmalign train`` writes beside it says to load it with
-    ``load_into_transformer_2=True``.
+    ``load_into_transformer_2=True``. Several LoRAs (both A14B experts' runs, or two LoRAs of one UNet) are loaded
+    as adapters ``lora_0``, ``lora_1`` ... and switched on together at weight 1 (diffusers' ``set_adapters``).
     """
     import json
     from pathlib import Path
 
-    target = Path(lora) / LORA_TARGET_FILE
-    component = json.loads(target.read_text()).get("component") if target.is_file() else None
-    if component == "transformer_2":
-        pipe.load_lora_weights(lora, load_into_transformer_2=True)
-    else:
-        pipe.load_lora_weights(lora)
+    loras = [lora] if isinstance(lora, str) else list(lora)
+    names = [f"lora_{i}" for i in range(len(loras))] if len(loras) > 1 else [None]
+    for path, name in zip(loras, names):
+        target = Path(path) / LORA_TARGET_FILE
+        component = json.loads(target.read_text()).get("component") if target.is_file() else None
+        into = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+        pipe.load_lora_weights(path, adapter_name=name, **into)
+    if len(loras) > 1:
+        pipe.set_adapters(names)
 
 
 @contextlib.contextmanager

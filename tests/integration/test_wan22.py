@@ -113,8 +113,21 @@ def test_low_noise_expert_trains_exports_and_loads_into_transformer_2(a14b, pair
     # FlowMatchEuler at shift 7: 1 step is t = 1000 only (the high-noise expert); the LoRA is not used
     assert torch.equal(sample(pipe, ["a red circle"], [0], **kw), sample(base, ["a red circle"], [0], **kw))
     kw["steps"] = 2  # t = 1000, 47: the second step is the low-noise expert's, with its LoRA
-    assert not torch.equal(
-        sample(pipe, ["a red circle"], [0], **kw), sample(base, ["a red circle"], [0], **kw)
+    low_only = sample(pipe, ["a red circle"], [0], **kw)
+    assert not torch.equal(low_only, sample(base, ["a red circle"], [0], **kw))
+
+    # the other expert's run too, and both LoRAs at once (generate/eval --lora A --lora B): each in its expert
+    high = tmp_path / "high"
+    train(video_cfg(a14b, pairs, high, "model.adapter_options={expert: high_noise}", "method.num_frames=9"))
+    both, _, _ = load_for_inference(str(a14b), lora=[str(high / "final"), str(final)], device="cpu")
+    assert both.get_list_adapters() == {"transformer": ["lora_0"], "transformer_2": ["lora_1"]}
+    high_only, _, _ = load_for_inference(str(a14b), lora=str(high / "final"), device="cpu")
+    two = sample(both, ["a red circle"], [0], **kw)
+    assert not torch.equal(two, low_only)
+    assert not torch.equal(two, sample(high_only, ["a red circle"], [0], **kw))
+    kw["steps"] = 1  # the high-noise expert alone: its LoRA, as loaded by itself
+    assert torch.equal(
+        sample(both, ["a red circle"], [0], **kw), sample(high_only, ["a red circle"], [0], **kw)
     )
 
 
