@@ -1,5 +1,6 @@
-"""``mmalign cache [--inversion] CONFIG [key=value ...]``: fill the latent/text cache (and the inversion cache) ahead
-of training, so ``mmalign train`` starts straight into its steps. Idempotent: a warm cache does no work.
+"""``mmalign cache [--inversion] CONFIG [key=value ...]``: fill the latent/text cache of image or video pairs (and
+the inversion cache) ahead of training, so ``mmalign train`` starts straight into its steps. Idempotent: a warm
+cache does no work. Only the VAE and text encoders go to the device (and the denoiser for ``--inversion``).
 
 ``register(subparsers)`` is called by :mod:`mmalign.cli`.
 """
@@ -44,25 +45,26 @@ def cmd_cache(args: argparse.Namespace) -> int:
     dtype = (
         weight_dtype(cfg.train.mixed_precision) if args.dtype is None else resolve_dtype(args.dtype, device)
     )
-    with quiet_libraries(not args.verbose):  # diffusers' loading bars and notices, as every other command
-        pipe, family, adapter = load_model(cfg.model)
-    pipe.to(device)
-    for encoder in adapter.text_encoders:
-        encoder.to(device, dtype)
-    denoiser = getattr(pipe, adapter.denoiser_name).requires_grad_(False)
-    if args.dtype is not None and args.inversion:
-        denoiser.to(dtype)
+    build = get_method(cfg.method.name).build_data
     if args.inversion:
         build = method_data.inversion_pairs
-    else:
-        build = method_data.image_pairs
-        if get_method(cfg.method.name).build_data not in (
-            method_data.image_pairs,
-            method_data.inversion_pairs,
-        ):
-            raise ConfigError(
-                f"{args.config}: method {cfg.method.name} does not train from the image-pair cache"
-            )
+    elif build is method_data.inversion_pairs:
+        build = method_data.image_pairs  # the latent/text part; --inversion adds the inversions
+    elif build not in (method_data.image_pairs, method_data.video_pairs):
+        raise ConfigError(
+            f"{args.config}: method {cfg.method.name} does not train from the image or video pair cache"
+        )
+    with quiet_libraries(not args.verbose):  # diffusers' loading bars and notices, as every other command
+        pipe, family, adapter = load_model(cfg.model)
+    # only what encodes goes to the device: the VAE and text encoders, and the denoiser when it inverts
+    pipe.vae.to(device)
+    for encoder in adapter.text_encoders:
+        encoder.to(device, dtype)
+    if args.inversion:
+        denoiser = getattr(pipe, adapter.denoiser_name).requires_grad_(False)
+        denoiser.to(device)
+        if args.dtype is not None:
+            denoiser.to(dtype)
     data = build(cfg, adapter, SingleProcess(device))
     print(json.dumps({"config": args.config, "inversion": args.inversion, **data.counts}))
     return 0

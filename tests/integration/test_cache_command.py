@@ -37,3 +37,34 @@ def test_cache_command_dtype(tiny_sd15, pair_manifest, tmp_path, dtype, expected
     assert main(args) == 0
     assert text_dtypes(tmp_path / "cache") == {expected}
     assert list((tmp_path / "cache").rglob("latents-*.safetensors"))
+
+
+def test_cache_command_fills_the_video_pair_cache_that_train_reads(tmp_path, monkeypatch):
+    """DenseDPO's clips are encoded ahead of training too; the run then never calls the VAE."""
+    from test_dense_dpo_train import video_cfg, write_video_pairs
+
+    from mmalign.pipelines.toy_video import ToyVideoAdapter
+    from mmalign.toy.tiny import build_tiny_toy_video
+    from mmalign.trainers.loop import train
+
+    build_tiny_toy_video(tmp_path / "toy-video")
+    pairs = write_video_pairs(tmp_path / "pairs")
+    config = tmp_path / "cfg.yaml"
+    config.write_text("method:\n  name: dense_dpo\n")
+    common = [f"data.source={pairs}", f"data.cache_dir={tmp_path / 'cache'}", "data.cache=true"]
+    args = [
+        "cache",
+        str(config),
+        f"model.pretrained={tmp_path / 'toy-video'}",
+        "model.resolution=16",
+        *common,
+    ]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
+
+    def no_vae(*a, **k):
+        raise AssertionError("train encoded a clip the cache command had cached")
+
+    monkeypatch.setattr(ToyVideoAdapter, "latent_moments", no_vae)
+    result = train(video_cfg(tmp_path / "toy-video", pairs, tmp_path / "run", *common))
+    assert result.summary["data"]["pairs"] == 4
