@@ -177,7 +177,7 @@ def evaluate(
     )
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
-    fps = clip_fps(family_b, fps)
+    fps = clip_fps(family_b, fps, model_b or model_a)
     # Stream: each batch is scored as it comes and only small previews of the grid's first columns are kept, so
     # memory holds scores, not the evaluation set (hundreds of SDXL images or Wan clips are tens of GB as float32).
     scorer = SetScores(built)

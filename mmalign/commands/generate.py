@@ -161,7 +161,7 @@ def generate(
     if family == "auto":  # from model_index.json: the weights load only once there is something to sample
         family = detect_family(model)
     is_video = get_family(family).video
-    fps = clip_fps(family, fps)
+    fps = clip_fps(family, fps, model)
     if is_video:
         video_writer()  # fail now, not after the sampling
     jobs = [spec for spec in specs for _ in range(n_per_prompt)]

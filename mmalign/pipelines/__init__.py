@@ -27,7 +27,7 @@ from mmalign.pipelines.cogvideox import CogVideoXAdapter
 from mmalign.pipelines.sd15 import SD15Adapter
 from mmalign.pipelines.sdxl import SDXLAdapter
 from mmalign.pipelines.toy_video import ToyVideoAdapter
-from mmalign.pipelines.wan import WanAdapter, other_expert
+from mmalign.pipelines.wan import WanAdapter, other_expert, wan_fps
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Family:
             ``generate`` writes into mp4 files and ``eval`` gives to rewards when ``--fps`` is not set.
         unused_components: ``model.adapter_options`` -> pipeline components a training run need not load (Wan 2.2
             A14B: the expert it does not train).
+        model_fps: a model's ``model_index.json`` -> its clips' frame rate where it differs from ``fps`` within the
+            family (Wan 2.2 TI2V-5B: 24), else None.
     """
 
     pipeline_class: str | type
@@ -51,6 +53,7 @@ class Family:
     video: bool = False
     fps: float | None = None
     unused_components: Callable[[dict[str, Any]], list[str]] | None = None
+    model_fps: Callable[[dict[str, Any]], float | None] | None = None
 
     @property
     def pipeline_class_name(self) -> str:
@@ -61,26 +64,39 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
     "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
-    "wan": Family("WanPipeline", WanAdapter, "flow", video=True, fps=16.0, unused_components=other_expert),
+    "wan": Family(
+        "WanPipeline",
+        WanAdapter,
+        "flow",
+        video=True,
+        fps=16.0,
+        unused_components=other_expert,
+        model_fps=wan_fps,
+    ),
     "toy_video": Family("AnimateDiffPipeline", ToyVideoAdapter, "ddpm", video=True, fps=8.0),
 }
 
 
-def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | None:
-    """``_class_name`` of the pipeline's ``model_index.json`` (local directory or hub id)."""
+def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
+    """The pipeline's ``model_index.json`` (local directory or hub id); no weights are read."""
     index = Path(pretrained) / "model_index.json"
     if index.is_file():
         meta = json.loads(index.read_text())
-        return meta.get("_class_name") if isinstance(meta, dict) else None
+        return meta if isinstance(meta, dict) else {}
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision).get("_class_name")
+        return dict(DiffusionPipeline.load_config(pretrained, revision=revision))
     except Exception as err:  # hub errors come in many types (offline, not found, gated)
         raise ValueError(
             f"{pretrained}: not a local pipeline directory, and its model_index.json could not be "
             f"read from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         ) from None
+
+
+def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | None:
+    """``_class_name`` of the pipeline's ``model_index.json`` (local directory or hub id)."""
+    return pipeline_index(pretrained, revision).get("_class_name")
 
 
 def family_of_class(class_name: str | None) -> str | None:
@@ -124,9 +140,20 @@ def get_family(name: str) -> Family:
 DEFAULT_FPS = 8.0
 
 
-def clip_fps(family: str, fps: float | None = None) -> float:
-    """``fps`` when given, else the family's own frame rate (:attr:`Family.fps`), else 8."""
-    return float(fps or get_family(family).fps or DEFAULT_FPS)
+def clip_fps(family: str, fps: float | None = None, model: str | None = None) -> float:
+    """``fps`` when given, else the frame rate ``model``'s clips are made for (:attr:`Family.model_fps`, from its
+    ``model_index.json``: Wan 2.2 TI2V-5B 24), else the family's own (:attr:`Family.fps`), else 8."""
+    if fps:
+        return float(fps)
+    spec = get_family(family)
+    if model is not None and spec.model_fps is not None:
+        try:
+            found = spec.model_fps(pipeline_index(resolve_pretrained(model)))
+        except ValueError:  # unreadable here: loading the model reports it
+            found = None
+        if found:
+            return float(found)
+    return float(spec.fps or DEFAULT_FPS)
 
 
 def load_pipeline(

@@ -43,6 +43,12 @@ def other_expert(options: dict[str, Any]) -> list[str]:
     return [name for key, name in EXPERTS.items() if expert in EXPERTS and key != expert]
 
 
+def wan_fps(index: dict[str, Any]) -> float | None:
+    """Wan 2.2 TI2V-5B (the pipeline with per-token timesteps, ``expand_timesteps``) makes 24 fps clips; Wan 2.1
+    and 2.2 A14B make 16 (the family's default)."""
+    return 24.0 if index.get("expand_timesteps") else None
+
+
 @dataclass
 class WanAdapter:
     """Adapter for WanPipeline text-to-video checkpoints: Wan 2.1 T2V 1.3B/14B and Wan 2.2 T2V.

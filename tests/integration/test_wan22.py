@@ -139,6 +139,9 @@ def test_ti2v_5b_trains_like_wan21(tmp_path):
     pipe, family = load_pipeline(str(tmp_path / "5b"))
     adapter = make_adapter(pipe, family)
     assert pipe.config.expand_timesteps and adapter.denoiser_name == "transformer"
+    from mmalign.pipelines import clip_fps
+
+    assert clip_fps("wan", None, str(tmp_path / "5b")) == 24.0  # generate/eval: TI2V-5B clips play at 24 fps
     clip = torch.rand(1, 9, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x0 = adapter.encode_media(clip)
     assert x0.shape == (1, 48, 3, 2, 2)
