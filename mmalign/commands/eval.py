@@ -82,7 +82,7 @@ def evaluate(
     Args:
         model_a: Pipeline under test (hub id or directory); default the toy model.
         model_b: Baseline pipeline (default: ``model_a``).
-        lora_a: LoRA loaded into A (e.g. a run's ``final/``), or several (all active).
+        lora_a: a run's ``final/`` loaded into A (LoRA or fine-tuned denoiser), or several (all active).
         lora_b: LoRA(s) loaded into B.
         negative_lora_a: NPO guidance on/off: A = B with this negative LoRA in its CFG branch.
         npo_alpha: NPO weight offset alpha.
@@ -116,12 +116,23 @@ def evaluate(
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
     from mmalign.pipelines import clip_fps
-    from mmalign.pipelines.runtime import iter_samples, load_for_inference, lora_disabled, quiet_libraries
+    from mmalign.pipelines.runtime import (
+        iter_samples,
+        load_for_inference,
+        lora_disabled,
+        quiet_libraries,
+        trained_kind,
+    )
     from mmalign.rewards.score import SetScores
     from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
     from mmalign.trainers.report import previews
 
+    loras_a = [] if lora_a is None else [lora_a] if isinstance(lora_a, str) else list(lora_a)
+    loras_b = [] if lora_b is None else [lora_b] if isinstance(lora_b, str) else list(lora_b)
+    kinds = {
+        path: trained_kind(path) for path in loras_a + loras_b
+    }  # a wrong folder fails before any loading
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
     if prompts is None:
         if not toy:
@@ -158,7 +169,13 @@ def evaluate(
     eval_s = [first + i for i in range(len(eval_p))]
     runtime = dict(family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, verbose=verbose)
     # A LoRA against its own base: one pipeline, the LoRA switched off for B (one copy of the model in memory).
-    share = lora_a is not None and lora_b is None and model_b in (None, model_a) and not negative_lora_a
+    share = bool(  # the LoRA switched off gives the base exactly; a full fine-tune's base is another copy
+        loras_a
+        and not loras_b
+        and all(kinds[p] == "lora" for p in loras_a)
+        and model_b in (None, model_a)
+        and not negative_lora_a
+    )
     pipe_b, family_b, _ = load_for_inference(model_b or model_a, lora=lora_a if share else lora_b, **runtime)
     if negative_lora_a:  # NPO guidance on (A) vs off (B): A shares B's weights, only its CFG branch differs
         from mmalign.pipelines.npo import npo_guided_pipeline
@@ -273,10 +290,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-a",
         action="append",
-        help="LoRA loaded into A (e.g. a run's final/); repeat for several (Wan 2.2 A14B: one per expert)",
+        help="a run's final/ loaded into A (LoRA or fully fine-tuned denoiser); repeat for several "
+        "(Wan 2.2 A14B: one per expert)",
     )
     p.add_argument("--model-b", help="pipeline of B (default: same as A)")
-    p.add_argument("--lora-b", action="append", help="LoRA loaded into B (repeatable)")
+    p.add_argument("--lora-b", action="append", help="a run's final/ loaded into B (repeatable)")
     p.add_argument(
         "--negative-lora-a", help="NPO guidance on/off: A = B with this negative LoRA in its CFG branch"
     )

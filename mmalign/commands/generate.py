@@ -123,7 +123,7 @@ def generate(
         num_frames: Frames per clip for video pipelines (None: the pipeline's default).
         fps: Frame rate of written mp4 files (None: the family's, e.g. Wan 16, CogVideoX 8).
         family: Pipeline family or ``auto``.
-        lora: LoRA directory (``mmalign train``'s ``final/``), or several (all active).
+        lora: ``mmalign train``'s ``final/`` (a LoRA or a fine-tuned denoiser), or several (all active).
         negative_lora: Negative LoRA for NPO guidance.
         npo_alpha: NPO weight offset alpha.
         npo_beta: NPO weight offset beta.
@@ -145,7 +145,7 @@ def generate(
     """
     from mmalign.data.video import video_writer
     from mmalign.pipelines import clip_fps, detect_family, get_family
-    from mmalign.pipelines.runtime import iter_samples
+    from mmalign.pipelines.runtime import iter_samples, trained_kind
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet, previews
 
@@ -154,6 +154,8 @@ def generate(
         raise ValueError("generate: no prompts (give --prompt or --prompts FILE)")
     if n_per_prompt < 1:
         raise ValueError(f"--n-per-prompt {n_per_prompt} must be >= 1")
+    for path in [] if lora is None else [lora] if isinstance(lora, str) else lora:
+        trained_kind(path)  # a wrong folder fails before anything is written
     if negative_lora and guidance <= 1:
         raise ValueError(
             f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
@@ -347,7 +349,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora",
         action="append",
-        help="LoRA directory from `mmalign train` (final/); repeat to load several (Wan 2.2 A14B: one per expert)",
+        help="a run's final/ from `mmalign train` (LoRA or fully fine-tuned denoiser); repeat to load several "
+        "(Wan 2.2 A14B: one per expert)",
     )
     p.add_argument("--negative-lora", help="negative LoRA for NPO guidance")
     p.add_argument("--npo-alpha", type=float, default=1.0)

@@ -66,7 +66,8 @@ def load_for_inference(
     lora: str | Sequence[str] | None = None,
     verbose: bool = False,
 ) -> tuple[Any, str, torch.device]:
-    """``load_pipeline`` + LoRA + placement, with diffusers' loading bars and warnings off unless ``verbose``.
+    """``load_pipeline`` + trained weights + placement, with diffusers' loading bars and warnings off unless
+    ``verbose``. ``lora``: one or more runs' ``final/`` folders, LoRA or full fine-tune (:func:`load_trained`).
 
     Returns:
         (pipeline, family, device).
@@ -78,7 +79,7 @@ def load_for_inference(
     with quiet_libraries(not verbose):
         pipe, family = load_pipeline(model, family=family, torch_dtype=torch_dtype)
         if lora:
-            load_lora(pipe, lora)
+            load_trained(pipe, lora)
     place_pipeline(pipe, dev, cpu_offload=cpu_offload)
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, dev
@@ -87,18 +88,51 @@ def load_for_inference(
 LORA_TARGET_FILE = "lora_target.json"  # beside a LoRA for another component than diffusers' default
 
 
-def load_lora(pipe: Any, lora: str | Sequence[str]) -> None:
-    """``pipe.load_lora_weights``, each LoRA into the component it was trained on; several are all active.
+DENOISER_FOLDERS = ("unet", "transformer", "transformer_2")  # a full fine-tune's final/ holds one of these
 
-    A Wan 2.2 low-noise expert's LoRA (``transformer_2``) is saved as a transformer LoRA, as diffusers saves it;
-    the ``lora_target.json`` that ``mmalign train`` writes beside it says to load it with
-    ``load_into_transformer_2=True``. Several LoRAs (both A14B experts' runs, or two LoRAs of one UNet) are loaded
-    as adapters ``lora_0``, ``lora_1`` ... and switched on together at weight 1 (diffusers' ``set_adapters``).
+
+def trained_kind(path: str) -> str:
+    """What ``mmalign train`` left in ``path`` (a run's ``final/``): "lora" or "full" (a denoiser folder).
+
+    Raises:
+        ValueError: neither, naming what was looked for.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if (p.is_file() and p.suffix == ".safetensors") or (p / "pytorch_lora_weights.safetensors").is_file():
+        return "lora"
+    if any((p / name / "config.json").is_file() for name in DENOISER_FOLDERS):
+        return "full"
+    raise ValueError(
+        f"{path}: no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser "
+        f"({', '.join(n + '/' for n in DENOISER_FOLDERS)}) here; give a run's final/ folder"
+    )
+
+
+def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
+    """Load what ``mmalign train`` exported (each a run's ``final/``) into ``pipe``; several are all active.
+
+    A full fine-tune's denoiser folder replaces the pipeline's component of that name, in the pipeline's dtype.
+    A LoRA is loaded into the component it was trained on: a Wan 2.2 low-noise expert's LoRA (``transformer_2``)
+    is saved as a transformer LoRA, as diffusers saves it, and the ``lora_target.json`` beside it says to load it
+    with ``load_into_transformer_2=True``. Several LoRAs (both A14B experts' runs, or two LoRAs of one UNet) are
+    loaded as adapters ``lora_0``, ``lora_1`` ... and switched on together at weight 1 (``set_adapters``).
     """
     import json
     from pathlib import Path
 
-    loras = [lora] if isinstance(lora, str) else list(lora)
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    kinds = {path: trained_kind(path) for path in paths}
+    for path in (p for p in paths if kinds[p] == "full"):
+        for name in DENOISER_FOLDERS:
+            current = getattr(pipe, name, None)
+            if (Path(path) / name / "config.json").is_file() and current is not None:
+                dtype = next(current.parameters()).dtype
+                pipe.register_modules(
+                    **{name: type(current).from_pretrained(path, subfolder=name, torch_dtype=dtype)}
+                )
+    loras = [p for p in paths if kinds[p] == "lora"]
     names = [f"lora_{i}" for i in range(len(loras))] if len(loras) > 1 else [None]
     for path, name in zip(loras, names):
         target = Path(path) / LORA_TARGET_FILE

@@ -814,7 +814,7 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
     ``denoiser_name`` is the pipeline attribute ("unet" or "transformer"); diffusers' ``save_lora_weights``
     takes the layers as ``<name>_lora_layers``. Wan 2.2's low-noise expert (``transformer_2``) is saved as
     diffusers saves it, as a transformer LoRA, with ``lora_target.json`` saying to load it with
-    ``load_into_transformer_2=True`` (as :func:`mmalign.pipelines.runtime.load_lora` does).
+    ``load_into_transformer_2=True`` (as :func:`mmalign.pipelines.runtime.load_trained` does).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.lora.enabled:

@@ -138,3 +138,67 @@ def test_generate_without_a_video_writer_fails_before_sampling(tmp_path, monkeyp
         ["generate", "--model", str(toy_video), "--prompt", "a red circle", "--out", str(tmp_path / "v")]
     )
     assert code == 2 and "writing videos needs PyAV: pip install 'mmalign[video]'" in capsys.readouterr().err
+
+
+def test_generate_and_eval_load_a_full_fine_tune_from_its_final_folder(tiny_sd15, tmp_path, capsys):
+    """--lora / --lora-a take any run's final/: a full fine-tune's unet/ replaces the pipeline's, exactly."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from mmalign.pipelines.runtime import sample
+
+    torch.set_num_threads(1)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    unet.save_pretrained(tmp_path / "run" / "final" / "unet")
+    final = str(tmp_path / "run" / "final")
+    common = ["--prompt", "a red square", "--steps", "2", "--height", "16", "--width", "16"]
+    assert (
+        main(["generate", "--model", str(tiny_sd15), "--lora", final, *common, "--out", str(tmp_path / "g")])
+        == 0
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, unet=unet.eval())
+    expected = sample(pipe, ["a red square"], [0], steps=2, guidance=5.0, height=16, width=16, progress=False)
+    got = torch.tensor(list(Image.open(tmp_path / "g/00000.png").getdata()), dtype=torch.float32)
+    want = (expected[0].permute(1, 2, 0).reshape(-1, 3) * 255).round()
+    assert (got - want).abs().max() <= 1  # PNG rounding
+
+    args = ["eval", "--model-a", str(tiny_sd15), "--lora-a", final, "--prompts", str(tmp_path / "p.txt")]
+    (tmp_path / "p.txt").write_text("a red square\n")
+    args += [
+        "--reward",
+        "brightness",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--seeds-per-prompt",
+        "2",
+    ]
+    assert main([*args, "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["mean_reward_a"]["brightness"] != metrics["mean_reward_b"]["brightness"]  # B is the base
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_sd15),
+                "--lora",
+                str(tmp_path),
+                *common,
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
