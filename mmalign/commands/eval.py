@@ -121,18 +121,14 @@ def evaluate(
         load_for_inference,
         lora_disabled,
         quiet_libraries,
-        trained_kind,
+        trained_kinds,
     )
     from mmalign.rewards.score import SetScores
     from mmalign.toy.evaluate import compare_scores, split_pair, write_eval_report
     from mmalign.toy.quickstart import EVAL_SEED_BASE, QuickstartOptions, eval_rewards, split_prompts
     from mmalign.trainers.report import previews
 
-    loras_a = [] if lora_a is None else [lora_a] if isinstance(lora_a, str) else list(lora_a)
-    loras_b = [] if lora_b is None else [lora_b] if isinstance(lora_b, str) else list(lora_b)
-    kinds = {
-        path: trained_kind(path) for path in loras_a + loras_b
-    }  # a wrong folder fails before any loading
+    kinds_a, kinds_b = trained_kinds(lora_a), trained_kinds(lora_b)  # a wrong folder fails before any loading
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
     if prompts is None:
         if not toy:
@@ -170,9 +166,9 @@ def evaluate(
     runtime = dict(family=family, device=device, dtype=dtype, cpu_offload=cpu_offload, verbose=verbose)
     # A LoRA against its own base: one pipeline, the LoRA switched off for B (one copy of the model in memory).
     share = bool(  # the LoRA switched off gives the base exactly; a full fine-tune's base is another copy
-        loras_a
-        and not loras_b
-        and all(kinds[p] == "lora" for p in loras_a)
+        kinds_a
+        and not kinds_b
+        and set(kinds_a.values()) == {"lora"}
         and model_b in (None, model_a)
         and not negative_lora_a
     )

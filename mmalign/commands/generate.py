@@ -145,7 +145,7 @@ def generate(
     """
     from mmalign.data.video import video_writer
     from mmalign.pipelines import clip_fps, detect_family, get_family
-    from mmalign.pipelines.runtime import iter_samples, trained_kind
+    from mmalign.pipelines.runtime import iter_samples, trained_kinds
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet, previews
 
@@ -154,8 +154,7 @@ def generate(
         raise ValueError("generate: no prompts (give --prompt or --prompts FILE)")
     if n_per_prompt < 1:
         raise ValueError(f"--n-per-prompt {n_per_prompt} must be >= 1")
-    for path in [] if lora is None else [lora] if isinstance(lora, str) else lora:
-        trained_kind(path)  # a wrong folder fails before anything is written
+    trained_kinds(lora)  # a wrong folder fails before anything is written
     if negative_lora and guidance <= 1:
         raise ValueError(
             f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"

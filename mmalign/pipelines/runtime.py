@@ -91,23 +91,28 @@ LORA_TARGET_FILE = "lora_target.json"  # beside a LoRA for another component tha
 DENOISER_FOLDERS = ("unet", "transformer", "transformer_2")  # a full fine-tune's final/ holds one of these
 
 
-def trained_kind(path: str) -> str:
-    """What ``mmalign train`` left in ``path`` (a run's ``final/``): "lora" or "full" (a denoiser folder).
+def trained_kinds(paths: str | Sequence[str] | None) -> dict[str, str]:
+    """What ``mmalign train`` left in each of ``paths`` (runs' ``final/``): path -> "lora" or "full" (a denoiser
+    folder), in order; ``{}`` for None.
 
     Raises:
-        ValueError: neither, naming what was looked for.
+        ValueError: a path that is neither, naming what was looked for.
     """
     from pathlib import Path
 
-    p = Path(path)
-    if (p.is_file() and p.suffix == ".safetensors") or (p / "pytorch_lora_weights.safetensors").is_file():
-        return "lora"
-    if any((p / name / "config.json").is_file() for name in DENOISER_FOLDERS):
-        return "full"
-    raise ValueError(
-        f"{path}: no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser "
-        f"({', '.join(n + '/' for n in DENOISER_FOLDERS)}) here; give a run's final/ folder"
-    )
+    kinds = {}
+    for path in [] if paths is None else [paths] if isinstance(paths, str) else paths:
+        p = Path(path)
+        if (p.is_file() and p.suffix == ".safetensors") or (p / "pytorch_lora_weights.safetensors").is_file():
+            kinds[path] = "lora"
+        elif any((p / name / "config.json").is_file() for name in DENOISER_FOLDERS):
+            kinds[path] = "full"
+        else:
+            raise ValueError(
+                f"{path}: no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser "
+                f"({', '.join(n + '/' for n in DENOISER_FOLDERS)}) here; give a run's final/ folder"
+            )
+    return kinds
 
 
 def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
@@ -122,9 +127,8 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
     import json
     from pathlib import Path
 
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    kinds = {path: trained_kind(path) for path in paths}
-    for path in (p for p in paths if kinds[p] == "full"):
+    kinds = trained_kinds(paths)
+    for path in (p for p, kind in kinds.items() if kind == "full"):
         for name in DENOISER_FOLDERS:
             current = getattr(pipe, name, None)
             if (Path(path) / name / "config.json").is_file() and current is not None:
@@ -132,7 +136,7 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
                 pipe.register_modules(
                     **{name: type(current).from_pretrained(path, subfolder=name, torch_dtype=dtype)}
                 )
-    loras = [p for p in paths if kinds[p] == "lora"]
+    loras = [p for p, kind in kinds.items() if kind == "lora"]
     names = [f"lora_{i}" for i in range(len(loras))] if len(loras) > 1 else [None]
     for path, name in zip(loras, names):
         target = Path(path) / LORA_TARGET_FILE
