@@ -127,24 +127,35 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
     import json
     from pathlib import Path
 
+    from mmalign.pipelines import _first_line
+
     kinds = trained_kinds(paths)
-    for path in (p for p, kind in kinds.items() if kind == "full"):
-        for name in DENOISER_FOLDERS:
-            current = getattr(pipe, name, None)
-            if (Path(path) / name / "config.json").is_file() and current is not None:
-                dtype = next(current.parameters()).dtype
-                pipe.register_modules(
-                    **{name: type(current).from_pretrained(path, subfolder=name, torch_dtype=dtype)}
-                )
-    loras = [p for p, kind in kinds.items() if kind == "lora"]
-    names = [f"lora_{i}" for i in range(len(loras))] if len(loras) > 1 else [None]
-    for path, name in zip(loras, names):
-        target = Path(path) / LORA_TARGET_FILE
-        component = json.loads(target.read_text()).get("component") if target.is_file() else None
-        into = {"load_into_transformer_2": True} if component == "transformer_2" else {}
-        pipe.load_lora_weights(path, adapter_name=name, **into)
-    if len(loras) > 1:
-        pipe.set_adapters(names)
+    for path, kind in kinds.items():
+        try:
+            if kind == "full":
+                names = [n for n in DENOISER_FOLDERS if (Path(path) / n / "config.json").is_file()]
+                missing = [n for n in names if getattr(pipe, n, None) is None]
+                if missing:  # never drop trained weights silently
+                    raise ValueError(f"the pipeline {type(pipe).__name__} has no {missing[0]}")
+                for name in names:
+                    current = getattr(pipe, name)
+                    dtype = next(current.parameters()).dtype
+                    pipe.register_modules(
+                        **{name: type(current).from_pretrained(path, subfolder=name, torch_dtype=dtype)}
+                    )
+                continue
+            target = Path(path) / LORA_TARGET_FILE
+            component = json.loads(target.read_text()).get("component") if target.is_file() else None
+            if component == "transformer_2" and getattr(pipe, "transformer_2", None) is None:
+                raise ValueError(f"a LoRA of transformer_2 ({LORA_TARGET_FILE}); this pipeline has none")
+            into = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+            adapter = f"lora_{list(kinds).index(path)}" if len(kinds) > 1 else None
+            pipe.load_lora_weights(path, adapter_name=adapter, **into)
+        except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"{path}: cannot load it into this pipeline: {_first_line(err)[:300]}") from err
+    loras = [f"lora_{i}" for i, kind in enumerate(kinds.values()) if kind == "lora"]
+    if len(kinds) > 1 and loras:
+        pipe.set_adapters(loras)
 
 
 @contextlib.contextmanager

@@ -202,3 +202,16 @@ def test_generate_and_eval_load_a_full_fine_tune_from_its_final_folder(tiny_sd15
     )
     assert "no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+    # trained weights the pipeline has no place for are one line, never dropped silently or a traceback
+    unet.save_pretrained(tmp_path / "wan-run" / "final" / "transformer_2")
+    bad = ["generate", "--model", str(tiny_sd15), "--lora", str(tmp_path / "wan-run" / "final"), *common]
+    assert main([*bad, "--out", str(tmp_path / "y")]) == 2
+    assert "cannot load it into this pipeline: the pipeline StableDiffusionPipeline has no transformer_2" in (
+        capsys.readouterr().err
+    )
+    lora = tmp_path / "lora-run" / "final"
+    lora.mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
+    assert main([*bad[:4], str(lora), *common, "--out", str(tmp_path / "z")]) == 2
+    assert f"{lora}: cannot load it into this pipeline" in capsys.readouterr().err
