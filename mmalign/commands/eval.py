@@ -61,6 +61,7 @@ def evaluate(
     seeds_per_prompt: int = 6,
     seed: int | None = None,
     guidance: float | None = None,
+    guidance_2: float | None = None,
     steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -94,6 +95,7 @@ def evaluate(
         seeds_per_prompt: Samples per prompt.
         seed: First seed (default: the quickstart's evaluation seeds).
         guidance: CFG scale (default 5.0; toy models: the quickstart's 2.0).
+        guidance_2: Wan 2.2 A14B: the low-noise expert's CFG scale (None: ``guidance``).
         steps: Sampler steps (default 25; toy models: 20).
         height: Pixel height (None: pipeline default).
         width: Pixel width (None: pipeline default).
@@ -115,7 +117,7 @@ def evaluate(
 
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
-    from mmalign.pipelines import clip_fps
+    from mmalign.pipelines import check_guidance_2, clip_fps
     from mmalign.pipelines.runtime import (
         iter_samples,
         load_for_inference,
@@ -129,6 +131,9 @@ def evaluate(
     from mmalign.trainers.report import previews
 
     kinds_a, kinds_b = trained_kinds(lora_a), trained_kinds(lora_b)  # a wrong folder fails before any loading
+    second = check_guidance_2(model_a, guidance_2)
+    if model_b is not None:
+        check_guidance_2(model_b, guidance_2)
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))
     if prompts is None:
         if not toy:
@@ -186,7 +191,13 @@ def evaluate(
     label_a = label_a or ("tuned" if lora_a else Path(model_a).name)
     label_b = label_b or ("base" if not lora_b else _run_name(lora_b))
     kwargs = dict(
-        steps=steps, guidance=guidance, height=height, width=width, batch_size=batch_size, progress=progress
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        progress=progress,
+        **second,
     )
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
@@ -215,6 +226,7 @@ def evaluate(
         models={"a": model_a, "b": model_b or model_a},
         loras={"a": lora_a, "b": lora_b},
         guidance_scale=guidance,
+        **second,
         steps=steps,
         kind="video" if is_video else "image",
         **({"fps": fps} if is_video else {}),
@@ -254,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         seeds_per_prompt=args.seeds_per_prompt,
         seed=args.seed,
         guidance=args.guidance,
+        guidance_2=args.guidance_2,
         steps=args.steps,
         height=height,
         width=width,
@@ -316,6 +329,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5.0; toy 2.0)")
+    p.add_argument(
+        "--guidance-2", type=float, default=None, help="Wan 2.2 A14B: the low-noise expert's CFG scale"
+    )
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 25; toy 20)")
     p.add_argument("--height", type=int, default=None, help="pixel height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="pixel width (default: the pipeline's)")

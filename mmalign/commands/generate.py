@@ -82,6 +82,7 @@ def generate(
     seed: int = 0,
     steps: int = 25,
     guidance: float = 5.0,
+    guidance_2: float | None = None,
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
@@ -118,6 +119,7 @@ def generate(
         seed: Seed of the first sample; sample ``i`` uses ``seed + i``.
         steps: Sampler steps.
         guidance: CFG scale.
+        guidance_2: Wan 2.2 A14B: the low-noise expert's CFG scale (None: ``guidance``).
         height: Pixel height (None: the pipeline's default).
         width: Pixel width (None: the pipeline's default).
         num_frames: Frames per clip for video pipelines (None: the pipeline's default).
@@ -144,7 +146,7 @@ def generate(
         The manifest path.
     """
     from mmalign.data.video import video_writer
-    from mmalign.pipelines import clip_fps, detect_family, get_family
+    from mmalign.pipelines import check_guidance_2, clip_fps, detect_family, get_family
     from mmalign.pipelines.runtime import iter_samples, trained_kinds
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet, previews
@@ -161,6 +163,7 @@ def generate(
         )
     if family == "auto":  # from model_index.json: the weights load only once there is something to sample
         family = detect_family(model)
+    second = check_guidance_2(model, guidance_2)
     is_video = get_family(family).video
     fps = clip_fps(family, fps, model)
     if is_video:
@@ -177,6 +180,7 @@ def generate(
         "width": width,
         "num_frames": num_frames,
         "fps": fps if is_video else None,
+        "guidance_2": guidance_2,
         "negative_lora": negative_lora,
         "npo_alpha": npo_alpha if negative_lora else None,
         "npo_beta": npo_beta if negative_lora else None,
@@ -225,6 +229,7 @@ def generate(
         )
         if num_frames is not None:
             extra["num_frames"] = num_frames
+        extra.update(second)
         batches = iter_samples(
             pipe,
             [jobs[i].prompt for i in todo],
@@ -308,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
+        guidance_2=args.guidance_2,
         height=args.height,
         width=args.width,
         num_frames=args.num_frames,
@@ -370,6 +376,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument(
+        "--guidance-2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the low-noise expert's CFG scale (default: --guidance; its model card: 4.0 / 3.0)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (video pipelines)")

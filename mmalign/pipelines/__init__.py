@@ -94,6 +94,22 @@ def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, An
         ) from None
 
 
+def check_guidance_2(
+    pretrained: str, guidance_2: float | None, flag: str = "--guidance-2"
+) -> dict[str, float]:
+    """``{"guidance_scale_2": g}`` for a two-expert pipeline (Wan 2.2 A14B: the low-noise expert's CFG scale;
+    its model card samples at 4.0 / 3.0), ``{}`` when unset; refused for a model without a second expert, where
+    diffusers would ignore it. Reads ``model_index.json`` only."""
+    if guidance_2 is None:
+        return {}
+    if pipeline_index(resolve_pretrained(pretrained)).get("boundary_ratio") is None:
+        raise ValueError(
+            f"{flag} {guidance_2:g} sets the low-noise expert's CFG scale of a two-expert pipeline (Wan 2.2 A14B); "
+            f"{pretrained} has one denoiser: use --guidance"
+        )
+    return {"guidance_scale_2": float(guidance_2)}
+
+
 def pipeline_class_name(pretrained: str, revision: str | None = None) -> str | None:
     """``_class_name`` of the pipeline's ``model_index.json`` (local directory or hub id)."""
     return pipeline_index(pretrained, revision).get("_class_name")

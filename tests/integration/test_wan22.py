@@ -156,3 +156,31 @@ def test_ti2v_5b_trains_like_wan21(tmp_path):
     result = train(cfg, keep_initial=True)
     trainable, _ = assert_only_trainable_changed(result, dict(pipe.transformer.named_parameters()))
     assert trainable > 0
+
+
+def test_guidance_2_sets_the_low_noise_experts_scale_and_only_there(a14b, tiny_sd15, tmp_path, capsys):
+    import json
+
+    from mmalign.cli import main
+    from mmalign.rewards.score import load_media
+
+    args = ["generate", "--model", str(a14b), "--prompt", "a red circle", "--num-frames", "9"]
+    args += [
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--steps",
+        "2",
+        "--guidance",
+        "4",
+    ]  # t = 1000 (high), 47 (low)
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--guidance-2", "1.5", "--out", str(tmp_path / "two")]) == 0
+    one, two = (load_media(tmp_path / d / "00000.mp4")[0] for d in ("one", "two"))
+    assert not torch.equal(one, two)
+    assert json.loads((tmp_path / "two" / "manifest.jsonl").read_text().splitlines()[0])["guidance_2"] == 1.5
+    capsys.readouterr()
+    one_denoiser = ["generate", "--model", str(tiny_sd15), "--prompt", "a red circle", "--guidance-2", "3"]
+    assert main([*one_denoiser, "--out", str(tmp_path / "sd")]) == 2
+    assert "has one denoiser: use --guidance" in capsys.readouterr().err
