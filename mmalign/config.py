@@ -338,6 +338,16 @@ class TrainConfig:
     )
     log_every: int = _f(1, "Log metrics every N optimizer steps.", ge=1)
     report_to: str = _f("tensorboard", "tensorboard | wandb | none.")
+    push_to_hub: bool = _f(
+        False,
+        "Upload final/ (with its model card) to the Hugging Face Hub when the run ends; checked at start.",
+    )
+    hub_model_id: str | None = _f(
+        None, "Hub repo for push_to_hub (user/name); default: output_dir's folder name."
+    )
+    hub_private: bool = _f(
+        True, "Create the push_to_hub repo private (an existing repo keeps its visibility)."
+    )
     validation_every: int = _f(
         0, "Sample validation_prompts every N steps into a PNG grid (0 disables).", ge=0
     )

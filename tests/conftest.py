@@ -67,6 +67,17 @@ def pair_manifest(tmp_path_factory) -> Path:
     return write_pair_images(tmp_path_factory.mktemp("pairs"))
 
 
+def card_code(final: Path) -> dict:
+    """Run the Python lines of a run's model card (``final/README.md``) on ``final``; returns their namespace
+    (``pipe``). A line sampling an image is left out."""
+    text = (final / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = "\n".join(line for line in code.splitlines() if not line.startswith("image = "))
+    namespace: dict = {}
+    exec(code.replace("path/to/this/folder", str(final)), namespace)
+    return namespace
+
+
 def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
     """Every trainable weight of ``result.denoiser`` moved from its initial value; every frozen one still equals
     ``pretrained`` as stored in its dtype (names with peft's ``.base_layer`` mapped back). Returns (trainable,

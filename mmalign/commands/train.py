@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         with quiet_libraries(
             not args.verbose, python_warnings=False
         ):  # no library loading bars unless --verbose
-            train(cfg)
+            result = train(cfg)
     except (
         TrainingStopped
     ) as stop:  # a signal: the checkpoint is saved; 128 + signal number, as a shell reports
@@ -32,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the steps began (during them it is a TrainingStopped)
         print("mmalign train: interrupted before the first step; nothing to save", file=sys.stderr)
         return 130
+    if "error" in result.summary.get("push_to_hub", {}):  # trained and exported; the upload alone failed
+        return 3
     return 0
 
 

@@ -10,6 +10,7 @@ train ...`` / ``torchrun --nproc_per_node N -m mmalign train ...`` on many.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from mmalign.trainers.checkpoint import (
 )
 from mmalign.trainers.common import TrainModels
 from mmalign.trainers.master_weights import MasterWeights
+from mmalign.trainers.model_card import check_push, push_export, write_model_card
 from mmalign.trainers.report import log_validation, write_training_curves
 from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded
 
@@ -288,6 +290,7 @@ def _setup_run(cfg: RunConfig) -> _Run:
             "partitioned optimizer state); for sharded training use --config_file configs/accelerate/fsdp.yaml "
             "(FSDP2)"
         )
+    check_push(cfg)
     _check_output_dir(t_cfg, out)
     method = get_method(cfg.method.name)
     _reset_single_process_state()
@@ -695,6 +698,19 @@ def _finish(
                 exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final")
             )
     if accelerator.is_main_process:
+        grids = sorted((run.out / "validation").glob("step-*.png"))
+        card = functools.partial(
+            write_model_card,
+            cfg,
+            Path(summary["export"]),
+            pipeline_class=type(run.pipe).__name__,
+            summary=run.method.summary,
+            result=summary,
+            validation=grids[-1] if grids else None,
+        )
+        card()
+        if cfg.train.push_to_hub:  # the card then loads from the repo
+            summary["push_to_hub"] = push_export(cfg, Path(summary["export"]), lambda repo: card(where=repo))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         history = (
             [
@@ -716,6 +732,13 @@ def _finish(
                 f"(data.num_workers={cfg.data.num_workers}): more workers, or `mmalign cache`, would keep up"
             )
         accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
+        pushed = summary.get("push_to_hub", {})
+        if "error" in pushed:
+            accelerator.print(
+                f"train.push_to_hub: the upload to {pushed['repo_id']} failed: {pushed['error']}"
+            )
+        elif pushed:
+            accelerator.print(f"uploaded {summary['export']} to {pushed['url']}")
     accelerator.end_training()
     return TrainResult(summary, unwrapped, run.pipe, run.initial)
 

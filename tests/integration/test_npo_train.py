@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed
+from conftest import assert_only_trainable_changed, card_code
 
 from mmalign.data.images import DataError
 from mmalign.pipelines import load_pipeline, make_adapter
+from mmalign.pipelines.npo import NPOGuidedDenoiser
 from mmalign.trainers import load_config
 from mmalign.trainers.common import TrainModels
 from mmalign.trainers.loop import train
@@ -75,6 +76,12 @@ def test_trainable_change_and_frozen_stay(family, lora, extra, request, prompt_f
         s["steps"] == 3 and math.isfinite(s["final_metrics"]["loss"]) and s["data"]["prompts"] == len(PROMPTS)
     )
     assert s["final_metrics"]["s_mean"] > s["final_metrics"]["t_mean"]
+    final = (
+        tmp_path / "run" / "final"
+    )  # its model card says it is a negative model, and its lines guide with it
+    assert "**A negative model**" in (final / "README.md").read_text()
+    if family == "sd15":
+        assert isinstance(card_code(final)["pipe"].unet, NPOGuidedDenoiser)
 
 
 def test_real_start_reads_images_from_a_manifest(tiny_sd15, tmp_path):

@@ -235,6 +235,7 @@ def test_personal_dpo_moves_only_user_path_and_lora_weights(lora, tiny_sd15, tmp
     export = result.summary["export"]
     assert (tmp_path / "run" / "final" / "user_adapter.safetensors").is_file()
     assert lora == (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file(), export
+    assert "--user-adapter" in (tmp_path / "run" / "final" / "README.md").read_text()  # its model card
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed
+from conftest import assert_only_trainable_changed, card_code
 from safetensors.torch import load_file
 
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
@@ -21,25 +21,26 @@ torch.set_num_threads(1)
 
 
 def tiny_cfg(model, manifest, out, *extra):
-    return load_config(
-        None,
-        [
-            f"model.pretrained={model}",
-            "model.resolution=16",
-            f"data.source={manifest}",
-            f"train.output_dir={out}",
-            "train.max_steps=3",
-            "train.batch_size=2",
-            "train.report_to=none",
-            "train.progress=false",
-            "train.learning_rate=1e-3",
-            "train.scale_lr=false",
-            "train.checkpoint_every=0",
-            "lora.rank=2",
-            "method.beta=5000",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_overrides(model, manifest, out, *extra))
+
+
+def tiny_overrides(model, manifest, out, *extra) -> list[str]:
+    return [
+        f"model.pretrained={model}",
+        "model.resolution=16",
+        f"data.source={manifest}",
+        f"train.output_dir={out}",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.report_to=none",
+        "train.progress=false",
+        "train.learning_rate=1e-3",
+        "train.scale_lr=false",
+        "train.checkpoint_every=0",
+        "lora.rank=2",
+        "method.beta=5000",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -67,11 +68,18 @@ def test_trainable_change_and_frozen_stay(family, lora, request, pair_manifest, 
 
 
 def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_path):
-    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.learning_rate=5e-2"))
-    pipe, _ = load_pipeline(str(tiny_sd15))
-    pipe.set_progress_bar_config(disable=True)
+    """The export loads with diffusers, and its model card's lines load it the same way; the card's metadata
+    is the Hub's and its config reruns the run."""
+    from huggingface_hub import ModelCard
 
-    def sample():
+    from mmalign.config import to_dict
+
+    cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.learning_rate=5e-2")
+    result = train(cfg)
+    pipe, _ = load_pipeline(str(tiny_sd15))
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
         return pipe(
             "a red square",
             num_inference_steps=2,
@@ -81,9 +89,84 @@ def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_pat
             generator=torch.Generator().manual_seed(0),
         ).images
 
-    before = sample()
+    before = sample(pipe)
     pipe.load_lora_weights(result.summary["export"])
-    assert not torch.allclose(before, sample())
+    after = sample(pipe)
+    assert not torch.allclose(before, after)
+
+    final = Path(result.summary["export"])
+    assert torch.equal(sample(card_code(final)["pipe"]), after)
+    card = ModelCard.load(final / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.base_model is None  # a local base: no hub id
+    assert {"mmalign", "diffusion-dpo", "lora", "text-to-image"} <= set(card.data.tags)
+    assert "| `method.beta` | 5000.0 |" in card.text
+    assert to_dict(load_config(final / "mmalign_config.yaml")) == to_dict(cfg)
+
+
+def test_push_to_hub_is_refused_before_anything_runs_when_it_cannot_upload(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    from mmalign.config import ConfigError
+
+    cfg = tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.push_to_hub=true")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="push_to_hub.*HF_HUB_OFFLINE"):
+        train(cfg)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ConfigError, match="push_to_hub=true needs a Hugging Face token"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_push_to_hub_uploads_final_with_a_card_that_loads_from_the_repo(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch, capsys
+):
+    """huggingface_hub's create_repo/upload_folder stand in for the Hub: the upload is final/ with a card naming
+    the repo; a failed upload exits 3 with how to upload later, the export and checkpoint kept."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from mmalign.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(
+        huggingface_hub, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=f"me/{repo_id}")
+    )
+    uploads = []
+
+    def upload_folder(repo_id, folder_path, **kw):
+        uploads.append((repo_id, Path(folder_path), (Path(folder_path) / "README.md").read_text()))
+        return SimpleNamespace(repo_url=f"https://huggingface.co/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    overrides = tiny_overrides(tiny_sd15, pair_manifest, tmp_path / "run", "train.max_steps=1")
+    result = train(load_config(None, [*overrides, "train.push_to_hub=true"]))
+    pushed = {"repo_id": "me/run", "url": "https://huggingface.co/me/run"}
+    assert result.summary["push_to_hub"] == pushed
+    assert json.loads((tmp_path / "run/summary.json").read_text())["push_to_hub"] == pushed
+    ((repo, folder, card),) = uploads
+    assert repo == "me/run" and folder == tmp_path / "run/final"
+    assert 'pipe.load_lora_weights("me/run")' in card and "path/to/this/folder" not in card
+
+    def refused(**kw):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", refused)
+    (tmp_path / "run.yaml").write_text("{}\n")
+    out = tmp_path / "again"
+    code = main(
+        ["train", str(tmp_path / "run.yaml"), *overrides, f"train.output_dir={out}", "train.push_to_hub=true"]
+    )
+    assert code == 3
+    said = capsys.readouterr().out
+    assert "upload to me/again failed: OSError: Connection reset by peer" in said
+    assert f"huggingface-cli upload me/again {out / 'final'}" in said
+    assert (out / "final/pytorch_lora_weights.safetensors").is_file() and (out / "checkpoints").is_dir()
 
 
 def test_full_finetune_exports_a_diffusers_unet(tiny_sd15, pair_manifest, tmp_path):
@@ -93,8 +176,11 @@ def test_full_finetune_exports_a_diffusers_unet(tiny_sd15, pair_manifest, tmp_pa
         tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "lora.enabled=false", "train.max_steps=1")
     )
     unet = UNet2DConditionModel.from_pretrained(f"{result.summary['export']}/unet")
-    for (name, a), (_, b) in zip(unet.named_parameters(), result.denoiser.named_parameters()):
-        assert torch.equal(a, b.detach().cpu()), name
+    card = card_code(Path(result.summary["export"]))["pipe"].unet  # the model card's lines load it too
+    for (name, a), (_, b), (_, c) in zip(
+        unet.named_parameters(), result.denoiser.named_parameters(), card.named_parameters()
+    ):
+        assert torch.equal(a, b.detach().cpu()) and torch.equal(a, c), name
 
 
 def test_cached_and_uncached_paths_give_the_same_loss(tiny_sdxl, pair_manifest, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed
+from conftest import assert_only_trainable_changed, card_code
 from test_dense_dpo_train import video_cfg, write_video_pairs
 
 from mmalign.config import ConfigError
@@ -104,6 +104,9 @@ def test_low_noise_expert_trains_exports_and_loads_into_transformer_2(a14b, pair
     assert trainable > 0 and frozen > 0
     final = tmp_path / "run" / "final"
     assert (final / "lora_target.json").is_file()
+    card = card_code(final)["pipe"]  # the model card's lines load it into transformer_2
+    assert any("lora" in n for n, _ in card.transformer_2.named_parameters())
+    assert not any("lora" in n for n, _ in card.transformer.named_parameters())
 
     pipe, _, _ = load_for_inference(str(a14b), lora=str(final), device="cpu")
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
