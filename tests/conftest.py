@@ -78,6 +78,19 @@ def card_code(final: Path) -> dict:
     return namespace
 
 
+def card_commands(final: Path) -> list:
+    """Every ``mmalign ...`` command of a run's model card, parsed by the CLI's own parser (a wrong flag fails)."""
+    import re
+    import shlex
+
+    from mmalign.cli import build_parser
+
+    text = (final / "README.md").read_text()
+    found = re.findall(r"^(mmalign [^\n`]+)|`(mmalign [^`]+)`", text, re.M)
+    assert found, "the model card names no mmalign command"
+    return [build_parser().parse_args(shlex.split(line or inline)[1:]) for line, inline in found]
+
+
 def assert_only_trainable_changed(result, pretrained: dict) -> tuple[int, int]:
     """Every trainable weight of ``result.denoiser`` moved from its initial value; every frozen one still equals
     ``pretrained`` as stored in its dtype (names with peft's ``.base_layer`` mapped back). Returns (trainable,

@@ -41,7 +41,7 @@ def base_model_id(pretrained: str) -> str | None:
     return pretrained if _REPO_ID.match(pretrained) and not Path(pretrained).exists() else None
 
 
-def usage(cfg: RunConfig, out_dir: Path, pipeline_class: str, where: str) -> str:
+def usage(cfg: RunConfig, out_dir: Path, pipeline_class: str, where: str, video: bool = False) -> str:
     """Python and CLI lines that use what ``out_dir`` holds, found at ``where`` (a hub id or a path)."""
     base = cfg.model.pretrained
     load = f'pipe = {pipeline_class}.from_pretrained("{base}")\n'
@@ -50,18 +50,18 @@ def usage(cfg: RunConfig, out_dir: Path, pipeline_class: str, where: str) -> str
             "A user adapter (IP-Adapter format: a user vector in, decoupled cross-attention): generate for a user "
             "from their few choices or a known user's vector with\n\n```bash\n"
             f"mmalign generate --model {base} --user-adapter {where} --user-shots my_choices.jsonl "
-            '--prompt "..."\n```\n'
+            '--prompt "a fox in the snow" --out samples\n```\n'
         )
     if is_negative_model(cfg):
         return (
             "**A negative model**: it is trained to be *worse* than the base, and improves sampling through NPO "
-            "guidance (the negative branch of classifier-free guidance). Do not load it as a LoRA on its own.\n\n"
+            "guidance (the negative branch of classifier-free guidance). Loaded on its own, it makes samples worse.\n\n"
             "```python\nfrom diffusers import DiffusionPipeline\n"
             "from mmalign.pipelines.npo import enable_npo_guidance\n\n"
             f'pipe = DiffusionPipeline.from_pretrained("{base}")\n'
             f'enable_npo_guidance(pipe, "{where}", alpha=1.0, beta=1.0)\n'
             'image = pipe("a fox in the snow", guidance_scale=7.5).images[0]\n```\n\n'
-            f'```bash\nmmalign generate --model {base} --negative-lora {where} --prompt "..."\n```\n'
+            f'```bash\nmmalign generate --model {base} --negative-lora {where} --prompt "a fox in the snow" --out samples\n```\n'
         )
     folders = [p.name for p in sorted(out_dir.iterdir()) if (p / "config.json").is_file()]
     if folders:  # a full fine-tune: diffusers-format denoiser folder(s)
@@ -72,10 +72,18 @@ def usage(cfg: RunConfig, out_dir: Path, pipeline_class: str, where: str) -> str
     else:
         into = ", load_into_transformer_2=True" if (out_dir / "lora_target.json").is_file() else ""
         code = f'from diffusers import {pipeline_class}\n\n{load}pipe.load_lora_weights("{where}"{into})\n'
+    reward = "flicker" if video else "pickscore"
     return (  # mmalign's generate/eval load either kind from the folder
-        f"```python\n{code}```\n\nor with mmalign: `mmalign generate --model {base} --lora {where} --prompt ...`, "
-        f"`mmalign eval --model {base} --lora-a {where} ...`\n"
+        f'```python\n{code}```\n\nWith mmalign: `mmalign generate --model {base} --lora {where} --prompt "a fox" '
+        f"--out samples`; against the base: `mmalign eval --model-a {base} --lora-a {where} --prompts prompts.txt "
+        f"--reward {reward} --out eval`.\n"
     )
+
+
+def _is_video(family: str) -> bool:
+    from mmalign.pipelines import FAMILIES
+
+    return family in FAMILIES and FAMILIES[family].video
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -108,14 +116,12 @@ def write_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     import mmalign
-    from mmalign.pipelines import FAMILIES
 
-    family = FAMILIES.get(result.get("family", ""))
-    negative = is_negative_model(cfg)
+    negative, video = is_negative_model(cfg), _is_video(result.get("family", ""))
     tags = [
         "diffusers",
         "mmalign",
-        "text-to-video" if family is not None and family.video else "text-to-image",
+        "text-to-video" if video else "text-to-image",
         cfg.method.name.replace("_", "-"),
         "lora" if cfg.lora.enabled else "full-fine-tune",
         *(["negative-model", "npo"] if negative else []),
@@ -150,7 +156,7 @@ def write_model_card(
     body = (
         f"# {cfg.method.name} {kind} of {cfg.model.pretrained}\n\n"
         f"Trained with mmalign {mmalign.__version__}: {summary}\n\n"
-        f"## Use\n\n{usage(cfg, out_dir, pipeline_class, where or 'path/to/this/folder')}{grid}\n"
+        f"## Use\n\n{usage(cfg, out_dir, pipeline_class, where or 'path/to/this/folder', video)}{grid}\n"
         f"## Training\n\n{_table(trained)}\n"
         f"The whole run config is in `{CONFIG_FILE}` (`mmalign train {CONFIG_FILE} train.output_dir=NEW` reruns it).\n\n"
         f"## Result at the last step\n\n{_table(figures)}"

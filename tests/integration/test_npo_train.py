@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed, card_code
+from conftest import assert_only_trainable_changed, card_code, card_commands
 
 from mmalign.data.images import DataError
 from mmalign.pipelines import load_pipeline, make_adapter
@@ -82,6 +82,7 @@ def test_trainable_change_and_frozen_stay(family, lora, extra, request, prompt_f
     assert "**A negative model**" in (final / "README.md").read_text()
     if family == "sd15":
         assert isinstance(card_code(final)["pipe"].unet, NPOGuidedDenoiser)
+    assert [a.command for a in card_commands(final)] == ["generate", "train"]
 
 
 def test_real_start_reads_images_from_a_manifest(tiny_sd15, tmp_path):

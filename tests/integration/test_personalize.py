@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed
+from conftest import assert_only_trainable_changed, card_commands
 
 from mmalign.personalize.attention import (
     add_user_path,
@@ -235,7 +235,8 @@ def test_personal_dpo_moves_only_user_path_and_lora_weights(lora, tiny_sd15, tmp
     export = result.summary["export"]
     assert (tmp_path / "run" / "final" / "user_adapter.safetensors").is_file()
     assert lora == (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file(), export
-    assert "--user-adapter" in (tmp_path / "run" / "final" / "README.md").read_text()  # its model card
+    (generate, _) = card_commands(tmp_path / "run" / "final")  # its model card's lines
+    assert generate.user_adapter == "path/to/this/folder"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_only_trainable_changed, card_code
+from conftest import assert_only_trainable_changed, card_code, card_commands
 from safetensors.torch import load_file
 
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
@@ -101,6 +101,7 @@ def test_exported_lora_loads_into_the_pipeline(tiny_sd15, pair_manifest, tmp_pat
     assert {"mmalign", "diffusion-dpo", "lora", "text-to-image"} <= set(card.data.tags)
     assert "| `method.beta` | 5000.0 |" in card.text
     assert to_dict(load_config(final / "mmalign_config.yaml")) == to_dict(cfg)
+    assert [a.command for a in card_commands(final)] == ["generate", "eval", "train"]
 
 
 def test_push_to_hub_is_refused_before_anything_runs_when_it_cannot_upload(
