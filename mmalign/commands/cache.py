@@ -55,7 +55,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             f"{args.config}: method {cfg.method.name} does not train from the image or video pair cache"
         )
     with quiet_libraries(not args.verbose):  # diffusers' loading bars and notices, as every other command
-        pipe, family, adapter = load_model(cfg.model)
+        # the denoiser only when it inverts: encoding never runs it (SDXL's UNet is 10 GB in fp32, Wan 2.2 A14B's
+        # two experts 57 GB each), so it is built from its config with no weights
+        pipe, family, adapter = load_model(cfg.model, denoisers=args.inversion)
     # only what encodes goes to the device: the VAE and text encoders, and the denoiser when it inverts
     pipe.vae.to(device)
     for encoder in adapter.text_encoders:

@@ -182,10 +182,12 @@ def load_pipeline(
     torch_dtype: Any = None,
     trust_remote_code: bool = False,
     skip: Sequence[str] = (),
+    empty: Sequence[str] = (),
 ) -> tuple[Any, str]:
     """Load a diffusers pipeline with ``from_pretrained`` (hub id or local path). Returns (pipeline, family).
 
     ``skip`` names components not to load (None in the pipeline), e.g. the Wan 2.2 expert a run does not train.
+    ``empty`` names components built from their config with no weights (:func:`empty_component`).
 
     Raises:
         ConfigError: one line naming ``pretrained`` when it is missing (locally, or offline and not in the hub
@@ -195,7 +197,7 @@ def load_pipeline(
 
     try:
         return _load_pipeline(
-            pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code, skip
+            pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code, skip, empty
         )
     except ConfigError:
         raise
@@ -211,6 +213,25 @@ def load_pipeline(
         ) from err
 
 
+DENOISERS = ("unet", "transformer", "transformer_2")  # the pipeline components mmalign trains
+
+
+def empty_component(pretrained: str, name: str, revision: str | None = None) -> Any:
+    """Pipeline component ``name`` built from its ``config.json`` on the meta device: its config is there (an
+    adapter may read it, as CogVideoX's reads ``max_text_seq_length``), its weights are neither read nor allocated.
+    For work that never runs the component (``mmalign cache``: SDXL's UNet is 10 GB in fp32, a Wan 2.2 A14B expert
+    57 GB)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    entry = pipeline_index(pretrained, revision).get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and hasattr(diffusers, str(entry[1]))):
+        raise ValueError(f"{pretrained}: model_index.json has no diffusers component {name!r}")
+    cls = getattr(diffusers, entry[1])
+    with init_empty_weights():
+        return cls.from_config(cls.load_config(pretrained, subfolder=name, revision=revision))
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -224,6 +245,7 @@ def _load_pipeline(
     torch_dtype: Any,
     trust_remote_code: bool,
     skip: Sequence[str] = (),
+    empty: Sequence[str] = (),
 ) -> tuple[Any, str]:
     import diffusers
 
@@ -247,7 +269,12 @@ def _load_pipeline(
         if isinstance(spec.pipeline_class, str)
         else spec.pipeline_class
     )
-    kwargs: dict[str, Any] = {"revision": revision, "variant": variant, **dict.fromkeys(skip)}
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "variant": variant,
+        **dict.fromkeys(skip),
+        **{name: empty_component(pretrained, name, revision) for name in empty if name not in skip},
+    }
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if trust_remote_code:
@@ -271,10 +298,13 @@ def _load_pipeline(
     return pipe, family
 
 
-def load_model(model: Any, *, torch_dtype: Any = None) -> tuple[Any, str, PipelineAdapter]:
+def load_model(
+    model: Any, *, torch_dtype: Any = None, denoisers: bool = True
+) -> tuple[Any, str, PipelineAdapter]:
     """A run config's ``model`` section -> (pipeline, family, adapter): :func:`load_pipeline` + :func:`make_adapter`.
 
-    Components the adapter's options leave untrained and unused are not loaded (``Family.unused_components``).
+    Components the adapter's options leave untrained and unused are not loaded (``Family.unused_components``);
+    ``denoisers=False`` builds the denoisers without their weights, for encoding only (:func:`empty_component`).
     """
     family, unused = model.family, None
     try:
@@ -292,8 +322,14 @@ def load_model(model: Any, *, torch_dtype: Any = None) -> tuple[Any, str, Pipeli
         torch_dtype=torch_dtype,
         trust_remote_code=model.trust_remote_code,
         skip=unused(model.adapter_options) if unused else (),
+        empty=() if denoisers else _denoisers_of(model),
     )
     return pipe, family, make_adapter(pipe, family, **model.adapter_options)
+
+
+def _denoisers_of(model: Any) -> list[str]:
+    index = pipeline_index(resolve_pretrained(model.pretrained), model.revision)
+    return [name for name in DENOISERS if isinstance(index.get(name), list) and index[name][1] is not None]
 
 
 def make_adapter(pipeline: Any, family: str, **options: Any) -> PipelineAdapter:

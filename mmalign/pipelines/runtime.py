@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from mmalign.pipelines import DENOISERS  # a full fine-tune's final/ holds one of these folders
+
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -88,9 +90,6 @@ def load_for_inference(
 LORA_TARGET_FILE = "lora_target.json"  # beside a LoRA for another component than diffusers' default
 
 
-DENOISER_FOLDERS = ("unet", "transformer", "transformer_2")  # a full fine-tune's final/ holds one of these
-
-
 def trained_kinds(paths: str | Sequence[str] | None) -> dict[str, str]:
     """What ``mmalign train`` left in each of ``paths`` (runs' ``final/``): path -> "lora" or "full" (a denoiser
     folder), in order; ``{}`` for None.
@@ -105,12 +104,12 @@ def trained_kinds(paths: str | Sequence[str] | None) -> dict[str, str]:
         p = Path(path)
         if (p.is_file() and p.suffix == ".safetensors") or (p / "pytorch_lora_weights.safetensors").is_file():
             kinds[path] = "lora"
-        elif any((p / name / "config.json").is_file() for name in DENOISER_FOLDERS):
+        elif any((p / name / "config.json").is_file() for name in DENOISERS):
             kinds[path] = "full"
         else:
             raise ValueError(
                 f"{path}: no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser "
-                f"({', '.join(n + '/' for n in DENOISER_FOLDERS)}) here; give a run's final/ folder"
+                f"({', '.join(n + '/' for n in DENOISERS)}) here; give a run's final/ folder"
             )
     return kinds
 
@@ -133,7 +132,7 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
     for path, kind in kinds.items():
         try:
             if kind == "full":
-                names = [n for n in DENOISER_FOLDERS if (Path(path) / n / "config.json").is_file()]
+                names = [n for n in DENOISERS if (Path(path) / n / "config.json").is_file()]
                 missing = [n for n in names if getattr(pipe, n, None) is None]
                 if missing:  # never drop trained weights silently
                     raise ValueError(f"the pipeline {type(pipe).__name__} has no {missing[0]}")

@@ -8,6 +8,10 @@ from safetensors import safe_open
 from mmalign.cli import main
 
 
+def no_weights(*args, **kwargs):
+    raise AssertionError("mmalign cache read a denoiser's weights")
+
+
 def text_dtypes(cache_dir):
     dtypes = set()
     for shard in cache_dir.rglob("text-*.safetensors"):
@@ -17,7 +21,11 @@ def text_dtypes(cache_dir):
 
 
 @pytest.mark.parametrize("dtype, expected", [(None, "torch.float32"), ("bf16", "torch.bfloat16")])
-def test_cache_command_dtype(tiny_sd15, pair_manifest, tmp_path, dtype, expected):
+def test_cache_command_dtype(tiny_sd15, pair_manifest, tmp_path, dtype, expected, monkeypatch):
+    """The text encoders in the recipe's precision (or --dtype's); the UNet's weights are never read."""
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_weights)
     config = tmp_path / "cfg.yaml"
     config.write_text("method:\n  name: diffusion_dpo\n")
     args = [
@@ -40,7 +48,9 @@ def test_cache_command_dtype(tiny_sd15, pair_manifest, tmp_path, dtype, expected
 
 
 def test_cache_command_fills_the_video_pair_cache_that_train_reads(tmp_path, monkeypatch):
-    """DenseDPO's clips are encoded ahead of training too; the run then never calls the VAE."""
+    """DenseDPO's clips are encoded ahead of training too (without reading the denoiser's weights); the run then
+    never calls the VAE."""
+    from diffusers import UNetMotionModel
     from test_dense_dpo_train import video_cfg, write_video_pairs
 
     from mmalign.pipelines.toy_video import ToyVideoAdapter
@@ -59,7 +69,9 @@ def test_cache_command_fills_the_video_pair_cache_that_train_reads(tmp_path, mon
         "model.resolution=16",
         *common,
     ]
-    assert main([*args, "--device", "cpu"]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(UNetMotionModel, "from_pretrained", no_weights)
+        assert main([*args, "--device", "cpu"]) == 0
     assert list((tmp_path / "cache").rglob("*.safetensors"))
 
     def no_vae(*a, **k):

@@ -81,6 +81,28 @@ def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a
         one.check_run(load_config(None, [f"model.pretrained={tmp_path / 'wan21'}", "method.name=dense_dpo"]))
 
 
+def test_cache_encodes_an_a14b_without_reading_either_expert(a14b, pairs, tmp_path, monkeypatch):
+    """`mmalign cache` needs neither 14B expert (57 GB each in fp32): both are built from their configs, empty,
+    whether or not the recipe names one."""
+    from diffusers import WanTransformer3DModel
+
+    from mmalign.cli import main
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("mmalign cache read an expert's weights")
+
+    (tmp_path / "cfg.yaml").write_text("method:\n  name: dense_dpo\n  num_frames: 9\n")
+    common = [f"model.pretrained={a14b}", "model.resolution=16", f"data.source={pairs}", "data.cache=true"]
+    with monkeypatch.context() as patch:
+        patch.setattr(WanTransformer3DModel, "from_pretrained", no_weights)
+        for expert in ([], ["model.adapter_options={expert: low_noise}"]):
+            cache = f"data.cache_dir={tmp_path / 'cache' / str(len(expert))}"
+            assert (
+                main(["cache", str(tmp_path / "cfg.yaml"), *common, *expert, cache, "--device", "cpu"]) == 0
+            )
+    assert list((tmp_path / "cache").rglob("*.safetensors"))
+
+
 def test_low_noise_expert_trains_exports_and_loads_into_transformer_2(a14b, pairs, tmp_path):
     """Only transformer_2's LoRA moves; the export loads back into transformer_2 (lora_target.json), so sampling
     with it changes only the steps below the boundary."""
