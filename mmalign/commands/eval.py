@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.commands.options import one_line_errors, one_or_many
+from mmalign.commands.options import one_line_errors, one_or_many, trained_path
 from mmalign.toy import DEFAULT_TOY_MODEL, QUICKSTART_GUIDANCE, QUICKSTART_STEPS
 
 GRID_COLUMNS = 8  # (prompt, seed) columns shown in grid.png
@@ -299,13 +299,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-a",
         action="append",
+        type=trained_path,
         help="a run's final/ loaded into A (LoRA or fully fine-tuned denoiser); repeat for several "
         "(Wan 2.2 A14B: one per expert)",
     )
     p.add_argument("--model-b", help="pipeline of B (default: same as A)")
-    p.add_argument("--lora-b", action="append", help="a run's final/ loaded into B (repeatable)")
     p.add_argument(
-        "--negative-lora-a", help="NPO guidance on/off: A = B with this negative LoRA in its CFG branch"
+        "--lora-b", action="append", type=trained_path, help="a run's final/ loaded into B (repeatable)"
+    )
+    p.add_argument(
+        "--negative-lora-a",
+        type=trained_path,
+        help="NPO guidance on/off: A = B with this negative LoRA in its CFG branch",
     )
     p.add_argument("--npo-alpha", type=float, default=1.0)
     p.add_argument("--npo-beta", type=float, default=1.0)

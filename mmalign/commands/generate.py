@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmalign.commands.options import one_line_errors, one_or_many
+from mmalign.commands.options import one_line_errors, one_or_many, trained_path
 from mmalign.data.manifest import (
     MANIFEST_NAME,
     MediaRecord,
@@ -354,10 +354,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora",
         action="append",
+        type=trained_path,
         help="a run's final/ from `mmalign train` (LoRA or fully fine-tuned denoiser); repeat to load several "
         "(Wan 2.2 A14B: one per expert)",
     )
-    p.add_argument("--negative-lora", help="negative LoRA for NPO guidance")
+    p.add_argument("--negative-lora", type=trained_path, help="negative LoRA for NPO guidance")
     p.add_argument("--npo-alpha", type=float, default=1.0)
     p.add_argument(
         "--npo-beta",

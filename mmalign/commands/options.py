@@ -141,3 +141,22 @@ def one_or_many(values: list[str] | None) -> str | list[str] | None:
     if not values:
         return None
     return values[0] if len(values) == 1 else list(values)
+
+
+def trained_path(text: str) -> str:
+    """argparse type of a flag naming a run's export (``--lora``, ``--negative-lora``, ``--user-adapter``): a local
+    path as given, or a Hugging Face repo id (``user/name``, e.g. one ``train.push_to_hub`` uploaded) fetched with
+    ``snapshot_download`` into the hub cache (offline: from the cache) and given as that folder."""
+    import re
+
+    if Path(text).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return text  # the command reports a missing local path in its own words
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(text)
+    except Exception as err:  # hub errors come in many types (offline and not cached, not found, gated)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such folder here, and no hub repo of that id could be fetched ({type(err).__name__}: {first})"
+        ) from None

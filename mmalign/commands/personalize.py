@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmalign.commands.options import trained_path
 from mmalign.utils import parse_key_values
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def user_pipeline_kwargs(pipe: Any, args: argparse.Namespace, *, guidance: bool)
 
 
 def add_generate_user_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--user-adapter", help="user adapter (final/ of a personal_dpo run)")
+    p.add_argument("--user-adapter", type=trained_path, help="user adapter (final/ of a personal_dpo run)")
     p.add_argument(
         "--user-shots", help="a new person's choices (pair manifest; with --user ID, only that user's rows)"
     )

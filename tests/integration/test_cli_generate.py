@@ -215,3 +215,46 @@ def test_generate_and_eval_load_a_full_fine_tune_from_its_final_folder(tiny_sd15
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
     assert main([*bad[:4], str(lora), *common, "--out", str(tmp_path / "z")]) == 2
     assert f"{lora}: cannot load it into this pipeline" in capsys.readouterr().err
+
+
+def test_an_export_on_the_hub_is_named_by_its_repo_id(tmp_path, monkeypatch, capsys):
+    """--lora/--lora-a/--negative-lora/--user-adapter take a repo id (what train.push_to_hub uploads), fetched with
+    huggingface_hub's snapshot_download; a local folder of that shape stays local; an id that cannot be fetched
+    (offline and not cached) is one argparse error."""
+    import huggingface_hub
+    import pytest
+
+    from mmalign.cli import build_parser
+
+    fetched = tmp_path / "hub-cache" / "me--run"
+    fetched.mkdir(parents=True)
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id, **kw: str(fetched) if repo_id == "me/run" else real(repo_id, **kw),
+    )
+    (tmp_path / "runs" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    gen = ["generate", "--model", "m", "--prompt", "p", "--out", "o"]
+    args = build_parser().parse_args(
+        [
+            *gen,
+            "--lora",
+            "me/run",
+            "--lora",
+            "runs/final",
+            "--negative-lora",
+            "me/run",
+            "--user-adapter",
+            "me/run",
+        ]
+    )
+    assert args.lora == [str(fetched), "runs/final"]
+    assert args.negative_lora == args.user_adapter == str(fetched)
+    assert build_parser().parse_args(["eval", "--lora-a", "me/run"]).lora_a == [str(fetched)]
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([*gen, "--lora", "nobody/nothing"])
+    assert stop.value.code == 2
+    assert "argument --lora: nobody/nothing: no such folder here, and no hub repo" in capsys.readouterr().err
