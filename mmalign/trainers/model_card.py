@@ -15,6 +15,7 @@ upload that fails still leaves the export, and says how to upload it later.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -63,12 +64,21 @@ def usage(cfg: RunConfig, out_dir: Path, pipeline_class: str, where: str, video:
             'image = pipe("a fox in the snow", guidance_scale=7.5).images[0]\n```\n\n'
             f'```bash\nmmalign generate --model {base} --negative-lora {where} --prompt "a fox in the snow" --out samples\n```\n'
         )
-    folders = [p.name for p in sorted(out_dir.iterdir()) if (p / "config.json").is_file()]
-    if folders:  # a full fine-tune: diffusers-format denoiser folder(s)
+    folders = {  # a full fine-tune: diffusers-format denoiser folder(s) -> their model classes
+        p.name: json.loads((p / "config.json").read_text())["_class_name"]
+        for p in sorted(out_dir.iterdir())
+        if (p / "config.json").is_file()
+    }
+    if folders:
         lines = "".join(
-            f'pipe.{name} = pipe.{name}.from_pretrained("{where}", subfolder="{name}")\n' for name in folders
+            f'{name} = {cls}.from_pretrained("{where}", subfolder="{name}")\n'
+            for name, cls in folders.items()
         )
-        code = f"from diffusers import {pipeline_class}\n\n{load}{lines}"
+        given = ", ".join(f"{name}={name}" for name in folders)
+        code = (
+            f"from diffusers import {', '.join([pipeline_class, *sorted(set(folders.values()))])}\n\n{lines}"
+            f'pipe = {pipeline_class}.from_pretrained("{base}", {given})\n'
+        )
     else:
         into = ", load_into_transformer_2=True" if (out_dir / "lora_target.json").is_file() else ""
         code = f'from diffusers import {pipeline_class}\n\n{load}pipe.load_lora_weights("{where}"{into})\n'
