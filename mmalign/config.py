@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from mmalign.utils import safe_load
+from mmalign.utils import first_line, safe_load
 
 
 class ConfigError(ValueError):
@@ -582,16 +582,11 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
             value = safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as err:
             raise ConfigError(
-                f"override {short(item)}: the value is not valid YAML ({_first_line(err)})"
+                f"override {short(item)}: the value is not valid YAML ({clip(first_line(err))})"
             ) from None
         check_size(value, f"override {short(key)}")
         parsed.append((key.strip(), value))
     return parsed
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return clip(text[0]) if text else type(err).__name__
 
 
 def check_size(value: Any, where: str, limit: int = MAX_CONFIG_NODES) -> None:
@@ -645,7 +640,7 @@ def read_yaml(path: str | Path, what: str = "config file", max_bytes: int = MAX_
     try:
         data = safe_load(text)
     except (yaml.YAMLError, RecursionError) as err:
-        raise ConfigError(f"{_name(path)}: not valid YAML: {_first_line(err)}") from None
+        raise ConfigError(f"{_name(path)}: not valid YAML: {clip(first_line(err))}") from None
     check_size(data, str(path))
     return data
 

@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     import torch
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, cut to ``limit`` characters; its type's name when it has none."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 def expand_like(
     coef: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmalign.utils import first_line
+
 
 def add_runtime_args(parser: argparse.ArgumentParser, *, batch_size: int = 1, offload: bool = True) -> None:
     """``--device``, ``--dtype``, ``--batch-size``, ``--cpu-offload`` and ``--verbose`` (see pipelines/runtime.py)."""
@@ -156,7 +158,7 @@ def trained_path(text: str) -> str:
     try:
         return snapshot_download(text)
     except Exception as err:  # hub errors come in many types (offline and not cached, not found, gated)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise argparse.ArgumentTypeError(
-            f"{text}: no such folder here, and no hub repo of that id could be fetched ({type(err).__name__}: {first})"
+            f"{text}: no such folder here, and no hub repo of that id could be fetched "
+            f"({type(err).__name__}: {first_line(err, 200)})"
         ) from None

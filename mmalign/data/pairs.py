@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmalign.data.images import DataError, mirror_crop, open_image, resize_crop
+from mmalign.utils import first_line
 
 
 @dataclass
@@ -143,7 +144,7 @@ def open_pickapic(source: str | Path, split: str = "train"):
         except Exception as err:  # network, auth, unknown split: many types
             raise DataError(
                 f"data.source={source}: cannot load the hub dataset (split {split!r}): "
-                f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                f"{type(err).__name__}: {first_line(err, 200)}"
             ) from None
     path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
@@ -161,7 +162,7 @@ def open_pickapic(source: str | Path, split: str = "train"):
     except Exception as err:  # pyarrow's ArrowInvalid for a file that is not parquet, and others
         raise DataError(
             f"data.source={path}: cannot read it as Pick-a-Pic parquet data "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            f"({type(err).__name__}: {first_line(err, 200)})"
         ) from None
 
 

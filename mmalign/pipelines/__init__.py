@@ -28,6 +28,7 @@ from mmalign.pipelines.sd15 import SD15Adapter
 from mmalign.pipelines.sdxl import SDXLAdapter
 from mmalign.pipelines.toy_video import ToyVideoAdapter
 from mmalign.pipelines.wan import WanAdapter, other_expert, wan_fps
+from mmalign.utils import first_line
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, An
     except Exception as err:  # hub errors come in many types (offline, not found, gated)
         raise ValueError(
             f"{pretrained}: not a local pipeline directory, and its model_index.json could not be "
-            f"read from the hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            f"read from the hub ({type(err).__name__}: {first_line(err, 200)})"
         ) from None
 
 
@@ -209,7 +210,7 @@ def load_pipeline(
     ) as err:  # hub/offline/missing files, bad model_index.json
         raise ConfigError(
             f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
-            f"{clip(_first_line(err))}"
+            f"{clip(first_line(err))}"
         ) from err
 
 
@@ -230,10 +231,6 @@ def empty_component(pretrained: str, name: str, revision: str | None = None) -> 
     cls = getattr(diffusers, entry[1])
     with init_empty_weights():
         return cls.from_config(cls.load_config(pretrained, subfolder=name, revision=revision))
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_pipeline(
@@ -292,7 +289,7 @@ def _load_pipeline(
                 else ""
             )
             raise ConfigError(
-                f"cannot load the VAE {clip(vae)} (model.vae): {clip(_first_line(err))}{hint}"
+                f"cannot load the VAE {clip(vae)} (model.vae): {clip(first_line(err))}{hint}"
             ) from err
     pipe = cls.from_pretrained(pretrained, **kwargs)
     return pipe, family

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmalign.pipelines import DENOISERS  # a full fine-tune's final/ holds one of these folders
+from mmalign.utils import first_line
 
 DTYPES = {
     "fp32": torch.float32,
@@ -126,8 +127,6 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
     import json
     from pathlib import Path
 
-    from mmalign.pipelines import _first_line
-
     kinds = trained_kinds(paths)
     for path, kind in kinds.items():
         try:
@@ -151,7 +150,7 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
             adapter = f"lora_{list(kinds).index(path)}" if len(kinds) > 1 else None
             pipe.load_lora_weights(path, adapter_name=adapter, **into)
         except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"{path}: cannot load it into this pipeline: {_first_line(err)[:300]}") from err
+            raise ValueError(f"{path}: cannot load it into this pipeline: {first_line(err)}") from err
     loras = [f"lora_{i}" for i, kind in enumerate(kinds.values()) if kind == "lora"]
     if len(kinds) > 1 and loras:
         pipe.set_adapters(loras)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mmalign.config import ConfigError, RunConfig, to_dict
+from mmalign.utils import first_line
 
 CARD_FILE = "README.md"
 CONFIG_FILE = "mmalign_config.yaml"
@@ -213,10 +214,9 @@ def push_export(cfg: RunConfig, out_dir: Path, write_card: Callable[[str], Any])
             repo_id=repo_id, folder_path=out_dir, commit_message=f"mmalign {cfg.method.name} export"
         )
     except Exception as err:  # hub errors come in many types (network, auth, rate limit)
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         return {
             "repo_id": repo_id,
-            "error": f"{type(err).__name__}: {first} (upload it later: huggingface-cli upload {repo_id} {out_dir})",
+            "error": f"{type(err).__name__}: {first_line(err)} (upload it later: huggingface-cli upload {repo_id} {out_dir})",
         }
     return {
         "repo_id": repo_id,
