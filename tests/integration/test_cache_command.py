@@ -80,3 +80,14 @@ def test_cache_command_fills_the_video_pair_cache_that_train_reads(tmp_path, mon
     monkeypatch.setattr(ToyVideoAdapter, "latent_moments", no_vae)
     result = train(video_cfg(tmp_path / "toy-video", pairs, tmp_path / "run", *common))
     assert result.summary["data"]["pairs"] == 4
+
+
+def test_cache_memory_bench_loads_the_denoiser_in_one_mode_only(tiny_sd15):
+    """bench/bench_cache_memory.py on the tiny pipeline: both modes load the same model, the empty one holds none
+    of the denoiser's parameters in memory."""
+    from conftest import load_bench
+
+    row = load_bench("bench_cache_memory").main(["--model", str(tiny_sd15)])
+    assert row["loaded"]["denoiser_params_in_memory"] == row["loaded"]["denoiser_params"] > 0
+    assert row["empty"]["denoiser_params_in_memory"] == 0
+    assert row["empty"]["denoiser_params"] == row["loaded"]["denoiser_params"]
