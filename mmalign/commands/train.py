@@ -64,13 +64,17 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from mmalign.config import ConfigError, short, to_dict
     from mmalign.pipelines import FAMILIES
-    from mmalign.trainers import load_config
+    from mmalign.trainers import check_training_run, load_config
 
     cfg = load_config(resolve_recipe(args.config), args.overrides)
     if cfg.model.family != "auto" and cfg.model.family not in FAMILIES:
         raise ConfigError(
             f"{args.config}: model.family={short(cfg.model.family)}: use auto or one of {', '.join(FAMILIES)}"
         )
+    try:
+        check_training_run(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{args.config}: {err}") from None
     if args.print:
         import yaml
 

@@ -10,6 +10,7 @@ timestep (float, in [0, 1000]) everywhere: ``add_noise``, ``target`` and ``predi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,19 +152,25 @@ class WanAdapter:
             return_dict=False,
         )[0]
 
-    def check_run(self, cfg: Any) -> None:
-        """Refuse, before any step, a run this pipeline cannot do as configured (the loop calls this)."""
-        if self.boundary is None:
-            if self.expert is not None:
+    @staticmethod
+    def check_config(index: Mapping[str, Any], cfg: Any) -> None:
+        """Refuse a run this pipeline cannot do as configured, from its ``model_index.json`` (``index``) and the
+        run config alone: config loading (``mmalign validate``, before a job is queued) calls it when the index is
+        on disk, the loop once the pipeline is loaded."""
+        expert = cfg.model.adapter_options.get("expert")
+        ratio = index.get("boundary_ratio")
+        if ratio is None:
+            if expert is not None:
                 raise ConfigError(
-                    f"model.adapter_options.expert={self.expert} is for a two-expert Wan 2.2 A14B pipeline; "
+                    f"model.adapter_options.expert={expert} is for a two-expert Wan 2.2 A14B pipeline; "
                     f"{cfg.model.pretrained} has one transformer: remove the option"
                 )
             return
-        if self.expert is None:
+        if expert is None:
             raise ConfigError(
-                f"{cfg.model.pretrained} is a two-expert Wan 2.2 pipeline (transformer for t >= {self.boundary:g}, "
-                "transformer_2 below): train one per run with model.adapter_options.expert=high_noise or low_noise"
+                f"{cfg.model.pretrained} is a two-expert Wan 2.2 pipeline (transformer for t >= "
+                f"{float(ratio) * NUM_TRAIN_TIMESTEPS:g}, transformer_2 below): train one per run with "
+                "model.adapter_options.expert=high_noise or low_noise"
             )
         if cfg.train.validation_every:
             raise ConfigError(

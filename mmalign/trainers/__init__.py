@@ -34,7 +34,7 @@ from typing import Any
 
 from mmalign import config as _config
 from mmalign.config import ConfigError, RunConfig
-from mmalign.pipelines import FAMILIES, family_of_class
+from mmalign.pipelines import FAMILIES, family_of_class, resolve_pretrained
 from mmalign.trainers import data, dense_dpo, diffusion_dpo, inversion_dpo, personal_dpo, self_npo
 
 
@@ -120,24 +120,29 @@ def check_noise_process(method_name: str, family: str, noise_process: str) -> No
         )
 
 
-def _static_family(cfg: RunConfig) -> str | None:
-    """The family known without loading weights: model.family, or a local model_index.json (no network)."""
+def _local_index(cfg: RunConfig) -> dict[str, Any] | None:
+    """The model's ``model_index.json`` when it is a local directory (no network), else None."""
+    index = Path(resolve_pretrained(cfg.model.pretrained)) / "model_index.json"
+    try:
+        meta = json.loads(index.read_text()) if index.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _static_family(cfg: RunConfig, index: dict[str, Any] | None) -> str | None:
+    """The family known without loading weights: model.family, or a local model_index.json."""
     if cfg.model.family != "auto":
         return cfg.model.family
-    index = Path(cfg.model.pretrained) / "model_index.json"
-    if index.is_file():
-        try:
-            return family_of_class(json.loads(index.read_text()).get("_class_name"))
-        except (OSError, ValueError):
-            return None
-    return None
+    return family_of_class(index.get("_class_name")) if index is not None else None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a recipe (:func:`mmalign.config.load_config` with every registered method) and check that the method
     can train the model's family (when the family is known before loading weights)."""
     cfg = _config.load_config(path, overrides, method_configs=METHOD_CONFIGS)
-    family = _static_family(cfg)
+    index = _local_index(cfg)
+    family = _static_family(cfg, index)
     if family is not None:
         if family not in FAMILIES:
             raise ConfigError(
@@ -150,4 +155,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "Method", "check_noise_process", "get_method", "load_config"]
+def check_training_run(cfg: RunConfig) -> None:
+    """The model family's own refusals of a training run (``check_config`` of its adapter: a Wan 2.2 A14B run
+    that names no expert), from a local ``model_index.json`` without loading weights; ``mmalign validate`` runs
+    it, and the loop runs the same check on the loaded pipeline (a hub id included). Nothing for a model that is
+    not a local directory."""
+    index = _local_index(cfg)
+    family = _static_family(cfg, index)
+    check = getattr(FAMILIES[family].adapter, "check_config", None) if family in FAMILIES else None
+    if check is not None and index is not None:
+        check(index, cfg)
+
+
+__all__ = [
+    "METHODS",
+    "METHOD_CONFIGS",
+    "Method",
+    "check_noise_process",
+    "check_training_run",
+    "get_method",
+    "load_config",
+]

@@ -330,8 +330,9 @@ def _setup_models(run: _Run) -> None:
     dtype = weight_dtype(cfg.train.mixed_precision)
     pipe, family, adapter = load_model(cfg.model)
     check_noise_process(run.method.name, family, adapter.noise_process)
-    if hasattr(adapter, "check_run"):  # optional: a family's own refusals (Wan 2.2 A14B: which expert)
-        adapter.check_run(cfg)
+    check = getattr(type(adapter), "check_config", None)  # optional: a family's own refusals (Wan 2.2 A14B)
+    if check is not None:
+        check(dict(pipe.config), cfg)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:
         encoder.requires_grad_(False).to(accelerator.device, dtype)

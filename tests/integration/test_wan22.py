@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import assert_only_trainable_changed, card_code
@@ -57,28 +59,41 @@ def test_each_expert_loads_alone_and_draws_its_own_timesteps(a14b, sampling):
         assert torch.allclose(t.quantile(q), kept.quantile(q), atol=4.0)  # timesteps in [0, 1000]
 
 
-def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a14b, tmp_path):
+def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a14b, tmp_path, capsys):
+    """From model_index.json alone (`mmalign validate`, before a job is queued) and again on the loaded pipeline
+    (the loop): an A14B run names one expert and samples no validation; a Wan 2.1 run names none."""
+    from mmalign.cli import main
+    from mmalign.pipelines.wan import WanAdapter
     from mmalign.toy.tiny import build_tiny_wan
-
-    pipe, family, adapter = load_model(model_cfg(a14b))
     from mmalign.trainers import load_config
 
+    pipe, _, _ = load_model(model_cfg(a14b))
     base = [f"model.pretrained={a14b}", "method.name=dense_dpo"]
-    with pytest.raises(
-        ConfigError, match="two-expert Wan 2.2 pipeline .*adapter_options.expert=high_noise or low_noise"
-    ):
-        adapter.check_run(load_config(None, base))
-    expert = make_adapter(pipe, family, expert="high_noise")
-    expert.check_run(load_config(None, base))
-    with pytest.raises(ConfigError, match="train.validation_every: a Wan 2.2 expert run loads only"):
-        expert.check_run(
-            load_config(None, [*base, "train.validation_every=5", "train.validation_prompts=[a]"])
-        )
+    expert = [*base, "model.adapter_options={expert: high_noise}"]
+    validation = ["train.validation_every=5", "train.validation_prompts=[a]"]
+    no_expert = "two-expert Wan 2.2 pipeline .*adapter_options.expert=high_noise or low_noise"
+    for index in (dict(pipe.config), json.loads((a14b / "model_index.json").read_text())):
+        with pytest.raises(ConfigError, match=no_expert):
+            WanAdapter.check_config(index, load_config(None, base))
+        WanAdapter.check_config(index, load_config(None, expert))
+        with pytest.raises(ConfigError, match="train.validation_every: a Wan 2.2 expert run loads only"):
+            WanAdapter.check_config(index, load_config(None, [*expert, *validation]))
+    (tmp_path / "run.yaml").write_text("{}\n")
+    assert main(["validate", str(tmp_path / "run.yaml"), *base]) == 2
+    assert "transformer_2 below): train one per run" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "run.yaml"), *expert]) == 0
+
     build_tiny_wan(tmp_path / "wan21")
     one = make_adapter(load_pipeline(str(tmp_path / "wan21"))[0], "wan", expert="low_noise")
     assert one.denoiser_name == "transformer" and one.t_range == (0.0, 1000)
+    wan21 = [
+        f"model.pretrained={tmp_path / 'wan21'}",
+        "method.name=dense_dpo",
+        "model.adapter_options={expert: low_noise}",
+    ]
     with pytest.raises(ConfigError, match="expert=low_noise is for a two-expert Wan 2.2 A14B pipeline"):
-        one.check_run(load_config(None, [f"model.pretrained={tmp_path / 'wan21'}", "method.name=dense_dpo"]))
+        WanAdapter.check_config(dict(one.pipeline.config), load_config(None, wan21))
+    assert main(["validate", str(tmp_path / "run.yaml"), *wan21]) == 2
 
 
 def test_cache_encodes_an_a14b_without_reading_either_expert(a14b, pairs, tmp_path, monkeypatch):
