@@ -56,6 +56,7 @@ from mmalign.trainers.master_weights import MasterWeights
 from mmalign.trainers.model_card import check_push, push_export, write_model_card
 from mmalign.trainers.report import log_validation, write_training_curves
 from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded
+from mmalign.utils import first_line
 
 
 @dataclass
@@ -699,7 +700,11 @@ def _finish(
                 exporter(run.pipe, unwrapped, run.adapter.denoiser_name, cfg, run.out / "final")
             )
     if accelerator.is_main_process:
-        grids = sorted((run.out / "validation").glob("step-*.png"))
+        grids = [  # this run's last grid: a grid past its last step is another run's (train.overwrite)
+            g
+            for g in sorted((run.out / "validation").glob("step-*.png"))
+            if g.stem[5:].isdigit() and int(g.stem[5:]) <= step
+        ]
         card = functools.partial(
             write_model_card,
             cfg,
@@ -709,7 +714,12 @@ def _finish(
             result=summary,
             validation=grids[-1] if grids else None,
         )
-        card()
+        try:
+            card()
+        except Exception as err:  # the card describes the export; failing to write it must not cost the run
+            accelerator.print(
+                f"note: could not write the model card: {type(err).__name__}: {first_line(err)}"
+            )
         if cfg.train.push_to_hub:  # the card then loads from the repo
             summary["push_to_hub"] = push_export(cfg, Path(summary["export"]), lambda repo: card(where=repo))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -170,6 +170,21 @@ def test_push_to_hub_uploads_final_with_a_card_that_loads_from_the_repo(
     assert (out / "final/pytorch_lora_weights.safetensors").is_file() and (out / "checkpoints").is_dir()
 
 
+def test_a_model_card_that_cannot_be_written_costs_the_run_nothing(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch, capsys
+):
+    import mmalign.trainers.loop as loop
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(loop, "write_model_card", broken)
+    result = train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", "train.max_steps=1"))
+    assert (tmp_path / "run/summary.json").is_file() and result.summary["steps"] == 1
+    assert (tmp_path / "run/final/pytorch_lora_weights.safetensors").is_file()
+    assert "could not write the model card: OSError: No space left on device" in capsys.readouterr().out
+
+
 def test_full_finetune_exports_a_diffusers_unet(tiny_sd15, pair_manifest, tmp_path):
     from diffusers import UNet2DConditionModel
 
