@@ -184,11 +184,24 @@ def hub_repo_id(cfg: RunConfig) -> str:
 
 
 def check_push(cfg: RunConfig) -> None:
-    """Before training: refuse ``train.push_to_hub`` that cannot upload (offline, no token), instead of failing
-    after the run it would cost."""
+    """Before training: refuse ``train.push_to_hub`` that cannot upload (a malformed repo id, offline, no token),
+    instead of failing after the run it would cost."""
     if not cfg.train.push_to_hub:
         return
     from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(hub_repo_id(cfg))
+    except HFValidationError as err:
+        source = (
+            "train.hub_model_id"
+            if cfg.train.hub_model_id
+            else "the output folder's name (train.hub_model_id)"
+        )
+        raise ConfigError(
+            f"train.push_to_hub: {source} is not a hub repo id: {first_line(err, 200)}"
+        ) from None
 
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(

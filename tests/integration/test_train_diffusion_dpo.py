@@ -119,6 +119,13 @@ def test_push_to_hub_is_refused_before_anything_runs_when_it_cannot_upload(
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(ConfigError, match="push_to_hub=true needs a Hugging Face token"):
         train(cfg)
+    bad = tiny_cfg(
+        tiny_sd15, pair_manifest, tmp_path / "run", "train.push_to_hub=true", "train.hub_model_id=a/b/c"
+    )
+    with pytest.raises(
+        ConfigError, match="train.hub_model_id is not a hub repo id: Repo id must be in the form"
+    ):
+        train(bad)
     assert not (tmp_path / "run").exists()
 
 
