@@ -220,8 +220,8 @@ DENOISERS = ("unet", "transformer", "transformer_2")  # the pipeline components 
 def empty_component(pretrained: str, name: str, revision: str | None = None) -> Any:
     """Pipeline component ``name`` built from its ``config.json`` on the meta device: its config is there (an
     adapter may read it, as CogVideoX's reads ``max_text_seq_length``), its weights are neither read nor allocated.
-    For work that never runs the component (``mmalign cache``: SDXL's UNet is 10 GB in fp32, a Wan 2.2 A14B expert
-    57 GB)."""
+    For work that never runs the component (``mmalign cache``; real SDXL from a bf16 checkpoint, which
+    ``from_pretrained`` upcasts: 1.3 GB peak instead of 15.5 GB, BENCHMARKS.md)."""
     import diffusers
     from accelerate import init_empty_weights
 
