@@ -222,15 +222,56 @@ def empty_component(pretrained: str, name: str, revision: str | None = None) -> 
     adapter may read it, as CogVideoX's reads ``max_text_seq_length``), its weights are neither read nor allocated.
     For work that never runs the component (``mmalign cache``; real SDXL from a bf16 checkpoint, which
     ``from_pretrained`` upcasts: 1.3 GB peak instead of 15.5 GB, BENCHMARKS.md)."""
-    import diffusers
     from accelerate import init_empty_weights
+
+    cls = _component_class(pretrained, name, revision)
+    with init_empty_weights():
+        return cls.from_config(cls.load_config(pretrained, subfolder=name, revision=revision))
+
+
+def _component_class(pretrained: str, name: str, revision: str | None) -> type:
+    """The diffusers class of pipeline component ``name``, from ``model_index.json``."""
+    import diffusers
 
     entry = pipeline_index(pretrained, revision).get(name)
     if not (isinstance(entry, list) and len(entry) == 2 and hasattr(diffusers, str(entry[1]))):
         raise ValueError(f"{pretrained}: model_index.json has no diffusers component {name!r}")
-    cls = getattr(diffusers, entry[1])
-    with init_empty_weights():
-        return cls.from_config(cls.load_config(pretrained, subfolder=name, revision=revision))
+    return getattr(diffusers, entry[1])
+
+
+def load_unused(pipe: Any, family: str, model: Any, *, device: Any, dtype: Any) -> list[str]:
+    """Load, for sampling, what :func:`load_model` left out of ``pipe`` as unused by training
+    (``Family.unused_components``: the other expert of a Wan 2.2 A14B run), frozen and in ``dtype``; components
+    already in the pipeline stay as they are. Returns the names it loaded.
+
+    On an accelerator ``device`` each is kept on the host and streamed to the device one block at a time while it
+    runs (diffusers' ``enable_group_offload``), so sampling needs about one block of device memory for it, not
+    the whole model (an A14B expert: 28 GB in bf16) beside the one in training; on a CPU it simply stays there.
+    """
+    import torch
+
+    unused = get_family(family).unused_components
+    names = [n for n in (unused(model.adapter_options) if unused else []) if getattr(pipe, n, None) is None]
+    device = torch.device(device)
+    pretrained = resolve_pretrained(model.pretrained)
+    for name in names:
+        cls = _component_class(pretrained, name, model.revision)
+        component = cls.from_pretrained(
+            pretrained, subfolder=name, revision=model.revision, variant=model.variant, torch_dtype=dtype
+        )
+        component.requires_grad_(False).eval()
+        if device.type != "cpu" and hasattr(component, "enable_group_offload"):  # diffusers >= 0.33
+            component.enable_group_offload(
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=device.type == "cuda",
+            )
+        elif device.type != "cpu":
+            component.to(device)
+        setattr(pipe, name, component)
+    return names
 
 
 def _load_pipeline(
@@ -380,6 +421,7 @@ __all__ = [
     "load_model",
     "is_video",
     "load_pipeline",
+    "load_unused",
     "make_adapter",
     "per_frame_mse",
     "per_sample_mse",

@@ -172,11 +172,6 @@ class WanAdapter:
                 f"{float(ratio) * NUM_TRAIN_TIMESTEPS:g}, transformer_2 below): train one per run with "
                 "model.adapter_options.expert=high_noise or low_noise"
             )
-        if cfg.train.validation_every:
-            raise ConfigError(
-                "train.validation_every: a Wan 2.2 expert run loads only the trained expert, and sampling needs both; "
-                "set it to 0 and compare with `mmalign eval --lora-a <run>/final`"
-            )
 
     def sample_timesteps(self, n, generator, device):
         """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1); within the expert's range for a Wan 2.2 expert.

@@ -26,7 +26,7 @@ import torch
 from mmalign.config import ConfigError, RunConfig, save_config, short, to_dict
 from mmalign.data.buckets import BucketBatchSampler
 from mmalign.data.seeded import SeededItems
-from mmalign.pipelines import is_video, load_model, prompt_length
+from mmalign.pipelines import is_video, load_model, load_unused, prompt_length
 from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
 from mmalign.pipelines.runtime import LORA_TARGET_FILE
 from mmalign.trainers import check_noise_process, get_method
@@ -872,6 +872,18 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
 
 
 def _validate(run: _Run, step: int) -> None:
+    # what training left unloaded and sampling needs (a Wan 2.2 expert run's other expert): once, at the first grid
+    loaded = load_unused(
+        run.pipe,
+        run.family,
+        run.cfg.model,
+        device=run.accelerator.device,
+        dtype=weight_dtype(run.cfg.train.mixed_precision),
+    )
+    if loaded:
+        run.accelerator.print(
+            f"validation: loaded {', '.join(loaded)} from {run.cfg.model.pretrained} to sample with"
+        )
     with run.accelerator.autocast():  # the training step's precision (FSDP2 gathers bf16 weights under bf16)
         media = sample_validation(  # sharded: on every process (each forward gathers the weights)
             run.pipe,

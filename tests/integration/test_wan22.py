@@ -59,9 +59,9 @@ def test_each_expert_loads_alone_and_draws_its_own_timesteps(a14b, sampling):
         assert torch.allclose(t.quantile(q), kept.quantile(q), atol=4.0)  # timesteps in [0, 1000]
 
 
-def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a14b, tmp_path, capsys):
+def test_a14b_runs_are_refused_unless_they_name_one_expert(a14b, tmp_path, capsys):
     """From model_index.json alone (`mmalign validate`, before a job is queued) and again on the loaded pipeline
-    (the loop): an A14B run names one expert and samples no validation; a Wan 2.1 run names none."""
+    (the loop): an A14B run names one expert; a Wan 2.1 run names none."""
     from mmalign.cli import main
     from mmalign.pipelines.wan import WanAdapter
     from mmalign.toy.tiny import build_tiny_wan
@@ -70,14 +70,11 @@ def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a
     pipe, _, _ = load_model(model_cfg(a14b))
     base = [f"model.pretrained={a14b}", "method.name=dense_dpo"]
     expert = [*base, "model.adapter_options={expert: high_noise}"]
-    validation = ["train.validation_every=5", "train.validation_prompts=[a]"]
     no_expert = "two-expert Wan 2.2 pipeline .*adapter_options.expert=high_noise or low_noise"
     for index in (dict(pipe.config), json.loads((a14b / "model_index.json").read_text())):
         with pytest.raises(ConfigError, match=no_expert):
             WanAdapter.check_config(index, load_config(None, base))
         WanAdapter.check_config(index, load_config(None, expert))
-        with pytest.raises(ConfigError, match="train.validation_every: a Wan 2.2 expert run loads only"):
-            WanAdapter.check_config(index, load_config(None, [*expert, *validation]))
     (tmp_path / "run.yaml").write_text("{}\n")
     assert main(["validate", str(tmp_path / "run.yaml"), *base]) == 2
     assert "transformer_2 below): train one per run" in capsys.readouterr().err
@@ -94,6 +91,55 @@ def test_a14b_runs_are_refused_unless_they_name_one_expert_and_skip_validation(a
     with pytest.raises(ConfigError, match="expert=low_noise is for a two-expert Wan 2.2 A14B pipeline"):
         WanAdapter.check_config(dict(one.pipeline.config), load_config(None, wan21))
     assert main(["validate", str(tmp_path / "run.yaml"), *wan21]) == 2
+
+
+def test_an_expert_runs_validation_with_the_other_expert_from_the_base(a14b, pairs, tmp_path, monkeypatch):
+    """Sampling needs both experts: the first validation grid loads the one the run does not train (frozen, from
+    the base pipeline, once), so the step-0 clips are the base pipeline's own; later grids show the trained expert."""
+    from mmalign.pipelines.runtime import load_for_inference
+    from mmalign.trainers import loop
+
+    grids = {}
+    real_log = loop.log_validation
+
+    def log(accelerator, media, prompts, step, path):
+        grids[step] = media
+        real_log(accelerator, media, prompts, step, path)
+
+    monkeypatch.setattr(loop, "log_validation", log)
+    loads = []
+    real_load = loop.load_unused
+    monkeypatch.setattr(loop, "load_unused", lambda *a, **k: loads.append(real_load(*a, **k)) or loads[-1])
+    cfg = video_cfg(
+        a14b,
+        pairs,
+        tmp_path / "run",
+        "model.adapter_options={expert: low_noise}",
+        "method.num_frames=9",
+        "train.learning_rate=3e-2",
+        "train.max_steps=2",
+        "train.validation_every=1",
+        "train.validation_prompts=[a red circle]",
+        "train.validation_steps=2",  # t = 1000 (high-noise expert), then 47 (the trained low-noise one)
+        "train.validation_guidance=1.0",
+    )
+    result = train(cfg)
+    assert sorted(grids) == [0, 1, 2] and loads == [["transformer"], [], []]
+    assert result.pipeline.transformer is not None and not result.pipeline.transformer.training
+
+    base, _, _ = load_model(model_cfg(a14b))
+    adapter = make_adapter(base, "wan", expert="low_noise")
+    clip = {"num_frames": 9, "height": 16, "width": 16}
+    before = loop.sample_validation(base, base.transformer_2, adapter, cfg.train, **clip)
+    assert grids[0].shape == before.shape == (1, 9, 3, 16, 16)
+    assert torch.allclose(grids[0], before, atol=1e-6)  # the LoRA starts at zero: the base pipeline's clip
+    # later grids sample with the trained expert: its exported LoRA loaded into the base pipeline gives them
+    tuned, _, _ = load_for_inference(str(a14b), lora=str(tmp_path / "run" / "final"), device="cpu")
+    after = loop.sample_validation(tuned, tuned.transformer_2, adapter, cfg.train, **clip)
+    assert torch.allclose(grids[2], after, atol=1e-6) and not torch.equal(grids[2], grids[0])
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").glob("*.png")) == [
+        f"step-{n:06d}.png" for n in (0, 1, 2)
+    ]
 
 
 def test_cache_encodes_an_a14b_without_reading_either_expert(a14b, pairs, tmp_path, monkeypatch):
