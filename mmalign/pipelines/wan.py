@@ -17,20 +17,13 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError
-from mmalign.utils import expand_like
-
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The flow schedules' timestep shift: sigma = shift u / (1 + (shift - 1) u)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """The inverse of :func:`shift_sigmas`: u = sigma / (shift - (shift - 1) sigma)."""
-    return sigma / (shift - (shift - 1) * sigma)
-
+from mmalign.pipelines.flow import (
+    NUM_TRAIN_TIMESTEPS,
+    check_sampling,
+    flow_add_noise,
+    flow_timesteps,
+    scheduler_shift,
+)
 
 EXPERTS = {"high_noise": "transformer", "low_noise": "transformer_2"}  # Wan 2.2 A14B: which expert is which
 
@@ -72,8 +65,7 @@ class WanAdapter:
     expert: str | None = None  # Wan 2.2 A14B: "high_noise" (transformer) or "low_noise" (transformer_2)
 
     def __post_init__(self) -> None:
-        if self.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"timestep_sampling={self.timestep_sampling!r}: use uniform or logit_normal")
+        check_sampling(self.timestep_sampling)
         if self.expert is not None and self.expert not in EXPERTS:
             raise ConfigError(f"model.adapter_options.expert={self.expert!r}: use one of {sorted(EXPERTS)}")
         ratio = getattr(self.pipeline.config, "boundary_ratio", None)
@@ -85,8 +77,7 @@ class WanAdapter:
             self.denoiser_name = EXPERTS[self.expert]
             low = self.expert == "low_noise"
             self.t_range = (0.0, self.boundary) if low else (self.boundary, NUM_TRAIN_TIMESTEPS)
-        cfg = dict(self.pipeline.scheduler.config)
-        self.shift = float(cfg.get("flow_shift") or cfg.get("shift") or 1.0)
+        self.shift = scheduler_shift(self.pipeline.scheduler.config)
         self.scheduler = self.pipeline.scheduler  # sampling only; training maths are the flow formulas below
         self.vae = self.pipeline.vae
         self.temporal_compression = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
@@ -137,8 +128,7 @@ class WanAdapter:
         return {}
 
     def add_noise(self, x0, noise, t):
-        sigma = expand_like(t.float() / NUM_TRAIN_TIMESTEPS, x0, torch.float32)
-        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+        return flow_add_noise(x0, noise, t)
 
     def target(self, x0, noise, t):
         return noise - x0
@@ -174,24 +164,7 @@ class WanAdapter:
             )
 
     def sample_timesteps(self, n, generator, device):
-        """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1); within the expert's range for a Wan 2.2 expert.
-
-        An expert's range [t0, t1) is drawn by inverting the shift and the CDF: u ~ U(u0, u1) (uniform), or
-        u = sigmoid(ndtri(p)) with p ~ U(ndtr(logit u0), ndtr(logit u1)) (logit-normal), i.e. the full-range
-        distribution conditioned on the expert's timesteps.
-        """
-        if self.t_range == (0.0, NUM_TRAIN_TIMESTEPS):
-            if self.timestep_sampling == "logit_normal":
-                u = torch.sigmoid(torch.randn(n, generator=generator))
-            else:
-                u = torch.rand(n, generator=generator)
-            return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).to(device)
-        lo, hi = (torch.tensor(t / NUM_TRAIN_TIMESTEPS, dtype=torch.float64) for t in self.t_range)
-        u_lo, u_hi = unshift_sigmas(lo, self.shift), unshift_sigmas(hi, self.shift)
-        r = torch.rand(n, generator=generator, dtype=torch.float64)
-        if self.timestep_sampling == "logit_normal":
-            p_lo, p_hi = (torch.special.ndtr(torch.logit(u)) for u in (u_lo, u_hi))
-            u = torch.sigmoid(torch.special.ndtri(p_lo + (p_hi - p_lo) * r))
-        else:
-            u = u_lo + (u_hi - u_lo) * r
-        return (shift_sigmas(u, self.shift) * NUM_TRAIN_TIMESTEPS).float().to(device)
+        """t = 1000 * shift(u), u ~ U(0,1) or logit-normal(0,1); a Wan 2.2 expert's conditioned on its range."""
+        return flow_timesteps(
+            n, generator, device, shift=self.shift, sampling=self.timestep_sampling, t_range=self.t_range
+        )

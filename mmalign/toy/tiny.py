@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised pipelines of the real SD1.5 / SDXL classes, saved in diffusers format.
+"""Tiny, randomly initialised pipelines of the real SD1.5 / SDXL / SD3 classes, saved in diffusers format.
 
 Tests and benchmarks build these in code and load them back with ``from_pretrained``, the same path a
 user's hub checkpoint takes. Sizes follow the spirit of diffusers' ``get_dummy_components``.
@@ -51,7 +51,7 @@ def _text_encoder(hidden: int, proj: int | None, vocab_size: int, seed: int, max
     return (CLIPTextModelWithProjection if proj else CLIPTextModel)(config).eval()
 
 
-def _vae(seed: int, latent_channels: int = 4, channels: tuple[int, ...] = (16, 32)):
+def _vae(seed: int, latent_channels: int = 4, channels: tuple[int, ...] = (16, 32), **config: Any):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -65,6 +65,7 @@ def _vae(seed: int, latent_channels: int = 4, channels: tuple[int, ...] = (16, 3
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     )
 
 
@@ -159,6 +160,57 @@ def build_tiny_sdxl(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
+
+
+def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, shift: float = 3.0, sample_size: int = 8):
+    """A StableDiffusion3Pipeline: two CLIP encoders with projection (width 8), a 1-layer T5 (width 32 = the
+    transformer's joint attention width), a VAE with SD3's shift and scale factors, a 1-layer MMDiT and
+    FlowMatchEuler at SD3's shift 3, as diffusers' own SD3 dummy components but with no hub download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,  # the two CLIP projections, concatenated
+        pos_embed_max_size=16,
+    )
+    torch.manual_seed(seed + 4)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=_vae(seed + 2, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_text_encoder(8, 8, len(tokenizer), seed + 1, tokenizer.model_max_length),
+        text_encoder_2=_text_encoder(8, 8, len(tokenizer), seed + 3, tokenizer.model_max_length),
+        text_encoder_3=t5,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=tokenizer,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe

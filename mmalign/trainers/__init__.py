@@ -11,7 +11,8 @@
 - ``needs_reference(cfg)``: whether full fine-tuning must keep a frozen reference copy (Self-NPO with an EMA
   teacher never reads one);
 - ``noise_processes``: the pipeline noise processes it supports (methods built on ``alphas_cumprod`` -- DDIM
-  inversion, DDIM teachers -- need "ddpm"); checked at config validation (:func:`load_config`).
+  inversion, DDIM teachers -- need "ddpm"); ``why_unet``: set when it trains only UNet families; both checked at
+  config validation (:func:`load_config`, :func:`check_family`).
 
 - ``add_trainable`` (optional): ``(denoiser, run_cfg) -> None`` adding the method's own modules to the frozen
   denoiser and marking which of their weights train (personal_dpo's user path). The loop then makes no
@@ -51,6 +52,7 @@ class Method:
     why_ddpm: str = ""  # the sentence saying why a "ddpm"-only method cannot train a flow model
     add_trainable: Callable[..., Any] | None = None
     export: Callable[..., Any] | None = None
+    why_unet: str = ""  # set for a method that trains only UNet families: the sentence saying why
 
 
 METHODS: dict[str, Method] = {
@@ -80,6 +82,7 @@ METHODS: dict[str, Method] = {
         needs_reference=lambda cfg: cfg.ema_decay >= 1.0,
         noise_processes=("ddpm",),
         why_ddpm="its DDIM teacher rollout and re-noising use the DDPM schedule's alphas_cumprod",
+        why_unet="its negative model is used only through NPO guidance, which drives UNet pipelines",
     ),
     "dense_dpo": Method(
         "dense_dpo",
@@ -96,6 +99,7 @@ METHODS: dict[str, Method] = {
         "PPD (Dang et al. 2025): user-conditioned Diffusion-DPO; user vector -> IP-Adapter-style decoupled cross-attention, only K'/V' + projection (+ optional LoRA) train.",
         add_trainable=personal_dpo.add_trainable,
         export=personal_dpo.export,
+        why_unet="its user path is an IP-Adapter-style projection in a UNet's cross-attention",
     ),
 }
 
@@ -108,15 +112,37 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def check_noise_process(method_name: str, family: str, noise_process: str) -> None:
-    """Raise a one-sentence ConfigError when ``method_name`` cannot train a ``noise_process`` model."""
-    method = get_method(method_name)
+def check_family(method_cfg: Any, family: str, noise_process: str) -> None:
+    """Raise a one-sentence ConfigError when the method, as configured, cannot train ``family`` (its pipeline's
+    ``noise_process``): a DDPM-only method on a flow-matching model, or a method that needs a UNet (personal_dpo's
+    user path; a negative model, which only NPO guidance uses: Self-NPO, Diffusion-DPO with ``swap_pairs``) on a
+    family that denoises with a transformer."""
+    method = get_method(method_cfg.name)
+    what, why_unet = f"method.name={method.name}", method.why_unet
+    if not why_unet and getattr(method_cfg, "swap_pairs", False):
+        what = f"{what} with method.swap_pairs=true"
+        why_unet = (
+            "Diffusion-NPO's negative model is used only through NPO guidance, which drives UNet pipelines"
+        )
+
+    def unet(spec: Any) -> bool:
+        return getattr(spec.adapter, "denoiser_name", "unet") == "unet"
+
+    fits = sorted(
+        f
+        for f, spec in FAMILIES.items()
+        if spec.noise_process in method.noise_processes and (unet(spec) or not why_unet)
+    )
     if noise_process not in method.noise_processes:
-        fits = sorted(f for f, spec in FAMILIES.items() if spec.noise_process in method.noise_processes)
         raise ConfigError(
-            f"method.name={method_name} cannot train model.family={family}: {method.why_ddpm or 'it needs a DDPM schedule'}, "
+            f"{what} cannot train model.family={family}: {method.why_ddpm or 'it needs a DDPM schedule'}, "
             f"and {family} is a {noise_process}-matching model; use a {'/'.join(method.noise_processes)} family "
             f"({', '.join(fits)}) or a method that supports flow matching (diffusion_dpo, dense_dpo)."
+        )
+    if why_unet and family in FAMILIES and not unet(FAMILIES[family]):
+        raise ConfigError(
+            f"{what} cannot train model.family={family}: {why_unet}, and {family} denoises with a "
+            f"{FAMILIES[family].adapter.denoiser_name}; use a UNet family ({', '.join(fits)})"
         )
 
 
@@ -149,7 +175,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 f"{path or 'config'}: model.family={family!r} is unknown; choose from {sorted(FAMILIES)} or auto"
             )
         try:
-            check_noise_process(cfg.method.name, family, FAMILIES[family].noise_process)
+            check_family(cfg.method, family, FAMILIES[family].noise_process)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}" if path else str(err)) from None
     return cfg
@@ -171,7 +197,7 @@ __all__ = [
     "METHODS",
     "METHOD_CONFIGS",
     "Method",
-    "check_noise_process",
+    "check_family",
     "check_training_run",
     "get_method",
     "load_config",

@@ -29,7 +29,7 @@ from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model, load_unused, prompt_length
 from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
 from mmalign.pipelines.runtime import LORA_TARGET_FILE
-from mmalign.trainers import check_noise_process, get_method
+from mmalign.trainers import check_family, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
     RUN_FILE,
@@ -330,7 +330,7 @@ def _setup_models(run: _Run) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     dtype = weight_dtype(cfg.train.mixed_precision)
     pipe, family, adapter = load_model(cfg.model)
-    check_noise_process(run.method.name, family, adapter.noise_process)
+    check_family(cfg.method, family, adapter.noise_process)
     check = getattr(type(adapter), "check_config", None)  # optional: a family's own refusals (Wan 2.2 A14B)
     if check is not None:
         check(dict(pipe.config), cfg)
