@@ -24,6 +24,7 @@ from mmalign.pipelines.base import (
     per_sample_mse,
 )
 from mmalign.pipelines.cogvideox import CogVideoXAdapter
+from mmalign.pipelines.flux import FluxAdapter
 from mmalign.pipelines.sd3 import SD3Adapter
 from mmalign.pipelines.sd15 import SD15Adapter
 from mmalign.pipelines.sdxl import SDXLAdapter
@@ -66,6 +67,7 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
     "sd3": Family("StableDiffusion3Pipeline", SD3Adapter, "flow"),
+    "flux": Family("FluxPipeline", FluxAdapter, "flow"),
     "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
     "wan": Family(
         "WanPipeline",

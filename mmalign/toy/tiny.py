@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised pipelines of the real SD1.5 / SDXL / SD3 classes, saved in diffusers format.
+"""Tiny, randomly initialised pipelines of the real SD1.5 / SDXL / SD3 / FLUX classes, saved in diffusers format.
 
 Tests and benchmarks build these in code and load them back with ``from_pretrained``, the same path a
 user's hub checkpoint takes. Sizes follow the spirit of diffusers' ``get_dummy_components``.
@@ -211,6 +211,63 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, shift: float = 3.0, sa
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         tokenizer_3=tokenizer,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return pipe
+
+
+def build_tiny_flux(out_dir: str | Path, *, seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline as FLUX.1 [dev] is shaped: CLIP (pooled, width 32) and a 1-layer T5 (width 32), a VAE with
+    FLUX's shift and scale factors (4 latent channels, packed 2x2 into 16), one double- and one single-stream
+    block, the distilled guidance input (``guidance_embeds=False``: [schnell]) and FlowMatchEuler shifting by
+    image size, as diffusers' own Flux dummy components but with no hub download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed + 4)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(seed + 2, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=_text_encoder(32, None, len(tokenizer), seed + 1, tokenizer.model_max_length),
+        text_encoder_2=t5,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe

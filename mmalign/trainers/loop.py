@@ -890,7 +890,7 @@ def _validate(run: _Run, step: int) -> None:
             run.accelerator.unwrap_model(run.denoiser),
             run.adapter,
             run.cfg.train,
-            **_clip_shape(run.cfg) if is_video(run.adapter) else {},
+            **_sample_shape(run.cfg, video=is_video(run.adapter)),
         )
     if not run.accelerator.is_main_process:
         return
@@ -903,14 +903,19 @@ def _validate(run: _Run, step: int) -> None:
     )
 
 
-def _clip_shape(cfg: RunConfig) -> dict[str, int]:
-    """A video run's clip shape (frames, height, width) as its method trains on them, for its validation clips.
+def _sample_shape(cfg: RunConfig, video: bool) -> dict[str, int]:
+    """The shape a run trains on, for its validation samples: an image run's ``model.resolution`` square, a video
+    run's clip (frames, height, width) as its method trains on them.
 
-    Not the pipeline's defaults: Wan samples 81 frames at 480x832 and the toy video model 16 frames whatever the run
-    trains on, so validation of a 33-frame run would cost 2.5x its clip and show another shape than it learns.
+    Not the pipeline's defaults: FLUX samples 1024 px whatever the run trains on (a 512 px run's grid would cost 4x
+    its step and show another scale than it learns), Wan 81 frames at 480x832 and the toy video model 16 frames.
     """
     mc, res = cfg.method, cfg.model.resolution
-    if not hasattr(mc, "num_frames"):  # a method without a clip shape of its own: the pipeline's defaults
+    if not video:
+        return {"height": res, "width": res}
+    if not hasattr(
+        mc, "num_frames"
+    ):  # a video method without a clip shape of its own: the pipeline's defaults
         return {}
     shape = {"height": mc.height or res, "width": mc.width or res}
     return {**shape, "num_frames": mc.num_frames} if mc.num_frames else shape

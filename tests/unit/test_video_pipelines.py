@@ -196,10 +196,11 @@ def test_sampling_pads_prompts_to_the_trained_length(name, request):
     assert clips.shape == (1, 9, 3, 16, 16) and torch.isfinite(clips).all()
 
 
-def test_validation_clips_take_the_runs_shape_not_the_pipelines_default(toy):
-    """A video run's validation samples its method's num_frames/height/width (AnimateDiff's default: 16 frames)."""
+def test_validation_samples_take_the_runs_shape_not_the_pipelines_default(toy):
+    """A video run's validation samples its method's num_frames/height/width (AnimateDiff's default: 16 frames); an
+    image run's, its model.resolution (FLUX's default is 1024 px whatever the run trains on)."""
     from mmalign.trainers import load_config
-    from mmalign.trainers.loop import _clip_shape, sample_validation
+    from mmalign.trainers.loop import _sample_shape, sample_validation
 
     adapter, pipe, _ = toy
     cfg = load_config(
@@ -212,8 +213,9 @@ def test_validation_clips_take_the_runs_shape_not_the_pipelines_default(toy):
             "train.validation_prompts=[a red circle]",
         ],
     )
-    shape = _clip_shape(cfg)
+    shape = _sample_shape(cfg, video=True)
     assert shape == {"height": 16, "width": 16, "num_frames": 4}
     clips = sample_validation(pipe, pipe.unet, adapter, cfg.train, **shape)
     assert clips.shape == (1, 4, 3, 16, 16)
-    assert _clip_shape(load_config(None, ["method.name=diffusion_dpo"])) == {}
+    image = load_config(None, ["method.name=diffusion_dpo", "model.resolution=512"])
+    assert _sample_shape(image, video=False) == {"height": 512, "width": 512}

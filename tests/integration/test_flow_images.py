@@ -1,5 +1,6 @@
-"""Stable Diffusion 3 / 3.5 (a rectified-flow MMDiT with three text encoders) on a tiny pipeline of the real classes:
-the adapter predicts what the pipeline samples with, and Diffusion-DPO (Flow-DPO) trains, exports and loads."""
+"""The image flow families on tiny pipelines of the real classes: Stable Diffusion 3 / 3.5 (an MMDiT with three text
+encoders) and FLUX.1 (packed 2x2 latent tokens, distilled guidance input). Each adapter predicts what its pipeline
+samples with, and Diffusion-DPO (Flow-DPO) trains, exports and loads."""
 
 from __future__ import annotations
 
@@ -9,28 +10,37 @@ from conftest import assert_only_trainable_changed, card_code
 from test_train_diffusion_dpo import tiny_cfg
 
 from mmalign.pipelines import PipelineAdapter, load_pipeline, make_adapter
+from mmalign.pipelines.flux import pack_latents, unpack_latents
 from mmalign.trainers.loop import train
 
 torch.set_num_threads(1)
 
+FAMILIES = ["sd3", "flux"]
+
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    from mmalign.toy.tiny import build_tiny_sd3
+def tiny_flow(tmp_path_factory):
+    """family -> a tiny pipeline folder, built once per module."""
+    from mmalign.toy.tiny import build_tiny_flux, build_tiny_sd3
 
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    build_tiny_sd3(path)
-    return path
+    builders = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
+    paths = {}
+    for family, build in builders.items():
+        paths[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+        build(paths[family])
+    return paths
 
 
-def test_the_adapter_predicts_what_the_pipeline_samples_with(tiny_sd3):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_predicts_what_the_pipeline_samples_with(family, tiny_flow):
     """One Euler step from t = 1000 (sigma 1) is x - v: the pipeline's own step equals the adapter's prediction,
-    so its text conditioning (CLIP-L + CLIP-G + T5), timestep scale and latent layout are the pipeline's. The
-    latent scaling inverts the pipeline's decode, and timesteps follow SD3's shifted logit-normal."""
-    pipe, family = load_pipeline(str(tiny_sd3))
-    adapter = make_adapter(pipe, family)
-    assert family == "sd3" and isinstance(adapter, PipelineAdapter) and adapter.shift == 3.0
-    assert len(adapter.text_encoders) == 3
+    so its text conditioning, timestep scale, latent layout (FLUX: packed tokens and their position ids) and
+    guidance input are the pipeline's. The latent scaling inverts the pipeline's decode, and the timesteps follow
+    the family's distribution."""
+    pipe, loaded = load_pipeline(str(tiny_flow[family]))
+    adapter = make_adapter(pipe, loaded)
+    assert loaded == family and isinstance(adapter, PipelineAdapter)
+    assert len(adapter.text_encoders) == {"sd3": 3, "flux": 2}[family]
 
     prompts = ["a red circle", "a blue square"]
     cond = adapter.encode_prompts(prompts)
@@ -40,14 +50,19 @@ def test_the_adapter_predicts_what_the_pipeline_samples_with(tiny_sd3):
     stepped = pipe(
         prompts,
         num_inference_steps=1,
-        guidance_scale=1.0,  # no CFG: the conditional branch alone
-        latents=noise,
+        guidance_scale={"sd3": 1.0, "flux": 3.5}[family],  # SD3: no CFG; FLUX: its distilled guidance input
+        latents=pack_latents(noise) if family == "flux" else noise,
         height=16,
         width=16,
         output_type="latent",
         max_sequence_length=adapter.max_text_len,
     ).images
+    if family == "flux":
+        stepped = unpack_latents(stepped, 8, 8)
     assert torch.allclose(stepped, noise - v, atol=1e-5)
+    if family == "flux":  # another guidance input gives another prediction: the adapter passes its own
+        adapter.guidance = 1.0
+        assert not torch.allclose(adapter.predict(pipe.transformer, noise, torch.full((2,), 1000.0), cond), v)
 
     pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     mean, std = adapter.latent_moments(pixels)
@@ -57,16 +72,22 @@ def test_the_adapter_predicts_what_the_pipeline_samples_with(tiny_sd3):
 
     t = adapter.sample_timesteps(20_000, torch.Generator().manual_seed(2), torch.device("cpu"))
     assert 0 < t.min() and t.max() < 1000
-    # logit-normal u has median 1/2; shift 3 maps it to sigma 3 * 0.5 / (1 + 2 * 0.5) = 0.75
-    assert abs(t.median().item() - 750) < 10
+    if family == "sd3":  # logit-normal u, median 1/2; SD3's shift 3 maps it to 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+        assert adapter.shift == 3.0 and abs(t.median().item() - 750) < 10
+    else:  # u ~ U(0, 1), unshifted (FLUX's scheduler shifts by image size when sampling, diffusers' script does not)
+        assert adapter.shift == 1.0 and abs(t.median().item() - 500) < 10 and abs(t.mean().item() - 500) < 10
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_flow_dpo_trains_only_the_transformer_and_the_export_loads(lora, tiny_sd3, pair_manifest, tmp_path):
-    from diffusers import SD3Transformer2DModel
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_dpo_trains_only_the_transformer_and_the_export_loads(
+    family, lora, tiny_flow, pair_manifest, tmp_path
+):
+    import diffusers
 
+    model = tiny_flow[family]
     cfg = tiny_cfg(
-        tiny_sd3,
+        model,
         pair_manifest,
         tmp_path / "run",
         f"lora.enabled={str(lora).lower()}",
@@ -74,7 +95,8 @@ def test_flow_dpo_trains_only_the_transformer_and_the_export_loads(lora, tiny_sd
         "train.learning_rate=5e-2" if lora else "train.learning_rate=1e-3",
     )
     result = train(cfg, keep_initial=True)
-    start = dict(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer").named_parameters())
+    cls = {"sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family]
+    start = dict(cls.from_pretrained(model, subfolder="transformer").named_parameters())
     trainable, frozen = assert_only_trainable_changed(result, start)
     assert trainable > 0 and (frozen > 0) == lora
     assert result.summary["steps"] == 3 and result.summary["final_metrics"]["loss"] > 0
@@ -91,7 +113,7 @@ def test_flow_dpo_trains_only_the_transformer_and_the_export_loads(lora, tiny_sd
             max_sequence_length=16,
         ).images
 
-    base, _ = load_pipeline(str(tiny_sd3))
+    base, _ = load_pipeline(str(model))
     tuned = card_code(tmp_path / "run" / "final")["pipe"]  # the model card's own loading lines
     assert not torch.allclose(sample(tuned), sample(base))
     if lora:
@@ -99,12 +121,14 @@ def test_flow_dpo_trains_only_the_transformer_and_the_export_loads(lora, tiny_sd
         assert torch.equal(sample(base), sample(tuned))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_samples_with_the_trained_lora_and_ddpm_methods_are_refused(
-    tiny_sd3, pair_manifest, tmp_path, capsys
+    family, tiny_flow, pair_manifest, tmp_path, capsys
 ):
     from mmalign.cli import main
 
-    train(tiny_cfg(tiny_sd3, pair_manifest, tmp_path / "run", "train.max_steps=1"))
+    tiny = tiny_flow[family]
+    train(tiny_cfg(tiny, pair_manifest, tmp_path / "run", "train.max_steps=1"))
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     common = [
         "--prompts",
@@ -118,9 +142,9 @@ def test_generate_samples_with_the_trained_lora_and_ddpm_methods_are_refused(
         "--device",
         "cpu",
     ]
-    assert main(["generate", "--model", str(tiny_sd3), *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["generate", "--model", str(tiny), *common, "--out", str(tmp_path / "base")]) == 0
     lora = ["--lora", str(tmp_path / "run" / "final")]
-    assert main(["generate", "--model", str(tiny_sd3), *common, *lora, "--out", str(tmp_path / "tuned")]) == 0
+    assert main(["generate", "--model", str(tiny), *common, *lora, "--out", str(tmp_path / "tuned")]) == 0
     assert len(list((tmp_path / "tuned").rglob("*.png"))) == 2
 
     (tmp_path / "run.yaml").write_text("{}\n")
@@ -131,10 +155,10 @@ def test_generate_samples_with_the_trained_lora_and_ddpm_methods_are_refused(
         "method.name=personal_dpo": "user path is an IP-Adapter-style projection in a UNet's cross-attention",
     }
     for override, why in refused.items():
-        args = ["validate", str(tmp_path / "run.yaml"), f"model.pretrained={tiny_sd3}", override]
+        args = ["validate", str(tmp_path / "run.yaml"), f"model.pretrained={tiny}", override]
         assert main([*args, "method.user_vectors=u.safetensors"] if "personal" in override else args) == 2
         err = capsys.readouterr().err
-        assert why in err and "cannot train model.family=sd3" in err, err
+        assert why in err and f"cannot train model.family={family}" in err, err
 
 
 def test_negative_models_and_user_paths_need_a_unet_family():
