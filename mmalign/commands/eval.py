@@ -94,7 +94,7 @@ def evaluate(
         reward_args: ``key=value`` kwargs for named rewards.
         seeds_per_prompt: Samples per prompt.
         seed: First seed (default: the quickstart's evaluation seeds).
-        guidance: CFG scale (default 5.0; toy models: the quickstart's 2.0).
+        guidance: CFG scale (default 5.0; FLUX.1: its distilled guidance, 3.5; toy models: the quickstart's 2.0).
         guidance_2: Wan 2.2 A14B: the low-noise expert's CFG scale (None: ``guidance``).
         steps: Sampler steps (default 25; toy models: 20).
         height: Pixel height (None: pipeline default).
@@ -117,7 +117,7 @@ def evaluate(
 
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
-    from mmalign.pipelines import check_guidance_2, clip_fps
+    from mmalign.pipelines import check_guidance_2, clip_fps, detect_family, get_family
     from mmalign.pipelines.runtime import (
         iter_samples,
         load_for_inference,
@@ -157,7 +157,8 @@ def evaluate(
     else:
         with quiet_libraries(not verbose):
             built = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
-    guidance = guidance if guidance is not None else (QUICKSTART_GUIDANCE if toy else 5.0)
+    if guidance is None:
+        guidance = QUICKSTART_GUIDANCE if toy else get_family(detect_family(model_a)).guidance
     steps = steps if steps is not None else (QUICKSTART_STEPS if toy else 25)
     if negative_lora_a and guidance <= 1:
         raise ValueError(
@@ -333,7 +334,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "suite, the first is primary (default, toy models only: the quickstart suite)",
     )
     p.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5.0; toy 2.0)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale (default 5.0; FLUX.1 3.5; toy 2.0)"
+    )
     p.add_argument(
         "--guidance-2", type=float, default=None, help="Wan 2.2 A14B: the low-noise expert's CFG scale"
     )

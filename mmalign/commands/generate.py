@@ -81,7 +81,7 @@ def generate(
     n_per_prompt: int = 1,
     seed: int = 0,
     steps: int = 25,
-    guidance: float = 5.0,
+    guidance: float | None = None,
     guidance_2: float | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -118,7 +118,7 @@ def generate(
         n_per_prompt: Candidates per prompt.
         seed: Seed of the first sample; sample ``i`` uses ``seed + i``.
         steps: Sampler steps.
-        guidance: CFG scale.
+        guidance: CFG scale (None: the family's, 5.0; FLUX.1: its distilled guidance, 3.5).
         guidance_2: Wan 2.2 A14B: the low-noise expert's CFG scale (None: ``guidance``).
         height: Pixel height (None: the pipeline's default).
         width: Pixel width (None: the pipeline's default).
@@ -157,12 +157,13 @@ def generate(
     if n_per_prompt < 1:
         raise ValueError(f"--n-per-prompt {n_per_prompt} must be >= 1")
     trained_kinds(lora)  # a wrong folder fails before anything is written
+    if family == "auto":  # from model_index.json: the weights load only once there is something to sample
+        family = detect_family(model)
+    guidance = guidance if guidance is not None else get_family(family).guidance
     if negative_lora and guidance <= 1:
         raise ValueError(
             f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
         )
-    if family == "auto":  # from model_index.json: the weights load only once there is something to sample
-        family = detect_family(model)
     second = check_guidance_2(model, guidance_2)
     is_video = get_family(family).video
     fps = clip_fps(family, fps, model)
@@ -376,7 +377,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale (default 5.0; FLUX.1: its distilled guidance, 3.5)",
+    )
     p.add_argument(
         "--guidance-2",
         type=float,

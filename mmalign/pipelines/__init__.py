@@ -48,6 +48,8 @@ class Family:
             A14B: the expert it does not train).
         model_fps: a model's ``model_index.json`` -> its clips' frame rate where it differs from ``fps`` within the
             family (Wan 2.2 TI2V-5B: 24), else None.
+        guidance: the guidance scale ``generate`` and ``eval`` sample at unless told (FLUX.1 [dev]: its distilled
+            guidance input, 3.5, as its pipeline's default).
     """
 
     pipeline_class: str | type
@@ -57,6 +59,7 @@ class Family:
     fps: float | None = None
     unused_components: Callable[[dict[str, Any]], list[str]] | None = None
     model_fps: Callable[[dict[str, Any]], float | None] | None = None
+    guidance: float = 5.0
 
     @property
     def pipeline_class_name(self) -> str:
@@ -67,7 +70,7 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
     "sd3": Family("StableDiffusion3Pipeline", SD3Adapter, "flow"),
-    "flux": Family("FluxPipeline", FluxAdapter, "flow"),
+    "flux": Family("FluxPipeline", FluxAdapter, "flow", guidance=3.5),
     "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
     "wan": Family(
         "WanPipeline",
