@@ -46,7 +46,7 @@ def label(
         :class:`mmalign.rewards.label.LabelSummary`.
     """
     from mmalign.commands.options import check_out, check_table
-    from mmalign.commands.score import build_rewards, score
+    from mmalign.commands.score import build_rewards, score, scoring_settings
     from mmalign.rewards.label import label_scores
 
     out = Path(out)
@@ -70,6 +70,9 @@ def label(
             video_frames=video_frames,
             batch_size=batch_size,
             progress=progress,
+            settings=dict.fromkeys(
+                built, scoring_settings(list(rewards), reward_args, video_fps, video_frames)
+            ),
         )
         key = key or next(iter(built))
     return label_scores(scores, out, key=key, strategy=strategy, margin=margin)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,35 @@ def build_rewards(
     return out
 
 
+def scoring_settings(
+    names: list[str], reward_args: list[str] | None, video_fps: float | None, video_frames: int | None
+) -> dict[str, Any]:
+    """What a reward column's scores depend on besides the media and the reward's name: its ``--reward-arg``
+    values (``--user`` / ``--user-shots`` among them), the contents of the files they or the spec files name
+    (a person's shots, a PAL head, a hybrid's YAML) and the video sampling. ``score_items`` scores a column again
+    when a previous run into the same output used other settings."""
+    import hashlib
+
+    from mmalign.commands.options import resolve_recipe
+
+    def digest(value: str) -> str | None:
+        path = Path(value)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        if (
+            not path.exists() or sum(f.stat().st_size for f in files) > 1 << 30
+        ):  # not a file, or too big to read
+            return None
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else "").encode() + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    args = sorted(reward_args or [])
+    values = [a.split("=", 1)[1] for a in args if "=" in a] + [resolve_recipe(n) for n in names]
+    files = {v: d for v in values if (d := digest(v)) is not None}
+    return {"reward_args": args, "files": files, "video_fps": video_fps, "video_frames": video_frames}
+
+
 def reward_failures(rewards: dict[str, Reward]) -> dict[str, dict[str, int]]:
     """Per reward, the requests scored NaN by reason (the HTTP judge counts them), for the run summary."""
     return {name: dict(f) for name, reward in rewards.items() if (f := getattr(reward, "failures", None))}
@@ -169,6 +199,7 @@ def score(
     progress: bool = True,
     cpu_offload: bool = False,
     num_workers: int = 0,
+    settings: dict[str, Any] | None = None,
 ):
     """Score a source with rewards into ``out`` (JSONL/CSV). Returns :class:`mmalign.rewards.score.ScoreSummary`.
 
@@ -189,6 +220,8 @@ def score(
         progress: Progress bar.
         cpu_offload: Unused (rewards are single models); accepted for a uniform signature.
         num_workers: Processes decoding the next batches while this one is scored (never changes a score).
+        settings: For built ``rewards``: column -> what its scores depend on (:func:`scoring_settings`), so a
+            previous run's rows scored otherwise are scored again; made here from ``--reward`` values.
     """
     from mmalign.pipelines.runtime import quiet_libraries
     from mmalign.rewards.score import collect_items, score_items
@@ -201,7 +234,10 @@ def score(
     check_prompts(items, allow_empty_prompt)
     if not isinstance(rewards, dict):
         with quiet_libraries(not verbose):
-            rewards = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
+            built = build_rewards(list(rewards), reward_args, device=device, dtype=dtype)
+        fingerprint = scoring_settings(list(rewards), reward_args, video_fps, video_frames)
+        settings = dict.fromkeys(built, fingerprint)
+        rewards = built
     try:
         summary = score_items(
             items,
@@ -213,12 +249,19 @@ def score(
             loader=media_loader(video_fps, video_frames),
             normalize_over=normalize_over,
             num_workers=num_workers,
+            settings=settings,
         )
     except TypeError as e:  # a reward given arguments of the wrong type fails on the first batch
         raise ValueError(
             f"a reward failed ({type(e).__name__}: {str(e)[:300]}); check --reward / --reward-arg"
         ) from None
     summary.reward_failures = reward_failures(rewards)
+    if summary.rescored:
+        print(
+            f"note: {', '.join(summary.rescored)} in {out} had been scored with other settings (reward arguments, "
+            "the files they name, or video sampling): scored again",
+            file=sys.stderr,
+        )
     return summary
 
 
@@ -247,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 "items": summary.total,
                 "scored": summary.scored,
                 "skipped_already_scored": summary.skipped,
+                "rescored_other_settings": summary.rescored,
                 "errors": summary.errors,
                 "reward_failures": getattr(summary, "reward_failures", {}),
             }

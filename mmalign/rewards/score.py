@@ -18,8 +18,10 @@ Hybrid/ensemble rewards are normalised over the whole scored set or per prompt g
 batch stores the members' raw scores, and the totals are computed once from all rows at the end (see
 ``mmalign/rewards/combine.py``), so the batch size never changes a score.
 Media paths in the output are relative to the output file. Re-running skips rows already scored with the same
-rewards (resumable: finished batches are appended to ``<out>.partial`` and merged at the end); the output file
-is replaced atomically. An unreadable file yields a row with ``error`` set, not a crash.
+rewards and settings (resumable: finished batches are appended to ``<out>.partial`` and merged at the end); the
+settings each reward column was scored with (reward arguments such as ``--user``, the contents of files they
+name, video sampling) are kept in ``<out>.settings.json``, and a column scored otherwise is scored again. The
+output file is replaced atomically. An unreadable file yields a row with ``error`` set, not a crash.
 """
 
 from __future__ import annotations
@@ -379,21 +381,33 @@ def score_groups(
 
 
 def _atomic_write(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(f: Any) -> None:
+        if path.suffix.lower() == ".csv":
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(
+                    {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                )
+        else:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    _replace_atomically(path, write)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda f: f.write(text))
+
+
+def _replace_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            if path.suffix.lower() == ".csv":
-                columns = list(dict.fromkeys(k for r in rows for k in r))
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                for r in rows:
-                    writer.writerow(
-                        {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
-                    )
-            else:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -416,6 +430,7 @@ class ScoreSummary:
     skipped: int = 0
     errors: int = 0
     out: Path | None = None
+    rescored: list[str] = field(default_factory=list)  # columns whose earlier scores had other settings
 
 
 def _done_columns(rewards: dict[str, Reward]) -> list[str]:
@@ -453,6 +468,7 @@ def score_items(
     loader: Callable[[Path], tuple[torch.Tensor, float | None]] = load_media_uint8,
     normalize_over: str | None = None,
     num_workers: int = 0,
+    settings: Mapping[str, Any] | None = None,
 ) -> ScoreSummary:
     """Score items with every reward and write one row per item (see module docstring).
 
@@ -471,6 +487,8 @@ def score_items(
         num_workers: Processes that decode the next batches while the rewards score this one (a DataLoader
             over the same batches, in order, with pinned memory on CUDA). Only decoding moves: the batches, and
             so every score, are those of ``num_workers=0``. ``loader`` must then be picklable.
+        settings: Column -> what else its scores depend on (JSON-able). Rows of a previous run whose column was
+            scored with other settings (``<out>.settings.json``) are scored again; None: no check.
 
     Returns:
         A :class:`ScoreSummary`.
@@ -491,13 +509,16 @@ def score_items(
                         done[_row_key(row)] = row
     else:
         partial.unlink(missing_ok=True)
-    names = _done_columns(rewards)
+    settings_file = out.with_name(out.name + ".settings.json")
+    stored = _read_settings(settings_file)
+    stale = sorted(c for c in settings or {} if c in stored and stored[c] != _jsonable_settings(settings[c]))
+    names = _done_columns({c: r for c, r in rewards.items() if c not in stale})
     todo = [
         it
         for it in items
-        if not (_item_key(it) in done and _row_done(done[_item_key(it)], names, list(it.paths)))
+        if not (_item_key(it) in done and not stale and _row_done(done[_item_key(it)], names, list(it.paths)))
     ]
-    summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out)
+    summary = ScoreSummary(total=len(items), skipped=len(items) - len(todo), out=out, rescored=stale)
     out_dir = out.parent.resolve()
     with (
         partial.open("a") as part,
@@ -528,8 +549,26 @@ def score_items(
     combine_rows(final, rewards, normalize_over)
     _mark_agreement(final, rewards)
     write_rows(out, final)
+    if (
+        settings is not None
+    ):  # after the rows: an interrupted run's partial rows are checked against the old ones
+        stored.update({c: _jsonable_settings(v) for c, v in settings.items()})
+        _atomic_write_text(settings_file, json.dumps(stored, indent=1, sort_keys=True))
     partial.unlink(missing_ok=True)
     return summary
+
+
+def _jsonable_settings(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """``<out>.settings.json`` of a previous run (empty when missing or unreadable: its rows are then trusted)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _stack(values: list[Any], column: str) -> torch.Tensor:

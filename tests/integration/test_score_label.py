@@ -161,6 +161,49 @@ def test_make_pairs_strategies_and_tie_counts():
     ]  # easy first
 
 
+def test_a_rerun_with_other_reward_settings_scores_again(candidates, tmp_path, capsys):
+    """Resuming keeps a row only if its reward column was scored with the same settings: another --reward-arg
+    (a person's --user is one) scores the column again; the same settings keep every row. The settings include
+    the contents of the files the arguments name (a person's shots, a PAL head), and the video sampling."""
+    from mmalign.cli import main
+    from mmalign.commands.score import scoring_settings
+
+    out = tmp_path / "scores.jsonl"
+
+    def score(*extra):
+        assert (
+            main(["score", str(candidates), "--reward", "brightness", "--out", str(out), "--quiet", *extra])
+            == 0
+        )
+        captured = capsys.readouterr()
+        rows = {r["id"]: r["brightness"] for r in read_table(out) if not r.get("error")}
+        return json.loads(captured.out.strip().splitlines()[-1]), rows, captured.err
+
+    first, plain, _ = score()
+    assert first["scored"] == 9 and first["rescored_other_settings"] == []
+    again, same, _ = score()
+    assert (
+        again["scored"] == 1 and again["skipped_already_scored"] == 8 and same == plain
+    )  # the broken file only
+    changed, toward, note = score("--reward-arg", "target=0.2")
+    assert changed["scored"] == 9 and changed["rescored_other_settings"] == ["brightness"]
+    assert "brightness in" in note and "scored with other settings" in note
+    assert all(v <= 0 for v in toward.values()) and toward != plain  # -|luma - target| now
+    kept, _, _ = score("--reward-arg", "target=0.2")
+    assert kept["skipped_already_scored"] == 8
+    settings = json.loads(out.with_name(out.name + ".settings.json").read_text())
+    assert settings["brightness"]["reward_args"] == ["target=0.2"]
+
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text('{"prompt": "a", "chosen": "x.png", "rejected": "y.png"}\n')
+    before = scoring_settings(["pal"], [f"user_shots={shots}"], None, None)
+    shots.write_text('{"prompt": "a", "chosen": "y.png", "rejected": "x.png"}\n')  # same name, other choices
+    assert scoring_settings(["pal"], [f"user_shots={shots}"], None, None) != before
+    assert scoring_settings(["pal"], [f"user_shots={shots}"], 8.0, None) != scoring_settings(
+        ["pal"], [f"user_shots={shots}"], None, None
+    )
+
+
 def test_cli_score_then_label_writes_a_train_manifest(candidates, tmp_path, capsys):
     from mmalign.cli import main
 
