@@ -6,8 +6,9 @@ Manifest rows (JSONL or CSV with ``labels`` as a JSON list)::
 
     {"prompt": "a red circle moving", "video_0": "a.mp4", "video_1": "b.mp4", "labels": [1, 0, -1, 1]}
 
-optionally with ``segment_seconds`` (per row) and ``label`` (the whole-clip label; default: the majority
-of the segment labels).
+optionally with ``segment_seconds`` (per row) or ``segments`` (explicit ``[[start, end], ...]`` seconds, one per
+label, as ``mmalign annotate export`` writes for a manifest that gave them; a frame belongs to the last segment
+starting at or before it), and ``label`` (the whole-clip label; default: the majority of the segment labels).
 
 **Segments -> latent frames.** Frame f (timestamp t_f) belongs to segment ``min(floor(t_f / s), S - 1)``
 with ``S = max(1, round(duration / s))`` (so 121 frames at 24 fps make 5 segments, not 5 plus a one-frame
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,17 @@ from mmalign.utils import short_hash
 
 # --------------------------------------------------------------------------------------------------
 # segment arithmetic
+
+
+def explicit_frame_segments(
+    timestamps: torch.Tensor | Sequence[float], segments: Sequence[tuple[float, float]]
+) -> torch.Tensor:
+    """Segment index [N] of each frame for explicit ``[start, end)`` bounds in seconds (a manifest's ``segments``):
+    the last segment starting at or before the frame (the first one for frames before it; a frame in a gap
+    between two segments stays with the earlier one)."""
+    ts = torch.as_tensor(timestamps, dtype=torch.float64)
+    starts = torch.tensor([a for a, _ in segments], dtype=torch.float64)
+    return (torch.bucketize(ts + 1e-9, starts, right=True) - 1).clamp(min=0)
 
 
 def num_segments(duration: float, segment_seconds: float = 1.0) -> int:
@@ -173,6 +186,7 @@ class VideoPairRecord:
     segment_seconds: float | None = None
     label: int | None = None  # whole-clip label; default: majority of ``labels``
     extra: dict = field(default_factory=dict)
+    segments: list[tuple[float, float]] | None = None  # explicit [start, end) seconds, one per label
 
     @property
     def clip_label(self) -> int:
@@ -204,10 +218,13 @@ def _record(row: dict, where: str, base: Path) -> VideoPairRecord:
     label = row.get("label")
     if label not in (None, "") and int(label) not in (-1, 0, 1):
         raise DataError(f"{where}: label={label!r} must be +1, 0 or -1")
+    segments = _segments(row.get("segments"), len(labels), where)
+    if segments is not None and seg not in (None, ""):
+        raise DataError(f"{where}: give segment_seconds or segments, not both")
     extra = {
         k: v
         for k, v in row.items()
-        if k not in ("prompt", "video_0", "video_1", "labels", "segment_seconds", "label")
+        if k not in ("prompt", "video_0", "video_1", "labels", "segment_seconds", "label", "segments")
     }
     return VideoPairRecord(
         str(row["prompt"]),
@@ -218,7 +235,34 @@ def _record(row: dict, where: str, base: Path) -> VideoPairRecord:
         float(seg) if seg not in (None, "") else None,
         int(label) if label not in (None, "") else None,
         extra,
+        segments,
     )
+
+
+def _segments(value: Any, n_labels: int, where: str) -> list[tuple[float, float]] | None:
+    """A row's explicit ``segments`` (``[[start, end], ...]`` in seconds, what ``mmalign annotate`` exports for a
+    manifest that gave them), checked: one per label, each start < end, in order without overlap."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    try:
+        bounds = [(float(a), float(b)) for a, b in value]
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where}: segments must be a list of [start, end] seconds, got {value!r:.120}"
+        ) from None
+    if len(bounds) != n_labels:
+        raise DataError(f"{where}: {n_labels} labels but {len(bounds)} segments; give one label per segment")
+    for i, (a, b) in enumerate(bounds):
+        if not (math.isfinite(a) and math.isfinite(b) and 0 <= a < b) or (i and a < bounds[i - 1][1] - 1e-6):
+            raise DataError(
+                f"{where}: segment {i} = [{a:g}, {b:g}] must start before it ends, at or after the previous end"
+            )
+    return bounds
 
 
 def load_video_pairs(source: str | Path, max_items: int | None = None) -> list[VideoPairRecord]:
@@ -289,16 +333,18 @@ def decode_video_pair(
             f"{rec.row}: the two videos give {clips[0].frames.shape[0]} and {clips[1].frames.shape[0]} frames; "
             "a pair must have the same length (set method.num_frames)"
         )
-    seg_s = rec.segment_seconds or segment_seconds
     n_total = clips[0].frames.shape[0]
     duration = n_total / clips[0].fps
-    frame_seg = frame_segments(clips[0].timestamps - clips[0].timestamps[0], seg_s, duration)
-    expected = num_segments(duration, seg_s)
-    if len(rec.labels) < int(frame_seg.max()) + 1:
-        raise DataError(
-            f"{rec.row}: {len(rec.labels)} segment labels but the clip ({duration:.2f} s, "
-            f"{seg_s} s segments) has {expected} segments"
-        )
+    if rec.segments is not None:  # explicit bounds: each frame in the last segment starting at or before it
+        frame_seg = explicit_frame_segments(clips[0].timestamps, rec.segments)
+    else:
+        seg_s = rec.segment_seconds or segment_seconds
+        frame_seg = frame_segments(clips[0].timestamps - clips[0].timestamps[0], seg_s, duration)
+        if len(rec.labels) < int(frame_seg.max()) + 1:
+            raise DataError(
+                f"{rec.row}: {len(rec.labels)} segment labels but the clip ({duration:.2f} s, "
+                f"{seg_s} s segments) has {num_segments(duration, seg_s)} segments"
+            )
     lat = latent_labels(rec.labels, frame_seg, compression, causal, straddle)
     return {
         "pixels_0": fit_frames(clips[0].frames, height, width),
@@ -337,7 +383,9 @@ class VideoLatentCache:
                 )  # == short_hash(the bytes), read in blocks
             except MediaError as err:
                 raise DataError(f"{rec.row} ({key}): {err}") from None
-        return short_hash("".join(parts) + json.dumps([rec.labels, rec.segment_seconds, rec.label]))
+        fields = [rec.labels, rec.segment_seconds, rec.label]
+        fields += [rec.segments] if rec.segments is not None else []  # keys of rows without them as before
+        return short_hash("".join(parts) + json.dumps(fields))
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file

@@ -142,3 +142,45 @@ def test_manifest_and_skip_rule(tmp_path):
     path.write_text(json.dumps({"prompt": "x", "video_0": "a", "labels": [1]}) + "\n")
     with pytest.raises(DataError, match="video_1"):
         load_video_pairs(path)
+
+
+def test_explicit_segments_label_the_frames_they_cover(tmp_path):
+    """A row's explicit ``segments`` (what ``mmalign annotate export`` writes when the manifest gave them) place
+    each label on the frames of its own interval; a label count that is not the segment count is refused by row,
+    where a 1 s segment rule would have trained one label and dropped the others."""
+    from mmalign.data.segments import decode_video_pair, explicit_frame_segments
+    from mmalign.data.video import write_video
+    from mmalign.toy.render import render_video
+
+    assert explicit_frame_segments(torch.arange(9) / 16, [(0, 0.1), (0.1, 0.2), (0.2, 0.562)]).tolist() == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        2,
+        2,
+        2,
+    ]  # frames at 0, 1/16, ... s
+    for i in (0, 1):
+        write_video(tmp_path / f"{i}.mp4", render_video("a red circle", seed=i, frames=9, size=16), 16)
+    row = {"prompt": "p", "video_0": "0.mp4", "video_1": "1.mp4", "labels": [1, -1, 1]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({**row, "segments": [[0, 0.1], [0.1, 0.2], [0.2, 0.562]]}) + "\n")
+    (rec,) = load_video_pairs(path)
+    assert rec.segments == [(0, 0.1), (0.1, 0.2), (0.2, 0.562)] and "segments" not in rec.extra
+    shape = dict(height=16, width=16, fps=None, num_frames=None, segment_seconds=1.0)
+    decoded = decode_video_pair(rec, compression=1, causal=False, **shape)
+    assert decoded["labels"].tolist() == [1, 1, -1, -1, 1, 1, 1, 1, 1]  # the annotator's -1 is kept
+    causal = decode_video_pair(rec, compression=4, causal=True, **shape)  # latents: {0}, {1-4}, {5-8}
+    assert causal["labels"].tolist() == [1, 0, 1]  # frames 1-4 are 1, -1, -1, 1: a 2-2 split is a tie
+
+    for bad, match in (
+        ([[0, 0.1], [0.1, 0.562]], "3 labels but 2 segments"),
+        ([[0, 0.1], [0.05, 0.2], [0.2, 0.5]], "segment 1 = \\[0.05, 0.2\\] must start"),
+        ("nonsense", "segments must be a list of \\[start, end\\] seconds"),
+    ):
+        path.write_text(json.dumps({**row, "segments": bad}) + "\n")
+        with pytest.raises(DataError, match=f"pairs.jsonl:1: {match}"):
+            load_video_pairs(path)
