@@ -163,9 +163,10 @@ def _load_media(
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTS - {".gif"}:
         from mmalign.data.video import read_video
+        from mmalign.rewards.rules import ClipRate
 
         video = read_video(path, fps=video_fps, num_frames=video_frames)
-        return video.frames, video.fps
+        return video.frames, ClipRate(video.fps, video.native_fps, video.duration)
     return load_media_uint8(path)  # uint8 until the reward's device: a quarter of the bytes to move
 
 

@@ -36,6 +36,8 @@ class Video(NamedTuple):
     frames: torch.Tensor  # [T,3,H,W] float in [0,1]
     fps: float  # frame rate of the returned frames (the native rate unless resampled)
     timestamps: torch.Tensor  # [T] seconds from the start of the clip
+    native_fps: float | None = None  # the file's own frame rate
+    duration: float | None = None  # the file's length in seconds (all its frames at native_fps)
 
 
 def available_backends() -> list[str]:
@@ -190,7 +192,8 @@ def read_video(
     except ValueError as err:
         raise DataError(f"{path}: {err}") from err
     out = frames[idx].permute(0, 3, 1, 2).float().div(255.0)
-    return Video(out.contiguous(), out_fps, torch.tensor(idx, dtype=torch.float64) / native_fps)
+    times = torch.tensor(idx, dtype=torch.float64) / native_fps
+    return Video(out.contiguous(), out_fps, times, float(native_fps), frames.shape[0] / float(native_fps))
 
 
 def video_writer():

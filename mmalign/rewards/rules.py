@@ -310,9 +310,39 @@ def motion(
     return TemporalRule("motion", fps, segment_frames, segment_seconds)
 
 
+class ClipRate(float):
+    """The frame rate of decoded clip frames (what per-segment rules count seconds by), carrying the source file's
+    own frame rate and duration, which ``--video-fps`` resampling and ``--video-frames`` sampling change: the
+    timing rules (``duration``, ``frame_rate``) judge the file by them. Equal only with the same three values, so
+    clips of one length are batched together."""
+
+    def __new__(
+        cls, fps: float, source_fps: float | None = None, source_duration: float | None = None
+    ) -> ClipRate:
+        rate = super().__new__(cls, fps)
+        rate.source_fps, rate.source_duration = source_fps, source_duration
+        return rate
+
+    def _key(self) -> tuple:
+        return float(self), self.source_fps, self.source_duration
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == (other._key() if isinstance(other, ClipRate) else (other, None, None))
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple:  # DataLoader workers send it back pickled
+        return ClipRate, self._key()
+
+
 @dataclass
 class ClipTimingRule:
-    """Duration or frame-rate reward from the clip length T and its fps.
+    """Duration or frame-rate reward from the clip length T and its fps (a :class:`ClipRate`'s source file's
+    length and rate when it carries them: what ``mmalign score`` passes for decoded video files).
 
     Attributes:
         kind: ``duration``: ``exp(-|T/fps - target| / tolerance)``; ``frame_rate``: ``min(1, fps/target)``.
@@ -336,10 +366,13 @@ class ClipTimingRule:
         rate = fps or self.fps
         if not rate:
             raise ValueError(f"{self.kind} needs the clip's fps: pass fps= to the factory or the call")
+        # the file's own rate and length when the frames were resampled from it (ClipRate), else these frames'
+        source_fps = getattr(rate, "source_fps", None) or float(rate)
+        seconds = getattr(rate, "source_duration", None) or media.shape[1] / float(rate)
         if self.kind == "duration":
-            value = math.exp(-abs(media.shape[1] / rate - self.target) / self.tolerance)
+            value = math.exp(-abs(seconds - self.target) / self.tolerance)
         else:
-            value = min(1.0, rate / self.target)
+            value = min(1.0, source_fps / self.target)
         return torch.full((media.shape[0],), value, device=media.device)
 
 

@@ -128,6 +128,73 @@ def test_score_gif_video_per_segment(tmp_path):
     assert row["dur"] == pytest.approx(1.0)
 
 
+def test_video_timing_rules_judge_the_file_not_the_resampled_frames(tmp_path, capsys):
+    """duration and frame_rate read the file's own length and rate: resampling (--video-fps, as the README's
+    video_rules command does) or frame sampling (--video-frames) changes the frames the other rules see, not
+    them; flicker still counts its seconds on the frames it gets. Also through decoding worker processes."""
+    from mmalign.cli import main
+    from mmalign.data.video import write_video
+    from mmalign.rewards.rules import ClipRate
+    from mmalign.toy.render import render_video
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_video(
+        folder / "a.mp4", render_video("a red circle", seed=0, frames=24, size=16), 16
+    )  # 1.5 s at 16 fps
+    (folder / "a.txt").write_text("a red circle")
+    rows = {}
+    for name, extra in {
+        "native": [],
+        "fps8": ["--video-fps", "8"],
+        "frames3": ["--video-frames", "3", "--num-workers", "1"],
+    }.items():
+        out = tmp_path / f"{name}.jsonl"
+        # a --reward-arg goes to every named reward: frame_rate and duration take different ones
+        assert (
+            main(
+                [
+                    "score",
+                    str(folder),
+                    "--reward",
+                    "frame_rate",
+                    "--reward-arg",
+                    "target_fps=16",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        dur = tmp_path / f"{name}-dur.jsonl"
+        assert (
+            main(
+                [
+                    "score",
+                    str(folder),
+                    "--reward",
+                    "duration",
+                    "--reward-arg",
+                    "target_seconds=1.5",
+                    "--out",
+                    str(dur),
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        rows[name] = (read_table(out)[0]["frame_rate"], read_table(dur)[0]["duration"])
+    capsys.readouterr()
+    # before: frame_rate 0.5 at --video-fps 8 (the resampled rate), duration off at --video-frames 3 (3 frames at
+    # the 1.6 fps they were sampled at)
+    assert rows["native"] == rows["fps8"] == rows["frames3"] == (1.0, pytest.approx(1.0))
+    rate = ClipRate(8.0, 16.0, 1.5)  # what the rules see: a float (8 fps) that remembers the file
+    assert rate + 0 == 8.0 and rate != ClipRate(8.0, 16.0, 2.0) and len({rate, ClipRate(8.0, 16.0, 1.5)}) == 1
+
+
 def test_make_pairs_strategies_and_tie_counts():
     cands = {
         "p": [("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.1)],
