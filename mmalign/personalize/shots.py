@@ -79,20 +79,22 @@ def read_shots(path: str | Path, *, user: str | None = None, limit: int | None =
     """Decode the shots of a manifest (only ``user``'s rows when given; the first ``limit`` usable ones).
 
     Raises:
-        ShotsError: naming the file and row, for a missing column, an unknown user or a corrupt image.
+        ShotsError: naming the file and row, for a missing column, an unknown user, several users and no
+            ``user`` (shots are one person's), or a corrupt image.
     """
     from mmalign.rewards.score import load_media
 
     path = Path(path)
     rows = _rows(path)
+    users = {row_user(r) for _, r in rows}
+    known = sorted(u for u in users if u is not None)
+    listed = f"{', '.join(known[:10])}{' ...' if len(known) > 10 else ''}"
     if user is not None:
-        users = {row_user(r) for _, r in rows}
         rows = [(w, r) for w, r in rows if row_user(r) == str(user)]
         if not rows:
-            known = sorted(u for u in users if u is not None)
-            raise ShotsError(
-                f"{path}: unknown user {user!r} (users in the file: {', '.join(known[:10])}{' ...' if len(known) > 10 else ''})"
-            )
+            raise ShotsError(f"{path}: unknown user {user!r} (users in the file: {listed})")
+    elif len(known) > 1:  # shots are one person's choices: pooling several people's would make a person of none
+        raise ShotsError(f"{path} holds the choices of {len(known)} users ({listed}): pick one with --user")
     shots = []
     for where, row in rows:
         resolved = _resolve_row(row, where, path.parent)

@@ -342,6 +342,8 @@ def test_bad_shots_get_one_clear_error(tmp_path, tiny_vlm):
     assert len(read_shots(manifest, user="a")) == 4
     with pytest.raises(ShotsError, match="unknown user 'zed'"):
         read_shots(manifest, user="zed")
+    with pytest.raises(ShotsError, match="holds the choices of 2 users \\(a, b\\): pick one with --user"):
+        read_shots(manifest)  # shots are one person's: two people's are not pooled into one vector
     (tmp_path / "pairs" / "b2w.png").write_bytes(b"not a png")
     with pytest.raises(ShotsError, match=r"pairs.jsonl:7 \(chosen\).*b2w.png"):
         read_shots(manifest, user="b")
