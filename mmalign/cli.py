@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,14 @@ def write_crash_log(command: str, argv: list[str]) -> Path:
     return path
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not hit the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a captured stream): nothing will be flushed to a pipe
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmalign.config import ConfigError
     from mmalign.data.images import DataError
@@ -78,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:  # an optional dependency the config asks for (the message names the pip extra)
         print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
         code = 2
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:  # Ctrl-C: one line, as a shell reports it (train says what it saved itself)
+        print(f"mmalign {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `mmalign ... | head`: the reader left; nothing to report to it
+        _silence_stdout()
+        code = 141
+    except SystemExit:
         raise
     except BaseException as err:
         from mmalign.trainers.loop import TrainingError

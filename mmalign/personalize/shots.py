@@ -93,7 +93,9 @@ def read_shots(path: str | Path, *, user: str | None = None, limit: int | None =
         rows = [(w, r) for w, r in rows if row_user(r) == str(user)]
         if not rows:
             raise ShotsError(f"{path}: unknown user {user!r} (users in the file: {listed})")
-    elif len(known) > 1:  # shots are one person's choices: pooling several people's would make a person of none
+    elif (
+        len(known) > 1
+    ):  # shots are one person's choices: pooling several people's would make a person of none
         raise ShotsError(f"{path} holds the choices of {len(known)} users ({listed}): pick one with --user")
     shots = []
     for where, row in rows:

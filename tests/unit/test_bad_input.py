@@ -359,6 +359,27 @@ def test_internal_errors_exit_3_with_a_log(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_ctrl_c_and_a_closed_pipe_are_one_line_or_none_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a command is one line and exit 130, as a shell reports it; a reader that leaves early
+    (`mmalign annotate stats ... | head -1`) ends the command quietly with 141 (128 + SIGPIPE), no log."""
+    import mmalign.cli as cli
+    import mmalign.commands.train as train_commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setenv("MMALIGN_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(train_commands, "cmd_validate", interrupted)
+    assert cli.main(["validate", "x.yaml"]) == 130
+    assert capsys.readouterr().err == "mmalign validate: interrupted\n"
+    monkeypatch.setattr(train_commands, "cmd_validate", reader_left)
+    assert cli.main(["validate", "x.yaml"]) == 141
+    assert capsys.readouterr().err == "" and not (tmp_path / "logs").exists()
+
+
 def test_training_stopped_exits_3_with_a_log(tmp_path, monkeypatch, capsys):
     import mmalign.cli as cli
     import mmalign.commands.train as train_commands
