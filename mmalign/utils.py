@@ -16,6 +16,11 @@ import yaml
 if TYPE_CHECKING:
     import torch
 
+# How the user's text tables (prompt lists, manifests, pair and score files) are read: UTF-8, with the byte-order
+# mark that Excel's "CSV UTF-8" and Windows editors write dropped (it would glue itself to the first column name
+# or the first prompt).
+TEXT_ENCODING = "utf-8-sig"
+
 
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an error's message, cut to ``limit`` characters; its type's name when it has none."""
@@ -104,7 +109,7 @@ def read_jsonl_lenient(path: str | Path) -> list[dict[str, Any]]:
     are skipped; a missing file has none. For files a command appends to as it goes (``.partial`` files)."""
     rows = []
     try:
-        with Path(path).open() as fh:
+        with Path(path).open(encoding=TEXT_ENCODING) as fh:
             for line in fh:
                 try:
                     row = json.loads(line)

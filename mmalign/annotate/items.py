@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.data.images import DataError
+from mmalign.utils import TEXT_ENCODING
 
 PAIR_KEYS = (("chosen", "rejected"), ("image_0", "image_1"), ("video_0", "video_1"))
 MEDIA_KEYS = ("path", "media", "image", "video", "file")
@@ -97,10 +98,10 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     if path.suffix == ".csv":
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             return [(f"{path}:{i}", row) for i, row in enumerate(csv.DictReader(fh), start=2)]
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(path.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -53,6 +53,10 @@ def label(
     check_out(out)
     if scores is not None:
         check_table(scores, must_exist=True)
+        if out.resolve() == Path(scores).resolve():
+            raise ValueError(
+                f"--out {out} is the --scores file: the pairs would replace the scores; choose another"
+            )
     if scores is None:
         if not source or not rewards:
             raise ValueError("give --scores FILE, or a SOURCE folder/manifest with --reward")

@@ -26,7 +26,7 @@ from typing import Any
 
 from mmalign.data.images import DataError
 from mmalign.data.index_file import write_atomic
-from mmalign.utils import read_jsonl_lenient
+from mmalign.utils import TEXT_ENCODING, read_jsonl_lenient
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -91,10 +91,10 @@ class PromptSpec:
 def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) for every row of a JSONL or CSV file; bad JSON names its line."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(fh), start=2)]
     rows = []
-    with path.open() as fh:
+    with path.open(encoding=TEXT_ENCODING) as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -118,13 +118,23 @@ def read_prompts(path: str | Path) -> list[PromptSpec]:
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        specs = [PromptSpec(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+        specs = [
+            PromptSpec(line.strip())
+            for line in path.read_text(encoding=TEXT_ENCODING).splitlines()
+            if line.strip()
+        ]
     else:
         specs, seen = [], set()
         for where, row in read_rows(path):
             prompt = row.get("prompt", row.get("caption"))
-            if prompt is None or str(prompt).strip() == "":
+            if all(str(v or "").strip() == "" for v in row.values()):
+                continue  # an empty row, as a blank line of a .txt prompt file
+            if prompt is None:
                 raise DataError(f"{where}: no 'prompt' (or 'caption'); keys are {sorted(row)}")
+            if str(prompt).strip() == "":
+                raise DataError(
+                    f"{where}: empty prompt (the row has {', '.join(f'{k}={v!r}' for k, v in row.items() if v)})"
+                )
             spec = PromptSpec(str(prompt), str(row.get("negative_prompt") or ""), str(row.get("group") or ""))
             key = (spec.prompt, spec.negative_prompt, spec.group)
             if "path" in row and key in seen:  # a media manifest lists each prompt once per candidate

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mmalign.data.images import DataError, mirror_crop, open_image, resize_crop
-from mmalign.utils import first_line
+from mmalign.utils import TEXT_ENCODING, first_line
 
 
 @dataclass
@@ -105,11 +105,11 @@ def _iter_manifest(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _iter_manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
     if path.suffix == ".csv":
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             for i, row in enumerate(csv.DictReader(fh), start=2):  # header is line 1
                 yield f"{path}:{i}", row
         return
-    with path.open() as fh:
+    with path.open(encoding=TEXT_ENCODING) as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

@@ -22,6 +22,7 @@ import torch
 from mmalign.config import DataConfig
 from mmalign.data.images import DataError, open_image, resize_crop
 from mmalign.data.setup import TrainData, drop_captions, image_cache_fingerprint
+from mmalign.utils import TEXT_ENCODING
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _load_prompts(source: str | Path, *, need_images: bool, max_items: int | Non
                 f"{path}: a .txt prompt list has no images; method.start=real needs a JSONL/CSV manifest "
                 "with prompt and image columns (or use method.start=noise)"
             )
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
+        for i, line in enumerate(path.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
             if line.strip() and not line.lstrip().startswith("#"):
                 records.append(PromptRecord(line.strip(), f"{path}:{i}"))
     elif path.suffix in (".jsonl", ".json", ".csv"):
@@ -90,11 +91,11 @@ def _load_prompts(source: str | Path, *, need_images: bool, max_items: int | Non
 
 def _rows(path: Path):
     if path.suffix == ".csv":
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             for i, row in enumerate(csv.DictReader(fh), start=2):
                 yield f"{path}:{i}", row
         return
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(path.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -42,7 +42,7 @@ import torch
 from mmalign.data.images import DataError
 from mmalign.data.pairs import collate_pairs
 from mmalign.limits import MediaError, file_digest
-from mmalign.utils import short_hash
+from mmalign.utils import TEXT_ENCODING, short_hash
 
 # --------------------------------------------------------------------------------------------------
 # segment arithmetic
@@ -272,10 +272,10 @@ def load_video_pairs(source: str | Path, max_items: int | None = None) -> list[V
         raise DataError(f"{source}: video pair manifest not found")
     rows: list[tuple[str, dict]] = []
     if source.suffix == ".csv":
-        with source.open(newline="") as fh:
+        with source.open(newline="", encoding=TEXT_ENCODING) as fh:
             rows = [(f"{source}:{i}", r) for i, r in enumerate(csv.DictReader(fh), start=2)]
     else:
-        for i, line in enumerate(source.read_text().splitlines(), start=1):
+        for i, line in enumerate(source.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append((f"{source}:{i}", json.loads(line)))

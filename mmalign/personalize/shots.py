@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mmalign.personalize.encoders import Shot
+from mmalign.utils import TEXT_ENCODING
 
 
 class ShotsError(ValueError):
@@ -24,10 +25,10 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise ShotsError(f"shots file not found: {path}")
     if path.suffix == ".csv":
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             return [(f"{path}:{i}", row) for i, row in enumerate(csv.DictReader(fh), start=2)]
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(path.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.rewards.score import read_table, write_rows
+from mmalign.rewards.score import read_settings, read_table, write_rows
 
 STRATEGIES = ("best_worst", "margin", "curriculum")
 MANIFEST_KEYS = (
@@ -36,6 +36,18 @@ MANIFEST_KEYS = (
     "kind",
     "group",
     "negative_lora",
+    # the settings `generate` records beside each sample (commands/generate.py), never scores
+    "height",
+    "width",
+    "num_frames",
+    "fps",
+    "guidance_2",
+    "npo_alpha",
+    "npo_beta",
+    "user_adapter",
+    "user_shots",
+    "user",
+    "user_scale",
 )
 
 
@@ -193,10 +205,10 @@ def label_scores(
     if any(not isinstance(r, dict) for r in rows):
         raise ValueError(f"{scores}: every row must be an object with prompt, path and score columns")
     if key is None:
+        present = {k for r in rows if isinstance(r, dict) for k in r}
+        scored = read_settings(scores.with_name(scores.name + ".settings.json"))  # the rewards score wrote
         columns = sorted(
-            {k for r in rows if isinstance(r, dict) for k in r}
-            - {"id", "prompt", "path", "error"}
-            - set(MANIFEST_KEYS)
+            present & set(scored) or present - {"id", "prompt", "path", "error"} - set(MANIFEST_KEYS)
         )
         top = [c for c in columns if "." not in c]
         if len(top) != 1:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mmalign.rewards import Reward, RewardSpec
-from mmalign.utils import read_jsonl_lenient
+from mmalign.utils import TEXT_ENCODING, read_jsonl_lenient
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"}
@@ -139,10 +139,10 @@ def _prompt_for(path: Path) -> str:
 def read_table(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL or CSV file (a truncated last JSONL line, from a crash, is ignored)."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding=TEXT_ENCODING) as f:
             return list(csv.DictReader(f))
     rows = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding=TEXT_ENCODING).splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -209,7 +209,7 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
     """
     from mmalign.utils import safe_load
 
-    data = safe_load(Path(path).read_text()) or {}
+    data = safe_load(Path(path).read_text(encoding=TEXT_ENCODING)) or {}
     if isinstance(data, list):
         data = {"rewards": data}
     valid = {"rewards", "combine", "normalizer", "normalize_over", "aggregate", "lam", "name"}
@@ -510,7 +510,7 @@ def score_items(
     else:
         partial.unlink(missing_ok=True)
     settings_file = out.with_name(out.name + ".settings.json")
-    stored = _read_settings(settings_file)
+    stored = read_settings(settings_file)
     stale = sorted(c for c in settings or {} if c in stored and stored[c] != _jsonable_settings(settings[c]))
     names = _done_columns({c: r for c, r in rewards.items() if c not in stale})
     todo = [
@@ -562,7 +562,7 @@ def _jsonable_settings(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def _read_settings(path: Path) -> dict[str, Any]:
+def read_settings(path: Path) -> dict[str, Any]:
     """``<out>.settings.json`` of a previous run (empty when missing or unreadable: its rows are then trusted)."""
     try:
         data = json.loads(path.read_text())

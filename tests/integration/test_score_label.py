@@ -311,6 +311,45 @@ def test_cli_score_then_label_writes_a_train_manifest(candidates, tmp_path, caps
     assert main(["label", "--out", str(direct)]) == 2
 
 
+def test_label_finds_the_reward_column_of_a_scored_generate_folder_and_keeps_the_scores(tmp_path, capsys):
+    """A `generate` manifest's rows carry height/width (and more settings): label's default --key is the one reward
+    `score` wrote (its settings file names it), and --out may not be the --scores file it reads."""
+    from mmalign.cli import main
+
+    folder = write_candidates(tmp_path / "cands")
+    write_generate_manifest(folder)
+    scores = tmp_path / "scores.jsonl"
+    assert main(["score", str(folder), "--reward", "color_match", "--out", str(scores), "--quiet"]) == 0
+    assert {"height", "width", "color_match"} <= set(read_table(scores)[0])  # carried from the manifest
+    scores.with_name(
+        scores.name + ".settings.json"
+    ).unlink()  # a scores file from before the settings file, too
+    assert main(["label", "--scores", str(scores), "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    assert len(read_table(tmp_path / "pairs.jsonl")) == 2
+    before = scores.read_text()
+    assert main(["label", "--scores", str(scores), "--key", "color_match", "--out", str(scores)]) == 2
+    assert "is the --scores file" in capsys.readouterr().err and scores.read_text() == before
+
+
+def write_generate_manifest(folder: Path) -> Path:
+    """The candidates as `mmalign generate` lists them: manifest.jsonl rows with its recorded settings."""
+    rows = [
+        {
+            "path": str(p.relative_to(folder)),
+            "prompt": (p.parent / "prompt.txt").read_text(),
+            "seed": i,
+            "kind": "image",
+            "height": 20,
+            "width": 24,
+        }
+        for i, p in enumerate(sorted(folder.rglob("*.png")))
+        if p.name != "broken.png"
+    ]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
 def test_label_manifest_trains_with_mmalign_train(candidates, tiny_sd15, tmp_path):
     from mmalign.commands.score import build_rewards
     from mmalign.rewards.label import label_scores

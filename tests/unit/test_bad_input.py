@@ -434,3 +434,45 @@ def test_lora_targets_that_match_nothing_are_one_config_error(tiny_sd15):
         ConfigError, match=r"lora.target_modules=\['nonexistent_module'\] on UNet2DConditionModel"
     ):
         add_lora(pipe.unet, cfg.lora)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_prompt(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start a file with a byte-order mark: it used to glue itself to the
+    first column name (a pairs CSV lost its `prompt` column) or to the first prompt of a .txt file."""
+    from conftest import write_pair_images
+
+    from mmalign.data.manifest import read_prompts
+    from mmalign.data.pairs import load_pairs
+    from mmalign.rewards.score import collect_items
+
+    bom = "\ufeff"
+    (tmp_path / "p.txt").write_text(bom + "a red circle\nblue square\n", encoding="utf-8")
+    (tmp_path / "p.csv").write_text(bom + "prompt,group\nred circle,g1\n", encoding="utf-8")
+    assert [p.prompt for p in read_prompts(tmp_path / "p.txt")] == ["a red circle", "blue square"]
+    assert [(p.prompt, p.group) for p in read_prompts(tmp_path / "p.csv")] == [("red circle", "g1")]
+
+    manifest = write_pair_images(tmp_path / "pairs", n=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    csv_pairs = tmp_path / "pairs" / "pairs.csv"
+    csv_pairs.write_text(
+        bom
+        + "prompt,chosen,rejected\n"
+        + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows),
+        encoding="utf-8",
+    )
+    jsonl_pairs = tmp_path / "pairs" / "bom.jsonl"
+    jsonl_pairs.write_text(bom + manifest.read_text(), encoding="utf-8")
+    for source in (csv_pairs, jsonl_pairs):
+        assert [r.prompt for r in load_pairs(source)[0]] == [r["prompt"] for r in rows]
+    assert [it.prompt for it in collect_items(csv_pairs)] == [r["prompt"] for r in rows]
+
+
+def test_an_empty_prompt_row_is_named_as_such_and_an_empty_row_skipped(tmp_path):
+    from mmalign.data.images import DataError
+    from mmalign.data.manifest import read_prompts
+
+    (tmp_path / "p.csv").write_text('prompt,negative_prompt\n"a red, circle",blurry\n,\nblue square,\n')
+    assert [p.prompt for p in read_prompts(tmp_path / "p.csv")] == ["a red, circle", "blue square"]
+    (tmp_path / "q.csv").write_text("prompt,negative_prompt\nred,\n,blurry\n")
+    with pytest.raises(DataError, match=r"q.csv:3: empty prompt \(the row has negative_prompt='blurry'\)"):
+        read_prompts(tmp_path / "q.csv")
