@@ -486,10 +486,16 @@ def _resume(run: _Run) -> _Position:
                 )
         elif t_cfg.resume:
             ckpt = read_checkpoint(Path(t_cfg.resume), accelerator.process_index)
-        if ckpt is not None:
-            apply_checkpoint(ckpt, run.parts())
     except CheckpointError as err:
         raise TrainingError(f"train.resume={t_cfg.resume}: {err}") from err
+    if ckpt is not None:
+        try:
+            apply_checkpoint(ckpt, run.parts())
+        except CheckpointError as err:  # a sound checkpoint of another setting (lora.rank, method, dtype): input
+            raise ConfigError(
+                f"train.resume={t_cfg.resume}: {err}; resume with the settings it was written with, or train into "
+                "another train.output_dir"
+            ) from None
     if accelerator.is_main_process:
         _restart_history(run.out / "history.jsonl", ckpt.step if ckpt else None)
     if ckpt is None:

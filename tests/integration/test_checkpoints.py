@@ -400,6 +400,28 @@ def test_a_non_empty_output_dir_needs_resume_or_overwrite(tiny_sd15, pair_manife
         train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1"))
 
 
+def test_resuming_with_another_lora_rank_is_a_config_error_that_keeps_the_checkpoint(
+    tiny_sd15, pair_manifest, tmp_path
+):
+    """A sound checkpoint written with other settings is the user's input (exit 2, what to do), not a crash of
+    training (exit 3); the checkpoint stays as it was and resumes with its own settings."""
+    out = tmp_path / "run"
+    train(
+        tiny_cfg(
+            tiny_sd15, pair_manifest, out, "train.max_steps=2", "train.checkpoint_every=1", "lora.rank=2"
+        )
+    )
+    (ckpt,) = ck.list_checkpoints(out)[-1:]
+    before = (ckpt / "trainable.safetensors").read_bytes()
+    resume = ["train.max_steps=3", "train.checkpoint_every=1", "train.resume=latest"]
+    with pytest.raises(
+        ConfigError, match=r"train.resume=latest: .*has shape \(2, .*resume with the settings"
+    ):
+        train(tiny_cfg(tiny_sd15, pair_manifest, out, *resume, "lora.rank=4"))
+    assert (ckpt / "trainable.safetensors").read_bytes() == before
+    assert train(tiny_cfg(tiny_sd15, pair_manifest, out, *resume, "lora.rank=2")).summary["steps"] == 3
+
+
 def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_sd15, pair_manifest, tmp_path):
     """accelerate runs no fp16 autocast on CPU: the frozen parts would be fp16 and the step would crash later."""
     out = tmp_path / "run"
