@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 class SingleProcess:
@@ -45,6 +46,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     dtype = (
         weight_dtype(cfg.train.mixed_precision) if args.dtype is None else resolve_dtype(args.dtype, device)
     )
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu" and args.dtype is None:
+        print(  # a cache for a GPU run may well be built on a CPU machine: say it, do not refuse it
+            "note: train.mixed_precision=fp16: this cache is encoded in fp16 for a run on a GPU (`mmalign train` "
+            "refuses fp16 without one; for a run here, cache with train.mixed_precision=bf16 or no)",
+            file=sys.stderr,
+        )
     build = get_method(cfg.method.name).build_data
     if args.inversion:
         build = method_data.inversion_pairs

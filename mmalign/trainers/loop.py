@@ -491,7 +491,9 @@ def _resume(run: _Run) -> _Position:
     if ckpt is not None:
         try:
             apply_checkpoint(ckpt, run.parts())
-        except CheckpointError as err:  # a sound checkpoint of another setting (lora.rank, method, dtype): input
+        except (
+            CheckpointError
+        ) as err:  # a sound checkpoint of another setting (lora.rank, method, dtype): input
             raise ConfigError(
                 f"train.resume={t_cfg.resume}: {err}; resume with the settings it was written with, or train into "
                 "another train.output_dir"
