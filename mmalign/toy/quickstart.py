@@ -11,6 +11,7 @@ reward the pairs were not built from (``toy_shape``), so reward hacking would sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -203,46 +204,17 @@ def quickstart(
     base = load_toy_pipeline(model)
     sample_kwargs = dict(guidance_scale=opts.guidance_scale, steps=opts.steps)
 
-    # 1. candidates from the base
-    t0 = time.time()
+    # 1. candidates from the base, 2. scores and 3. pairs; a resumed run keeps the pairs its checkpoints trained on
     cand_prompts = [p for p in train_prompts for _ in range(opts.candidates)]
-    cand_seeds = [TRAIN_SEED_BASE + i for i in range(len(cand_prompts))]
-    log(
-        f"1/5 generating {len(cand_prompts)} candidates ({opts.candidates} per prompt, {len(train_prompts)} prompts)"
-    )
-    candidates = generate(base, cand_prompts, cand_seeds, progress="candidates", **sample_kwargs)
-    cand_dir = out / "candidates"
-    cand_dir.mkdir(exist_ok=True)
-    paths = []
-    for i, image in enumerate(candidates):
-        path = cand_dir / f"{i:05d}.png"
-        to_pil(image).save(path)
-        paths.append(str(path))
-    stage("generate", t0)
-
-    # 2. score + 3. pairs
-    t0 = time.time()
-    reward = training_reward()
-    scores = reward(candidates, cand_prompts)
-    pairs = make_pairs(cand_prompts, scores, paths, opts.min_margin, opts.pairing)
-    manifest = out / "pairs.jsonl"
-    manifest.write_text(
-        "".join(
-            json.dumps(
-                {
-                    **p,
-                    "chosen": Path(p["chosen"]).relative_to(out).as_posix(),
-                    "rejected": Path(p["rejected"]).relative_to(out).as_posix(),
-                }
-            )
-            + "\n"
-            for p in pairs
-        )
-    )
-    log(
-        f"2-3/5 scored candidates (mean training reward {scores.mean():.3f}); {len(pairs)} pairs -> {manifest}"
-    )
-    stage("score_and_pair", t0)
+    manifest, stamp_file = out / "pairs.jsonl", out / "pairs.stamp.json"
+    stamp = {"model": str(Path(model).resolve()), "options": dataclasses.asdict(opts)}
+    resuming = any(o.startswith("train.resume=") for o in overrides)
+    if resuming and manifest.is_file() and _read_json(stamp_file) == stamp:
+        pairs = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        log(f"1-3/5 resuming: the {len(pairs)} pairs of {manifest} (candidates are not sampled again)")
+    else:
+        pairs = _candidates_and_pairs(base, train_prompts, cand_prompts, out, opts, sample_kwargs, log, stage)
+        stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
 
     # 4. Diffusion-DPO LoRA through the one training loop
     t0 = time.time()
@@ -255,7 +227,7 @@ def quickstart(
             f"train.output_dir={run_dir}",
             f"data.cache_dir={out / 'cache'}",
             # the quickstart owns its run folder: a re-run starts a new run there (unless asked to resume)
-            *([] if any(o.startswith("train.resume=") for o in overrides) else ["train.overwrite=true"]),
+            *([] if resuming else ["train.overwrite=true"]),
             *overrides,
         ],
     )
@@ -412,3 +384,56 @@ Files: `metrics.json`, `pairs.jsonl` (+ `candidates/`), `run/` (config, checkpoi
     path = out / "report.md"
     path.write_text(text)
     return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _candidates_and_pairs(
+    base: Any,
+    train_prompts: list[str],
+    cand_prompts: list[str],
+    out: Path,
+    opts: QuickstartOptions,
+    sample_kwargs: dict[str, Any],
+    log: Callable[[str], None],
+    stage: Callable[[str, float], None],
+) -> list[dict[str, Any]]:
+    """Stages 1-3: sample candidates from the base, score them with the training reward, write ``pairs.jsonl``."""
+    t0 = time.time()
+    cand_seeds = [TRAIN_SEED_BASE + i for i in range(len(cand_prompts))]
+    log(
+        f"1/5 generating {len(cand_prompts)} candidates ({opts.candidates} per prompt, {len(train_prompts)} prompts)"
+    )
+    candidates = generate(base, cand_prompts, cand_seeds, progress="candidates", **sample_kwargs)
+    cand_dir = out / "candidates"
+    cand_dir.mkdir(exist_ok=True)
+    paths = []
+    for i, image in enumerate(candidates):
+        path = cand_dir / f"{i:05d}.png"
+        to_pil(image).save(path)
+        paths.append(str(path))
+    stage("generate", t0)
+
+    t0 = time.time()
+    scores = training_reward()(candidates, cand_prompts)
+    pairs = make_pairs(cand_prompts, scores, paths, opts.min_margin, opts.pairing)
+    rows = [
+        {
+            **p,
+            "chosen": Path(p["chosen"]).relative_to(out).as_posix(),
+            "rejected": Path(p["rejected"]).relative_to(out).as_posix(),
+        }
+        for p in pairs
+    ]
+    manifest = out / "pairs.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log(
+        f"2-3/5 scored candidates (mean training reward {scores.mean():.3f}); {len(pairs)} pairs -> {manifest}"
+    )
+    stage("score_and_pair", t0)
+    return rows

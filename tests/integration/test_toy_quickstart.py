@@ -100,6 +100,19 @@ def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
     assert "| either flaw |" in (tmp_path / "report.md").read_text()
     assert 0 <= metrics["win_rate_ci"][0] <= metrics["win_rate"] <= metrics["win_rate_ci"][1] <= 1
 
+    # resumed (train.resume=latest, as an interrupted run says): the same pairs, no candidates sampled again
+    logs = []
+    pairs = (tmp_path / "pairs.jsonl").read_text()
+    resumed = quickstart(
+        tmp_path,
+        model=smoke_toy,
+        overrides=["train.max_steps=3", "train.batch_size=4", "train.progress=false", "train.resume=latest"],
+        options=opts,
+        log=logs.append,
+    )
+    assert resumed["steps"] == 3 and (tmp_path / "pairs.jsonl").read_text() == pairs
+    assert any(line.startswith("1-3/5 resuming") for line in logs) and not any("generating" in x for x in logs)
+
 
 def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path, capsys):
     """`mmalign eval --negative-lora-a`: A = B with a negative LoRA in its CFG branch (guidance on vs off)."""
