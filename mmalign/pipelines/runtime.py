@@ -134,7 +134,7 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
                 names = [n for n in DENOISERS if (Path(path) / n / "config.json").is_file()]
                 missing = [n for n in names if getattr(pipe, n, None) is None]
                 if missing:  # never drop trained weights silently
-                    raise ValueError(f"the pipeline {type(pipe).__name__} has no {missing[0]}")
+                    raise ValueError(f"it has no {missing[0]}")
                 for name in names:
                     current = getattr(pipe, name)
                     dtype = next(current.parameters()).dtype
@@ -148,12 +148,50 @@ def load_trained(pipe: Any, paths: str | Sequence[str]) -> None:
                 raise ValueError(f"a LoRA of transformer_2 ({LORA_TARGET_FILE}); this pipeline has none")
             into = {"load_into_transformer_2": True} if component == "transformer_2" else {}
             adapter = f"lora_{list(kinds).index(path)}" if len(kinds) > 1 else None
-            pipe.load_lora_weights(path, adapter_name=adapter, **into)
+            with _library_logs_off():  # diffusers logs the whole state-dict mismatch before raising it
+                pipe.load_lora_weights(path, adapter_name=adapter, **into)
         except (OSError, ValueError, RuntimeError, KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"{path}: cannot load it into this pipeline: {first_line(err)}") from err
+            raise ValueError(
+                f"{path}: cannot load it into this {type(pipe).__name__}{_trained_on(path)}: {_gist(err)}"
+            ) from err
     loras = [f"lora_{i}" for i, kind in enumerate(kinds.values()) if kind == "lora"]
     if len(kinds) > 1 and loras:
         pipe.set_adapters(loras)
+
+
+def _trained_on(path: str) -> str:
+    """``"; it was trained on <base>"`` from the run's ``mmalign_config.yaml`` beside the export, else ``""``."""
+    from pathlib import Path
+
+    from mmalign.config import ConfigError, read_yaml
+
+    try:
+        base = read_yaml(Path(path) / "mmalign_config.yaml", "run config").get("model", {}).get("pretrained")
+    except (ConfigError, OSError, AttributeError):
+        return ""
+    return f" (it was trained on {base})" if base else ""
+
+
+def _gist(err: BaseException) -> str:
+    """The first line of a loading error that says what differs (a state dict's first size mismatch)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+    return mismatch or first_line(err)
+
+
+@contextlib.contextmanager
+def _library_logs_off() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -207,14 +207,33 @@ def test_generate_and_eval_load_a_full_fine_tune_from_its_final_folder(tiny_sd15
     unet.save_pretrained(tmp_path / "wan-run" / "final" / "transformer_2")
     bad = ["generate", "--model", str(tiny_sd15), "--lora", str(tmp_path / "wan-run" / "final"), *common]
     assert main([*bad, "--out", str(tmp_path / "y")]) == 2
-    assert "cannot load it into this pipeline: the pipeline StableDiffusionPipeline has no transformer_2" in (
-        capsys.readouterr().err
+    assert (
+        "cannot load it into this StableDiffusionPipeline: it has no transformer_2" in capsys.readouterr().err
     )
     lora = tmp_path / "lora-run" / "final"
     lora.mkdir(parents=True)
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
     assert main([*bad[:4], str(lora), *common, "--out", str(tmp_path / "z")]) == 2
-    assert f"{lora}: cannot load it into this pipeline" in capsys.readouterr().err
+    assert f"{lora}: cannot load it into this StableDiffusionPipeline" in capsys.readouterr().err
+
+
+def test_a_lora_of_another_base_says_which_base_and_what_differs(
+    tiny_sd15, tiny_sdxl, pair_manifest, tmp_path, capsys
+):
+    """An SDXL run's LoRA given to an SD1.5 pipeline: one line naming the base it was trained on (its
+    mmalign_config.yaml) and the first weight that does not fit, without diffusers' whole state-dict dump."""
+    from test_train_diffusion_dpo import tiny_cfg
+
+    from mmalign.cli import main
+    from mmalign.trainers.loop import train
+
+    train(tiny_cfg(tiny_sdxl, pair_manifest, tmp_path / "xl", "train.max_steps=1"))
+    (tmp_path / "p.txt").write_text("a red square\n")
+    args = ["generate", "--model", str(tiny_sd15), "--lora", str(tmp_path / "xl" / "final"), "--prompts"]
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "p.txt"), "--steps", "1", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(it was trained on {tiny_sdxl}): size mismatch for " in err, err
 
 
 def test_an_export_on_the_hub_is_named_by_its_repo_id(tmp_path, monkeypatch, capsys):

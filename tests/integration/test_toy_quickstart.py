@@ -111,7 +111,9 @@ def test_mini_quickstart_writes_the_report(smoke_toy, tmp_path):
         log=logs.append,
     )
     assert resumed["steps"] == 3 and (tmp_path / "pairs.jsonl").read_text() == pairs
-    assert any(line.startswith("1-3/5 resuming") for line in logs) and not any("generating" in x for x in logs)
+    assert any(line.startswith("1-3/5 resuming") for line in logs) and not any(
+        "generating" in x for x in logs
+    )
 
 
 def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path, capsys):
