@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -319,6 +320,10 @@ def _setup_run(cfg: RunConfig) -> _Run:
         out.mkdir(parents=True, exist_ok=True)
         for line in recover(out / "checkpoints"):
             accelerator.print(f"checkpoints: {line}")
+        if t_cfg.overwrite and (moved := _set_aside_outputs(out)):
+            accelerator.print(
+                f"train.overwrite: the previous run's {', '.join(p.name for p in moved)} moved to {moved[0].parent}"
+            )
         write_json(out / RUN_FILE, {"run_id": _run_id(t_cfg, out)})
         save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
@@ -781,6 +786,27 @@ def _check_output_dir(t_cfg: Any, out: Path) -> None:
 # model, a crash in its first steps) left no checkpoint, logged step or export, so fixing the cause and running
 # the same command again just works (its validation grids and tensorboard logs are written anew).
 _BEFORE_STEP_1 = {RUN_FILE, "config.yaml", "history.jsonl", "logs", "validation", "checkpoints"}
+
+
+# What describes a finished run (its export and report): a new run in the same folder (train.overwrite) moves them
+# aside, so that until it writes its own nothing there describes the old run as if it were the new one.
+_RUN_OUTPUTS = ("final", "summary.json", "validation", "training_curves.png")
+
+
+def _set_aside_outputs(out: Path) -> list[Path]:
+    """Move the previous run's export and report into ``superseded/<its run id>/``; returns the moved paths."""
+    present = [out / name for name in _RUN_OUTPUTS if (out / name).exists()]
+    if not present:
+        return []
+    dest = out / "superseded" / (read_run_id(out) or time.strftime("%Y%m%d-%H%M%S"))
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in present:
+        target = dest / path.name
+        if target.exists():  # the same old run set aside twice (a new run stopped before writing its own)
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        moved.append(Path(shutil.move(str(path), str(target))))
+    return moved
 
 
 def _holds_a_run(out: Path) -> bool:

@@ -479,6 +479,10 @@ def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(
     )  # resume=latest never picks the old run's 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint"].endswith("checkpoint-3") and summary["steps"] == 3
+    # the old run's export and report were set aside (never describing the new run while it trains), not deleted
+    aside = out / "superseded" / old["checkpoint-4"]
+    assert json.loads((aside / "summary.json").read_text())["steps"] == 4
+    assert (aside / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
