@@ -576,9 +576,10 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 logs, stopping = _log_step(run, step, loss, metrics, stop.signum is not None)
                 last_metrics = logs
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}"
-                )
+                shown = {"loss": f"{logs['loss']:.4f}"}
+                if "implicit_acc" in logs:  # the preference methods' (Self-NPO has none)
+                    shown["acc"] = f"{logs['implicit_acc']:.2f}"
+                bar.set_postfix(**shown)
                 if (
                     t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.max_steps
                 ) or stopping:
@@ -755,7 +756,10 @@ def _finish(
                 f"note: the steps waited for data {summary['data_wait_fraction']:.0%} of the run "
                 f"(data.num_workers={cfg.data.num_workers}): more workers, or `mmalign cache`, would keep up"
             )
-        accelerator.print(f"done: {step} steps in {seconds:.1f}s -> {summary['export']}")
+        ran = f"{step} steps"  # a resumed run: the steps it ran itself
+        if start.step:
+            ran = f"steps {start.step + 1}-{step}" if step > start.step else f"no steps (already at step {step})"
+        accelerator.print(f"done: {ran} in {seconds:.1f}s -> {summary['export']}")
         pushed = summary.get("push_to_hub", {})
         if "error" in pushed:
             accelerator.print(
