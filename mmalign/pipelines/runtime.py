@@ -107,6 +107,12 @@ def trained_kinds(paths: str | Sequence[str] | None) -> dict[str, str]:
             kinds[path] = "lora"
         elif any((p / name / "config.json").is_file() for name in DENOISERS):
             kinds[path] = "full"
+        elif not p.exists():
+            raise ValueError(f"{path}: not found; give a run's final/ folder")
+        elif p.name in DENOISERS and (p / "config.json").is_file():
+            raise ValueError(
+                f"{path}: a fine-tuned {p.name} itself; give the final/ folder that holds it ({p.parent})"
+            )
         else:
             raise ValueError(
                 f"{path}: no LoRA (pytorch_lora_weights.safetensors) and no fine-tuned denoiser "

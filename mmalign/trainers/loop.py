@@ -758,7 +758,11 @@ def _finish(
             )
         ran = f"{step} steps"  # a resumed run: the steps it ran itself
         if start.step:
-            ran = f"steps {start.step + 1}-{step}" if step > start.step else f"no steps (already at step {step})"
+            ran = (
+                f"steps {start.step + 1}-{step}"
+                if step > start.step
+                else f"no steps (already at step {step})"
+            )
         accelerator.print(f"done: {ran} in {seconds:.1f}s -> {summary['export']}")
         pushed = summary.get("push_to_hub", {})
         if "error" in pushed:

@@ -476,3 +476,19 @@ def test_an_empty_prompt_row_is_named_as_such_and_an_empty_row_skipped(tmp_path)
     (tmp_path / "q.csv").write_text("prompt,negative_prompt\nred,\n,blurry\n")
     with pytest.raises(DataError, match=r"q.csv:3: empty prompt \(the row has negative_prompt='blurry'\)"):
         read_prompts(tmp_path / "q.csv")
+
+
+def test_a_trained_path_that_is_missing_or_one_level_too_deep_says_so(tmp_path):
+    from mmalign.pipelines.runtime import trained_kinds
+
+    with pytest.raises(ValueError, match="nope: not found; give a run's final/ folder"):
+        trained_kinds(str(tmp_path / "nope"))
+    unet = tmp_path / "final" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text("{}")
+    with pytest.raises(
+        ValueError,
+        match=f"a fine-tuned unet itself; give the final/ folder that holds it \\({tmp_path / 'final'}\\)",
+    ):
+        trained_kinds(str(unet))
+    assert trained_kinds(str(tmp_path / "final")) == {str(tmp_path / "final"): "full"}
