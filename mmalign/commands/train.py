@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from mmalign.commands.options import configs_root, resolve_recipe, shipped_configs
 
@@ -82,11 +83,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mmalign.trainers import get_method
     from mmalign.trainers.loop import trains_what
 
+    for note in missing_paths(cfg):
+        print(f"note: {note}", file=sys.stderr)
     print(
         f"{args.config}: OK ({cfg.method.name}, model {cfg.model.pretrained}, "
         f"{trains_what(cfg, get_method(cfg.method.name))}, {cfg.train.max_steps} steps)"
     )
     return 0
+
+
+def missing_paths(cfg: Any) -> list[str]:
+    """The recipe's model and data that are neither here nor shaped like a Hub id: notes, not errors (a recipe is
+    often checked on another machine than the one that trains, as the shipped ones name /data/pickapic_v2)."""
+    import re
+
+    from mmalign.pipelines import resolve_pretrained
+
+    hub_id = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
+    notes = []
+    for key, value in (("model.pretrained", cfg.model.pretrained), ("data.source", cfg.data.source)):
+        local = Path(resolve_pretrained(str(value))) if key == "model.pretrained" else Path(str(value))
+        if value and not local.exists() and not hub_id.match(str(value).split("[")[0]):
+            notes.append(f"{key}={value} is not here and is not a Hub id (owner/name): a path on another machine?")
+        elif value and not local.exists() and Path(str(value)).suffix in (".jsonl", ".json", ".csv", ".parquet"):
+            notes.append(f"{key}={value} is not here (a file name, not a Hub id)")
+    return notes
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -66,6 +66,16 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "train.max_stepz" in err and "max_steps" in err
+    # a model or data path that is not here is a note (the recipe may be checked on another machine), not an error
+    assert (
+        main(["validate", str(good), "model.pretrained=sd15-typo", f"data.source={tmp_path / 'pairs.jsonl'}"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "note: model.pretrained=sd15-typo is not here and is not a Hub id" in err
+    assert f"note: data.source={tmp_path / 'pairs.jsonl'} is not here" in err
+    assert main(["validate", str(good), f"data.source={tmp_path}"]) == 0  # a hub id and a folder that exists
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_ls_lists_methods_families_and_configs(capsys):
