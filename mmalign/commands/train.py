@@ -104,8 +104,14 @@ def missing_paths(cfg: Any) -> list[str]:
     for key, value in (("model.pretrained", cfg.model.pretrained), ("data.source", cfg.data.source)):
         local = Path(resolve_pretrained(str(value))) if key == "model.pretrained" else Path(str(value))
         if value and not local.exists() and not hub_id.match(str(value).split("[")[0]):
-            notes.append(f"{key}={value} is not here and is not a Hub id (owner/name): a path on another machine?")
-        elif value and not local.exists() and Path(str(value)).suffix in (".jsonl", ".json", ".csv", ".parquet"):
+            notes.append(
+                f"{key}={value} is not here and is not a Hub id (owner/name): a path on another machine?"
+            )
+        elif (
+            value
+            and not local.exists()
+            and Path(str(value)).suffix in (".jsonl", ".json", ".csv", ".parquet")
+        ):
             notes.append(f"{key}={value} is not here (a file name, not a Hub id)")
     return notes
 

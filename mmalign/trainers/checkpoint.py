@@ -488,7 +488,7 @@ def apply_checkpoint(ckpt: Checkpoint, parts: Saveable) -> None:
         if ckpt.trainable.shape(name) != tuple(p.shape):
             raise CheckpointError(
                 f"{ckpt.path}/{TRAINABLE_FILE}: {name} has shape {ckpt.trainable.shape(name)}, "
-                f"the model {tuple(p.shape)}"
+                f"the model {tuple(p.shape)}: was it written with another lora.rank or model?"
             )
     if (ckpt.method_state is None) != (parts.method_state is None):
         raise CheckpointError(

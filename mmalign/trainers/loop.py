@@ -500,8 +500,7 @@ def _resume(run: _Run) -> _Position:
             CheckpointError
         ) as err:  # a sound checkpoint of another setting (lora.rank, method, dtype): input
             raise ConfigError(
-                f"train.resume={t_cfg.resume}: {err}; resume with the settings it was written with, or train into "
-                "another train.output_dir"
+                f"train.resume={t_cfg.resume}: {err} (or start anew in another train.output_dir)"
             ) from None
     if accelerator.is_main_process:
         _restart_history(run.out / "history.jsonl", ckpt.step if ckpt else None)

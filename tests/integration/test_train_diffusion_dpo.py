@@ -11,6 +11,7 @@ import torch
 from conftest import assert_only_trainable_changed, card_code, card_commands
 from safetensors.torch import load_file
 
+from mmalign.config import ConfigError
 from mmalign.data.pairs import PairDataset, collate_pairs, load_pairs
 from mmalign.data.setup import prepare_pair_batch
 from mmalign.pipelines import load_pipeline, make_adapter
@@ -485,7 +486,7 @@ def test_bf16_trainable_weights_train_like_fp32_and_resume_exactly(tiny_sd15, pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
     # a checkpoint of fp32 weights does not silently continue as a bf16 run (or the other way)
-    with pytest.raises(TrainingError, match="trainable_dtype=fp32, this run has bf16"):
+    with pytest.raises(ConfigError, match="trainable_dtype=fp32, this run has bf16"):  # a setting: exit 2
         train(
             tiny_cfg(
                 tiny_sd15,

@@ -89,6 +89,6 @@ def test_family_detection_and_adapter_shapes(tiny_sd15, tiny_sdxl):
 
 
 def test_unknown_pipeline_class_is_a_clear_error(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(ValueError, match="FluxPipeline.*model.family"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(ValueError, match="QwenImagePipeline.*model.family"):
         detect_family(str(tmp_path))
