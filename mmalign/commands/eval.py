@@ -117,7 +117,14 @@ def evaluate(
 
     from mmalign.commands.score import build_rewards
     from mmalign.data.manifest import read_prompts
-    from mmalign.pipelines import check_guidance_2, clip_fps, detect_family, get_family
+    from mmalign.pipelines import (
+        check_guidance_2,
+        check_num_frames,
+        clip_fps,
+        detect_family,
+        get_family,
+        resolve_pretrained,
+    )
     from mmalign.pipelines.runtime import (
         iter_samples,
         load_for_inference,
@@ -132,6 +139,8 @@ def evaluate(
 
     kinds_a, kinds_b = trained_kinds(lora_a), trained_kinds(lora_b)  # a wrong folder fails before any loading
     second = check_guidance_2(model_a, guidance_2)
+    for model in (model_a, model_b or model_a) if num_frames is not None else ():
+        check_num_frames(resolve_pretrained(model), detect_family(model), num_frames)
     if model_b is not None:
         check_guidance_2(model_b, guidance_2)
     toy = is_toy_model(model_a) and (model_b is None or is_toy_model(model_b))

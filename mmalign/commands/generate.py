@@ -146,7 +146,14 @@ def generate(
         The manifest path.
     """
     from mmalign.data.video import video_writer
-    from mmalign.pipelines import check_guidance_2, clip_fps, detect_family, get_family
+    from mmalign.pipelines import (
+        check_guidance_2,
+        check_num_frames,
+        clip_fps,
+        detect_family,
+        get_family,
+        resolve_pretrained,
+    )
     from mmalign.pipelines.runtime import iter_samples, trained_kinds
     from mmalign.rewards.score import load_media
     from mmalign.trainers.report import contact_sheet, previews
@@ -165,6 +172,7 @@ def generate(
             f"--negative-lora acts through classifier-free guidance: --guidance {guidance:g} must be > 1"
         )
     second = check_guidance_2(model, guidance_2)
+    check_num_frames(resolve_pretrained(model), family, num_frames)
     is_video = get_family(family).video
     fps = clip_fps(family, fps, model)
     if is_video:

@@ -19,7 +19,7 @@ def cmd_label_video(args: argparse.Namespace) -> int:
     from mmalign.data.segments import clip_label, fit_frames
     from mmalign.data.structural import reward_segment_labels, structural_pairs
     from mmalign.data.video import read_video, write_video
-    from mmalign.pipelines import make_adapter
+    from mmalign.pipelines import check_num_frames, detect_family, make_adapter, resolve_pretrained
     from mmalign.pipelines.runtime import load_for_inference
     from mmalign.rewards import get_reward
     from mmalign.utils import parse_key_values
@@ -45,6 +45,12 @@ def cmd_label_video(args: argparse.Namespace) -> int:
         raise DataError(
             f"--judge needs a pairwise judge (e.g. --reward vlm_judge); {args.reward!r} has no compare_segments"
         )
+    if args.num_frames is not None:  # a length the pipeline's VAE would change, before any weight loads
+        try:
+            family = args.family if args.family != "auto" else detect_family(args.model)
+            check_num_frames(resolve_pretrained(args.model), family, args.num_frames)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     pipe, family, _ = load_for_inference(
         args.model,
         family=args.family,

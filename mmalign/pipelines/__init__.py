@@ -102,6 +102,31 @@ def pipeline_index(pretrained: str, revision: str | None = None) -> dict[str, An
         ) from None
 
 
+def check_num_frames(
+    pretrained: str, family: str, num_frames: int | None, flag: str = "--num-frames"
+) -> None:
+    """Refuse a clip length the family's pipeline would change on its own. A causal video VAE with temporal
+    compression c keeps frame 0 and compresses the rest c-fold, so Wan and CogVideoX clips have c k + 1 frames:
+    diffusers rounds any other count with a warning, and the manifest, the pair settings and the user would all
+    believe the count asked for. Reads the VAE's config only (nothing when it cannot be read: loading says why)."""
+    spec = get_family(family)
+    compression_of = getattr(spec.adapter, "temporal_compression_of", None)
+    if num_frames is None or compression_of is None:
+        return
+    try:
+        config = _component_class(pretrained, "vae", None).load_config(pretrained, subfolder="vae")
+        c = int(compression_of(config))
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if c > 1 and (num_frames - 1) % c:
+        lower = (num_frames - 1) // c * c + 1
+        asked = f"{flag} {num_frames}" if flag.startswith("--") else f"{flag}={num_frames}"
+        raise ValueError(
+            f"{asked}: {family} clips have {c}k+1 frames (its VAE keeps frame 0 and compresses the rest {c}x); "
+            f"use {lower} or {lower + c}"
+        )
+
+
 def check_guidance_2(
     pretrained: str, guidance_2: float | None, flag: str = "--guidance-2"
 ) -> dict[str, float]:
@@ -429,6 +454,7 @@ __all__ = [
     "is_video",
     "load_pipeline",
     "load_unused",
+    "check_num_frames",
     "make_adapter",
     "per_frame_mse",
     "per_sample_mse",

@@ -34,9 +34,14 @@ class CogVideoXAdapter:
     def __post_init__(self) -> None:
         self.scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
         self.vae = self.pipeline.vae
-        self.temporal_compression = int(self.vae.config.temporal_compression_ratio)
+        self.temporal_compression = self.temporal_compression_of(self.vae.config)
         self.spatial_compression = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.max_text_len = int(self.pipeline.transformer.config.max_text_seq_length)
+
+    @staticmethod
+    def temporal_compression_of(vae_config: Any) -> int:
+        """Pixel frames per latent frame of an AutoencoderKLCogVideoX config (``temporal_compression_ratio``, 4)."""
+        return int(vae_config["temporal_compression_ratio"])
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

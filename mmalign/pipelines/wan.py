@@ -80,7 +80,7 @@ class WanAdapter:
         self.shift = scheduler_shift(self.pipeline.scheduler.config)
         self.scheduler = self.pipeline.scheduler  # sampling only; training maths are the flow formulas below
         self.vae = self.pipeline.vae
-        self.temporal_compression = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
+        self.temporal_compression = self.temporal_compression_of(self.vae.config)
         tok_max = getattr(self.pipeline.tokenizer, "model_max_length", self.max_text_len) or self.max_text_len
         self.max_text_len = min(self.max_text_len, int(tok_max))
         z = self.vae.config.z_dim
@@ -88,6 +88,11 @@ class WanAdapter:
             1, z, 1, 1, 1
         )
         self.latents_std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+
+    @staticmethod
+    def temporal_compression_of(vae_config: Mapping[str, Any]) -> int:
+        """Pixel frames per latent frame of an AutoencoderKLWan config (4: one per ``temperal_downsample`` step)."""
+        return 2 ** sum(bool(d) for d in vae_config["temperal_downsample"])
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

@@ -191,12 +191,31 @@ def check_training_run(cfg: RunConfig) -> None:
     check = getattr(FAMILIES[family].adapter, "check_config", None) if family in FAMILIES else None
     if check is not None and index is not None:
         check(index, cfg)
+    if family in FAMILIES and index is not None:
+        check_clip_length(cfg, family)
+
+
+def check_clip_length(cfg: RunConfig, family: str) -> None:
+    """A video method's ``method.num_frames`` must be a length the family's VAE encodes as it is (Wan, CogVideoX:
+    4k+1); the loop checks it again on any model, ``mmalign validate`` on a local one."""
+    from mmalign.pipelines import check_num_frames
+
+    try:
+        check_num_frames(
+            resolve_pretrained(cfg.model.pretrained),
+            family,
+            getattr(cfg.method, "num_frames", None),
+            flag="method.num_frames",
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 __all__ = [
     "METHODS",
     "METHOD_CONFIGS",
     "Method",
+    "check_clip_length",
     "check_family",
     "check_training_run",
     "get_method",

@@ -30,7 +30,7 @@ from mmalign.data.seeded import SeededItems
 from mmalign.pipelines import is_video, load_model, load_unused, prompt_length
 from mmalign.pipelines.fast import FastPathError, apply_fast_paths, enable_checkpointing
 from mmalign.pipelines.runtime import LORA_TARGET_FILE
-from mmalign.trainers import check_family, get_method
+from mmalign.trainers import check_clip_length, check_family, get_method
 from mmalign.trainers.checkpoint import (
     CHECKPOINT_PREFIX,
     RUN_FILE,
@@ -339,6 +339,7 @@ def _setup_models(run: _Run) -> None:
     check = getattr(type(adapter), "check_config", None)  # optional: a family's own refusals (Wan 2.2 A14B)
     if check is not None:
         check(dict(pipe.config), cfg)
+    check_clip_length(cfg, family)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:
         encoder.requires_grad_(False).to(accelerator.device, dtype)

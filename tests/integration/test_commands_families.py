@@ -124,3 +124,28 @@ def test_device_and_dtype_defaults():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_clip_length_the_vae_would_change_is_refused_before_anything_runs(tmp_path, capsys):
+    """Wan and CogVideoX make 4k+1 frames (a causal 4x VAE): diffusers rounds --num-frames 10 to 9 with a warning,
+    and the manifest recorded 10. generate, eval and label-video refuse it from the VAE config, before any weight
+    is read; a training recipe's method.num_frames is refused by validate and by train."""
+    from mmalign.pipelines import check_num_frames
+    from mmalign.toy.tiny import build_tiny_cogvideox, build_tiny_wan
+
+    build_tiny_wan(tmp_path / "wan")
+    build_tiny_cogvideox(tmp_path / "cog")
+    check_num_frames(str(tmp_path / "wan"), "wan", 9)
+    check_num_frames(str(tmp_path / "wan"), "wan", None)
+    with pytest.raises(ValueError, match=r"--num-frames 8: cogvideox clips have 4k\+1 frames .*use 5 or 9"):
+        check_num_frames(str(tmp_path / "cog"), "cogvideox", 8)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = ["--prompts", str(tmp_path / "p.txt"), "--num-frames", "10"]
+    assert main(["generate", "--model", str(tmp_path / "wan"), *common, "--out", str(tmp_path / "g")]) == 2
+    assert "--num-frames 10: wan clips have 4k+1 frames" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    assert main(["eval", "--model-a", str(tmp_path / "wan"), *common, "--reward", "flicker"]) == 2
+    assert "use 9 or 13" in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text("method:\n  name: dense_dpo\n  num_frames: 10\n")
+    assert main(["validate", str(tmp_path / "run.yaml"), f"model.pretrained={tmp_path / 'wan'}"]) == 2
+    assert "method.num_frames=10: wan clips have 4k+1 frames" in capsys.readouterr().err
