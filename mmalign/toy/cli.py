@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mmalign.toy import DEFAULT_TOY_MODEL, DEFAULT_VIDEO_ASSET_DIR, QUICKSTART_CONFIG, QUICKSTART_GUIDANCE
@@ -91,8 +92,18 @@ def cmd_toy_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from mmalign.commands.eval import is_toy_model
+    from mmalign.pipelines import resolve_pretrained
     from mmalign.toy.quickstart import quickstart
 
+    if not is_toy_model(resolve_pretrained(args.model)):
+        print(
+            f"mmalign quickstart: error: --model {args.model} is not a toy-world pipeline (a folder `mmalign toy build` "
+            "wrote, with toy_build.json): the quickstart's prompts and rewards are the toy world's shapes and "
+            "colours. For another model, chain generate -> score -> label -> train -> eval (README)",
+            file=sys.stderr,
+        )
+        return 2
     quickstart(args.out, model=args.model, config=args.config, overrides=args.overrides)
     return 0
 
@@ -173,7 +184,11 @@ def register(subparsers) -> None:
         help="toy workflow end to end: generate -> score -> pairs -> Diffusion-DPO -> eval -> report",
     )
     p.add_argument("--out", default="outputs/quickstart")
-    p.add_argument("--model", default=str(DEFAULT_TOY_MODEL))
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_TOY_MODEL),
+        help="a toy-world pipeline (`mmalign toy build`; default: shipped)",
+    )
     p.add_argument("--config", default=str(QUICKSTART_CONFIG))
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=100")
     p.set_defaults(func=cmd_quickstart)

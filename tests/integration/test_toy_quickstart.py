@@ -168,3 +168,11 @@ def test_cli_eval_npo_guidance_on_vs_off(smoke_toy, tmp_path, capsys):
     gen = ["generate", "--model", str(smoke_toy), "--prompt", "a red circle", "--guidance", "1"]
     assert main([*gen, "--negative-lora", str(tmp_path / "neg"), "--out", str(tmp_path / "gen")]) == 2
     assert "--negative-lora acts through classifier-free guidance" in capsys.readouterr().err
+
+
+def test_quickstart_refuses_a_model_outside_the_toy_world_at_once(tiny_sd15, tmp_path, capsys):
+    """Its prompts and rewards are the toy world's: another model made 0 pairs and failed minutes later, at training."""
+    from mmalign.cli import main
+
+    assert main(["quickstart", "--model", str(tiny_sd15), "--out", str(tmp_path / "qs")]) == 2
+    assert "is not a toy-world pipeline" in capsys.readouterr().err and not (tmp_path / "qs").exists()
