@@ -897,7 +897,10 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+        layers = get_peft_model_state_dict(denoiser)
+        if denoiser_name == "unet":  # as diffusers' UNet LoRA scripts save; its transformer scripts (SD3, FLUX, Wan,
+            # CogVideoX) save peft's keys as they are, and SD3's loader skips converted ones (to_q.lora.down ...)
+            layers = convert_state_dict_to_diffusers(layers)
         name = "transformer" if denoiser_name == "transformer_2" else denoiser_name
         type(pipe).save_lora_weights(out_dir, **{f"{name}_lora_layers": layers}, safe_serialization=True)
         if denoiser_name == "transformer_2":
