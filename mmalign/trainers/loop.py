@@ -758,10 +758,8 @@ def _finish(
             )
         ran = f"{step} steps"  # a resumed run: the steps it ran itself
         if start.step:
-            ran = (
-                f"steps {start.step + 1}-{step}"
-                if step > start.step
-                else f"no steps (already at step {step})"
+            ran = {0: f"no steps (already at step {step})", 1: f"step {step}"}.get(
+                step - start.step, f"steps {start.step + 1}-{step}"
             )
         accelerator.print(f"done: {ran} in {seconds:.1f}s -> {summary['export']}")
         pushed = summary.get("push_to_hub", {})
@@ -798,13 +796,17 @@ _BEFORE_STEP_1 = {RUN_FILE, "config.yaml", "history.jsonl", "logs", "validation"
 
 # What describes a finished run (its export and report): a new run in the same folder (train.overwrite) moves them
 # aside, so that until it writes its own nothing there describes the old run as if it were the new one.
-_RUN_OUTPUTS = ("final", "summary.json", "validation", "training_curves.png")
+_RUN_OUTPUTS = ("final", "summary.json", "validation", "training_curves.png", "history.jsonl", "config.yaml")
 
 
 def _set_aside_outputs(out: Path) -> list[Path]:
-    """Move the previous run's export and report into ``superseded/<its run id>/``; returns the moved paths."""
+    """Move the previous run's export, report, history and config into ``superseded/<its run id>/`` (when it got as
+    far as a logged step); returns the moved paths."""
     present = [out / name for name in _RUN_OUTPUTS if (out / name).exists()]
-    if not present:
+    history = out / "history.jsonl"
+    if not any(p.name in ("final", "summary.json") for p in present) and not (
+        history.is_file() and history.stat().st_size
+    ):
         return []
     dest = out / "superseded" / (read_run_id(out) or time.strftime("%Y%m%d-%H%M%S"))
     dest.mkdir(parents=True, exist_ok=True)
@@ -898,7 +900,9 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
         from peft.utils import get_peft_model_state_dict
 
         layers = get_peft_model_state_dict(denoiser)
-        if denoiser_name == "unet":  # as diffusers' UNet LoRA scripts save; its transformer scripts (SD3, FLUX, Wan,
+        if (
+            denoiser_name == "unet"
+        ):  # as diffusers' UNet LoRA scripts save; its transformer scripts (SD3, FLUX, Wan,
             # CogVideoX) save peft's keys as they are, and SD3's loader skips converted ones (to_q.lora.down ...)
             layers = convert_state_dict_to_diffusers(layers)
         name = "transformer" if denoiser_name == "transformer_2" else denoiser_name

@@ -484,6 +484,7 @@ def test_overwrite_starts_a_new_run_that_never_touches_the_old_checkpoints(
     aside = out / "superseded" / old["checkpoint-4"]
     assert json.loads((aside / "summary.json").read_text())["steps"] == 4
     assert (aside / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert len((aside / "history.jsonl").read_text().splitlines()) == 4 and (aside / "config.yaml").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
