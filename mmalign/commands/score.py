@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmalign.commands.options import check_out, check_table, one_line_errors
+from mmalign.utils import first_line
 
 if TYPE_CHECKING:  # torch and the rewards load when a command runs, not when the parser is built
     import torch
@@ -104,6 +105,14 @@ def build_rewards(
     except TypeError as e:  # a --reward-arg the factory does not take, or of the wrong type
         raise ValueError(
             f"--reward {', '.join(s.name for s in specs)}: {str(e)[:300]} (check --reward-arg)"
+        ) from None
+    except OSError as e:  # a reward model neither cached nor downloadable (offline, a typo in its id, gated)
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: its model must already be in the Hugging Face cache)" if offline else ""
+        raise ValueError(
+            f"--reward {', '.join(s.name for s in specs)}: cannot load its model: {first_line(e, 200)}{hint}"
         ) from None
     return out
 

@@ -492,3 +492,21 @@ def test_a_trained_path_that_is_missing_or_one_level_too_deep_says_so(tmp_path):
     ):
         trained_kinds(str(unet))
     assert trained_kinds(str(tmp_path / "final")) == {str(tmp_path / "final"): "full"}
+
+
+def test_a_reward_model_that_is_not_cached_offline_is_an_input_error(tmp_path, monkeypatch, capsys):
+    """`--reward pickscore` offline with nothing cached: one line naming the reward (exit 2), not an internal error."""
+    from PIL import Image
+
+    from mmalign.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square")
+    assert main(["score", str(tmp_path), "--reward", "pickscore", "--out", str(tmp_path / "s.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("mmalign score: error: --reward pickscore: cannot load its model")
+        and "HF_HUB_OFFLINE=1" in err
+    )
