@@ -16,7 +16,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +179,13 @@ def generate(
     fps = clip_fps(family, fps, model)
     if is_video:
         video_writer()  # fail now, not after the sampling
+    if not get_family(family).negative_prompts and any(spec.negative_prompt for spec in specs):
+        print(  # recorded as used, they would claim an effect they did not have
+            f"note: {family} samples without negative prompts (its pipeline uses them only with true CFG); the "
+            "prompts' negative_prompt values are left out",
+            file=sys.stderr,
+        )
+        specs = [dataclasses.replace(spec, negative_prompt="") for spec in specs]
     jobs = [spec for spec in specs for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(jobs))]
     if user_shots or user:

@@ -50,6 +50,8 @@ class Family:
             family (Wan 2.2 TI2V-5B: 24), else None.
         guidance: the guidance scale ``generate`` and ``eval`` sample at unless told (FLUX.1 [dev]: its distilled
             guidance input, 3.5, as its pipeline's default).
+        negative_prompts: whether its pipeline samples with negative prompts as ``generate`` calls it (FLUX.1: only
+            with true CFG, which ``generate`` does not turn on).
     """
 
     pipeline_class: str | type
@@ -60,6 +62,7 @@ class Family:
     unused_components: Callable[[dict[str, Any]], list[str]] | None = None
     model_fps: Callable[[dict[str, Any]], float | None] | None = None
     guidance: float = 5.0
+    negative_prompts: bool = True
 
     @property
     def pipeline_class_name(self) -> str:
@@ -70,7 +73,7 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("StableDiffusionPipeline", SD15Adapter, "ddpm"),
     "sdxl": Family("StableDiffusionXLPipeline", SDXLAdapter, "ddpm"),
     "sd3": Family("StableDiffusion3Pipeline", SD3Adapter, "flow"),
-    "flux": Family("FluxPipeline", FluxAdapter, "flow", guidance=3.5),
+    "flux": Family("FluxPipeline", FluxAdapter, "flow", guidance=3.5, negative_prompts=False),
     "cogvideox": Family("CogVideoXPipeline", CogVideoXAdapter, "ddpm", video=True, fps=8.0),
     "wan": Family(
         "WanPipeline",

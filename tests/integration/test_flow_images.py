@@ -9,6 +9,7 @@ import torch
 from conftest import assert_only_trainable_changed, card_code
 from test_train_diffusion_dpo import tiny_cfg
 
+from mmalign.data.manifest import read_manifest
 from mmalign.pipelines import PipelineAdapter, load_pipeline, make_adapter
 from mmalign.pipelines.flux import pack_latents, unpack_latents
 from mmalign.trainers.loop import train
@@ -154,6 +155,14 @@ def test_generate_samples_with_the_trained_lora_and_ddpm_methods_are_refused(
     lora = ["--lora", str(tmp_path / "run" / "final")]
     assert main(["generate", "--model", str(tiny), *common, *lora, "--out", str(tmp_path / "tuned")]) == 0
     assert len(list((tmp_path / "tuned").rglob("*.png"))) == 2
+    (tmp_path / "neg.csv").write_text("prompt,negative_prompt\na red circle,blurry\n")
+    neg = ["generate", "--model", str(tiny), "--prompts", str(tmp_path / "neg.csv"), *common[2:]]
+    assert main([*neg, "--out", str(tmp_path / "neg")]) == 0
+    (row,) = read_manifest(tmp_path / "neg" / "manifest.jsonl")
+    if family == "flux":  # FluxPipeline ignores them without true CFG: not recorded as used, and said so
+        assert row.negative_prompt == "" and "samples without negative prompts" in capsys.readouterr().err
+    else:
+        assert row.negative_prompt == "blurry"
 
     (tmp_path / "run.yaml").write_text("{}\n")
     refused = {
