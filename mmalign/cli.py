@@ -74,42 +74,57 @@ def _silence_stdout() -> None:
         pass
 
 
+def _interrupted(command: str) -> int:
+    print(f"mmalign {command}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _internal_error(command: str, err: BaseException, argv: list[str]) -> int:
+    """Exit 3, always with a log: the traceback and the command line."""
+    from mmalign.trainers.loop import TrainingError
+
+    try:
+        where = f"traceback in {write_crash_log(command, argv)}"
+    except OSError as log_err:
+        where = f"could not write a log: {log_err}"
+    if isinstance(err, TrainingError):
+        print(f"mmalign {command}: training stopped: {_one_line(err)} ({where})", file=sys.stderr)
+    else:
+        print(
+            f"mmalign {command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
+            file=sys.stderr,
+        )
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mmalign.commands.options import interrupted, watch_interrupts
     from mmalign.config import ConfigError
     from mmalign.data.images import DataError
 
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
-    except (ConfigError, DataError) as err:  # the user's input: one line naming the file, key or row
-        print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        code = 2
-    except ImportError as err:  # an optional dependency the config asks for (the message names the pip extra)
-        print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        code = 2
+        with watch_interrupts():
+            code = args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, as a shell reports it (train says what it saved itself)
-        print(f"mmalign {args.command}: interrupted", file=sys.stderr)
-        code = 130
+        code = _interrupted(args.command)
     except BrokenPipeError:  # `mmalign ... | head`: the reader left; nothing to report to it
         _silence_stdout()
         code = 141
     except SystemExit:
         raise
     except BaseException as err:
-        from mmalign.trainers.loop import TrainingError
-
-        try:  # exit 3 always comes with a log: the traceback and the command line
-            where = f"traceback in {write_crash_log(args.command, sys.argv if argv is None else argv)}"
-        except OSError as log_err:
-            where = f"could not write a log: {log_err}"
-        if isinstance(err, TrainingError):
-            print(f"mmalign {args.command}: training stopped: {_one_line(err)} ({where})", file=sys.stderr)
+        if (
+            interrupted()
+        ):  # what Ctrl-C broke on its way (an import it cut short fails later in its own words)
+            code = _interrupted(args.command)
+        elif isinstance(err, (ConfigError, DataError, ImportError)):
+            # the user's input (one line naming the file, key or row), or an optional dependency the config asks
+            # for (the message names the pip extra)
+            print(f"mmalign {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            code = 2
         else:
-            print(
-                f"mmalign {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)} ({where})",
-                file=sys.stderr,
-            )
-        code = 3
+            code = _internal_error(args.command, err, sys.argv if argv is None else argv)
     if __name__ == "__main__" or argv is None:
         sys.exit(code)
     return code

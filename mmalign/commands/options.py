@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mmalign.utils import first_line
 
@@ -44,6 +47,42 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+class _Interrupt:
+    """Whether Ctrl-C arrived in this command. A KeyboardInterrupt raised inside an import leaves the import machinery
+    to fail later in its own words (numpy's RecursionError, "cannot load module more than once"): those errors are
+    then reported as the interruption they are, not as bad input or an internal error."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    return _Interrupt.seen
+
+
+@contextlib.contextmanager
+def watch_interrupts() -> Iterator[None]:
+    """Note Ctrl-C in :func:`interrupted` inside the block (then raise KeyboardInterrupt, as Python's own handler
+    does); the previous handler is back afterwards."""
+    import signal
+    import threading
+
+    _Interrupt.seen = False
+    ours = threading.current_thread() is threading.main_thread()
+    ours = ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, _Interrupt.handler)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def one_line_errors(command: str):
     """Decorator for a command's ``run(args)``: bad input (ValueError, KeyError, FileNotFoundError) prints one
     line ``mmalign <command>: error: ...`` on stderr and returns exit code 2 instead of a traceback."""
@@ -56,6 +95,9 @@ def one_line_errors(command: str):
             try:
                 return run(args)
             except (ValueError, KeyError, FileNotFoundError) as err:
+                if interrupted():  # the failure Ctrl-C caused
+                    print(f"mmalign {command}: interrupted", file=sys.stderr)
+                    return 130
                 message = err.args[0] if isinstance(err, KeyError) and err.args else err
                 text = " ".join(str(message).split())
                 print(

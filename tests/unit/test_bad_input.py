@@ -375,6 +375,27 @@ def test_ctrl_c_and_a_closed_pipe_are_one_line_or_none_not_a_traceback(tmp_path,
     monkeypatch.setattr(train_commands, "cmd_validate", interrupted)
     assert cli.main(["validate", "x.yaml"]) == 130
     assert capsys.readouterr().err == "mmalign validate: interrupted\n"
+
+    def import_cut_short(args):  # Ctrl-C inside an import: the import machinery fails later, in its own words
+        import os
+        import signal
+
+        os.kill(
+            os.getpid(), signal.SIGINT
+        )  # noted by mmalign's handler, which raises KeyboardInterrupt here...
+
+    def swallowed(args):
+        try:
+            import_cut_short(args)
+        except KeyboardInterrupt:  # ...that a library's import lock swallows ("Exception ignored in ...")
+            pass
+        raise RecursionError("maximum recursion depth exceeded")  # numpy, half imported
+
+    for broken in (import_cut_short, swallowed):
+        monkeypatch.setattr(train_commands, "cmd_validate", broken)
+        assert cli.main(["validate", "x.yaml"]) == 130
+        assert capsys.readouterr().err == "mmalign validate: interrupted\n"
+    assert not (tmp_path / "logs").exists()  # no internal-error log for it
     monkeypatch.setattr(train_commands, "cmd_validate", reader_left)
     assert cli.main(["validate", "x.yaml"]) == 141
     assert capsys.readouterr().err == "" and not (tmp_path / "logs").exists()
