@@ -51,6 +51,25 @@ def _text_encoder(hidden: int, proj: int | None, vocab_size: int, seed: int, max
     return (CLIPTextModelWithProjection if proj else CLIPTextModel)(config).eval()
 
 
+def _t5_encoder(tokenizer: Any, umt5: bool = False):
+    """A 1-layer T5 (UMT5 for Wan) encoder of width 32 over ``tokenizer``'s words, as diffusers' dummy components;
+    initialised from the current torch seed, in eval mode."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=0,
+    )
+    return model_cls(config).eval()
+
+
 def _vae(seed: int, latent_channels: int = 4, channels: tuple[int, ...] = (16, 32), **config: Any):
     from diffusers import AutoencoderKL
 
@@ -170,7 +189,6 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, shift: float = 3.0, sa
     transformer's joint attention width), a VAE with SD3's shift and scale factors, a 1-layer MMDiT and
     FlowMatchEuler at SD3's shift 3, as diffusers' own SD3 dummy components but with no hub download."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
@@ -189,18 +207,7 @@ def build_tiny_sd3(out_dir: str | Path, *, seed: int = 0, shift: float = 3.0, sa
         pos_embed_max_size=16,
     )
     torch.manual_seed(seed + 4)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=tokenizer.pad_token_id,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    t5 = _t5_encoder(tokenizer)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
@@ -222,7 +229,6 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0, guidance_embeds: bool
     block, the distilled guidance input (``guidance_embeds=False``: [schnell]) and FlowMatchEuler shifting by
     image size, as diffusers' own Flux dummy components but with no hub download."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TINY_WORDS, out_dir / "_tok")
@@ -240,18 +246,7 @@ def build_tiny_flux(out_dir: str | Path, *, seed: int = 0, guidance_embeds: bool
         axes_dims_rope=(4, 4, 8),
     )
     torch.manual_seed(seed + 4)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=tokenizer.pad_token_id,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    t5 = _t5_encoder(tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
@@ -364,7 +359,6 @@ def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
 
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
@@ -397,18 +391,7 @@ def build_tiny_cogvideox(out_dir: str | Path, *, seed: int = 0) -> Any:
         temporal_compression_ratio=4,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=tokenizer.pad_token_id,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder = _t5_encoder(tokenizer)
     scheduler = CogVideoXDDIMScheduler(
         prediction_type="v_prediction",
         snr_shift_scale=3.0,
@@ -447,7 +430,6 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0, va
         WanPipeline,
         WanTransformer3DModel,
     )
-    from transformers import UMT5Config, UMT5EncoderModel
 
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(TOY_WORDS, out_dir / "_tok", model_max_length=16)
@@ -486,18 +468,7 @@ def build_tiny_wan(out_dir: str | Path, *, seed: int = 0, shift: float = 7.0, va
         torch.manual_seed(seed + 3)
         experts.update(transformer_2=transformer(), boundary_ratio=0.875)
     torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=1,
-            num_heads=4,
-            pad_token_id=tokenizer.pad_token_id,
-            decoder_start_token_id=0,
-        )
-    )
+    text_encoder = _t5_encoder(tokenizer, umt5=True)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
