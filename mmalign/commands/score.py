@@ -129,11 +129,12 @@ def scoring_settings(
     from mmalign.commands.options import resolve_recipe
 
     def digest(value: str) -> str | None:
+        """sha256 of a file's (a folder's files') contents; None for a value that names none, or over 1 GiB."""
         path = Path(value)
+        if not path.exists():
+            return None
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        if (
-            not path.exists() or sum(f.stat().st_size for f in files) > 1 << 30
-        ):  # not a file, or too big to read
+        if sum(f.stat().st_size for f in files) > 1 << 30:  # a model folder: its path stands for it
             return None
         h = hashlib.sha256()
         for f in files:
