@@ -37,6 +37,9 @@ item() {
 }
 # DEV=cpu SDXL=sdxl-small WAN=wan-tiny COG=cogvideox-tiny CLIP=small N=16: the same run at tiny sizes (a CPU check)
 DEV=${DEV:-cuda}; N=${N:-1024}
+# the CPU check runs the rewards item, not times it: fp32 (bf16 matmuls on a CPU without AVX-512 are ~5x slower),
+# one timed repeat, 8 images through the per-image PIL loop
+REWARD_OPTS="--dtype bfloat16"; [[ $DEV == cpu ]] && REWARD_OPTS="--dtype float32 --repeats 1 --pil-n 8"
 SDXL="bench/bench_train_step.py --preset ${SDXL:-sdxl} --device $DEV --dtype bf16 --modes cached"
 VIDEO="bench/bench_video_step.py --device $DEV --dtype bf16 --gradient-checkpointing"
 
@@ -56,7 +59,7 @@ item sdxl-inversion 170 $SDXL --batch 4 --steps 4 --warmup 2 --gradient-checkpoi
 # 4. reward scoring, ViT-H-14 bf16: raw backbone, batched tensors, and end to end from PNG files (0 / 8 / 14
 #    workers; 1024 images so that starting the workers is not the figure), then the data path alone (no model)
 item rewards-vith14 100 bench/bench_rewards.py --arch ${CLIP:-ViT-H-14} --device $DEV --n $N --batch-size 64 \
-  --dtype bfloat16 --disk-workers 0 8 14
+  $REWARD_OPTS --disk-workers 0 8 14
 # 5. SDXL LoRA r8 Diffusion-DPO at 1024 px within 24 GiB (4 pairs, checkpointing): eager, then the repeated blocks
 #    compiled, in one process (side by side; warm-up steps absorb the compile, first_step_s shows it), each profiled
 item sdxl-lora 240 $SDXL --batch 4 --steps 5 --warmup 3 --gradient-checkpointing --compile none regional --profile
