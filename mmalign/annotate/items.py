@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.images import DataError
+from mmalign.data.images import DataError, open_image
+from mmalign.data.video import decode_frames
 from mmalign.utils import TEXT_ENCODING
 
 PAIR_KEYS = (("chosen", "rejected"), ("image_0", "image_1"), ("video_0", "video_1"))
@@ -124,19 +125,15 @@ def _kind_of(path: Path, row: dict) -> str:
 
 
 def check_image(path: Path, where: str) -> None:
-    from PIL import Image, UnidentifiedImageError
-
+    """Decode the image as training does (``open_image``): PIL's ``verify`` passes a truncated JPEG."""
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{where}: cannot decode image {path}: {err}") from err
+    open_image(path, where=f"{where}: {path}")
 
 
 def video_duration(path: Path, where: str) -> float:
-    """Duration in seconds of a video file (container metadata, else frames / rate)."""
+    """Duration in seconds of a video file (container metadata, else frames / rate), after decoding every frame
+    as training does (``decode_frames``): metadata alone passes a file cut short after its header."""
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")
     try:
@@ -160,6 +157,10 @@ def video_duration(path: Path, where: str) -> float:
         raise DataError(f"{where}: cannot read video {path}: {err}") from err
     if not duration or duration <= 0:
         raise DataError(f"{where}: {path} has no usable duration")
+    try:
+        decode_frames(path)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
     return duration
 
 

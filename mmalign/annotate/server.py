@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from mmalign.annotate.items import Item
 from mmalign.annotate.store import Conflict, LabelStore
+from mmalign.config import ConfigError
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -326,7 +327,11 @@ def serve(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as err:  # in use, not this machine's address, out of 0-65535
+        sock.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there: {err}") from None
     sock.listen(2048)  # connections made once the URL is printed wait in the backlog until uvicorn accepts
     port = sock.getsockname()[1]
     allowed = LOOPBACK if host in LOOPBACK else None

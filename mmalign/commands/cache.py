@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from mmalign.commands.options import resolve_recipe
+
 
 class SingleProcess:
     """The two things the data builders ask of an accelerate ``Accelerator`` when run outside a launch."""
@@ -33,7 +35,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from mmalign.trainers import get_method, load_config
     from mmalign.trainers.loop import weight_dtype
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_recipe(args.config), args.overrides)
     if not cfg.data.cache:
         raise ConfigError(f"{args.config}: data.cache is false; nothing to cache (set data.cache=true)")
     if args.inversion and cfg.method.name != "inversion_dpo":

@@ -143,6 +143,45 @@ def _decode_torchcodec(path: Path) -> tuple[torch.Tensor, float]:
 _DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav, "torchcodec": _decode_torchcodec}
 
 
+def decode_frames(path: str | Path, backend: str | None = None) -> tuple[torch.Tensor, float, str]:
+    """Every frame of a video file as uint8 [T,H,W,3], its native fps and the backend that decoded it.
+
+    ``backend`` None: the installed backends in order, a file one cannot read retried with the next. What
+    :func:`read_video` decodes with, and what ``mmalign annotate`` checks a manifest's videos with, so a clip
+    people can label is a clip training can read.
+
+    Raises:
+        DataError: the file is missing, unreadable, empty or has no usable frame rate (the message names it).
+    """
+    path = Path(path)
+    candidates = (
+        [pick_backend(backend)] if backend is not None else available_backends() or [pick_backend(None)]
+    )
+    try:
+        check_media_file(path)
+    except MediaError as err:
+        raise DataError(str(err)) from None
+    errors = []
+    for (
+        name
+    ) in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
+        try:
+            with decode_deadline(str(path)):
+                frames, native_fps = _DECODERS[name](path)
+            break
+        except MediaError as err:  # over the pixel limit: no other backend would do better
+            raise DataError(str(err)) from None
+        except Exception as err:  # each library raises its own error types for corrupt files
+            errors.append(f"{name}: {err}")
+    else:
+        raise DataError(f"{path}: cannot decode video ({'; '.join(errors)})")
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise DataError(f"{path}: no frames decoded with {name}")
+    if not native_fps or native_fps <= 0:
+        raise DataError(f"{path}: the file has no usable frame rate ({native_fps})")
+    return frames, native_fps, name
+
+
 def read_video(
     path: str | Path, fps: float | None = None, num_frames: int | None = None, backend: str | None = None
 ) -> Video:
@@ -161,32 +200,7 @@ def read_video(
         DataError: the file is missing, unreadable or has too few frames (the message names it).
     """
     path = Path(path)
-    candidates = (
-        [pick_backend(backend)] if backend is not None else available_backends() or [pick_backend(None)]
-    )
-    try:
-        check_media_file(path)
-    except MediaError as err:
-        raise DataError(str(err)) from None
-    errors = []
-    for (
-        name
-    ) in candidates:  # auto mode: decord first; a file decord cannot read is retried with the next backend
-        try:
-            with decode_deadline(str(path)):
-                frames, native_fps = _DECODERS[name](path)
-            backend = name
-            break
-        except MediaError as err:  # over the pixel limit: no other backend would do better
-            raise DataError(str(err)) from None
-        except Exception as err:  # each library raises its own error types for corrupt files
-            errors.append(f"{name}: {err}")
-    else:
-        raise DataError(f"{path}: cannot decode video ({'; '.join(errors)})")
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise DataError(f"{path}: no frames decoded with {backend}")
-    if not native_fps or native_fps <= 0:
-        raise DataError(f"{path}: the file has no usable frame rate ({native_fps})")
+    frames, native_fps, _ = decode_frames(path, backend)
     try:
         idx, out_fps = sample_indices(frames.shape[0], native_fps, fps=fps, num_frames=num_frames)
     except ValueError as err:

@@ -150,7 +150,17 @@ def candidates_from_scores(
     groups: dict[str, list[tuple[str, float]]] = {}
     prompts: dict[str, str] = {}
     unscored = 0
-    for r in rows:
+    for i, r in enumerate(rows):
+        if isinstance(r.get(key), list):  # a video reward with segment_seconds/segment_frames: [S] per clip
+            scalar = sorted(
+                k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
+            raise ValueError(
+                f"score row {i + 1}: column {key!r} holds one score per segment ({len(r[key])} values), and label "
+                f"ranks each candidate on one number: pick a per-clip column with --key (this row's: {scalar}), "
+                "or score without segment_seconds/segment_frames; per-segment labels go to DenseDPO through "
+                "`mmalign label-video --structural` or `mmalign annotate`"
+            )
         try:
             value = float(r.get(key))  # CSV gives strings
         except (TypeError, ValueError):

@@ -249,13 +249,15 @@ def _pool_segments(
     """Average per-frame values [B,K] (K values located at frames ``frame_index``) into [B] or [B,S]."""
     if not seg:
         return per_frame.mean(1)
-    n_seg = math.ceil(n_frames / seg)
+    # DenseDPO's count (data.segments.num_segments, which rewards cannot import): a tail shorter than half a
+    # segment joins the last one, so the S scores line up with the S segment labels of the same clip
+    n_seg = max(1, round(n_frames / seg + 1e-9))
     seg_of = (frame_index // seg).clamp(max=n_seg - 1).to(per_frame.device)
     out = torch.zeros(per_frame.shape[0], n_seg, device=per_frame.device, dtype=per_frame.dtype)
     count = torch.zeros(n_seg, device=per_frame.device, dtype=per_frame.dtype)
     out.index_add_(1, seg_of, per_frame)
     count.index_add_(0, seg_of, torch.ones_like(seg_of, dtype=per_frame.dtype))
-    return out / count.clamp_min(1)  # a segment with no measurement (1-frame tail) reads 0
+    return out / count.clamp_min(1)
 
 
 @dataclass

@@ -93,6 +93,7 @@ def cmd_toy_sample(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from mmalign.commands.eval import is_toy_model
+    from mmalign.commands.options import resolve_recipe
     from mmalign.pipelines import resolve_pretrained
     from mmalign.toy.quickstart import quickstart
 
@@ -104,7 +105,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    quickstart(args.out, model=args.model, config=args.config, overrides=args.overrides)
+    quickstart(args.out, model=args.model, config=resolve_recipe(args.config), overrides=args.overrides)
     return 0
 
 

@@ -209,15 +209,7 @@ def quickstart(
     manifest, stamp_file = out / "pairs.jsonl", out / "pairs.stamp.json"
     stamp = {"model": str(Path(model).resolve()), "options": dataclasses.asdict(opts)}
     resuming = any(o.startswith("train.resume=") for o in overrides)
-    if resuming and manifest.is_file() and _read_json(stamp_file) == stamp:
-        pairs = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-        log(f"1-3/5 resuming: the {len(pairs)} pairs of {manifest} (candidates are not sampled again)")
-    else:
-        pairs = _candidates_and_pairs(base, train_prompts, cand_prompts, out, opts, sample_kwargs, log, stage)
-        stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
-
-    # 4. Diffusion-DPO LoRA through the one training loop
-    t0 = time.time()
+    # the recipe and its overrides are read before any sampling: a typo fails in a second, not after stage 3
     run_dir = out / "run"
     cfg = load_config(
         config,
@@ -231,6 +223,15 @@ def quickstart(
             *overrides,
         ],
     )
+    if resuming and manifest.is_file() and _read_json(stamp_file) == stamp:
+        pairs = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        log(f"1-3/5 resuming: the {len(pairs)} pairs of {manifest} (candidates are not sampled again)")
+    else:
+        pairs = _candidates_and_pairs(base, train_prompts, cand_prompts, out, opts, sample_kwargs, log, stage)
+        stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
+
+    # 4. Diffusion-DPO LoRA through the one training loop
+    t0 = time.time()
     log(
         f"4/5 training {cfg.method.name} (LoRA r={cfg.lora.rank}) for {cfg.train.max_steps} steps on {len(pairs)} pairs"
     )

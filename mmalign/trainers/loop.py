@@ -665,6 +665,19 @@ def _log_step(
     return logs, stopping
 
 
+def _finished_summary(path: Path, step: int) -> dict[str, Any] | None:
+    """The summary a finished run wrote at ``step`` (a resume that has nothing left to run keeps it), else None."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (
+        summary
+        if isinstance(summary, dict) and summary.get("steps") == step and "export" in summary
+        else None
+    )
+
+
 def _finish(
     run: _Run,
     start: _Position,
@@ -675,6 +688,15 @@ def _finish(
 ) -> TrainResult:
     """Final checkpoint, replica check, export, summary.json."""
     cfg, accelerator, step = run.cfg, run.accelerator, end.step
+    finished = _finished_summary(run.out / "summary.json", step) if step == start.step else None
+    if (
+        finished is not None
+    ):  # a requeued job that had already finished: its summary and card stay as they were
+        accelerator.print(
+            f"done: no steps (already at step {step}); the finished run's results are kept -> {finished.get('export')}"
+        )
+        accelerator.end_training()
+        return TrainResult(finished, accelerator.unwrap_model(run.denoiser), run.pipe, run.initial)
     final_ckpt = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
     if step != start.step or not final_ckpt.is_dir():  # not already there (a resume of a finished run)
         final_ckpt = _save(run, end)
@@ -886,6 +908,20 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
+def lora_layers_for_export(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with ``lora_alpha / r`` folded into ``lora_B``: a file without alphas loads (in
+    diffusers, and in the tools that read its format) as alpha = rank, so ``lora.alpha`` 16 at rank 4 would
+    otherwise load at a quarter of the strength it trained at."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(denoiser)
+    config = denoiser.peft_config.get("default") or next(iter(denoiser.peft_config.values()))
+    scale = config.lora_alpha / config.r
+    if scale != 1.0:
+        layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+    return layers
+
+
 def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunConfig, out_dir: Path) -> Path:
     """LoRA -> ``pipe.load_lora_weights(out_dir)``-loadable weights; full -> the denoiser in diffusers format.
 
@@ -897,9 +933,8 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: RunCon
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.lora.enabled:
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(denoiser)
+        layers = lora_layers_for_export(denoiser)
         if (
             denoiser_name == "unet"
         ):  # as diffusers' UNet LoRA scripts save; its transformer scripts (SD3, FLUX, Wan,

@@ -86,9 +86,10 @@ def export(pipe: Any, denoiser: torch.nn.Module, denoiser_name: str, cfg: Any, o
     )
     if cfg.lora.enabled:
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+        from mmalign.trainers.loop import lora_layers_for_export
+
+        layers = convert_state_dict_to_diffusers(lora_layers_for_export(denoiser))
         type(pipe).save_lora_weights(
             out_dir, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True
         )

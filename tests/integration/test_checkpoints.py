@@ -386,6 +386,12 @@ def test_crash_and_resume_at_many_points_gives_identical_weights(
     assert history == list(range(1, 11))
     straight_history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
     assert [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()] == straight_history
+    # a requeued job that had already finished runs nothing and keeps the finished run's summary (metrics included)
+    finished = json.loads((run / "summary.json").read_text())
+    again = train(tiny_cfg(tiny_sd15, pair_manifest, run, *common, "train.resume=latest"))
+    assert "no steps (already at step 10)" in capsys.readouterr().out
+    assert finished["final_metrics"] and again.summary == finished
+    assert json.loads((run / "summary.json").read_text()) == finished
 
 
 # --------------------------------------------------------------------------------------------------

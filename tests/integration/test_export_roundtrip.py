@@ -1,7 +1,8 @@
 """What `mmalign train` exports is the trained network: for every family, a LoRA with non-zero weights written by the
 loop's export and loaded back the way users load it (`generate --lora`, diffusers' `load_lora_weights`) predicts
 exactly what the network that was exported predicts. An SD3 export once lost its to_q/k/v/out weights on loading
-(diffusers' UNet key conversion applied to a transformer), which a "tuned differs from base" check cannot see."""
+(diffusers' UNet key conversion applied to a transformer), which a "tuned differs from base" check cannot see; and a
+LoRA with lora.alpha != lora.rank loaded at rank/alpha of its strength (the file carried no alpha), hence alpha 8."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ def test_an_exported_lora_loads_back_as_the_network_that_was_exported(name, tmp_
     adapter = make_adapter(pipe, family, **options)
     denoiser = getattr(pipe, adapter.denoiser_name)
     cfg = load_config(
-        None, ["lora.rank=2", f"lora.target_modules={TARGETS.get(name, '[to_q, to_k, to_v, to_out.0]')}"]
+        None,
+        [
+            "lora.rank=2",
+            "lora.alpha=8",
+            f"lora.target_modules={TARGETS.get(name, '[to_q, to_k, to_v, to_out.0]')}",
+        ],
     )
     add_lora(denoiser, cfg.lora)
     g = torch.Generator().manual_seed(0)

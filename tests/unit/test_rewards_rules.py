@@ -94,6 +94,17 @@ def test_flicker_and_motion_per_clip_and_per_segment():
         get_reward("motion")(torch.zeros(1, 3, 4, 4), [""])
 
 
+def test_per_segment_scores_count_segments_as_dense_dpo():
+    """The S scores of a clip line up with its S DenseDPO/annotate segments (a short tail joins the last one)."""
+    from mmalign.data.segments import num_segments
+
+    for frames, fps in ((81, 16), (49, 8), (24, 10), (9, 8), (20, 8)):
+        v = torch.rand(1, frames, 3, 2, 2)
+        scores = get_reward("flicker", segment_seconds=1.0)(v, [""], fps=fps)
+        assert scores.shape[-1] == num_segments(frames / fps, 1.0), (frames, fps)
+        assert (scores != 0).all()  # every segment holds measured frames (no empty tail reading "steady")
+
+
 def test_image_rules_average_video_frames():
     v = torch.stack([solid([0.0, 0.0, 0.0])[0], solid([1.0, 1.0, 1.0])[0]]).unsqueeze(0)
     assert torch.allclose(get_reward("brightness")(v, [""]), torch.tensor([0.5]))
