@@ -128,7 +128,11 @@ def check_image(path: Path, where: str) -> None:
     """Decode the image as training does (``open_image``): PIL's ``verify`` passes a truncated JPEG."""
     if not path.is_file():
         raise DataError(f"{where}: file not found: {path}")
-    open_image(path, where=f"{where}: {path}")
+    try:
+        open_image(path, where=where)
+    except DataError as err:
+        why = str(err).removeprefix(f"{where}: ").removeprefix("cannot decode image: ")
+        raise DataError(f"{where}: cannot decode image {path}: {why}") from None
 
 
 def video_duration(path: Path, where: str) -> float:

@@ -46,8 +46,14 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
         value = row.get(key)
         if value is None or value == "":
             raise DataError(f"{where}: missing column '{key}'")
-        if isinstance(value, dict) and "bytes" in value:  # datasets Image feature
-            return value["bytes"]
+        if (
+            isinstance(value, dict) and "bytes" in value
+        ):  # datasets Image feature: the bytes, or a file's path
+            if value["bytes"] is not None:
+                return value["bytes"]
+            value = value.get("path")
+            if not value:
+                raise DataError(f"{where}: column '{key}' is an image with neither bytes nor a path")
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
         if isinstance(value, (dict, list, bool)):
@@ -60,6 +66,8 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
             f"{where}: expected an object with prompt/chosen/rejected columns, got {type(row).__name__}"
         )
     prompt = row.get("prompt", row.get("caption"))
+    if prompt is None and ("prompt" in row or "caption" in row):
+        raise DataError(f"{where}: the {'prompt' if 'prompt' in row else 'caption'} is empty (null)")
     if prompt is None:
         raise DataError(
             f"{where}: missing column 'prompt' (or 'caption'); columns are {sorted(map(str, row))[:20]}"

@@ -126,6 +126,13 @@ def test_score_gif_video_per_segment(tmp_path):
     assert row["flicker"] == pytest.approx(by_frames.tolist()) and len(row["flicker"]) == 2
     assert row["flicker"][1] < row["flicker"][0]  # the bright frame 5 flickers in the second second
     assert row["dur"] == pytest.approx(1.0)
+    # label ranks a candidate on one number: a per-segment column is refused by row, naming the per-clip ones
+    from mmalign.rewards.label import candidates_from_scores
+
+    with pytest.raises(
+        ValueError, match=r"score row 1: column 'flicker' holds one score per segment .*'dur'"
+    ):
+        candidates_from_scores([row], "flicker", tmp_path)
 
 
 def test_video_timing_rules_judge_the_file_not_the_resampled_frames(tmp_path, capsys):

@@ -57,6 +57,21 @@ def test_pair_manifest_items_and_bad_rows(pairs, tmp_path):
     broken.write_text(json.dumps({"prompt": "p", "chosen": "img0_red.png", "rejected": "broken.png"}) + "\n")
     with pytest.raises(DataError, match=r"broken\.jsonl:1 \(rejected\): cannot decode image"):
         load_items(broken)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    jpeg = (
+        io.BytesIO()
+    )  # a JPEG cut short after its header: PIL's verify() passes it, training's decode does not
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(
+        jpeg, "JPEG"
+    )
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 6 // 10])
+    broken.write_text(json.dumps({"prompt": "p", "chosen": "img0_red.png", "rejected": "cut.jpg"}) + "\n")
+    with pytest.raises(DataError, match=r"broken\.jsonl:1 \(rejected\): cannot decode image .*cut\.jpg"):
+        load_items(broken)
     nocol = tmp_path / "imgs" / "nocol.jsonl"
     nocol.write_text(json.dumps({"prompt": "p", "picture": "img0_red.png"}) + "\n")
     with pytest.raises(DataError, match=r"nocol\.jsonl:1: expected a pair manifest"):

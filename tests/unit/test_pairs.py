@@ -81,6 +81,27 @@ def test_pickapic_parquet_layout(tmp_path):
     assert len(saved) == 2
 
 
+def test_an_image_column_that_stores_file_paths_reads_the_files(tmp_path):
+    import datasets
+
+    for name in ("red", "blue"):
+        (tmp_path / f"{name}.png").write_bytes(png_bytes(name))
+    ds = datasets.Dataset.from_dict(
+        {
+            "caption": ["a cat"],
+            "jpg_0": [str(tmp_path / "red.png")],
+            "jpg_1": [str(tmp_path / "blue.png")],
+            "label_0": [0.0],
+        }
+    )
+    ds = ds.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    (tmp_path / "data").mkdir()
+    ds.to_parquet(str(tmp_path / "data" / "train-0.parquet"))  # rows hold {"bytes": None, "path": ...}
+    records, _ = load_pairs(tmp_path / "data")
+    item = decode_pair(records[0], 16)
+    assert item["pixels_w"][2].mean() > 0.5 and item["pixels_w"][0].mean() < -0.5  # jpg_1 (blue) won
+
+
 def test_a_manifest_or_a_broken_file_under_format_pickapic_is_named(tmp_path):
     """A Pick-a-Pic recipe (data.format: pickapic) pointed at a JSONL manifest, or a file that is not parquet:
     one line naming the file and the fix, not pyarrow's traceback."""
