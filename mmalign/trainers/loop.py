@@ -551,6 +551,9 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     if t_cfg.validation_every and step == 0 and run.samples_here:
         _validate(run, 0)  # the base, to compare every later grid with
     t0, last_metrics = time.perf_counter(), {}
+    window: list[
+        tuple[torch.Tensor, dict[str, torch.Tensor]]
+    ] = []  # this optimizer step's micro-batch figures
     with StopOnSignal() as stop:
         while step < t_cfg.max_steps:
             if done >= len(loader):  # a checkpoint taken after an epoch's last batch
@@ -566,8 +569,17 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
                 if "prompt" not in raw:  # every item of this batch was unreadable and skipped
                     continue
                 loss, metrics = _micro_step(run, raw, step)
+                window.append(
+                    (loss.detach().float().mean(), {k: v.detach().float().mean() for k, v in metrics.items()})
+                )
                 if not accelerator.sync_gradients:
                     continue
+                # the step's figures are the mean over its accumulated micro-batches, not the last one's
+                loss = torch.stack([w[0] for w in window]).mean()
+                metrics = {
+                    k: torch.stack([w[1][k] for w in window if k in w[1]]).mean() for k in window[-1][1]
+                }
+                window.clear()
                 if run.models.state is not None:
                     run.models.state.after_optimizer_step()  # e.g. Self-NPO's EMA teacher, once per optimizer step
                 step += 1

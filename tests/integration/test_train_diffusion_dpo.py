@@ -516,3 +516,32 @@ def test_a_cache_built_in_one_precision_is_not_read_in_another(tiny_sd15, pair_m
         )
     dtypes = sorted(json.loads(p.read_text())["text_dtype"] for p in cache.glob("*/fingerprint.json"))
     assert dtypes == ["torch.bfloat16", "torch.float32"]  # the third run reused the first run's cache
+
+
+def test_an_accumulated_step_logs_the_mean_of_its_micro_batches(
+    tiny_sd15, pair_manifest, tmp_path, monkeypatch
+):
+    """With gradient accumulation a step's loss and metrics are its micro-batches' mean (the last one's before: with
+    batch 1 x 4, implicit_acc could only read 0 or 1)."""
+    import dataclasses
+
+    import mmalign.trainers as trainers
+
+    method = trainers.get_method("diffusion_dpo")
+    seen = []
+
+    def recording(*args, **kwargs):
+        loss, metrics = method.compute_loss(*args, **kwargs)
+        seen.append((loss.item(), metrics["implicit_acc"].float().mean().item()))
+        return loss, metrics
+
+    monkeypatch.setitem(
+        trainers.METHODS, "diffusion_dpo", dataclasses.replace(method, compute_loss=recording)
+    )
+    options = ("train.batch_size=1", "train.gradient_accumulation_steps=4", "train.max_steps=2")
+    train(tiny_cfg(tiny_sd15, pair_manifest, tmp_path / "run", *options))
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert len(seen) == 8 and [h["step"] for h in history] == [1, 2]
+    for h, window in zip(history, (seen[:4], seen[4:])):
+        assert h["loss"] == pytest.approx(sum(x[0] for x in window) / 4, rel=1e-5)
+        assert h["implicit_acc"] == pytest.approx(sum(x[1] for x in window) / 4, rel=1e-5)
