@@ -70,6 +70,32 @@ def build_rewards(
     from mmalign.rewards.score import build_named_rewards, load_reward_config
 
     kwargs = parse_reward_args(reward_args or [])
+
+    def placement(name: str) -> dict[str, Any]:
+        """--device/--dtype for a reward whose factory takes them (model rewards; rules run where the media are)."""
+        if device is None and dtype is None:
+            return {}
+        try:
+            params = inspect.signature(_resolve(all_rewards().get(name, name))).parameters
+        except (ValueError, TypeError, ImportError, AttributeError):
+            params = {}
+        out: dict[str, Any] = {}
+        if device is not None and "device" in params:
+            out["device"] = device
+        if dtype is not None and dtype != "auto" and "dtype" in params:
+            from mmalign.pipelines.runtime import DTYPES
+
+            out["dtype"] = DTYPES[dtype]
+        return out
+
+    def unloadable(what: str, err: OSError) -> ValueError:
+        """A reward model neither cached nor downloadable (offline, a typo in its id, gated): one line."""
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: its model must already be in the Hugging Face cache)" if offline else ""
+        return ValueError(f"--reward {what}: cannot load its model: {first_line(err, 200)}{hint}")
+
     out: dict[str, Reward] = {}
     specs = []
     for name in names:
@@ -81,39 +107,28 @@ def build_rewards(
                 path, "reward spec file"
             )  # a small regular UTF-8 file without alias bombs, or ConfigError
             try:
-                out.update(load_reward_config(path))
+                out.update(load_reward_config(path, defaults=placement))
             except (TypeError, AttributeError, RecursionError) as e:  # a spec file of the wrong shape
                 raise ValueError(
                     f"{path}: not a reward spec file ({type(e).__name__}: {str(e)[:200]})"
                 ) from None
+            except OSError as e:
+                raise unloadable(name, e) from None
             continue
-        spec_kwargs = dict(kwargs)
-        if device is not None or dtype is not None:
-            try:
-                params = inspect.signature(_resolve(all_rewards().get(name, name))).parameters
-            except (ValueError, TypeError):
-                params = {}
-            if device is not None and "device" in params:
-                spec_kwargs.setdefault("device", device)
-            if dtype is not None and dtype != "auto" and "dtype" in params:
-                from mmalign.pipelines.runtime import DTYPES
-
-                spec_kwargs.setdefault("dtype", DTYPES[dtype])
-        specs.append(RewardSpec(name=name, kwargs=spec_kwargs))
+        specs.append(RewardSpec(name=name, kwargs={**placement(name), **kwargs}))
+    if kwargs and not specs:
+        raise ValueError(
+            f"--reward-arg {' '.join(reward_args)}: goes to rewards named on the command line, and every --reward "
+            "here is a spec file (set its arguments under `kwargs:` in the file)"
+        )
     try:
         out.update(build_named_rewards(specs))
     except TypeError as e:  # a --reward-arg the factory does not take, or of the wrong type
         raise ValueError(
             f"--reward {', '.join(s.name for s in specs)}: {str(e)[:300]} (check --reward-arg)"
         ) from None
-    except OSError as e:  # a reward model neither cached nor downloadable (offline, a typo in its id, gated)
-        import os
-
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: its model must already be in the Hugging Face cache)" if offline else ""
-        raise ValueError(
-            f"--reward {', '.join(s.name for s in specs)}: cannot load its model: {first_line(e, 200)}{hint}"
-        ) from None
+    except OSError as e:
+        raise unloadable(", ".join(s.name for s in specs), e) from None
     return out
 
 

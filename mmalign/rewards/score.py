@@ -27,6 +27,7 @@ output file is replaced atomically. An unreadable file yields a row with ``error
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -201,11 +202,15 @@ def collect_items(source: str | Path) -> list[Item]:
     return items
 
 
-def load_reward_config(path: str | Path) -> dict[str, Reward]:
+def load_reward_config(
+    path: str | Path, defaults: Callable[[str], dict[str, Any]] | None = None
+) -> dict[str, Reward]:
     """Build named rewards from a YAML/JSON file: ``rewards: [{name, weight, kwargs}, ...]``.
 
     With ``combine: hybrid`` or ``combine: ensemble`` (plus ``normalizer``, ``aggregate``, ``lam``), the specs
     become the members of one combined reward named ``combine`` (spec weights are the hybrid weights).
+    ``defaults(name)``: keyword arguments for the reward ``name`` where the file gives none (the command line's
+    ``--device``/``--dtype``).
     """
     from mmalign.utils import safe_load
 
@@ -217,6 +222,8 @@ def load_reward_config(path: str | Path) -> dict[str, Reward]:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
     specs = [RewardSpec.from_dict(s) for s in data.get("rewards") or []]
+    if defaults is not None:
+        specs = [dataclasses.replace(s, kwargs={**defaults(s.name), **s.kwargs}) for s in specs]
     if not specs:
         raise ValueError(f"{path}: lists no rewards (expected `rewards: [{{name: ..., kwargs: {{...}}}}]`)")
     combine = data.get("combine")

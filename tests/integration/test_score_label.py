@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +407,40 @@ def test_shipped_reward_specs_resolve_from_any_directory(tmp_path, monkeypatch):
     assert list(build_rewards(["configs/rewards/video_rules.yaml"])) == ["sharpness"]  # a local file wins
     with pytest.raises(ValueError, match="no_such.yaml: reward spec file not found"):
         build_rewards(["configs/rewards/no_such.yaml"])
+
+
+def placed_reward(device: str = "cpu", dtype=torch.float32, bias: float = 0.0):
+    """A reward that records where --device/--dtype put it (a spec file's ``name: test_score_label:placed_reward``)."""
+
+    def reward(media, prompts, **kwargs):
+        return torch.full((media.shape[0],), bias)
+
+    reward.placed = (device, dtype)
+    return reward
+
+
+def test_spec_files_take_device_and_dtype_and_refuse_reward_args(tmp_path, monkeypatch):
+    """--device/--dtype reach a spec file's model rewards (a file's own kwargs win); --reward-arg with only spec files
+    is refused rather than ignored; a model reward that cannot load is one line naming the file."""
+    from mmalign.commands.score import build_rewards
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "rewards:\n  - {name: 'test_score_label:placed_reward'}\n"
+        "  - {name: 'test_score_label:placed_reward', kwargs: {dtype: float16}}\n  - {name: sharpness}\n"
+    )
+    built = build_rewards([str(spec)], device="meta", dtype="bf16")
+    assert built["test_score_label:placed_reward"].placed == ("meta", torch.bfloat16)
+    assert built["test_score_label:placed_reward#2"].placed == ("meta", "float16")
+    with pytest.raises(ValueError, match=r"--reward-arg bias=1: .*every --reward here is a spec file"):
+        build_rewards([str(spec)], ["bias=1"])
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(sys.modules[__name__], "placed_reward", offline)
+    with pytest.raises(
+        ValueError, match=r"--reward .*spec\.yaml: cannot load its model: We couldn't connect"
+    ):
+        build_rewards([str(spec)])
