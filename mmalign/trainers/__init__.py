@@ -53,6 +53,7 @@ class Method:
     add_trainable: Callable[..., Any] | None = None
     export: Callable[..., Any] | None = None
     why_unet: str = ""  # set for a method that trains only UNet families: the sentence saying why
+    buckets: bool = False  # trains on aspect-ratio buckets (data.buckets); the others train at one size
 
 
 METHODS: dict[str, Method] = {
@@ -62,6 +63,7 @@ METHODS: dict[str, Method] = {
         diffusion_dpo.compute_loss,
         data.image_pairs,
         "Diffusion-DPO (Wallace et al. 2023): preference pairs, shared noise and timestep; sigmoid/hinge/ipo, f-DPO, Diffusion-NPO via swap_pairs.",
+        buckets=True,
     ),
     "inversion_dpo": Method(
         "inversion_dpo",
@@ -100,6 +102,7 @@ METHODS: dict[str, Method] = {
         add_trainable=personal_dpo.add_trainable,
         export=personal_dpo.export,
         why_unet="its user path is an IP-Adapter-style projection in a UNet's cross-attention",
+        buckets=True,
     ),
 }
 
@@ -167,6 +170,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Load a recipe (:func:`mmalign.config.load_config` with every registered method) and check that the method
     can train the model's family (when the family is known before loading weights)."""
     cfg = _config.load_config(path, overrides, method_configs=METHOD_CONFIGS)
+    if not get_method(cfg.method.name).buckets:  # what data preparation would refuse after loading the model
+        try:
+            data.square_only(cfg, cfg.method.name)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}" if path else str(err)) from None
     index = _local_index(cfg)
     family = _static_family(cfg, index)
     if family is not None:

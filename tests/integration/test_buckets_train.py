@@ -96,6 +96,12 @@ def test_training_with_buckets_runs_and_refuses_square_only_methods(tiny_sdxl, m
 
     with pytest.raises(ConfigError, match="data.buckets=true: inversion_dpo trains at one size"):
         train(cfg_for(tiny_sdxl, mixed_manifest, tmp_path / "inv", "method.name=inversion_dpo"))
+    # refused when the recipe is read (so `mmalign validate` says it too), not after loading the model
+    from mmalign.trainers import load_config
+
+    for method in ("self_npo", "dense_dpo"):
+        with pytest.raises(ConfigError, match=f"data.buckets=true: {method} trains at one size"):
+            load_config(None, [f"method.name={method}", "data.buckets=true"])
 
 
 def test_bucketed_resume_mid_epoch_is_exact(tiny_sdxl, mixed_manifest, tmp_path):
