@@ -138,7 +138,8 @@ def _prompt_for(path: Path) -> str:
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL or CSV file (a truncated last JSONL line, from a crash, is ignored)."""
+    """Rows of a JSONL or CSV file; a line that does not parse is an error naming it, the last one included (the
+    files commands append to as they go are ``.partial`` files, read with ``read_jsonl_lenient``)."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding=TEXT_ENCODING) as f:
             return list(csv.DictReader(f))
@@ -150,8 +151,6 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break  # partial last line
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
     return rows
 

@@ -84,6 +84,12 @@ def test_score_resumes_after_interruption_and_skips_scored_rows(candidates, tmp_
     assert again.scored == 1 and again.skipped == 8  # only the unreadable file is tried again
     assert not out.with_name(out.name + ".partial").exists()
 
+    # a user's file with a malformed last row is an error naming the line (it was dropped silently: 2 of 3 items)
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(out.read_text() + '{"prompt": "a blue square", "path": "x.png"\n')
+    with pytest.raises(ValueError, match=r"torn\.jsonl:10: not valid JSON"):
+        read_table(torn)
+
 
 def test_score_pair_manifest_to_csv_with_hybrid_components(pair_manifest, tmp_path):
     from mmalign.rewards.combine import hybrid
