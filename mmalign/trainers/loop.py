@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mmalign.config import ConfigError, RunConfig, save_config, short, to_dict
 from mmalign.data.buckets import BucketBatchSampler
@@ -57,7 +58,7 @@ from mmalign.trainers.master_weights import MasterWeights
 from mmalign.trainers.model_card import check_push, push_export, write_model_card
 from mmalign.trainers.report import log_validation, write_training_curves
 from mmalign.trainers.sharding import full_state_dict, gathered, is_sharded
-from mmalign.utils import first_line
+from mmalign.utils import first_line, safe_load
 
 
 @dataclass
@@ -294,6 +295,7 @@ def _setup_run(cfg: RunConfig) -> _Run:
         )
     check_push(cfg)
     _check_output_dir(t_cfg, out)
+    _check_resume_settings(cfg, out)
     method = get_method(cfg.method.name)
     _reset_single_process_state()
     # With no accelerator device, cpu=True lets accelerate turn torchrun's env into a gloo group (MULTI_CPU).
@@ -809,6 +811,56 @@ def _finish(
 
 # --------------------------------------------------------------------------------------------------
 # run bookkeeping: output directory, run id, history, checkpoints
+
+
+# What a checkpoint decides (its optimizer's and scheduler's learning rates) or positions (the data order, the
+# step's size): a resume that changes them would train otherwise than its config.yaml and model card say.
+_FIXED_ON_RESUME = (
+    "train.learning_rate",
+    "train.scale_lr",
+    "train.lr_scheduler",
+    "train.warmup_steps",
+    "train.optimizer",
+    "train.batch_size",
+    "train.gradient_accumulation_steps",
+    "train.seed",
+)
+
+
+def _check_resume_settings(cfg: RunConfig, out: Path) -> None:
+    """A resume keeps the settings its checkpoint fixed (``_FIXED_ON_RESUME``): a change is a ConfigError naming
+    each key with both values, before anything loads; another ``data.source`` is a note (a moved dataset)."""
+    saved = out / "config.yaml"
+    if not cfg.train.resume or not saved.is_file():
+        return
+    try:
+        before = {
+            f"{sec}.{k}": v
+            for sec, vals in (safe_load(saved.read_text()) or {}).items()
+            for k, v in (vals or {}).items()
+        }
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # not a config this loop wrote: the checkpoint's own checks still apply
+    now = _flat_config(cfg)
+    changed = [
+        f"{k}={before[k]!r} -> {now[k]!r}"
+        for k in _FIXED_ON_RESUME
+        if k in before and before[k] != now.get(k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"train.resume={cfg.train.resume}: the run in {out} was trained with other settings that its "
+            f"checkpoint fixes ({'; '.join(changed)}): resume with the run's own values, or start a new run "
+            "(another train.output_dir, or train.overwrite=true)"
+        )
+    if (
+        "data.source" in before
+        and before["data.source"] != now.get("data.source")
+        and os.environ.get("RANK", "0") == "0"
+    ):
+        print(
+            f"note: train.resume: data.source was {before['data.source']}; the run continues at its data position on {now.get('data.source')}"
+        )
 
 
 def _check_output_dir(t_cfg: Any, out: Path) -> None:

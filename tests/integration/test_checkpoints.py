@@ -426,6 +426,25 @@ def test_resuming_with_another_lora_rank_is_a_config_error_that_keeps_the_checkp
     ):
         train(tiny_cfg(tiny_sd15, pair_manifest, out, *resume, "lora.rank=4"))
     assert (ckpt / "trainable.safetensors").read_bytes() == before
+    # the checkpoint's optimizer would keep the old learning rate while config.yaml and the card said the new one
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(
+        ConfigError,
+        match=r"train.resume=latest: .*checkpoint fixes \(train.learning_rate=0.01 -> 0.005; "
+        r"train.batch_size=1 -> 2\): resume with the run's own values",
+    ):
+        train(
+            tiny_cfg(
+                tiny_sd15,
+                pair_manifest,
+                out,
+                *resume,
+                "lora.rank=2",
+                "train.learning_rate=5e-3",
+                "train.batch_size=2",
+            )
+        )
+    assert (out / "config.yaml").read_text() == config_before
     assert train(tiny_cfg(tiny_sd15, pair_manifest, out, *resume, "lora.rank=2")).summary["steps"] == 3
 
 
