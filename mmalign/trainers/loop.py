@@ -226,6 +226,7 @@ class _Run:
     lr: float = 0.0
     sharded: bool = False  # FSDP2: weights are DTensor shards (mmalign/trainers/sharding.py)
     data_wait_s: float = 0.0  # seconds the steps waited for a batch
+    lock_fd: int = -1  # the main process's lock on ``out`` (``_lock_output_dir``), released when train() ends
 
     @property
     def checkpoints(self) -> Path:
@@ -269,13 +270,17 @@ def train(cfg: RunConfig, *, keep_initial: bool = False) -> TrainResult:
         TrainingError: non-finite loss, no usable checkpoint to resume ...
     """
     run = _setup_run(cfg)
-    _setup_models(run)
-    _setup_data(run)
-    _setup_trainable(run, keep_initial)
-    _setup_optimizer(run)
-    start = _resume(run)
-    end, seconds, last_metrics, skipped = _fit(run, start)
-    return _finish(run, start, end, seconds, last_metrics, skipped)
+    try:
+        _setup_models(run)
+        _setup_data(run)
+        _setup_trainable(run, keep_initial)
+        _setup_optimizer(run)
+        start = _resume(run)
+        end, seconds, last_metrics, skipped = _fit(run, start)
+        return _finish(run, start, end, seconds, last_metrics, skipped)
+    finally:
+        if run.lock_fd >= 0:
+            os.close(run.lock_fd)  # releases the lock
 
 
 def _setup_run(cfg: RunConfig) -> _Run:
@@ -318,8 +323,10 @@ def _setup_run(cfg: RunConfig) -> _Run:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(t_cfg.seed)  # same seed on every process: identical LoRA init on every replica
     accelerator.wait_for_everyone()  # every process has checked output_dir before the main one writes there
+    lock_fd = -1
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock_output_dir(out)  # before anything in out is moved or written
         for line in recover(out / "checkpoints"):
             accelerator.print(f"checkpoints: {line}")
         if t_cfg.overwrite and (moved := _set_aside_outputs(out)):
@@ -329,7 +336,7 @@ def _setup_run(cfg: RunConfig) -> _Run:
         write_json(out / RUN_FILE, {"run_id": _run_id(t_cfg, out)})
         save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
-    return _Run(cfg, accelerator, out, method, read_run_id(out))
+    return _Run(cfg, accelerator, out, method, read_run_id(out), lock_fd=lock_fd)
 
 
 def _setup_models(run: _Run) -> None:
@@ -903,6 +910,30 @@ def _set_aside_outputs(out: Path) -> list[Path]:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         moved.append(Path(shutil.move(str(path), str(target))))
     return moved
+
+
+def _lock_output_dir(out: Path) -> int:
+    """An exclusive lock on the output folder for the run's life (``flock`` on the folder itself: no file left
+    behind): a second ``mmalign train`` into it while the first runs (a requeued job passing train.resume=latest)
+    is refused instead of interleaving history.jsonl and overwriting checkpoints. -1 where the file system or OS
+    has no flock (the run goes on unlocked)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return -1
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"train.output_dir={out}: another training run is writing there now; wait for it to end, or use "
+            "another train.output_dir"
+        ) from None
+    except OSError:  # no flock on this file system
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _holds_a_run(out: Path) -> bool:

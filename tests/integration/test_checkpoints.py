@@ -448,6 +448,32 @@ def test_resuming_with_another_lora_rank_is_a_config_error_that_keeps_the_checkp
     assert train(tiny_cfg(tiny_sd15, pair_manifest, out, *resume, "lora.rank=2")).summary["steps"] == 3
 
 
+def test_a_second_run_into_a_folder_a_live_run_holds_is_refused(tiny_sd15, pair_manifest, tmp_path):
+    """Two `mmalign train` into one folder (a requeued job while the first still runs) interleaved history.jsonl
+    and overwrote each other's checkpoints; the live run's lock on the folder refuses the second."""
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # what a live run holds
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(ConfigError, match=r"another training run is writing there now"):
+            train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1", "train.resume=latest"))
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written by the refused run
+    assert train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=1")).summary["steps"] == 1
+    # the lock ends with the run: the same process trains there again
+    assert (
+        train(tiny_cfg(tiny_sd15, pair_manifest, out, "train.max_steps=2", "train.resume=latest")).summary[
+            "steps"
+        ]
+        == 2
+    )
+
+
 def test_fp16_without_a_gpu_is_refused_before_anything_is_written(tiny_sd15, pair_manifest, tmp_path):
     """accelerate runs no fp16 autocast on CPU: the frozen parts would be fp16 and the step would crash later."""
     out = tmp_path / "run"
