@@ -127,7 +127,7 @@ class ModelConfig:
     )
     family: str = _f(
         "auto",
-        "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, cogvideox, wan, toy_video).",
+        "Pipeline family: auto (read model_index.json) or one of `mmalign ls` (sd15, sdxl, sd3, flux, cogvideox, wan, toy_video).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _f(None, "Weight variant to load, e.g. fp16.")

@@ -232,6 +232,13 @@ def generate(
         print(
             f"generate: {len(done)} of {len(records)} samples already in {out} (same settings); sampling {len(todo)}"
         )
+    if len({r.get("path") for r in manifest.previous}) > len(
+        done
+    ):  # made otherwise: this run writes over them
+        print(
+            f"note: {out} holds samples this run does not keep (made with another model, --lora, prompt or seed, or "
+            "beyond its --n): it writes over them and the grid. Give --out another folder to keep both"
+        )
     sheet = {i: previews(load_media(records[i].path)[0][None])[0] for i in sorted(done) if i < SHEET_SIZE}
     batches = []  # every sample done: no weights to load
     if todo:

@@ -114,7 +114,9 @@ def test_an_interrupted_generate_resumes_where_it_stopped(tiny_sd15, tmp_path, m
     )  # finished: nothing to sample, nothing loaded
     monkeypatch.undo()
     monkeypatch.setattr(runtime, "iter_samples", counting)
+    capsys.readouterr()
     assert main([*args, "--guidance", "3", "--out", str(out)]) == 0 and sampled == [0, 1, 2, 3, 4, 5]
+    assert "holds samples this run does not keep" in capsys.readouterr().out  # not replaced silently
     sampled.clear()
     assert main([*args, "--guidance", "3", "--overwrite", "--out", str(out)]) == 0 and len(sampled) == 6
 
