@@ -365,8 +365,7 @@ class LatentCache:
         self, tensors: dict[str, torch.Tensor], keys: list[str], *, write: bool = True
     ) -> None:
         """Queue freshly encoded pairs (``<key>.w.mean`` ... as :meth:`build` writes them); a shard is written every
-        ``lazy_shard_size`` pairs. Until then they are served from memory; pairs still queued when the run ends are
-        encoded again by the next run (it is a cache)."""
+        ``lazy_shard_size`` pairs and at :meth:`flush_lazy`. Until then they are served from memory."""
         self._memory.update(tensors)
         for key in keys:
             self.index["pairs"][key] = "<memory>"
@@ -374,11 +373,19 @@ class LatentCache:
             return
         self._queued.extend(keys)
         if len(self._queued) >= self.lazy_shard_size:
-            names = {k: v for k, v in self._memory.items() if k.split(".", 1)[0] in set(self._queued)}
-            queued, self._queued = self._queued, []
-            self._write_shard("latents", names, "pairs", queued)
-            for name in names:
-                self._memory.pop(name, None)
+            self.flush_lazy()
+
+    def flush_lazy(self) -> None:
+        """Write the queued pairs as one shard (the loop calls it at each checkpoint and at the end of a run, so a
+        run of fewer than ``lazy_shard_size`` pairs leaves its encodings to the next run too)."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        wanted = set(queued)
+        names = {k: v for k, v in self._memory.items() if k.split(".", 1)[0] in wanted}
+        self._write_shard("latents", names, "pairs", queued)
+        for name in names:
+            self._memory.pop(name, None)
 
     def reload(self) -> None:
         """Re-read the index (after another process finished building)."""

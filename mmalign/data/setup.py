@@ -25,6 +25,9 @@ class TrainData:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     groups: Sequence[Any] | None = None  # per item: batches are drawn within one group (aspect-ratio bucket)
+    flush: Callable[[], None] | None = (
+        None  # writes what a lazy cache holds only in memory (checkpoints, run end)
+    )
 
 
 def cache_root(cache_dir: str | None, output_dir: str | Path) -> Path:
@@ -172,6 +175,7 @@ def image_pair_data(
             ),
             counts,
             groups=None if sizes is None else sizes.index,
+            flush=cache.flush_lazy if write else None,
         )
     kwargs = dict(
         resolution=res,

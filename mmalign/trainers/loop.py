@@ -709,6 +709,8 @@ def _finish(
 ) -> TrainResult:
     """Final checkpoint, replica check, export, summary.json."""
     cfg, accelerator, step = run.cfg, run.accelerator, end.step
+    if getattr(run.data, "flush", None) is not None:  # the last encodings of a lazy cache, for later runs
+        run.data.flush()
     finished = _finished_summary(run.out / "summary.json", step) if step == start.step else None
     if (
         finished is not None
@@ -973,6 +975,10 @@ def _restart_history(path: Path, upto: int | None) -> None:
 
 
 def _save(run: _Run, pos: _Position) -> Path:
+    if (
+        getattr(run.data, "flush", None) is not None
+    ):  # a lazy cache's encodings reach disk with the checkpoint
+        run.data.flush()
     state = {
         "run_id": run.run_id,
         "method": run.method.name,

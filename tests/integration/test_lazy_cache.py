@@ -77,6 +77,13 @@ def test_training_with_a_lazy_cache(tiny_sd15, pair_manifest, tmp_path):
     )
     assert result.summary["steps"] == 2 and math.isfinite(result.summary["final_metrics"]["loss"])
     assert list((tmp_path / "cache").rglob("text-*.safetensors"))  # prompts were encoded on first use
+    # the 4 pairs encoded on first use reach disk at the end of the run (fewer than a shard's 256: they stayed in
+    # memory and were lost before), so the next run reads them instead of encoding them again
+    (latent_shard,) = (tmp_path / "cache").rglob("latents-*.safetensors")
+    import json
+
+    (index,) = (tmp_path / "cache").rglob("index.json")
+    assert len(json.loads(index.read_text())["pairs"]) == 4 and latent_shard.stat().st_size > 0
 
 
 def test_lazy_sdxl_flips_match_the_eager_cache(tiny_sdxl, pair_manifest, tmp_path):
