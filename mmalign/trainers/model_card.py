@@ -169,10 +169,12 @@ def write_model_card(
         f"Trained with mmalign {mmalign.__version__}: {summary}\n\n"
         f"## Use\n\n{usage(cfg, out_dir, pipeline_class, where or 'path/to/this/folder', video)}{grid}\n"
         f"## Training\n\n{_table(trained)}\n"
-        f"The whole run config is in `{CONFIG_FILE}` (`mmalign train {CONFIG_FILE} train.output_dir=NEW` reruns it).\n\n"
+        f"The whole run config is in `{CONFIG_FILE}` (`mmalign train {CONFIG_FILE} train.output_dir=NEW` reruns it from the folder it was trained in: its paths are as they were given).\n\n"
         f"## Result at the last step\n\n{_table(figures)}"
     )
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rerun = to_dict(cfg)  # how this invocation continued or replaced a run is not part of the recipe
+    rerun["train"].update(resume=None, overwrite=False)
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(rerun, sort_keys=False))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(out_dir / CARD_FILE)
     return out_dir / CARD_FILE

@@ -380,6 +380,8 @@ def test_crash_and_resume_at_many_points_gives_identical_weights(
     monkeypatch.delenv(ck.FAULT_ENV)
     result = train(tiny_cfg(tiny_sd15, pair_manifest, run, *common, "train.resume=latest"))
     assert "resumed from" in capsys.readouterr().out and result.summary["steps"] == 10
+    rerun = load_config(run / "final" / "mmalign_config.yaml")  # the card's rerun recipe starts a run anew
+    assert rerun.train.resume is None and rerun.train.overwrite is False
     a, b = trainable(straight, 10), trainable(run, 10)
     assert max((a[n] - b[n]).abs().max().item() for n in a) == 0.0
     history = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
