@@ -77,6 +77,21 @@ def drop_captions(prompts: list[str], p: float) -> list[str]:
     return [q if k else "" for q, k in zip(prompts, keep.tolist())]
 
 
+def check_files(records: Sequence[Any]) -> None:
+    """A DataError naming the row and file of the first pair whose image file is missing, empty or not a regular
+    file (one ``stat`` per file; images given as bytes need none). Decoding is still checked when drawn."""
+    from mmalign.limits import MediaError, check_media_file
+
+    for r in records:
+        for side in ("chosen", "rejected"):
+            src = getattr(r, side)
+            if isinstance(src, str):
+                try:
+                    check_media_file(src, where=r.where(side))
+                except MediaError as err:
+                    raise DataError(str(err)) from None
+
+
 def image_pair_data(
     adapter: Any,
     accelerator: Any,
@@ -121,6 +136,8 @@ def image_pair_data(
         except ValueError as err:
             raise ConfigError(str(err)) from None
         sizes = assign_buckets(records, buckets, skip_bad=skip, progress=progress)
+    if not skip and (not d.cache or d.cache_build == "lazy"):
+        check_files(records)  # without an encoding pass, a missing file would stop the run when first drawn
     if not d.cache:
         dataset = PairDataset(
             records,

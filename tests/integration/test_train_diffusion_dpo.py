@@ -545,3 +545,20 @@ def test_an_accumulated_step_logs_the_mean_of_its_micro_batches(
     for h, window in zip(history, (seen[:4], seen[4:])):
         assert h["loss"] == pytest.approx(sum(x[0] for x in window) / 4, rel=1e-5)
         assert h["implicit_acc"] == pytest.approx(sum(x[1] for x in window) / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["data.cache=false", "data.cache_build=lazy"])
+def test_a_missing_image_stops_an_unencoded_run_before_step_1(tiny_sd15, pair_manifest, tmp_path, mode):
+    """Without the encoding pass a missing file was found when a batch drew it, steps (and checkpoints) later."""
+    from mmalign.data import DataError
+
+    rows = pair_manifest.read_text().splitlines()
+    bad = pair_manifest.with_name("bad.jsonl")
+    bad.write_text("\n".join([*rows, json.dumps({**json.loads(rows[0]), "rejected": "gone.png"})]) + "\n")
+    with pytest.raises(
+        DataError, match=rf"bad\.jsonl:{len(rows) + 1} \(rejected: .*gone\.png\): file not found"
+    ):
+        train(tiny_cfg(tiny_sd15, bad, tmp_path / "run", mode, f"data.cache_dir={tmp_path / 'c'}"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
