@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmalign.config import ConfigError
 from mmalign.pipelines.flow import check_sampling, flow_add_noise, flow_timesteps, scheduler_shift
 from mmalign.pipelines.sd15 import scale_latents, vae_moments
 
@@ -44,6 +45,21 @@ class SD3Adapter:
         tokenizer = getattr(self.pipeline, "tokenizer_3", None)
         if tokenizer is not None:
             self.max_text_len = min(self.max_text_len, int(tokenizer.model_max_length or self.max_text_len))
+
+    def check_resolution(self, resolution: int) -> None:
+        """The MMDiT's position embeddings cover ``pos_embed_max_size`` patches a side: a larger training
+        resolution is a ConfigError before any step (a ValueError inside the first forward before)."""
+        config = self.pipeline.transformer.config
+        most = getattr(config, "pos_embed_max_size", None)
+        if most is None:
+            return
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        largest = int(most) * int(config.patch_size) * scale
+        if resolution > largest:
+            raise ConfigError(
+                f"model.resolution={resolution}: {self.pipeline.transformer.__class__.__name__} takes at most "
+                f"{largest} px a side (pos_embed_max_size {most} x patch {config.patch_size} x VAE {scale})"
+            )
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

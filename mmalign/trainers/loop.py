@@ -348,6 +348,10 @@ def _setup_models(run: _Run) -> None:
     check = getattr(type(adapter), "check_config", None)  # optional: a family's own refusals (Wan 2.2 A14B)
     if check is not None:
         check(dict(pipe.config), cfg)
+    if hasattr(
+        adapter, "check_resolution"
+    ):  # optional: the largest size a denoiser takes (SD3's position grid)
+        adapter.check_resolution(cfg.model.resolution)
     check_clip_length(cfg, family)
     denoiser = getattr(pipe, adapter.denoiser_name)
     for encoder in adapter.text_encoders:

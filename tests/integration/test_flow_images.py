@@ -192,3 +192,18 @@ def test_negative_models_and_user_paths_need_a_unet_family():
             else:
                 with pytest.raises(ConfigError, match="use a UNet family \\(sd15, sdxl, toy_video\\)"):
                     load_config(None, args)
+
+
+def test_an_sd3_resolution_past_its_position_grid_is_a_config_error(tiny_flow, pair_manifest, tmp_path):
+    """SD3's MMDiT embeds at most pos_embed_max_size patches a side: a larger model.resolution was a ValueError
+    inside step 1's forward (exit 3 with a log); it is refused once the model is loaded, naming the limit."""
+    import json
+
+    from mmalign.config import ConfigError
+
+    model = tiny_flow["sd3"]
+    transformer = json.loads((model / "transformer" / "config.json").read_text())
+    vae_scale = 2 ** (len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    largest = transformer["pos_embed_max_size"] * transformer["patch_size"] * vae_scale
+    with pytest.raises(ConfigError, match=rf"model.resolution={2 * largest}: .*at most {largest} px"):
+        train(tiny_cfg(model, pair_manifest, tmp_path / "run", f"model.resolution={2 * largest}"))
