@@ -46,9 +46,8 @@ def _from_row(row: dict, where: str, base: Path | None, keep_ties: bool) -> Pair
         value = row.get(key)
         if value is None or value == "":
             raise DataError(f"{where}: missing column '{key}'")
-        if (
-            isinstance(value, dict) and "bytes" in value
-        ):  # datasets Image feature: the bytes, or a file's path
+        # a datasets Image feature: {"bytes": ..., "path": ...}, the bytes or (bytes None) a file's path
+        if isinstance(value, dict) and "bytes" in value:
             if value["bytes"] is not None:
                 return value["bytes"]
             value = value.get("path")

@@ -25,9 +25,8 @@ class TrainData:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     groups: Sequence[Any] | None = None  # per item: batches are drawn within one group (aspect-ratio bucket)
-    flush: Callable[[], None] | None = (
-        None  # writes what a lazy cache holds only in memory (checkpoints, run end)
-    )
+    # writes what a lazy cache holds only in memory (the loop calls it at checkpoints and at the run's end)
+    flush: Callable[[], None] | None = None
 
 
 def cache_root(cache_dir: str | None, output_dir: str | Path) -> Path:

@@ -348,9 +348,8 @@ def _setup_models(run: _Run) -> None:
     check = getattr(type(adapter), "check_config", None)  # optional: a family's own refusals (Wan 2.2 A14B)
     if check is not None:
         check(dict(pipe.config), cfg)
-    if hasattr(
-        adapter, "check_resolution"
-    ):  # optional: the largest size a denoiser takes (SD3's position grid)
+    # optional: the largest size a denoiser takes (SD3's position grid)
+    if hasattr(adapter, "check_resolution"):
         adapter.check_resolution(cfg.model.resolution)
     check_clip_length(cfg, family)
     denoiser = getattr(pipe, adapter.denoiser_name)
@@ -564,9 +563,8 @@ def _fit(run: _Run, pos: _Position) -> tuple[_Position, float, dict[str, float],
     if t_cfg.validation_every and step == 0 and run.samples_here:
         _validate(run, 0)  # the base, to compare every later grid with
     t0, last_metrics = time.perf_counter(), {}
-    window: list[
-        tuple[torch.Tensor, dict[str, torch.Tensor]]
-    ] = []  # this optimizer step's micro-batch figures
+    # this optimizer step's micro-batch figures: (loss, metrics) per accumulated batch
+    window: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
     with StopOnSignal() as stop:
         while step < t_cfg.max_steps:
             if done >= len(loader):  # a checkpoint taken after an epoch's last batch
@@ -713,8 +711,8 @@ def _finish(
 ) -> TrainResult:
     """Final checkpoint, replica check, export, summary.json."""
     cfg, accelerator, step = run.cfg, run.accelerator, end.step
-    if getattr(run.data, "flush", None) is not None:  # the last encodings of a lazy cache, for later runs
-        run.data.flush()
+    if run.data.flush is not None:
+        run.data.flush()  # the last encodings of a lazy cache, for later runs
     finished = _finished_summary(run.out / "summary.json", step) if step == start.step else None
     if (
         finished is not None
@@ -872,7 +870,8 @@ def _check_resume_settings(cfg: RunConfig, out: Path) -> None:
         and os.environ.get("RANK", "0") == "0"
     ):
         print(
-            f"note: train.resume: data.source was {before['data.source']}; the run continues at its data position on {now.get('data.source')}"
+            f"note: train.resume: data.source was {before['data.source']}; the run continues at its data "
+            f"position on {now.get('data.source')}"
         )
 
 
@@ -979,10 +978,8 @@ def _restart_history(path: Path, upto: int | None) -> None:
 
 
 def _save(run: _Run, pos: _Position) -> Path:
-    if (
-        getattr(run.data, "flush", None) is not None
-    ):  # a lazy cache's encodings reach disk with the checkpoint
-        run.data.flush()
+    if run.data.flush is not None:
+        run.data.flush()  # a lazy cache's encodings reach disk with the checkpoint
     state = {
         "run_id": run.run_id,
         "method": run.method.name,
