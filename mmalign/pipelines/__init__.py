@@ -229,8 +229,6 @@ def load_pipeline(
         ConfigError: one line naming ``pretrained`` when it is missing (locally, or offline and not in the hub
             cache), incomplete or not a pipeline mmalign knows.
     """
-    from mmalign.config import clip
-
     try:
         return _load_pipeline(
             pretrained, family, revision, variant, vae, torch_dtype, trust_remote_code, skip, empty
@@ -243,10 +241,15 @@ def load_pipeline(
         KeyError,
         TypeError,
     ) as err:  # hub/offline/missing files, bad model_index.json
-        raise ConfigError(
-            f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): "
-            f"{clip(first_line(err))}"
-        ) from err
+        raise _cannot_load(pretrained, err) from err
+
+
+def _cannot_load(pretrained: str, err: Exception) -> ConfigError:
+    from mmalign.config import clip
+
+    return ConfigError(
+        f"cannot load the diffusers pipeline {clip(pretrained)} (model.pretrained / --model): {clip(first_line(err))}"
+    )
 
 
 DENOISERS = ("unet", "transformer", "transformer_2")  # the pipeline components mmalign trains
@@ -401,7 +404,10 @@ def load_model(
 
 
 def _denoisers_of(model: Any) -> list[str]:
-    index = pipeline_index(resolve_pretrained(model.pretrained), model.revision)
+    try:
+        index = pipeline_index(resolve_pretrained(model.pretrained), model.revision)
+    except ValueError as err:  # `mmalign cache` of a model that is neither here nor reachable
+        raise _cannot_load(model.pretrained, err) from err
     return [name for name in DENOISERS if isinstance(index.get(name), list) and index[name][1] is not None]
 
 

@@ -323,11 +323,15 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_missing_model_is_one_config_error(tmp_path):
-    from mmalign.pipelines import load_pipeline
+    from mmalign.config import ModelConfig
+    from mmalign.pipelines import load_model, load_pipeline
 
     for name in [str(tmp_path / "no-model"), "someone/not-in-the-offline-cache"]:
         with pytest.raises(ConfigError, match="cannot load the diffusers pipeline"):
             load_pipeline(name)
+        # `mmalign cache` (denoisers built empty) read model_index.json first: an internal error, not this line
+        with pytest.raises(ConfigError, match="cannot load the diffusers pipeline"):
+            load_model(ModelConfig(pretrained=name), denoisers=False)
 
 
 def test_a_missing_vae_is_blamed_on_model_vae_not_the_pipeline(tiny_sd15, monkeypatch):
